@@ -1,0 +1,210 @@
+"""The `prep` command line: a thin Typer layer that builds configs, calls one library function per command,
+and turns library errors into red text and exit codes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from prep import pipeline
+from shared.errors import UserError
+from shared.manifest import Manifest
+
+app = typer.Typer(
+    name="prep",
+    help="Turn documents into packed, verified Arrow shards for varlen causal-LM training.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def fail(error: Exception, code: int = 1) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+class RichProgress(pipeline.Progress):
+    """Draws the pipeline's phases as one rich progress bar each."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = None
+        self.fields = {"docs": 0, "tokens": 0}
+
+    def start(self, phase: str, total: float | None) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.progress.tasks[-1].total or 0)
+            self.progress.stop_task(self.task)
+        self.task = self.progress.add_task(phase, total=total, **self.fields)
+
+    def advance(self, amount: float, **fields: int) -> None:
+        self.fields.update(fields)
+        self.progress.update(self.task, advance=amount, **self.fields)
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text)
+
+
+def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
+    d = m.documents
+    table = Table(title=f"packed into {folder}", title_justify="left")
+    for col in ("split", "docs", "rows", "lower bound", "tokens", "fill", "shards"):
+        table.add_column(col, justify="right")
+    for name, s in m.splits.items():
+        lower = -(-s.num_tokens // m.seq_len)
+        fill = s.num_tokens / max(1, s.num_rows * m.seq_len)
+        table.add_row(
+            name,
+            f"{s.num_docs:,}",
+            f"{s.num_rows:,}",
+            f"{lower:,}",
+            f"{s.num_tokens:,}",
+            f"{fill:.2%}",
+            str(len(s.shards)),
+        )
+    out.print(table)
+    out.print(
+        f"documents: {d.docs_in:,} in = {d.packed:,} packed + {d.dropped:,} dropped + {d.skipped:,} skipped"
+        f" (empty {d.skipped_empty:,}, missing field {d.skipped_missing_field:,}, invalid {d.skipped_invalid:,});"
+        f" {d.split:,} split, {d.truncated:,} truncated",
+        highlight=False,
+    )
+    out.print(
+        f"{d.tokens_packed:,} tokens in {seconds:.1f}s ({d.tokens_packed / max(seconds, 1e-9):,.0f} tok/s)",
+        highlight=False,
+    )
+
+
+def run_pack(cfg: pipeline.PackConfig) -> Manifest:
+    start = time.perf_counter()
+    columns = (
+        TextColumn("[bold]{task.description:<12}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[docs]:>10,} docs {task.fields[tokens]:>14,} tokens"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+        manifest = pipeline.pack(cfg, RichProgress(bar))
+    print_summary(manifest, cfg.out, time.perf_counter() - start)
+    return manifest
+
+
+@app.command()
+def pack(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="JSONL/JSON, Parquet or text files, folders, globs, or datasets saved with save_to_disk."
+        ),
+    ],
+    tokenizer: Annotated[str, typer.Option(help="A tokenizer.json, or a model folder that holds one.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Output folder for shards, manifest.json and README.md.")
+    ],
+    seq_len: Annotated[int, typer.Option(help="Maximum tokens per packed row.")] = 1024,
+    strategy: Annotated[
+        str,
+        typer.Option(help="bfd (best-fit-decreasing, near-perfect fill) or wrapped (concatenate and cut)."),
+    ] = "bfd",
+    text_field: Annotated[str, typer.Option(help="Field holding the document text.")] = "text",
+    eos_token: Annotated[
+        str | None, typer.Option(help="Document separator; default the tokenizer's EOS.")
+    ] = None,
+    bos_token: Annotated[
+        str | None, typer.Option(help="Token placed before every document; default none.")
+    ] = None,
+    long_docs: Annotated[
+        str, typer.Option(help="Documents longer than --seq-len: split, truncate or drop.")
+    ] = "split",
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of documents for the `val` split, chosen by content hash.")
+    ] = 0.0,
+    workers: Annotated[int | None, typer.Option(help="Tokenizer threads; default every core.")] = None,
+    rows_per_shard: Annotated[
+        int | None, typer.Option(help="Rows per shard file; default about 256 MB per shard.")
+    ] = None,
+    skip_invalid: Annotated[
+        bool, typer.Option(help="Count and skip malformed records instead of stopping.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in --out.")] = False,
+) -> None:
+    """Tokenize documents, separate them with EOS, pack them into rows and write Arrow shards.
+
+    Example: prep pack data/*.jsonl --tokenizer Qwen2.5-0.5B/ --out packed/ --seq-len 4096 --val-fraction 0.01
+    """
+    try:
+        cfg = pipeline.PackConfig(
+            inputs=tuple(inputs),
+            tokenizer=tokenizer,
+            out=out_dir,
+            seq_len=seq_len,
+            strategy=strategy,
+            text_field=text_field,
+            eos_token=eos_token,
+            bos_token=bos_token,
+            long_docs=long_docs,
+            val_fraction=val_fraction,
+            workers=workers,
+            rows_per_shard=rows_per_shard,
+            skip_invalid=skip_invalid,
+            overwrite=overwrite,
+        )
+        run_pack(cfg)
+    except UserError as e:
+        raise fail(e) from None
+
+
+@app.command()
+def demo(
+    folder: Annotated[
+        Path, typer.Argument(help="Where to write the sample corpus, tokenizer and packed dataset.")
+    ] = Path("demo"),
+    seq_len: Annotated[int, typer.Option(help="Maximum tokens per packed row.")] = 1024,
+) -> None:
+    """Generate the bundled sample corpus and tokenizer (offline) and pack them into FOLDER/packed.
+
+    Example: prep demo demo/
+    """
+    from prep.sample import write_sample
+
+    try:
+        corpus, tok_dir = write_sample(folder)
+        out.print(f"wrote sample corpus {corpus} and tokenizer {tok_dir}", highlight=False)
+        run_pack(
+            pipeline.PackConfig(
+                inputs=(str(corpus),),
+                tokenizer=str(tok_dir),
+                out=folder / "packed",
+                seq_len=seq_len,
+                val_fraction=0.05,
+                overwrite=True,
+            )
+        )
+    except UserError as e:
+        raise fail(e) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

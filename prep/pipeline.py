@@ -1,0 +1,298 @@
+"""`prep pack` as a library call: read, tokenize, pack and write a dataset folder from a :class:`PackConfig`.
+
+Three passes, each bounded in memory:
+
+1. Stream the inputs in batches, tokenize, apply the long-document policy, and append each document's
+   token stream (BOS, ids, EOS) to ``.pack-work/tokens.bin``. Memory holds one batch plus a few numbers
+   per document (length, id, split).
+2. Plan each split (``bfd`` or ``wrapped``) from the document lengths alone.
+3. Gather rows from the memory-mapped token store into shards; write the manifest last, then the card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from prep import __version__
+from prep.card import write_card
+from prep.packing import STRATEGIES, make_plan
+from prep.readers import EMPTY, MISSING_FIELD, InputError, InputFile, Record, expand_inputs, read_records
+from prep.tokenizer import LoadedTokenizer, load_tokenizer
+from prep.writer import TokenStore, default_rows_per_shard, write_split
+from shared.contract import CARD_NAME, MANIFEST_NAME, SPLITS, shard_metadata
+from shared.errors import UserError
+from shared.manifest import DocumentAccounting, InputInfo, Manifest, PackOptions
+
+LONG_DOC_POLICIES = ("split", "truncate", "drop")
+WORK_DIR = ".pack-work"
+BATCH_CHARS = 4 << 20
+"""Characters of text tokenized per batch: large enough to keep every core busy, small enough to bound memory."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PackConfig:
+    inputs: tuple[str, ...]
+    """Files, folders or globs, read in the order given."""
+    tokenizer: str
+    """A tokenizer.json, or a model folder holding one."""
+    out: Path
+    seq_len: int = 1024
+    """Maximum tokens per packed row."""
+    strategy: str = "bfd"
+    text_field: str = "text"
+    eos_token: str | None = None
+    """Default: the tokenizer's own EOS (from tokenizer_config.json, else a well-known name)."""
+    bos_token: str | None = None
+    long_docs: str = "split"
+    """What to do with a document longer than ``seq_len``: split it into fragments, truncate it, or drop it."""
+    val_fraction: float = 0.0
+    """Share of documents (chosen by a hash of their text) written to the ``val`` split."""
+    workers: int | None = None
+    """Threads for tokenization; default every core."""
+    rows_per_shard: int | None = None
+    skip_invalid: bool = False
+    """Count and skip malformed records instead of stopping at the first one."""
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise UserError(
+                f"--seq-len {self.seq_len} is too small: a row needs at least one token and an EOS (>= 2)."
+            )
+        if self.strategy not in STRATEGIES:
+            raise UserError(
+                f"--strategy {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}."
+            )
+        if self.long_docs not in LONG_DOC_POLICIES:
+            raise UserError(
+                f"--long-docs {self.long_docs!r} is unknown; choose one of {', '.join(LONG_DOC_POLICIES)}."
+            )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction {self.val_fraction} must be in [0, 1).")
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"--workers {self.workers} must be at least 1.")
+        if self.rows_per_shard is not None and self.rows_per_shard < 1:
+            raise UserError(f"--rows-per-shard {self.rows_per_shard} must be at least 1.")
+        if not self.inputs:
+            raise UserError("no inputs given; pass one or more files, folders or globs.")
+
+
+class Progress:
+    """What the pipeline reports while it runs; the CLI draws it, tests ignore it."""
+
+    def start(self, phase: str, total: float | None) -> None: ...
+
+    def advance(self, amount: float, **fields: int) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """Whether a document belongs to `val`: a function of its content alone, independent of order and runs."""
+    if val_fraction <= 0.0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2.0**64
+
+
+def _check_output_folder(cfg: PackConfig) -> None:
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out `{out}` is a file; pass a folder.")
+    if out.is_dir() and any(out.iterdir()):
+        is_dataset = (out / MANIFEST_NAME).exists() or any(out.glob("*.arrow")) or (out / WORK_DIR).exists()
+        if not is_dataset:
+            raise UserError(
+                f"--out `{out}` is a non-empty folder that is not a dataset; choose an empty or new folder."
+            )
+        if not cfg.overwrite:
+            raise UserError(f"--out `{out}` already holds a dataset; pass `--overwrite` to replace it.")
+        _remove_dataset_files(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _remove_dataset_files(out: Path) -> None:
+    """Delete only what `prep pack` writes, so that --overwrite never removes a user's other files."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for path in out.glob("*.arrow"):
+        path.unlink()
+    (out / CARD_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+
+
+def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
+    batch: list[Record] = []
+    chars = 0
+    for record in records:
+        batch.append(record)
+        chars += len(record.text) if record.text else 0
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+@dataclass(slots=True)
+class _Tokenized:
+    doc_id: array
+    doc_len: array
+    is_val: array
+    accounting: DocumentAccounting
+    inputs: tuple[InputInfo, ...]
+
+
+def _tokenize_inputs(
+    cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile], tokens_path: Path, progress: Progress
+) -> _Tokenized:
+    """Pass 1: every input record to a token stream on disk (or a counted skip)."""
+    doc_ids, doc_lens, val_flags = array("q"), array("q"), array("b")
+    counts = dict.fromkeys(DocumentAccounting.__dataclass_fields__, 0)
+    skip_key = {EMPTY: "skipped_empty", MISSING_FIELD: "skipped_missing_field"}
+    prefix = [tok.bos_id] if tok.bos_id is not None else []
+    eos = tok.eos_id
+    next_id = 0
+    inputs = []
+    progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
+    with open(tokens_path, "wb") as out:
+        for source in sources:
+            first_id = next_id
+            records = read_records(source, cfg.text_field, lambda n: progress.advance(n))
+            for batch in _batches(records):
+                texts = [r.text for r in batch if r.text is not None]
+                encoded = iter(tok.encode_batch(texts))
+                pieces = []
+                for record in batch:
+                    doc_id, next_id = next_id, next_id + 1
+                    counts["docs_in"] += 1
+                    if record.problem is not None:
+                        if record.problem != EMPTY and not cfg.skip_invalid:
+                            raise InputError(
+                                f"{record.where}: {record.detail or record.problem}. Fix the record, or pass"
+                                " `--skip-invalid` to count and skip such records."
+                            )
+                        counts[skip_key.get(record.problem, "skipped_invalid")] += 1
+                        continue
+                    stream = prefix + next(encoded) + [eos]
+                    n = len(stream)
+                    counts["tokens_in"] += n
+                    if n > cfg.seq_len:
+                        if cfg.long_docs == "drop":
+                            counts["dropped"] += 1
+                            counts["tokens_dropped"] += n
+                            continue
+                        if cfg.long_docs == "truncate":
+                            stream = stream[: cfg.seq_len - 1] + [eos]
+                            counts["truncated"] += 1
+                            counts["tokens_truncated"] += n - cfg.seq_len
+                            n = cfg.seq_len
+                        else:
+                            counts["split"] += 1
+                    counts["packed"] += 1
+                    counts["tokens_packed"] += n
+                    doc_ids.append(doc_id)
+                    doc_lens.append(n)
+                    val_flags.append(is_val(record.text, cfg.val_fraction))
+                    pieces.append(stream)
+                if pieces:
+                    out.write(np.array(list(chain.from_iterable(pieces)), dtype=np.int32).tobytes())
+                progress.advance(0, docs=counts["docs_in"], tokens=counts["tokens_packed"])
+            inputs.append(
+                InputInfo(
+                    path=str(source.path),
+                    format=source.format,
+                    first_doc_id=first_id,
+                    num_records=next_id - first_id,
+                )
+            )
+    return _Tokenized(doc_ids, doc_lens, val_flags, DocumentAccounting(**counts), tuple(inputs))
+
+
+def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
+    """Pack ``cfg.inputs`` into ``cfg.out``; return the manifest written there."""
+    progress = progress or Progress()
+    tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
+    sources = expand_inputs(list(cfg.inputs))
+    if cfg.workers is not None:
+        # The Rust thread pool reads this once, on first use; later calls in the same process keep it.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
+    _check_output_folder(cfg)
+    work = cfg.out / WORK_DIR
+    work.mkdir(exist_ok=True)
+    tokens_path = work / "tokens.bin"
+
+    tokenized = _tokenize_inputs(cfg, tok, sources, tokens_path, progress)
+    docs = tokenized.accounting
+    if docs.packed == 0:
+        raise InputError(
+            f"no documents to pack: {docs.docs_in:,} records read, {docs.skipped:,} skipped"
+            f" (empty {docs.skipped_empty:,}, missing field {docs.skipped_missing_field:,}, invalid {docs.skipped_invalid:,}),"
+            f" {docs.dropped:,} dropped as longer than --seq-len. Check the inputs and `--text-field`."
+        )
+    doc_len = np.frombuffer(tokenized.doc_len, dtype=np.int64)
+    doc_offset = np.concatenate([[0], np.cumsum(doc_len)[:-1]]).astype(np.int64)
+    doc_id = np.frombuffer(tokenized.doc_id, dtype=np.int64)
+    val = np.frombuffer(tokenized.is_val, dtype=np.int8).astype(bool)
+    tokens = np.memmap(tokens_path, dtype=np.int32, mode="r") if doc_len.sum() else np.zeros(0, np.int32)
+
+    rows_per_shard = cfg.rows_per_shard or default_rows_per_shard(cfg.seq_len)
+    splits = {}
+    for name, members in zip(SPLITS, (~val, val), strict=True):
+        if name == "val" and cfg.val_fraction == 0.0:
+            continue
+        idx = np.flatnonzero(members)
+        store = TokenStore(
+            tokens=tokens, doc_offset=doc_offset[idx], doc_len=doc_len[idx], doc_id=doc_id[idx]
+        )
+        progress.start(f"pack {name}", None)
+        plan = make_plan(cfg.strategy, doc_len[idx], cfg.seq_len)
+        progress.start(f"write {name}", float(plan.num_rows))
+        metadata = shard_metadata(
+            split=name,
+            seq_len=cfg.seq_len,
+            strategy=cfg.strategy,
+            eos_id=tok.eos_id,
+            bos_id=tok.bos_id,
+            tokenizer_sha256=tok.info.sha256,
+        )
+        splits[name] = write_split(
+            store,
+            plan,
+            split=name,
+            out_dir=cfg.out,
+            metadata=metadata,
+            rows_per_shard=rows_per_shard,
+            on_rows=lambda n: progress.advance(n),
+        )
+
+    manifest = Manifest(
+        tokenizer=tok.info,
+        options=PackOptions(
+            seq_len=cfg.seq_len,
+            strategy=cfg.strategy,
+            text_field=cfg.text_field,
+            long_docs=cfg.long_docs,
+            val_fraction=cfg.val_fraction,
+            skip_invalid=cfg.skip_invalid,
+        ),
+        inputs=tokenized.inputs,
+        documents=docs,
+        splits=splits,
+        created_by=f"prep {__version__}",
+    )
+    problems = docs.problems()
+    assert not problems, f"internal accounting error: {problems}"
+    del tokens
+    manifest.save(cfg.out)
+    shutil.rmtree(work, ignore_errors=True)
+    write_card(cfg.out, manifest)
+    return manifest

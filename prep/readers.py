@@ -1,0 +1,255 @@
+"""Streaming document readers: JSONL/JSON, Parquet, plain text, and datasets saved with `save_to_disk`.
+
+Each reader yields one :class:`Record` per input record, in file order, without holding more than one
+batch in memory. A record that cannot be used carries the reason instead of text; the pipeline decides
+whether that stops the run (the default) or is counted as skipped (``--skip-invalid``). Nothing is
+dropped silently: every record read becomes a document id.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import UserError
+
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+SUPPORTED = JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
+
+# Why a record carries no text. `empty` is counted and skipped by default; the others stop the run
+# unless `--skip-invalid` is given.
+EMPTY = "empty"
+MISSING_FIELD = "missing_field"
+INVALID = "invalid"
+
+
+class InputError(UserError):
+    """An input file, or a record in it, cannot be read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    text: str | None
+    problem: str | None
+    """None, EMPTY, MISSING_FIELD or INVALID."""
+    where: str
+    """`file:line` (or `file:row N`) for messages."""
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InputFile:
+    path: Path
+    format: str
+    """`jsonl`, `json`, `parquet`, `text` or `arrow-dataset`."""
+
+    @property
+    def num_bytes(self) -> int:
+        if self.path.is_dir():
+            return sum(p.stat().st_size for p in self.path.rglob("*.arrow"))
+        return self.path.stat().st_size
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any(
+        (path / n).is_file() for n in ("dataset_info.json", "dataset_dict.json", "state.json")
+    )
+
+
+def _format_of(path: Path) -> str | None:
+    if _is_saved_dataset(path):
+        return "arrow-dataset"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        return "json"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    return None
+
+
+def expand_inputs(inputs: list[str]) -> list[InputFile]:
+    """Paths, globs and folders to input files, in the order given (globs and folders sorted)."""
+    found: list[InputFile] = []
+    for spec in inputs:
+        if any(c in spec for c in "*?["):
+            paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
+            if not paths:
+                raise InputError(
+                    f"input `{spec}` matches no files; check the pattern (quote it in the shell)."
+                )
+        else:
+            paths = [Path(spec)]
+        for path in paths:
+            if not path.exists():
+                raise InputError(f"input `{path}` does not exist.")
+            fmt = _format_of(path)
+            if fmt is not None:
+                found.append(InputFile(path, fmt))
+            elif path.is_dir():
+                inner = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
+                if not inner:
+                    raise InputError(
+                        f"folder `{path}` holds no {', '.join(SUPPORTED)} files and is not a saved dataset."
+                    )
+                found.extend(InputFile(p, _format_of(p) or "text") for p in inner)
+            elif any(c in spec for c in "*?["):
+                continue  # a glob may sweep up files we do not read; say nothing about them
+            else:
+                raise InputError(
+                    f"input `{path}` has an unsupported type; use {', '.join(SUPPORTED)}, or a folder saved with"
+                    " `datasets.save_to_disk`."
+                )
+    if not found:
+        raise InputError(f"no input files found in {', '.join(inputs)}.")
+    return found
+
+
+def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+    """All records of one input, in order. ``on_bytes`` is told how many input bytes each step consumed."""
+    readers = {
+        "jsonl": _read_jsonl,
+        "json": _read_json,
+        "parquet": _read_parquet,
+        "text": _read_text,
+        "arrow-dataset": _read_saved_dataset,
+    }
+    try:
+        yield from readers[source.format](source.path, text_field, on_bytes)
+    except PermissionError as e:
+        raise InputError(f"cannot read `{source.path}`: permission denied. Fix its permissions.") from e
+    except IsADirectoryError as e:
+        raise InputError(f"`{source.path}` is a folder, not a {source.format} file.") from e
+
+
+def _from_value(obj: object, text_field: str, where: str) -> Record:
+    if not isinstance(obj, dict):
+        return Record(None, INVALID, where, f"expected a JSON object, found {type(obj).__name__}")
+    if text_field not in obj or obj[text_field] is None:
+        keys = ", ".join(list(obj)[:8])
+        return Record(
+            None, MISSING_FIELD, where, f"no `{text_field}` field (fields: {keys}); set `--text-field`"
+        )
+    text = obj[text_field]
+    if not isinstance(text, str):
+        return Record(None, INVALID, where, f"`{text_field}` is a {type(text).__name__}, not a string")
+    return _text_record(text, where)
+
+
+def _text_record(text: str, where: str) -> Record:
+    if not text.strip():
+        return Record(None, EMPTY, where)
+    return Record(text, None, where)
+
+
+def _read_jsonl(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            on_bytes(len(raw))
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first record
+            if not raw.strip():
+                continue  # blank lines are not records
+            where = f"{path}:{line_no}"
+            try:
+                obj = json.loads(raw)
+            except UnicodeDecodeError as e:
+                yield Record(None, INVALID, where, f"invalid UTF-8 at byte {e.start} of the line")
+                continue
+            except json.JSONDecodeError as e:
+                yield Record(None, INVALID, where, f"malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            yield _from_value(obj, text_field, where)
+
+
+def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
+    if not head.startswith(b"["):
+        yield from _read_jsonl(path, text_field, on_bytes)
+        return
+    # A top-level JSON array cannot be parsed incrementally with the standard library; such files are
+    # read whole. Use JSON lines for corpora larger than memory.
+    data = path.read_bytes()
+    on_bytes(len(data))
+    try:
+        items = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(
+            f"`{path}` is not valid JSON ({e}). Fix the file or convert it to JSON lines."
+        ) from e
+    for i, obj in enumerate(items):
+        yield _from_value(obj, text_field, f"{path}:item {i}")
+
+
+def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+    data = path.read_bytes()
+    on_bytes(len(data))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        yield Record(None, INVALID, str(path), f"invalid UTF-8 at byte {e.start}")
+        return
+    yield _text_record(text, str(path))
+
+
+def _column_records(column: list, start_row: int, path: Path, text_field: str) -> Iterator[Record]:
+    for i, text in enumerate(column):
+        where = f"{path}:row {start_row + i}"
+        if text is None:
+            yield Record(None, MISSING_FIELD, where, f"`{text_field}` is null")
+        elif not isinstance(text, str):
+            yield Record(None, INVALID, where, f"`{text_field}` is a {type(text).__name__}, not a string")
+        else:
+            yield _text_record(text, where)
+
+
+def _read_parquet(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a damaged footer
+        raise InputError(f"`{path}` is not a readable Parquet file ({e}).") from e
+    if text_field not in pf.schema_arrow.names:
+        raise InputError(
+            f"`{path}` has no `{text_field}` column (columns: {', '.join(pf.schema_arrow.names)}); set `--text-field`."
+        )
+    row = 0
+    total = path.stat().st_size
+    for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
+        yield from _column_records(batch.column(0).to_pylist(), row, path, text_field)
+        row += batch.num_rows
+        on_bytes(total * batch.num_rows // max(pf.metadata.num_rows, 1))
+
+
+def _read_saved_dataset(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    parts = (
+        [(name, loaded[name]) for name in loaded]
+        if isinstance(loaded, datasets.DatasetDict)
+        else [("", loaded)]
+    )
+    total = max(sum(len(d) for _, d in parts), 1)
+    num_bytes = InputFile(path, "arrow-dataset").num_bytes
+    for name, ds in parts:
+        if text_field not in ds.column_names:
+            raise InputError(
+                f"dataset `{path}`{'/' + name if name else ''} has no `{text_field}` column"
+                f" (columns: {', '.join(ds.column_names)}); set `--text-field`."
+            )
+        label = path / name if name else path
+        for start in range(0, len(ds), 4096):
+            column = ds[start : start + 4096][text_field]
+            yield from _column_records(column, start, label, text_field)
+            on_bytes(num_bytes * len(column) // total)

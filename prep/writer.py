@@ -1,0 +1,128 @@
+"""Materialise a :class:`PackPlan` into Arrow shards: gather tokens, derive labels, positions and boundaries.
+
+Everything per token is computed with vectorised numpy over a block of rows at a time, straight from the
+on-disk token store, so memory stays bounded by the block size whatever the corpus size. Each shard is
+written to a temporary name, synced, and renamed; its sha256 goes into the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from prep.packing import PackPlan
+from shared.contract import IGNORE_INDEX, SHARD_SCHEMA, schema_with_metadata, shard_file_name
+from shared.fileio import atomic_writer, sha256_file
+from shared.manifest import ShardInfo, SplitInfo
+
+ROWS_PER_BATCH = 1024
+TARGET_SHARD_BYTES = 1 << 28
+"""About 256 MB per shard: large enough to keep file counts low, small enough to checksum and copy quickly."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStore:
+    """Every packed document's token stream (BOS/EOS included) in one flat int32 array, in input order."""
+
+    tokens: np.ndarray
+    doc_offset: np.ndarray
+    """int64, start of each document's stream in ``tokens``."""
+    doc_len: np.ndarray
+    """int64, length of each document's stream."""
+    doc_id: np.ndarray
+    """int64, the document's index among all input records."""
+
+
+def default_rows_per_shard(seq_len: int) -> int:
+    bytes_per_row = seq_len * 3 * 4  # three int32 token columns dominate
+    return max(1, TARGET_SHARD_BYTES // bytes_per_row)
+
+
+def build_batch(store: TokenStore, plan: PackPlan, row_lo: int, row_hi: int) -> pa.RecordBatch:
+    """Rows ``row_lo:row_hi`` of the plan as one record batch (no padding, one list per row)."""
+    s_lo, s_hi = int(plan.row_ptr[row_lo]), int(plan.row_ptr[row_hi])
+    seg_doc = plan.seg_doc[s_lo:s_hi]
+    seg_len = plan.seg_len[s_lo:s_hi]
+    seg_src = store.doc_offset[seg_doc] + plan.seg_start[s_lo:s_hi]
+    seg_out = np.concatenate([[0], np.cumsum(seg_len)])
+    num_tokens = int(seg_out[-1])
+
+    # Token t of the block comes from seg_src[s] + (t - seg_out[s]) for its segment s.
+    within = np.arange(num_tokens, dtype=np.int64) - np.repeat(seg_out[:-1], seg_len)
+    input_ids = store.tokens[np.repeat(seg_src, seg_len) + within].astype(np.int32, copy=False)
+    position_ids = within.astype(np.int32)
+    labels = input_ids.copy()
+    labels[seg_out[:-1][seg_len > 0]] = (
+        IGNORE_INDEX  # never predict a segment's first token across a boundary
+    )
+
+    row_seg_ptr = plan.row_ptr[row_lo : row_hi + 1] - s_lo
+    row_tok_ptr = seg_out[row_seg_ptr]
+    # cu_seqlens of a row: its segments' starts relative to the row start, then the row length.
+    seg_row = np.repeat(np.arange(row_hi - row_lo), np.diff(row_seg_ptr))
+    seg_rel = seg_out[:-1] - row_tok_ptr[seg_row]
+    cu_values = np.insert(seg_rel, row_seg_ptr[1:], np.diff(row_tok_ptr)).astype(np.int32)
+    cu_offsets = (row_seg_ptr + np.arange(row_hi - row_lo + 1)).astype(np.int32)
+
+    tok_offsets = pa.array(row_tok_ptr.astype(np.int32))
+    seg_offsets = pa.array(row_seg_ptr.astype(np.int32))
+    columns = [
+        pa.ListArray.from_arrays(tok_offsets, pa.array(input_ids)),
+        pa.ListArray.from_arrays(tok_offsets, pa.array(labels)),
+        pa.ListArray.from_arrays(tok_offsets, pa.array(position_ids)),
+        pa.ListArray.from_arrays(pa.array(cu_offsets), pa.array(cu_values)),
+        pa.ListArray.from_arrays(seg_offsets, pa.array(store.doc_id[seg_doc].astype(np.int64))),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=SHARD_SCHEMA)
+
+
+def write_split(
+    store: TokenStore,
+    plan: PackPlan,
+    *,
+    split: str,
+    out_dir: Path,
+    metadata: dict,
+    rows_per_shard: int,
+    on_rows: Callable[[int], None] = lambda n: None,
+) -> SplitInfo:
+    """Write the plan's rows as ``split-XXXXX-of-YYYYY.arrow`` shards; return what the manifest records."""
+    schema = schema_with_metadata(metadata)
+    num_shards = max(1, -(-plan.num_rows // rows_per_shard))
+    # A document ends in the row that holds its final segment (the one reaching the end of its stream).
+    ends_doc = plan.seg_start + plan.seg_len == store.doc_len[plan.seg_doc]
+    shards = []
+    for index in range(num_shards):
+        lo, hi = index * rows_per_shard, min(plan.num_rows, (index + 1) * rows_per_shard)
+        path = out_dir / shard_file_name(split, index, num_shards)
+        with atomic_writer(path) as f, pa.ipc.new_stream(f, schema) as writer:
+            for b_lo in range(lo, hi, ROWS_PER_BATCH):
+                b_hi = min(hi, b_lo + ROWS_PER_BATCH)
+                writer.write_batch(build_batch(store, plan, b_lo, b_hi))
+                on_rows(b_hi - b_lo)
+        s_lo, s_hi = int(plan.row_ptr[lo]), int(plan.row_ptr[hi])
+        shards.append(
+            ShardInfo(
+                file=path.name,
+                num_rows=hi - lo,
+                num_tokens=int(plan.seg_len[s_lo:s_hi].sum()),
+                num_segments=s_hi - s_lo,
+                num_docs=int(ends_doc[s_lo:s_hi].sum()),
+                num_bytes=path.stat().st_size,
+                sha256=sha256_file(path),
+            )
+        )
+    num_tokens = plan.num_tokens
+    num_first_tokens = int((plan.seg_len > 0).sum())
+    return SplitInfo(
+        num_rows=plan.num_rows,
+        num_tokens=num_tokens,
+        num_target_tokens=num_tokens - num_first_tokens,
+        num_segments=len(plan.seg_len),
+        num_docs=int(ends_doc.sum()),
+        shards=tuple(shards),
+    )

@@ -1,0 +1,214 @@
+"""Memory-mapped access to packed shards, for the trainer, `prep verify` and `prep inspect` alike.
+
+Shards are Arrow IPC stream files opened through ``pyarrow.memory_map``: the token arrays are views of the
+page cache, so opening a dataset costs neither memory nor time in proportion to its size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from shared.contract import (
+    CU_SEQLENS,
+    DOC_IDS,
+    FORMAT_VERSION,
+    INPUT_IDS,
+    LABELS,
+    POSITION_IDS,
+    SHARD_SCHEMA,
+    read_schema_metadata,
+)
+from shared.errors import DatasetError, ShardIntegrityError
+from shared.fileio import sha256_file
+from shared.manifest import Manifest, ShardInfo
+
+_COLUMNS = (INPUT_IDS, LABELS, POSITION_IDS, CU_SEQLENS, DOC_IDS)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedRow:
+    """One packed sequence, as zero-copy numpy views into the shard."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray
+    cu_seqlens: np.ndarray
+    doc_ids: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.doc_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    offsets: np.ndarray
+    values: np.ndarray
+
+
+class Shard:
+    """One memory-mapped shard file. Rows are addressed 0..num_rows-1 across its record batches."""
+
+    def __init__(self, path: str | Path, info: ShardInfo | None = None) -> None:
+        self.path = Path(path)
+        self.info = info
+        try:
+            source = pa.memory_map(str(self.path), "r")
+            reader = pa.ipc.open_stream(source)
+            batches = list(reader)
+            schema = reader.schema
+        except FileNotFoundError as e:
+            raise ShardIntegrityError(f"shard `{self.path}` is missing; re-run `prep pack`.") from e
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ShardIntegrityError(
+                f"shard `{self.path}` cannot be read as an Arrow stream ({e}); it is truncated or damaged."
+                " Re-run `prep pack` (or restore the file)."
+            ) from e
+        if not schema.remove_metadata().equals(SHARD_SCHEMA):
+            raise ShardIntegrityError(
+                f"shard `{self.path}` has schema {schema.remove_metadata()} but this tool expects"
+                f" {SHARD_SCHEMA}. It was not written by `prep pack` of this format; re-pack the data."
+            )
+        self.metadata = read_schema_metadata(schema) or {}
+        if self.metadata.get("format_version") != FORMAT_VERSION:
+            raise ShardIntegrityError(
+                f"shard `{self.path}` has format_version {self.metadata.get('format_version')!r}; this tool"
+                f" reads version {FORMAT_VERSION}. Re-pack the data with this version of `prep pack`."
+            )
+        for batch in batches:
+            # Offsets come from the file; never index with them before Arrow has checked them.
+            try:
+                batch.validate(full=False)
+            except pa.ArrowInvalid as e:
+                raise ShardIntegrityError(f"shard `{self.path}` has an invalid record batch ({e}).") from e
+        self._batches = batches
+        sizes = np.array([b.num_rows for b in batches], dtype=np.int64)
+        self._batch_starts = np.concatenate([[0], np.cumsum(sizes)])
+        self._columns = [{name: _list_column(b.column(name)) for name in _COLUMNS} for b in batches]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._batch_starts[-1])
+
+    def row(self, index: int) -> PackedRow:
+        if not 0 <= index < self.num_rows:
+            raise IndexError(f"row {index} out of range for `{self.path.name}` with {self.num_rows} rows")
+        b = int(np.searchsorted(self._batch_starts, index, side="right")) - 1
+        local = index - int(self._batch_starts[b])
+        cols = self._columns[b]
+        return PackedRow(**{name: _slice(cols[name], local) for name in _COLUMNS})
+
+    def __iter__(self) -> Iterator[PackedRow]:
+        for i in range(self.num_rows):
+            yield self.row(i)
+
+    def row_lengths(self) -> np.ndarray:
+        """Tokens per row, for every row, without touching the token pages."""
+        return np.concatenate(
+            [np.diff(cols[INPUT_IDS].offsets) for cols in self._columns] or [np.zeros(0, np.int64)]
+        ).astype(np.int64)
+
+    def batches(self) -> list[pa.RecordBatch]:
+        return list(self._batches)
+
+
+def _list_column(array: pa.ListArray) -> _Column:
+    return _Column(offsets=array.offsets.to_numpy(), values=array.values.to_numpy(zero_copy_only=True))
+
+
+def _slice(col: _Column, local: int) -> np.ndarray:
+    return col.values[col.offsets[local] : col.offsets[local + 1]]
+
+
+class Split:
+    """The shards of one split (``train`` or ``val``) in manifest order, addressed as one row range."""
+
+    def __init__(self, name: str, shards: list[Shard]) -> None:
+        self.name = name
+        self.shards = shards
+        self._starts = np.concatenate([[0], np.cumsum([s.num_rows for s in shards])]).astype(np.int64)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, index: int) -> tuple[Shard, int]:
+        s = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.shards[s], index - int(self._starts[s])
+
+    def row(self, index: int) -> PackedRow:
+        shard, local = self.locate(index)
+        return shard.row(local)
+
+    def row_lengths(self) -> np.ndarray:
+        return np.concatenate([s.row_lengths() for s in self.shards] or [np.zeros(0, np.int64)])
+
+    def __iter__(self) -> Iterator[PackedRow]:
+        for shard in self.shards:
+            yield from shard
+
+
+class PackedDataset:
+    """A packed dataset folder: its manifest and its memory-mapped splits.
+
+    ``verify`` chooses what is checked on open: ``"size"`` (default: every shard exists with the size the
+    manifest records, cheap), ``"checksum"`` (also sha256 of every byte, about a second per GB), or ``"none"``.
+    """
+
+    def __init__(self, root: str | Path, *, verify: str = "size") -> None:
+        self.root = Path(root)
+        self.manifest = Manifest.load(self.root)
+        if verify not in ("none", "size", "checksum"):
+            raise ValueError(f"verify must be 'none', 'size' or 'checksum', not {verify!r}")
+        self._splits: dict[str, Split] = {}
+        self._verify = verify
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.manifest.splits)
+
+    def split(self, name: str = "train") -> Split:
+        if name not in self.manifest.splits:
+            raise DatasetError(
+                f"`{self.root}` has no `{name}` split (it has: {', '.join(self.manifest.splits) or 'none'})."
+                + (" Pack with `--val-fraction` to make one." if name == "val" else "")
+            )
+        if name not in self._splits:
+            shards = []
+            for info in self.manifest.splits[name].shards:
+                path = self.root / info.file
+                if self._verify != "none":
+                    check_shard_file(path, info, checksum=self._verify == "checksum")
+                shards.append(Shard(path, info))
+            self._splits[name] = Split(name, shards)
+        return self._splits[name]
+
+
+def check_shard_file(path: Path, info: ShardInfo, *, checksum: bool) -> None:
+    """Raise :class:`ShardIntegrityError` unless the file matches what the manifest recorded."""
+    if not path.exists():
+        raise ShardIntegrityError(
+            f"shard `{path.name}` listed in the manifest is missing; re-run `prep pack`."
+        )
+    size = path.stat().st_size
+    if size != info.num_bytes:
+        raise ShardIntegrityError(
+            f"shard `{path.name}`: size mismatch (manifest says {info.num_bytes:,} bytes, file has {size:,})."
+            " The file is truncated or changed after packing; re-run `prep pack`."
+        )
+    if checksum:
+        digest = sha256_file(path)
+        if digest != info.sha256:
+            raise ShardIntegrityError(
+                f"shard `{path.name}`: checksum mismatch (manifest says {info.sha256[:12]}..., file is"
+                f" {digest[:12]}...). The file changed after packing; re-run `prep pack`."
+            )
