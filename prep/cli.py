@@ -145,6 +145,9 @@ def pack(
         bool, typer.Option(help="Count and skip malformed records instead of stopping.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Finish an interrupted pack in --out (same options and inputs).")
+    ] = False,
 ) -> None:
     """Tokenize documents, separate them with EOS, pack them into rows and write Arrow shards.
 
@@ -166,6 +169,7 @@ def pack(
             rows_per_shard=rows_per_shard,
             skip_invalid=skip_invalid,
             overwrite=overwrite,
+            resume=resume,
         )
         run_pack(cfg)
     except UserError as e:

@@ -17,13 +17,14 @@ import shutil
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
 
 from prep import __version__
 from prep.card import write_card
+from prep.journal import Journal, input_stats, kill_point
 from prep.packing import STRATEGIES, make_plan
 from prep.readers import EMPTY, MISSING_FIELD, InputError, InputFile, Record, expand_inputs, read_records
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
@@ -62,8 +63,14 @@ class PackConfig:
     skip_invalid: bool = False
     """Count and skip malformed records instead of stopping at the first one."""
     overwrite: bool = False
+    resume: bool = False
+    """Continue the interrupted run in ``out`` from its journal (same options and inputs required)."""
 
     def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise UserError(
+                "pass either `--resume` (continue the interrupted run) or `--overwrite`, not both."
+            )
         if self.seq_len < 2:
             raise UserError(
                 f"--seq-len {self.seq_len} is too small: a row needs at least one token and an EOS (>= 2)."
@@ -108,11 +115,19 @@ def _check_output_folder(cfg: PackConfig) -> None:
     out = cfg.out
     if out.exists() and not out.is_dir():
         raise UserError(f"--out `{out}` is a file; pass a folder.")
+    if cfg.resume and (out / WORK_DIR).is_dir():
+        _remove_temp_files(out)  # half-written files of the killed run; the journal decides the rest
+        return
     if out.is_dir() and any(out.iterdir()):
         is_dataset = (out / MANIFEST_NAME).exists() or any(out.glob("*.arrow")) or (out / WORK_DIR).exists()
         if not is_dataset:
             raise UserError(
                 f"--out `{out}` is a non-empty folder that is not a dataset; choose an empty or new folder."
+            )
+        if not cfg.overwrite and (out / WORK_DIR).exists():
+            raise UserError(
+                f"--out `{out}` holds an interrupted pack ({WORK_DIR}); pass `--resume` to finish it, or"
+                " `--overwrite` to start again."
             )
         if not cfg.overwrite:
             raise UserError(f"--out `{out}` already holds a dataset; pass `--overwrite` to replace it.")
@@ -127,6 +142,13 @@ def _remove_dataset_files(out: Path) -> None:
         path.unlink()
     (out / CARD_NAME).unlink(missing_ok=True)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    _remove_temp_files(out)
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Temporary files a killed run left behind (shared.fileio names them `.NAME.tmp-PID`)."""
+    for path in out.glob(".*.tmp-*"):
+        path.unlink(missing_ok=True)
 
 
 def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
@@ -152,22 +174,23 @@ class _Tokenized:
 
 
 def _tokenize_inputs(
-    cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile], tokens_path: Path, progress: Progress
+    cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile], journal: Journal, progress: Progress
 ) -> _Tokenized:
-    """Pass 1: every input record to a token stream on disk (or a counted skip)."""
-    doc_ids, doc_lens, val_flags = array("q"), array("q"), array("b")
-    counts = dict.fromkeys(DocumentAccounting.__dataclass_fields__, 0)
+    """Pass 1: every input record to a token stream on disk (or a counted skip), committed batch by batch.
+
+    The loop starts where the journal's last commit left off: the beginning, unless resuming.
+    """
+    state = journal.pass1
+    doc_ids, doc_lens, val_flags, counts = state.doc_id, state.doc_len, state.is_val, state.counts
     skip_key = {EMPTY: "skipped_empty", MISSING_FIELD: "skipped_missing_field"}
     prefix = [tok.bos_id] if tok.bos_id is not None else []
     eos = tok.eos_id
-    next_id = 0
-    inputs = []
+    next_id = state.next_id
     progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
-    with open(tokens_path, "wb") as out:
-        for source in sources:
-            first_id = next_id
+    with journal.open_tokens() as out:
+        for source in sources[state.source_index :]:
             records = read_records(source, cfg.text_field, lambda n: progress.advance(n))
-            for batch in _batches(records):
+            for batch in _batches(islice(records, state.records_done, None)):
                 texts = [r.text for r in batch if r.text is not None]
                 encoded = iter(tok.encode_batch(texts))
                 pieces = []
@@ -205,16 +228,39 @@ def _tokenize_inputs(
                     pieces.append(stream)
                 if pieces:
                     out.write(np.array(list(chain.from_iterable(pieces)), dtype=np.int32).tobytes())
+                state.next_id = next_id
+                journal.commit_batch(out, len(batch))
                 progress.advance(0, docs=counts["docs_in"], tokens=counts["tokens_packed"])
-            inputs.append(
-                InputInfo(
-                    path=str(source.path),
-                    format=source.format,
-                    first_doc_id=first_id,
-                    num_records=next_id - first_id,
-                )
+            info = InputInfo(
+                path=str(source.path),
+                format=source.format,
+                first_doc_id=state.first_id,
+                num_records=next_id - state.first_id,
             )
-    return _Tokenized(doc_ids, doc_lens, val_flags, DocumentAccounting(**counts), tuple(inputs))
+            journal.commit_source(out, info)
+    journal.finish_pass1()
+    return _Tokenized(doc_ids, doc_lens, val_flags, DocumentAccounting(**counts), tuple(state.inputs))
+
+
+def _fingerprint(
+    cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile], rows_per_shard: int
+) -> dict:
+    """Everything that shapes the output bytes: `--resume` continues a run only if all of it still matches."""
+    return {
+        "inputs": list(cfg.inputs),
+        "input_files": input_stats([s.path for s in sources]),
+        "tokenizer": cfg.tokenizer,
+        "tokenizer_sha256": tok.info.sha256,
+        "seq_len": cfg.seq_len,
+        "strategy": cfg.strategy,
+        "text_field": cfg.text_field,
+        "eos_token": tok.info.eos_token,
+        "bos_token": tok.info.bos_token,
+        "long_docs": cfg.long_docs,
+        "val_fraction": cfg.val_fraction,
+        "skip_invalid": cfg.skip_invalid,
+        "rows_per_shard": rows_per_shard,
+    }
 
 
 def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
@@ -227,10 +273,13 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
         os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
     _check_output_folder(cfg)
     work = cfg.out / WORK_DIR
-    work.mkdir(exist_ok=True)
-    tokens_path = work / "tokens.bin"
+    rows_per_shard = cfg.rows_per_shard or default_rows_per_shard(cfg.seq_len)
+    fingerprint = _fingerprint(cfg, tok, sources, rows_per_shard)
+    zero_counts = dict.fromkeys(DocumentAccounting.__dataclass_fields__, 0)
+    journal = Journal.start(work, fingerprint, zero_counts, resume=cfg.resume)
+    tokens_path = journal.tokens_path
 
-    tokenized = _tokenize_inputs(cfg, tok, sources, tokens_path, progress)
+    tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress)
     docs = tokenized.accounting
     if docs.packed == 0:
         raise InputError(
@@ -244,7 +293,6 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     val = np.frombuffer(tokenized.is_val, dtype=np.int8).astype(bool)
     tokens = np.memmap(tokens_path, dtype=np.int32, mode="r") if doc_len.sum() else np.zeros(0, np.int32)
 
-    rows_per_shard = cfg.rows_per_shard or default_rows_per_shard(cfg.seq_len)
     splits = {}
     for name, members in zip(SPLITS, (~val, val), strict=True):
         if name == "val" and cfg.val_fraction == 0.0:
@@ -272,6 +320,8 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
             metadata=metadata,
             rows_per_shard=rows_per_shard,
             on_rows=lambda n: progress.advance(n),
+            reuse=lambda file, split=name: journal.reusable_shard(split, file),
+            on_shard=lambda info, split=name: journal.shard_done(split, info),
         )
 
     manifest = Manifest(
@@ -292,6 +342,7 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     problems = docs.problems()
     assert not problems, f"internal accounting error: {problems}"
     del tokens
+    kill_point("manifest")
     manifest.save(cfg.out)
     shutil.rmtree(work, ignore_errors=True)
     write_card(cfg.out, manifest)

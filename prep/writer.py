@@ -89,8 +89,14 @@ def write_split(
     metadata: dict,
     rows_per_shard: int,
     on_rows: Callable[[int], None] = lambda n: None,
+    reuse: Callable[[str], ShardInfo | None] = lambda file: None,
+    on_shard: Callable[[ShardInfo], None] = lambda info: None,
 ) -> SplitInfo:
-    """Write the plan's rows as ``split-XXXXX-of-YYYYY.arrow`` shards; return what the manifest records."""
+    """Write the plan's rows as ``split-XXXXX-of-YYYYY.arrow`` shards; return what the manifest records.
+
+    ``reuse(file)`` returns the ShardInfo of a shard a resumed run already wrote and verified (it is not
+    written again); ``on_shard`` is told of every shard once it is durable (prep/journal.py records it).
+    """
     schema = schema_with_metadata(metadata)
     num_shards = max(1, -(-plan.num_rows // rows_per_shard))
     # A document ends in the row that holds its final segment (the one reaching the end of its stream).
@@ -99,23 +105,28 @@ def write_split(
     for index in range(num_shards):
         lo, hi = index * rows_per_shard, min(plan.num_rows, (index + 1) * rows_per_shard)
         path = out_dir / shard_file_name(split, index, num_shards)
+        kept = reuse(path.name)
+        if kept is not None:
+            shards.append(kept)
+            on_rows(hi - lo)
+            continue
         with atomic_writer(path) as f, pa.ipc.new_stream(f, schema) as writer:
             for b_lo in range(lo, hi, ROWS_PER_BATCH):
                 b_hi = min(hi, b_lo + ROWS_PER_BATCH)
                 writer.write_batch(build_batch(store, plan, b_lo, b_hi))
                 on_rows(b_hi - b_lo)
         s_lo, s_hi = int(plan.row_ptr[lo]), int(plan.row_ptr[hi])
-        shards.append(
-            ShardInfo(
-                file=path.name,
-                num_rows=hi - lo,
-                num_tokens=int(plan.seg_len[s_lo:s_hi].sum()),
-                num_segments=s_hi - s_lo,
-                num_docs=int(ends_doc[s_lo:s_hi].sum()),
-                num_bytes=path.stat().st_size,
-                sha256=sha256_file(path),
-            )
+        info = ShardInfo(
+            file=path.name,
+            num_rows=hi - lo,
+            num_tokens=int(plan.seg_len[s_lo:s_hi].sum()),
+            num_segments=s_hi - s_lo,
+            num_docs=int(ends_doc[s_lo:s_hi].sum()),
+            num_bytes=path.stat().st_size,
+            sha256=sha256_file(path),
         )
+        on_shard(info)
+        shards.append(info)
     num_tokens = plan.num_tokens
     num_first_tokens = int((plan.seg_len > 0).sum())
     return SplitInfo(
