@@ -1,0 +1,158 @@
+"""`RunConfig`: every option of `train run`, validated once, loadable from a TOML file with CLI overrides.
+
+Precedence is defaults < ``--config run.toml`` < flags given on the command line. The TOML file holds
+the same names as the flags, with ``-`` or ``_`` (``batch-size = 8`` or ``batch_size = 8``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.errors import UserError
+from train.attention import ATTN_CHOICES
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
+
+VERIFY_CHOICES = ("checksum", "size")
+
+
+class ConfigError(UserError):
+    """An option of `train run` or `train plan` is invalid or missing."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    data: Path
+    """Packed dataset folder (`prep pack --out`); its `train` split is trained on."""
+    model: str
+    """A Hugging Face model folder, or `tiny-qwen2` (a small built-in Qwen2 config, random weights)."""
+    out: Path
+    """Run folder: metrics.jsonl, loss.png, checkpoints/, adapter/ (or model/ without LoRA)."""
+    token_budget: int | None = None
+    """Run length in tokens of capacity: steps = floor(budget / tokens per step). Or give max_steps."""
+    max_steps: int | None = None
+    """Run length in optimizer steps (instead of token_budget)."""
+    batch_size: int = 8
+    """Packed rows per micro-batch (one flat stream of up to batch_size * seq_len tokens)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW), reached at the end of warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at lr * min_lr_ratio."""
+    warmup_ratio: float = 0.05
+    """Share of the steps spent warming the learning rate up linearly from zero."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    eval_data: Path | None = None
+    """Packed dataset to evaluate on (its `val` split if it has one, else `train`). Default: --data's `val`."""
+    eval_every: int = 100
+    """Evaluate every this many steps (and after the last); 0 disables evaluation."""
+    save_every: int = 0
+    """Write a checkpoint every this many steps (0: only at the end)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint under out/checkpoints."""
+    attn: str = "auto"
+    """Attention kernel: auto, flash_attn, torch_varlen or sdpa."""
+    lora: bool = True
+    """Train a LoRA adapter (peft); False trains every weight."""
+    lora_r: int = 32
+    """LoRA rank."""
+    lora_alpha: int = 64
+    """LoRA scaling numerator (scale = alpha / r)."""
+    seed: int = 0
+    """Seeds the weights of a built-in model, LoRA init, the data order and dropout."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    verify: str = "checksum"
+    """How shards are checked before training: checksum (sha256 of every byte) or size."""
+    log_every: int = 1
+    """Print one log line every this many steps."""
+
+    def __post_init__(self) -> None:
+        if (self.token_budget is None) == (self.max_steps is None):
+            raise ConfigError(
+                "give exactly one of `--token-budget` and `--max-steps`"
+                f" (got token_budget={self.token_budget}, max_steps={self.max_steps})."
+            )
+        _positive("--token-budget", self.token_budget)
+        _positive("--max-steps", self.max_steps)
+        _positive("--batch-size", self.batch_size)
+        _positive("--grad-accum", self.grad_accum)
+        _positive("--lora-r", self.lora_r)
+        _positive("--lora-alpha", self.lora_alpha)
+        _positive("--log-every", self.log_every)
+        if not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr} must be positive.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio {self.min_lr_ratio} must be in [0, 1].")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"--warmup-ratio {self.warmup_ratio} must be in [0, 1).")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(
+                f"--weight-decay {self.weight_decay} and --grad-clip {self.grad_clip} must not be negative."
+            )
+        if self.eval_every < 0 or self.save_every < 0:
+            raise ConfigError(
+                f"--eval-every {self.eval_every} and --save-every {self.save_every} must not be negative"
+                " (0 turns them off)."
+            )
+        if self.attn not in ATTN_CHOICES:
+            raise ConfigError(f"--attn {self.attn!r} is unknown; choose one of {', '.join(ATTN_CHOICES)}.")
+        if self.verify not in VERIFY_CHOICES:
+            raise ConfigError(
+                f"--verify {self.verify!r} is unknown; choose one of {', '.join(VERIFY_CHOICES)}."
+            )
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"--device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N.")
+
+
+def _positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag} {value} must be at least 1.")
+
+
+_PATH_FIELDS = {"data", "out", "eval_data"}
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """The options in a TOML file, keyed by RunConfig field name; unknown keys are an error."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config `{path}` does not exist.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config `{path}` is not valid TOML ({e}).") from None
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    options = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name == "no_lora":
+            name, value = "lora", not value
+        if name not in known:
+            raise ConfigError(
+                f"--config `{path}`: unknown option `{key}`; valid options are {', '.join(sorted(known))}."
+            )
+        options[name] = Path(value) if name in _PATH_FIELDS and value is not None else value
+    return options
+
+
+def build_run_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
+    """Defaults, then the TOML file, then every flag that was given (``None`` means "not given")."""
+    options = load_toml(config_file) if config_file is not None else {}
+    options.update({k: v for k, v in flags.items() if v is not None})
+    missing = [f"--{name.replace('_', '-')}" for name in ("data", "model", "out") if name not in options]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)}: give them as flags or in --config.")
+    try:
+        return RunConfig(**options)
+    except TypeError as e:
+        raise ConfigError(f"bad option ({e}).") from None
