@@ -7,8 +7,10 @@ here, so a plan for a billion-token corpus costs a few arrays of one entry per s
 ``bfd`` is global best-fit-decreasing. Documents longer than ``seq_len`` are first cut into full
 ``seq_len`` fragments plus a remainder holding the EOS. Segments are placed longest first, each into the
 open row whose free space is the smallest that still fits (a segment tree over free-space values finds it
-in O(log seq_len)). Full fragments are placed first and fill their rows, so a document's fragments
-always appear in storage order.
+in O(log seq_len)). Under ``--long-docs split`` the number of rows is capped just above the lower bound
+ceil(tokens / seq_len), and a segment that fits no gap once the cap is reached fills the largest gaps.
+A plan only fixes each piece's row and length; a document's pieces then take consecutive slices of its
+token stream in row order, so fragments always appear in storage order and the EOS ends the last one.
 
 ``wrapped`` concatenates the documents in input order and cuts the stream every ``seq_len`` tokens;
 a document crossing a cut becomes two segments. Rows are all full except the last.
@@ -54,7 +56,7 @@ def split_into_fragments(doc_len: np.ndarray, seq_len: int) -> tuple[np.ndarray,
     doc_len = np.asarray(doc_len, dtype=np.int64)
     num_frags = np.maximum(1, -(-doc_len // seq_len))
     seg_doc = np.repeat(np.arange(len(doc_len), dtype=np.int64), num_frags)
-    first = np.concatenate([[0], np.cumsum(num_frags)[:-1]])
+    first = np.cumsum(num_frags) - num_frags
     frag_index = np.arange(len(seg_doc), dtype=np.int64) - np.repeat(first, num_frags)
     seg_start = frag_index * seq_len
     seg_len = np.minimum(seq_len, doc_len[seg_doc] - seg_start)
@@ -89,34 +91,100 @@ class _FreeSpaceTree:
             i >>= 1
         return None
 
+    def largest(self) -> int | None:
+        count = self.count
+        if not count[1]:
+            return None
+        i = 1
+        while i < self.size:
+            i = 2 * i + 1 if count[2 * i + 1] else 2 * i
+        return i - self.size
 
-def plan_bfd(doc_len: np.ndarray, seq_len: int) -> PackPlan:
+
+FILL_SLACK = 0.001
+"""``bfd`` may use at most this share of rows above the lower bound before it splits documents to fill gaps."""
+
+
+def plan_bfd(doc_len: np.ndarray, seq_len: int, *, allow_split: bool = True) -> PackPlan:
+    """Best-fit-decreasing; with ``allow_split``, at most ``lower_bound + floor(lower_bound * FILL_SLACK)`` rows.
+
+    Pure BFD cannot reach the lower bound when many segments are longer than half a row (long transcripts at
+    4096: two 3,000-token remainders never share a row). Under a row cap, a segment that fits no gap once
+    every allowed row is open is cut to fill the largest gaps. That adds a segment boundary per cut, so the
+    cap sits just above the lower bound: corpora that BFD already packs within the slack are not cut at all.
+    """
+    doc_len = np.asarray(doc_len, dtype=np.int64)
+    if not allow_split and len(doc_len) and doc_len.max() > seq_len:
+        raise ValueError("a document is longer than seq_len but splitting is not allowed")
     seg_doc, seg_start, seg_len = split_into_fragments(doc_len, seq_len)
+    total = int(seg_len.sum())
+    lower = -(-total // seq_len)
+    row_cap = lower + int(lower * FILL_SLACK) if allow_split else None
     # Longest first; ties by document then fragment, so the plan is a function of the input alone.
     order = np.lexsort((seg_start, seg_doc, -seg_len))
-    seg_row = np.empty(len(seg_len), dtype=np.int64)
+    piece_doc, piece_row, piece_len = _best_fit(
+        seg_doc[order].tolist(), seg_len[order].tolist(), seq_len, row_cap
+    )
+    return _plan_from_pieces(
+        np.array(piece_doc, np.int64), np.array(piece_row, np.int64), np.array(piece_len, np.int64)
+    )
+
+
+def _best_fit(
+    docs: list[int], lengths: list[int], seq_len: int, row_cap: int | None
+) -> tuple[list[int], list[int], list[int]]:
+    """Place each segment in the open row with the smallest free space that fits; returns the pieces."""
     tree = _FreeSpaceTree(seq_len)
     rows_by_free: dict[int, list[int]] = {}
+    piece_doc, piece_row, piece_len = [], [], []
     num_rows = 0
-    lengths = seg_len.tolist()
-    for i in order.tolist():
-        n = lengths[i]
-        free = tree.smallest_at_least(n)
-        if free is None:
-            row, free = num_rows, seq_len
-            num_rows += 1
-        else:
-            row = rows_by_free[free].pop()
-            tree.add(free, -1)
-        seg_row[i] = row
-        left = free - n
+
+    def take(free: int) -> int:
+        tree.add(free, -1)
+        return rows_by_free[free].pop()
+
+    def put(row: int, left: int) -> None:
         if left > 0:
             rows_by_free.setdefault(left, []).append(row)
             tree.add(left, +1)
-    # Rows in creation order; inside a row, segments in document order (easier to read, same result).
-    storage = np.lexsort((seg_start, seg_doc, seg_row))
-    row_ptr = np.searchsorted(seg_row[storage], np.arange(num_rows + 1), side="left")
-    return PackPlan(seg_doc[storage], seg_start[storage], seg_len[storage], row_ptr.astype(np.int64))
+
+    for doc, n in zip(docs, lengths, strict=True):
+        while n > 0:
+            free = tree.smallest_at_least(n)
+            if free is not None:
+                row = take(free)
+                placed = n
+            elif row_cap is None or num_rows < row_cap:
+                row, free, placed = num_rows, seq_len, n
+                num_rows += 1
+            else:
+                # Every allowed row is open and no gap holds the segment: fill the largest gap with its head.
+                free = tree.largest()
+                assert free is not None, "row cap below the lower bound"
+                row = take(free)
+                placed = free
+            piece_doc.append(doc)
+            piece_row.append(row)
+            piece_len.append(placed)
+            put(row, free - placed)
+            n -= placed
+    return piece_doc, piece_row, piece_len
+
+
+def _plan_from_pieces(piece_doc: np.ndarray, piece_row: np.ndarray, piece_len: np.ndarray) -> PackPlan:
+    """Give each document's pieces consecutive slices of its stream in row order, then store by row."""
+    by_doc = np.lexsort((piece_row, piece_doc))
+    doc_sorted, len_sorted = piece_doc[by_doc], piece_len[by_doc]
+    ends = np.cumsum(len_sorted)
+    first_of_doc = np.searchsorted(doc_sorted, doc_sorted, side="left")
+    starts_sorted = ends - len_sorted - (ends - len_sorted)[first_of_doc]
+    piece_start = np.empty_like(piece_len)
+    piece_start[by_doc] = starts_sorted
+    # Rows in creation order; inside a row, segments in document order.
+    storage = np.lexsort((piece_start, piece_doc, piece_row))
+    num_rows = int(piece_row.max()) + 1 if len(piece_row) else 0
+    row_ptr = np.searchsorted(piece_row[storage], np.arange(num_rows + 1), side="left")
+    return PackPlan(piece_doc[storage], piece_start[storage], piece_len[storage], row_ptr.astype(np.int64))
 
 
 def plan_wrapped(doc_len: np.ndarray, seq_len: int) -> PackPlan:
@@ -134,9 +202,10 @@ def plan_wrapped(doc_len: np.ndarray, seq_len: int) -> PackPlan:
     return PackPlan(seg_doc.astype(np.int64), seg_start, seg_end - seg_global, row_ptr.astype(np.int64))
 
 
-def make_plan(strategy: str, doc_len: np.ndarray, seq_len: int) -> PackPlan:
+def make_plan(strategy: str, doc_len: np.ndarray, seq_len: int, *, allow_split: bool = True) -> PackPlan:
+    """``allow_split=False`` (``--long-docs truncate|drop``) keeps every document in one segment under ``bfd``."""
     if strategy == "bfd":
-        return plan_bfd(doc_len, seq_len)
+        return plan_bfd(doc_len, seq_len, allow_split=allow_split)
     if strategy == "wrapped":
         return plan_wrapped(doc_len, seq_len)
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

@@ -302,7 +302,7 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
             tokens=tokens, doc_offset=doc_offset[idx], doc_len=doc_len[idx], doc_id=doc_id[idx]
         )
         progress.start(f"pack {name}", None)
-        plan = make_plan(cfg.strategy, doc_len[idx], cfg.seq_len)
+        plan = make_plan(cfg.strategy, doc_len[idx], cfg.seq_len, allow_split=cfg.long_docs == "split")
         progress.start(f"write {name}", float(plan.num_rows))
         metadata = shard_metadata(
             split=name,
