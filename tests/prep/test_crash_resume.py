@@ -1,0 +1,184 @@
+"""Kill `prep pack` with SIGKILL at several points, resume it, and compare bytes with an uninterrupted run.
+
+The kill comes from the documented test hook PREP_TEST_KILL_AT=<phase>:<n> (prep/journal.py), inside a real
+subprocess, so nothing gets a chance to flush or clean up. The bundled sample is split into four input files
+and tokenized in small batches so that pass 1 has many commit points.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from prep import pipeline
+from prep.cli import app
+from prep.journal import KILL_ENV
+from shared.errors import IncompleteDatasetError
+from shared.manifest import Manifest
+from shared.reader import PackedDataset
+
+SMALL_BATCH = 20_000
+"""Characters per tokenized batch in these tests: about 24 batches over the sample instead of one."""
+LAUNCH = f"import prep.pipeline as p; p.BATCH_CHARS = {SMALL_BATCH}; from prep.cli import main; main()"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def inputs(sample, tmp_path_factory) -> tuple[list[str], Path]:
+    corpus, tokenizer = sample
+    folder = tmp_path_factory.mktemp("resume-inputs")
+    lines = corpus.read_text(encoding="utf-8").splitlines(keepends=True)
+    paths = []
+    for k in range(4):
+        path = folder / f"part{k}.jsonl"
+        path.write_text("".join(lines[k::4]), encoding="utf-8")
+        paths.append(str(path))
+    return paths, tokenizer
+
+
+def pack_args(inputs: tuple[list[str], Path], out: Path, *extra: str) -> list[str]:
+    paths, tokenizer = inputs
+    return [
+        "pack",
+        *paths,
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+        "--seq-len",
+        "256",
+        "--val-fraction",
+        "0.05",
+        "--rows-per-shard",
+        "50",
+        *extra,
+    ]
+
+
+def run_cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
+    if kill_at:
+        env[KILL_ENV] = kill_at
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(
+        [sys.executable, "-c", LAUNCH, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def resume_in_process(args: list[str], monkeypatch) -> None:
+    monkeypatch.setattr(pipeline, "BATCH_CHARS", SMALL_BATCH)
+    monkeypatch.delenv(KILL_ENV, raising=False)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory) -> dict[str, bytes]:
+    """The files of an uninterrupted run (in an `out` folder, so the card names the same folder)."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    result = CliRunner().invoke(app, pack_args(inputs, out))
+    assert result.exit_code == 0, result.output
+    files = folder_bytes(out)
+    assert len([n for n in files if n.endswith(".arrow")]) > 3, "want several shards to kill between"
+    return files
+
+
+@pytest.mark.parametrize(
+    "kill_at",
+    ["tokenize:1", "tokenize:14", "shard:1", "shard:4", "manifest:1"],
+)
+def test_killed_pack_resumes_byte_identical(kill_at, inputs, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    killed = run_cli(pack_args(inputs, out), kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(IncompleteDatasetError, match="--resume"):
+        PackedDataset(out)
+
+    resume_in_process(pack_args(inputs, out, "--resume"), monkeypatch)
+    assert folder_bytes(out) == reference
+    assert sorted(p.name for p in out.iterdir()) == sorted(reference), "work folder or temp files left"
+
+
+def test_killed_twice_then_resumed(inputs, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert run_cli(pack_args(inputs, out), kill_at="tokenize:9").returncode == -signal.SIGKILL
+    again = run_cli(pack_args(inputs, out, "--resume"), kill_at="shard:3")
+    assert again.returncode == -signal.SIGKILL, again.stderr
+    resume_in_process(pack_args(inputs, out, "--resume"), monkeypatch)
+    assert folder_bytes(out) == reference
+
+
+def test_damaged_shard_from_killed_run_is_rewritten(inputs, reference, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert run_cli(pack_args(inputs, out), kill_at="shard:3").returncode == -signal.SIGKILL
+    # Shards recorded in the journal are reused only if they still match; damage one of them.
+    first = out / "train-00000-of-00007.arrow"
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    first.write_bytes(bytes(data))
+    resume_in_process(pack_args(inputs, out, "--resume"), monkeypatch)
+    assert folder_bytes(out) == reference
+
+
+def test_resume_refuses_changed_options(inputs, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert run_cli(pack_args(inputs, out), kill_at="tokenize:3").returncode == -signal.SIGKILL
+    args = pack_args(inputs, out, "--resume")
+    args[args.index("--seq-len") + 1] = "128"
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "--seq-len was 256 in the interrupted run, now 128" in result.output
+    assert "--overwrite" in result.output
+
+
+def test_resume_refuses_changed_input(inputs, tmp_path, monkeypatch):
+    paths, tokenizer = inputs
+    local = [tmp_path / Path(p).name for p in paths]
+    for src, dst in zip(paths, local, strict=True):
+        dst.write_bytes(Path(src).read_bytes())
+    mine = ([str(p) for p in local], tokenizer)
+    out = tmp_path / "out"
+    assert run_cli(pack_args(mine, out), kill_at="tokenize:3").returncode == -signal.SIGKILL
+    with open(local[2], "a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    result = CliRunner().invoke(app, pack_args(mine, out, "--resume"))
+    assert result.exit_code == 1
+    assert f"input `{local[2]}` changed since the interrupted run" in result.output
+
+
+def test_interrupted_folder_needs_resume_or_overwrite(inputs, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(pack_args(inputs, out), kill_at="shard:2").returncode == -signal.SIGKILL
+    result = CliRunner().invoke(app, pack_args(inputs, out))
+    assert result.exit_code == 1
+    assert "holds an interrupted pack" in result.output and "--resume" in result.output
+    both = CliRunner().invoke(app, pack_args(inputs, out, "--resume", "--overwrite"))
+    assert both.exit_code == 1 and "not both" in both.output
+
+
+def test_manifest_marked_incomplete_is_refused(inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, data in reference.items():
+        (out / name).write_bytes(data)
+    assert Manifest.load(out).complete
+    raw = json.loads(reference["manifest.json"])
+    raw["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(raw), encoding="utf-8")
+    with pytest.raises(IncompleteDatasetError, match="incomplete"):
+        Manifest.load(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(IncompleteDatasetError, match="packing was interrupted"):
+        PackedDataset(out)
