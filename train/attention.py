@@ -1,0 +1,257 @@
+"""Varlen attention with explicit document boundaries, plugged into Hugging Face models.
+
+Every backend computes causal attention restricted to the blocks that ``cu_seqlens`` delimits in one
+flat ``[1, T]`` stream. For the row ``[a0 a1 E | b0 b1 E]`` (``cu_seqlens = [0, 3, 6]``) the allowed
+query/key pairs are::
+
+              a0 a1 E  b0 b1 E
+        a0    x
+        a1    x  x
+        E     x  x  x
+        b0             x
+        b1             x  x
+        E              x  x  x
+
+Backends, chosen with ``attn``:
+
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (FlashAttention-2, CUDA, optional package).
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, half precision).
+- ``sdpa``: a reference that runs ``scaled_dot_product_attention(is_causal=True)`` on each segment
+  alone; it runs anywhere, CPU included, and is what the others are checked against.
+- ``auto``: the fastest one available for the device.
+
+Each backend is registered with ``transformers.AttentionInterface`` under its own name, and the
+boundaries travel through the model's forward kwargs with the names transformers' own flash path uses
+(``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``). Isolation never comes from
+``position_ids``: the functions here refuse to run without ``cu_seq_lens_q``, and refuse any attention
+mask, because a mask is how a leaky setup (a causal mask over the whole packed row) gets in.
+Our names are not registered as mask functions, so transformers builds no mask for them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from shared.errors import UserError
+
+ATTN_CHOICES = ("auto", "flash_attn", "torch_varlen", "sdpa")
+
+# The names avoid the substrings "flash" and "sdpa": transformers treats implementations whose
+# name contains them specially (imports, fallbacks to eager), which would bypass our functions.
+IMPLEMENTATION_NAMES = {
+    "flash_attn": "packed_varlen_fa2",
+    "torch_varlen": "packed_varlen_torch",
+    "sdpa": "packed_varlen_reference",
+}
+
+
+class AttentionSetupError(UserError):
+    """The requested attention backend cannot run here, or the model was called without boundaries."""
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def torch_varlen_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def resolve_attn(attn: str, device: torch.device | str) -> str:
+    """The concrete backend for ``attn`` on ``device``; raise if the choice cannot run there."""
+    device = torch.device(device)
+    if attn not in ATTN_CHOICES:
+        raise AttentionSetupError(f"--attn {attn!r} is unknown; choose one of {', '.join(ATTN_CHOICES)}.")
+    on_cuda = device.type == "cuda"
+    if attn == "auto":
+        if on_cuda and flash_attn_available():
+            return "flash_attn"
+        if on_cuda and torch_varlen_available():
+            return "torch_varlen"
+        return "sdpa"
+    if attn in ("flash_attn", "torch_varlen") and not on_cuda:
+        raise AttentionSetupError(
+            f"--attn {attn} needs a CUDA device, but the model is on {device}. Use `--attn sdpa` (the CPU"
+            " reference) or `--attn auto`."
+        )
+    if attn == "flash_attn" and not flash_attn_available():
+        raise AttentionSetupError(
+            "--attn flash_attn needs the `flash-attn` package, which is not installed. Install the `gpu`"
+            " extra (`pip install flash-attn --no-build-isolation`) or use `--attn torch_varlen`."
+        )
+    if attn == "torch_varlen" and not torch_varlen_available():
+        raise AttentionSetupError(
+            f"--attn torch_varlen needs torch.nn.attention.varlen (torch >= 2.9); this is torch"
+            f" {torch.__version__}. Use `--attn flash_attn` or `--attn sdpa`."
+        )
+    return attn
+
+
+def varlen_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict[str, torch.Tensor | int]:
+    """The forward kwargs that carry the boundaries down to the attention function."""
+    return {
+        "cu_seq_lens_q": cu_seqlens,
+        "cu_seq_lens_k": cu_seqlens,
+        "max_length_q": max_seqlen,
+        "max_length_k": max_seqlen,
+    }
+
+
+def _boundaries(module: torch.nn.Module, query: torch.Tensor, attention_mask, kwargs: dict):
+    """Validate the call and return ``(cu_seqlens, max_seqlen)``; refuse anything that could leak."""
+    if attention_mask is not None:
+        raise AttentionSetupError(
+            f"varlen attention got an attention mask of shape {tuple(attention_mask.shape)}; a mask over a"
+            " packed row lets documents see each other. Pass no mask: boundaries come from `cu_seqlens`"
+            " (call the model through `train.model.forward_hidden`)."
+        )
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None:
+        raise AttentionSetupError(
+            "varlen attention was called without `cu_seq_lens_q`: the model cannot tell where documents"
+            " start, and position ids do not isolate them. Call the model through"
+            " `train.model.forward_hidden(model, batch)`, which passes the batch's cu_seqlens."
+        )
+    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
+        raise AttentionSetupError(
+            "cu_seq_lens_k differs from cu_seq_lens_q; training attention is self-attention."
+        )
+    if query.shape[0] != 1:
+        raise AttentionSetupError(
+            f"varlen attention expects one flat [1, T] stream, got batch size {query.shape[0]}."
+        )
+    if kwargs.get("sliding_window") is not None:
+        raise AttentionSetupError(
+            f"layer {getattr(module, 'layer_idx', '?')} uses sliding-window attention"
+            f" ({kwargs['sliding_window']}), which these backends do not implement."
+        )
+    max_seqlen = kwargs.get("max_length_q")
+    if max_seqlen is None:
+        raise AttentionSetupError("varlen attention was called without `max_length_q`.")
+    return cu_q, int(max_seqlen)
+
+
+def _to_flat(query, key, value):
+    """[1, H, T, D] (transformers layout) -> [T, H, D] (varlen layout)."""
+    return query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    # The CUDA flash kernels exist only for fp16/bf16; fp32 inputs (no autocast) run in bf16.
+    return x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.bfloat16)
+
+
+def reference_varlen(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention per segment with SDPA: the CPU-capable reference the fast kernels must match.
+
+    Supports GQA (fewer key/value heads than query heads). Returns ``[T, H, D]``.
+    """
+    bounds = cu_seqlens.tolist()
+    if (
+        bounds[0] != 0
+        or bounds[-1] != q_THD.shape[0]
+        or any(a >= b for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    ):
+        raise AttentionSetupError(
+            f"cu_seqlens {bounds[:8]}{'...' if len(bounds) > 8 else ''} must start at 0, increase strictly"
+            f" and end at the number of tokens ({q_THD.shape[0]})."
+        )
+    enable_gqa = q_THD.shape[1] != k_THD.shape[1]
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        # SDPA wants [H, T, D]; each call sees only its own segment, so nothing can cross a boundary.
+        q = q_THD[start:end].transpose(0, 1)
+        k = k_THD[start:end].transpose(0, 1)
+        v = v_THD[start:end].transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+        pieces.append(out.transpose(0, 1))
+    return torch.cat(pieces, dim=0)
+
+
+def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    cu_seqlens, _ = _boundaries(module, query, attention_mask, kwargs)
+    _refuse_dropout(dropout)
+    q, k, v = _to_flat(query, key, value)
+    out = reference_varlen(q, k, v, cu_seqlens, scaling)
+    return out.unsqueeze(0), None
+
+
+def _torch_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu_seqlens, max_seqlen = _boundaries(module, query, attention_mask, kwargs)
+    _refuse_dropout(dropout)
+    q, k, v = _to_flat(query, key, value)
+    cu = cu_seqlens.to(torch.int32)
+    out = varlen_attn(
+        _half(q),
+        _half(k),
+        _half(v),
+        cu,
+        cu,
+        max_seqlen,
+        max_seqlen,
+        scale=scaling,
+        window_size=(-1, 0),  # (-1, 0) is how torch's varlen_attn spells "causal"
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.to(query.dtype).unsqueeze(0), None
+
+
+def _flash_attn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from flash_attn import flash_attn_varlen_func
+
+    cu_seqlens, max_seqlen = _boundaries(module, query, attention_mask, kwargs)
+    _refuse_dropout(dropout)
+    q, k, v = _to_flat(query, key, value)
+    cu = cu_seqlens.to(torch.int32)
+    # FlashAttention-2 handles GQA natively when k/v have fewer heads than q.
+    out = flash_attn_varlen_func(
+        _half(q), _half(k), _half(v), cu, cu, max_seqlen, max_seqlen, softmax_scale=scaling, causal=True
+    )
+    return out.to(query.dtype).unsqueeze(0), None
+
+
+def _refuse_dropout(dropout: float) -> None:
+    if dropout:
+        raise AttentionSetupError(
+            f"attention dropout {dropout} is not supported by the varlen backends; set the model config's"
+            " `attention_dropout` to 0.0."
+        )
+
+
+_FUNCTIONS: dict[str, Callable] = {
+    "flash_attn": _flash_attn_attention,
+    "torch_varlen": _torch_varlen_attention,
+    "sdpa": _sdpa_attention,
+}
+
+
+def register_backends() -> None:
+    """Make our implementation names known to transformers (idempotent)."""
+    for backend, name in IMPLEMENTATION_NAMES.items():
+        AttentionInterface.register(name, _FUNCTIONS[backend])
+
+
+def implementation_name(attn: str, device: torch.device | str) -> str:
+    """The ``attn_implementation`` string to give a transformers model for ``attn`` on ``device``."""
+    register_backends()
+    return IMPLEMENTATION_NAMES[resolve_attn(attn, device)]
+
+
+def backend_of(model: torch.nn.Module) -> str:
+    """Which of our backends ``model`` runs (``flash_attn``/``torch_varlen``/``sdpa``); raise if none."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_attn_implementation", None)
+    for backend, registered in IMPLEMENTATION_NAMES.items():
+        if name == registered:
+            return backend
+    raise AttentionSetupError(
+        f"the model uses attention implementation {name!r}, not one of ours; load it with"
+        " `train.model.load_model` so that documents are isolated by cu_seqlens."
+    )

@@ -1,0 +1,260 @@
+"""Load a causal LM (a local Hugging Face folder or the built-in `tiny-qwen2`) and run it the varlen way.
+
+The model runs on one flat ``[1, T]`` stream with explicit ``cu_seqlens`` (see `train.batch`): no
+padding, no 2D attention mask, no KV cache. :func:`forward_hidden` returns the final hidden states
+``[1, T, D]``; the loss (`train.loss`) applies the output head in chunks, so the full ``[T, V]`` logits
+never exist at once.
+
+:func:`forward_hidden_naive` runs the same model over the packed row with a plain causal mask (one
+segment spanning the row) and the row's restarting position ids. It leaks across documents, which is
+exactly why it exists: it is the negative control the isolation tests and `train check
+--negative-control` must reject. Training never uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from shared.errors import UserError
+from train.attention import backend_of, implementation_name, varlen_kwargs
+from train.batch import VarlenBatch
+
+TINY_QWEN2 = "tiny-qwen2"
+
+LORA_TARGETS = {
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+"""LoRA target modules per ``config.model_type``: every attention and MLP projection."""
+
+
+class ModelError(UserError):
+    """The model cannot be loaded or does not fit the dataset."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoraSettings:
+    r: int = 32
+    """LoRA rank."""
+    alpha: int = 64
+    """Scaling numerator: the adapter's output is multiplied by alpha / r."""
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    """Module names to adapt; default per architecture (`LORA_TARGETS`)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ModelError(
+                f"LoRA rank {self.r} and alpha {self.alpha} must be at least 1 (--lora-r, --lora-alpha)."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelError(f"LoRA dropout {self.dropout} must be in [0, 1).")
+
+
+def tiny_qwen2_config(vocab_size: int) -> Qwen2Config:
+    """A two-layer Qwen2 with GQA (4 query heads, 2 key/value heads), small enough for CPU tests.
+
+    ``initializer_range`` is larger than Qwen2's 0.02 so that attention is far from uniform and a
+    cross-document leak moves the logits well above fp32 round-off.
+    """
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+        use_cache=False,
+    )
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> cuda if available, else cpu."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device} was asked for, but CUDA is not available; use --device cpu.")
+    return device
+
+
+def default_dtype(device: torch.device, *, lora: bool) -> torch.dtype:
+    """fp32 on CPU. On GPU, frozen LoRA base weights in bf16; full fine-tuning keeps fp32 master weights
+    (compute is bf16 through autocast either way)."""
+    if device.type == "cuda" and lora:
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(
+    spec: str,
+    *,
+    vocab_size: int | None,
+    attn: str = "auto",
+    lora: LoraSettings | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> nn.Module:
+    """The model ready for varlen training: on ``device``, in train mode, with our attention backend.
+
+    ``spec`` is a local Hugging Face causal-LM folder or ``tiny-qwen2`` (random weights seeded by
+    ``seed``; its vocabulary is ``vocab_size``, from the dataset manifest). ``lora=None`` trains every
+    weight; otherwise only a peft LoRA adapter is trainable.
+    """
+    device = resolve_device(device)
+    dtype = dtype or default_dtype(device, lora=lora is not None)
+    impl = implementation_name(attn, device)
+    # Seeded in a forked RNG so that loading a model never shifts the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if spec == TINY_QWEN2:
+            if vocab_size is None:
+                raise ModelError("`tiny-qwen2` needs the vocabulary size (the dataset manifest's tokenizer).")
+            model = Qwen2ForCausalLM(tiny_qwen2_config(vocab_size)).to(dtype)
+        else:
+            model = _load_pretrained(spec, vocab_size, dtype)
+        model.set_attn_implementation(impl)
+        model.config.use_cache = False
+        if lora is not None:
+            model = _apply_lora(model, lora)
+    model.to(device)
+    model.train()
+    assert backend_of(causal_lm(model)) in ("flash_attn", "torch_varlen", "sdpa")
+    return model
+
+
+def _load_pretrained(spec: str, vocab_size: int | None, dtype: torch.dtype) -> nn.Module:
+    folder = Path(spec)
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"--model `{spec}` is not a model folder (no config.json there). Pass a local Hugging Face"
+            f" causal-LM folder (Qwen2/Qwen2.5, Llama-style) or `{TINY_QWEN2}`."
+        )
+    config = AutoConfig.from_pretrained(folder)
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        raise ModelError(
+            f"the dataset's tokenizer has {vocab_size:,} tokens but model `{spec}` has an embedding for"
+            f" {config.vocab_size:,}: they do not belong together. Pack with this model's tokenizer."
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model `{spec}` ({e}).") from e
+
+
+def _apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules or LORA_TARGETS.get(model.config.model_type)
+    if targets is None:
+        raise ModelError(
+            f"no default LoRA target modules for model type {model.config.model_type!r}; known:"
+            f" {', '.join(LORA_TARGETS)}. Pass LoraSettings(target_modules=...)."
+        )
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers ``*ForCausalLM`` inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The module mapping hidden states to logits (``lm_head``; tied or not, LoRA-wrapped or not)."""
+    return causal_lm(model).get_output_embeddings()
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    return causal_lm(model).get_input_embeddings()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU; nothing on CPU (fp32 there, so CPU results are exact references)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward_hidden(
+    model: nn.Module, batch: VarlenBatch, *, inputs_embeds: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Final hidden states ``[1, T, D]`` of the varlen forward: attention confined to ``batch.cu_seqlens``.
+
+    ``inputs_embeds`` replaces the token embeddings (tests use it to take gradients with respect to
+    one document's inputs).
+    """
+    _check_batch(batch)
+    return _run_decoder(model, batch, batch.cu_seqlens, batch.max_seqlen, inputs_embeds)
+
+
+def forward_hidden_naive(
+    model: nn.Module, batch: VarlenBatch, *, inputs_embeds: torch.Tensor | None = None
+) -> torch.Tensor:
+    """NEGATIVE CONTROL ONLY: the packed row under one causal mask, boundaries ignored.
+
+    Position ids still restart at every segment, which shows that position resets do not isolate
+    documents. Never train with this.
+    """
+    _check_batch(batch)
+    num_tokens = batch.num_tokens
+    whole_row = torch.tensor([0, num_tokens], dtype=torch.int32, device=batch.cu_seqlens.device)
+    return _run_decoder(model, batch, whole_row, num_tokens, inputs_embeds)
+
+
+def _run_decoder(model, batch: VarlenBatch, cu_seqlens, max_seqlen, inputs_embeds) -> torch.Tensor:
+    decoder = causal_lm(model).get_decoder()
+    inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.input_ids}
+    with autocast_for(batch.input_ids.device):
+        out = decoder(
+            **inputs,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            **varlen_kwargs(cu_seqlens, max_seqlen),
+        )
+    return out.last_hidden_state
+
+
+def _check_batch(batch: VarlenBatch) -> None:
+    """Shape checks that cost no device synchronisation."""
+    if batch.input_ids.dim() != 2 or batch.input_ids.shape[0] != 1:
+        raise ModelError(
+            f"a VarlenBatch holds one flat [1, T] stream; got input_ids of shape {tuple(batch.input_ids.shape)}."
+        )
+    if batch.position_ids.shape != batch.input_ids.shape or batch.labels.shape != batch.input_ids.shape:
+        raise ModelError(
+            f"input_ids {tuple(batch.input_ids.shape)}, labels {tuple(batch.labels.shape)} and position_ids"
+            f" {tuple(batch.position_ids.shape)} must have the same shape."
+        )
+    if batch.cu_seqlens.dim() != 1 or batch.cu_seqlens.numel() < 2:
+        raise ModelError(
+            f"cu_seqlens must be 1-D with at least 2 entries; got shape {tuple(batch.cu_seqlens.shape)}."
+        )
+    if batch.cu_seqlens.device.type == "cpu" and int(batch.cu_seqlens[-1]) != batch.num_tokens:
+        raise ModelError(
+            f"cu_seqlens ends at {int(batch.cu_seqlens[-1])} but the batch has {batch.num_tokens} tokens."
+        )
