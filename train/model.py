@@ -176,7 +176,9 @@ def _apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers ``*ForCausalLM`` inside a peft wrapper (or the model itself)."""
+    """The transformers ``*ForCausalLM`` inside DDP and peft wrappers (or the model itself)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
