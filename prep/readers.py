@@ -127,21 +127,41 @@ def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], N
     except PermissionError as e:
         raise InputError(f"cannot read `{source.path}`: permission denied. Fix its permissions.") from e
     except IsADirectoryError as e:
-        raise InputError(f"`{source.path}` is a folder, not a {source.format} file.") from e
+        raise InputError(
+            f"`{source.path}` is a folder, not a {source.format} file. Pass the files inside it, or rename it."
+        ) from e
+    except OSError as e:
+        # Device errors, vanished network mounts, special files: name the file rather than show a traceback.
+        raise InputError(
+            f"cannot read `{source.path}` ({e.strerror or e}). Check the file and the disk it is on."
+        ) from e
 
 
 def _from_value(obj: object, text_field: str, where: str) -> Record:
     if not isinstance(obj, dict):
         return Record(None, INVALID, where, f"expected a JSON object, found {type(obj).__name__}")
-    if text_field not in obj or obj[text_field] is None:
+    if text_field not in obj:
         keys = ", ".join(list(obj)[:8])
         return Record(
             None, MISSING_FIELD, where, f"no `{text_field}` field (fields: {keys}); set `--text-field`"
         )
     text = obj[text_field]
+    if text is None:
+        return Record(None, MISSING_FIELD, where, f"`{text_field}` is null")
     if not isinstance(text, str):
         return Record(None, INVALID, where, f"`{text_field}` is a {type(text).__name__}, not a string")
     return _text_record(text, where)
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """Describe a lone UTF-16 surrogate (a JSON `\\ud800` escape without its pair), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (
+            f"`\\u{ord(text[e.start]):04x}` at character {e.start} is half a UTF-16 surrogate pair, not text"
+        )
+    return None
 
 
 def _text_record(text: str, where: str) -> Record:
@@ -167,7 +187,13 @@ def _read_jsonl(path: Path, text_field: str, on_bytes: Callable[[int], None]) ->
             except json.JSONDecodeError as e:
                 yield Record(None, INVALID, where, f"malformed JSON ({e.msg} at column {e.colno})")
                 continue
-            yield _from_value(obj, text_field, where)
+            except (ValueError, RecursionError) as e:  # e.g. a 5,000-digit number, arrays nested 100,000 deep
+                yield Record(None, INVALID, where, f"JSON that cannot be decoded ({str(e)[:120]})")
+                continue
+            record = _from_value(obj, text_field, where)
+            if record.text is not None and b"\\u" in raw and (problem := _lone_surrogate(record.text)):
+                record = Record(None, INVALID, where, problem)
+            yield record
 
 
 def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
@@ -182,12 +208,15 @@ def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> 
     on_bytes(len(data))
     try:
         items = json.loads(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # includes UnicodeDecodeError and JSONDecodeError
         raise InputError(
-            f"`{path}` is not valid JSON ({e}). Fix the file or convert it to JSON lines."
+            f"`{path}` is not valid JSON ({str(e)[:200]}). Fix the file or convert it to JSON lines."
         ) from e
     for i, obj in enumerate(items):
-        yield _from_value(obj, text_field, f"{path}:item {i}")
+        record = _from_value(obj, text_field, f"{path}:item {i}")
+        if record.text is not None and (problem := _lone_surrogate(record.text)):
+            record = Record(None, INVALID, record.where, problem)
+        yield record
 
 
 def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
@@ -196,7 +225,12 @@ def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> 
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        yield Record(None, INVALID, str(path), f"invalid UTF-8 at byte {e.start}")
+        yield Record(
+            None,
+            INVALID,
+            str(path),
+            f"invalid UTF-8 at byte {e.start} (convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`)",
+        )
         return
     yield _text_record(text, str(path))
 
@@ -233,13 +267,32 @@ def _read_parquet(path: Path, text_field: str, on_bytes: Callable[[int], None]) 
 
 def _read_saved_dataset(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
     import datasets
+    import pyarrow as pa
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets and pyarrow raise many types for a damaged folder
+        raise InputError(
+            f"dataset `{path}` cannot be loaded ({type(e).__name__}: {str(e)[:200]}). Save it again with"
+            " `datasets.save_to_disk`."
+        ) from e
     parts = (
         [(name, loaded[name]) for name in loaded]
         if isinstance(loaded, datasets.DatasetDict)
         else [("", loaded)]
     )
+    for name, ds in parts:
+        if text_field not in ds.column_names:
+            continue  # reported below, with the columns it does have
+        # The Arrow files' offsets come from disk: check them (and the UTF-8) before any read trusts them,
+        # so a damaged file is an error instead of text read from outside its buffers.
+        try:
+            ds.data.table.column(text_field).validate(full=True)
+        except pa.ArrowInvalid as e:
+            raise InputError(
+                f"dataset `{path}`{'/' + name if name else ''}: column `{text_field}` is damaged ({e})."
+                " Save the dataset again with `datasets.save_to_disk`."
+            ) from e
     total = max(sum(len(d) for _, d in parts), 1)
     num_bytes = InputFile(path, "arrow-dataset").num_bytes
     for name, ds in parts:
