@@ -1,22 +1,108 @@
-"""The data card: `README.md` in the Hugging Face dataset-card form, derived from the manifest alone.
+"""The data card: `README.md` in the Hugging Face dataset-card form, derived from the manifest and the shards.
 
-Because it is a pure function of `manifest.json`, `prep card DIR` can rebuild it at any time and two packs of
-the same inputs give the same card.
+YAML front matter (so the Hub shows the splits), then Markdown: sources, tokenizer and fingerprint, options,
+document accounting, token and fill statistics, length distributions with a plot (`card_lengths.png`
+beside the card), and the commands that verify and inspect the data. The card is a pure function of
+`manifest.json` and the shards' boundary columns: no timestamps, so repacking the same inputs gives the
+same card, and `prep card DIR` rebuilds it at any time. The template lives in :data:`CARD_TEMPLATE`;
+`data_cards/TEMPLATE.md` is a copy for readers (a test keeps the two equal).
 """
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+from string import Template
 
-from shared.contract import CARD_NAME, FORMAT_VERSION
-from shared.fileio import atomic_write_text
+from prep.stats import SplitStats, dataset_stats, summary
+from shared.contract import CARD_NAME
+from shared.fileio import atomic_write_text, atomic_writer
 from shared.manifest import Manifest
+from shared.reader import PackedDataset
+
+PLOT_NAME = "card_lengths.png"
+
+CARD_TEMPLATE = """\
+---
+$front_matter
+---
+
+# Packed dataset `$name`
+
+Token sequences packed by `$created_by` (format `$format` version $format_version) for causal-LM
+training with variable-length attention. Every row lists its document boundaries (`cu_seqlens`),
+position ids restart at 0 in every segment, the first token of every segment is not a target (label -100),
+and every document ends with exactly one EOS. Rows are stored without padding.
+
+## Sources
+
+| file | format | first doc_id | records |
+| --- | --- | ---: | ---: |
+$inputs
+
+## Tokenizer
+
+- path: `$tokenizer_path`
+- fingerprint (sha256 of tokenizer.json): `$tokenizer_sha256`
+- vocabulary: $vocab_size; EOS `$eos_token` = $eos_id; BOS: $bos
+
+## Options
+
+| seq_len | strategy | text field | long documents | val fraction | skip invalid |
+| ---: | --- | --- | --- | ---: | --- |
+$options
+
+## Document accounting
+
+`docs_in == packed + dropped + skipped`: $accounting_sum ($accounting_ok).
+
+| read | packed | of which split | of which truncated | dropped (too long) | skipped empty | skipped missing field | skipped invalid |
+| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+$accounting
+
+Tokens (EOS/BOS included): $tokens_line
+
+## Splits
+
+| split | documents | fragmented | segments | rows | lower bound rows | tokens | target tokens | fill | shards |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+$splits
+
+## Length distributions
+
+| split | quantity | mean | min | p50 | p90 | p99 | max |
+| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |
+$lengths
+
+![Document length, segments per row and row fill]($plot)
+
+## Check and look
+
+```bash
+$commands
+```
+"""
+
+
+def _size_category(n: int) -> str:
+    for limit, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+    ):
+        if n < limit:
+            return name
+    return "n>1M"
 
 
 def _front_matter(m: Manifest) -> str:
     lines = [
-        "---",
-        "pretty_name: packed shards",
+        f"pretty_name: packed {m.options.strategy} seq_len {m.seq_len}",
+        "task_categories:",
+        "  - text-generation",
+        "size_categories:",
+        f"  - {_size_category(m.documents.packed)}",
         "tags:",
         "  - packed",
         "  - varlen",
@@ -27,78 +113,93 @@ def _front_matter(m: Manifest) -> str:
     ]
     for name in m.splits:
         lines += [f"      - split: {name}", f'        path: "{name}-*.arrow"']
-    lines.append("---")
+    t = m.tokenizer
+    lines += [
+        "packed_shards:",
+        f"  format_version: {m.format_version}",
+        f"  seq_len: {m.seq_len}",
+        f"  strategy: {m.options.strategy}",
+        f"  tokenizer_sha256: {t.sha256}",
+        f"  eos_id: {t.eos_id}",
+    ]
     return "\n".join(lines)
 
 
-def render_card(m: Manifest, folder_name: str = "DIR") -> str:
+def _stat_row(split: str, what: str, values) -> str:
+    s = summary(values)
+    cells = " | ".join(f"{s[k]:,.2f}" if k == "mean" else f"{s[k]:,.0f}" for k in s)
+    return f"| {split} | {what} | {cells} |"
+
+
+def _commands(folder: str, m: Manifest) -> str:
+    d = shlex.quote(folder)
+    sources = " ".join(f"--source {shlex.quote(i.path)}" for i in m.inputs)
+    return "\n".join(
+        [
+            f"prep verify {d} --tokenizer {shlex.quote(m.tokenizer.path)} {sources}",
+            f"prep inspect {d} --row 0 --png row0.png",
+            f"prep card {d}",
+        ]
+    )
+
+
+def render_card(m: Manifest, stats: dict[str, SplitStats], folder: str = "DIR") -> str:
     d, o, t = m.documents, m.options, m.tokenizer
-    split_rows = []
+    splits, lengths = [], []
     for name, s in m.splits.items():
+        st = stats[name]
         fill = s.num_tokens / max(1, s.num_rows * o.seq_len)
         lower = -(-s.num_tokens // o.seq_len)
-        split_rows.append(
-            f"| {name} | {s.num_docs:,} | {s.num_segments:,} | {s.num_rows:,} | {lower:,} | {s.num_tokens:,}"
-            f" | {s.num_target_tokens:,} | {fill:.4%} | {len(s.shards)} |"
+        splits.append(
+            f"| {name} | {s.num_docs:,} | {st.num_fragmented_docs:,} | {s.num_segments:,} | {s.num_rows:,}"
+            f" | {lower:,} | {s.num_tokens:,} | {s.num_target_tokens:,} | {fill:.4%} | {len(s.shards)} |"
         )
-    inputs = "\n".join(
-        f"| `{i.path}` | {i.format} | {i.first_doc_id:,} | {i.num_records:,} |" for i in m.inputs
+        lengths += [
+            _stat_row(name, "tokens per document", st.doc_len),
+            _stat_row(name, "segments per document", st.segs_per_doc),
+            _stat_row(name, "tokens per row", st.row_len),
+            _stat_row(name, "segments per row", st.segs_per_row),
+        ]
+    problems = d.problems()
+    return Template(CARD_TEMPLATE).substitute(
+        front_matter=_front_matter(m),
+        name=Path(folder).name,
+        created_by=m.created_by,
+        format=m.format,
+        format_version=m.format_version,
+        inputs="\n".join(
+            f"| `{i.path}` | {i.format} | {i.first_doc_id:,} | {i.num_records:,} |" for i in m.inputs
+        ),
+        tokenizer_path=t.path,
+        tokenizer_sha256=t.sha256,
+        vocab_size=f"{t.vocab_size:,}",
+        eos_token=t.eos_token,
+        eos_id=t.eos_id,
+        bos=f"`{t.bos_token}` = {t.bos_id}" if t.bos_token else "none",
+        options=f"| {o.seq_len:,} | {o.strategy} | `{o.text_field}` | {o.long_docs} | {o.val_fraction} | {o.skip_invalid} |",
+        accounting_sum=f"{d.docs_in:,} == {d.packed:,} + {d.dropped:,} + {d.skipped:,}",
+        accounting_ok="holds" if not problems else "DOES NOT HOLD: " + "; ".join(problems),
+        accounting=f"| {d.docs_in:,} | {d.packed:,} | {d.split:,} | {d.truncated:,} | {d.dropped:,}"
+        f" | {d.skipped_empty:,} | {d.skipped_missing_field:,} | {d.skipped_invalid:,} |",
+        tokens_line=f"{d.tokens_in:,} in, {d.tokens_packed:,} packed, {d.tokens_truncated:,} cut by truncation,"
+        f" {d.tokens_dropped:,} in dropped documents.",
+        splits="\n".join(splits),
+        lengths="\n".join(lengths),
+        plot=PLOT_NAME,
+        commands=_commands(folder, m),
     )
-    accounting_ok = "holds" if not d.problems() else "DOES NOT HOLD: " + "; ".join(d.problems())
-    return f"""{_front_matter(m)}
-
-# Packed dataset
-
-Token sequences packed by `{m.created_by}` (format `{m.format}` version {FORMAT_VERSION}) for causal-LM
-training with variable-length attention: every row lists its document boundaries (`cu_seqlens`), position
-ids restart at 0 in every segment, and the first token of every segment is not a target (label -100).
-
-## Sources
-
-| file | format | first doc_id | records |
-| --- | --- | ---: | ---: |
-{inputs}
-
-## Tokenizer
-
-- path: `{t.path}`
-- fingerprint (sha256 of tokenizer.json): `{t.sha256}`
-- vocabulary: {t.vocab_size:,}; EOS `{t.eos_token}` = {t.eos_id}; BOS: {f"`{t.bos_token}` = {t.bos_id}" if t.bos_token else "none"}
-
-## Options
-
-| seq_len | strategy | text field | long documents | val fraction | skip invalid |
-| ---: | --- | --- | --- | ---: | --- |
-| {o.seq_len:,} | {o.strategy} | `{o.text_field}` | {o.long_docs} | {o.val_fraction} | {o.skip_invalid} |
-
-## Document accounting
-
-`docs_in == packed + dropped + skipped`: {d.docs_in:,} == {d.packed:,} + {d.dropped:,} + {d.skipped:,} ({accounting_ok}).
-
-| read | packed | of which split | of which truncated | dropped (too long) | skipped empty | skipped missing field | skipped invalid |
-| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
-| {d.docs_in:,} | {d.packed:,} | {d.split:,} | {d.truncated:,} | {d.dropped:,} | {d.skipped_empty:,} | {d.skipped_missing_field:,} | {d.skipped_invalid:,} |
-
-Tokens (EOS/BOS included): {d.tokens_in:,} in, {d.tokens_packed:,} packed, {d.tokens_truncated:,} cut by
-truncation, {d.tokens_dropped:,} in dropped documents.
-
-## Splits
-
-| split | documents | segments | rows | lower bound rows | tokens | target tokens | fill | shards |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
-{chr(10).join(split_rows)}
-
-## Check and look
-
-```bash
-prep verify {folder_name}
-prep inspect {folder_name} --row 0
-```
-"""
 
 
-def write_card(folder: str | Path, manifest: Manifest) -> Path:
+def write_card(folder: str | Path, manifest: Manifest | None = None) -> Path:
+    """Write ``README.md`` and ``card_lengths.png`` into the dataset ``folder``; return the card's path."""
+    from prep.plots import card_figure  # matplotlib only when a card is written
+
+    ds = PackedDataset(folder)
+    manifest = manifest or ds.manifest
+    stats = dataset_stats(ds)
     folder = Path(folder)
+    with atomic_writer(folder / PLOT_NAME) as f:
+        card_figure(stats, f)
     path = folder / CARD_NAME
-    atomic_write_text(path, render_card(manifest, folder.name))
+    atomic_write_text(path, render_card(manifest, stats, str(folder)))
     return path

@@ -206,6 +206,80 @@ def demo(
         raise fail(e) from None
 
 
+@app.command()
+def verify(
+    folder: Annotated[Path, typer.Argument(help="A dataset folder written by `prep pack`.")],
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="Tokenizer to check the fingerprint of; default the manifest's, if it still exists."
+        ),
+    ] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="The inputs given to `prep pack`, in order (repeat): re-tokenize a sample and compare."
+        ),
+    ] = None,
+    sample: Annotated[int, typer.Option(help="Source records to re-tokenize with --source.")] = 256,
+) -> None:
+    """Check every row of every shard against the manifest and the shard contract; exit 1 at the first failure.
+
+    Example: prep verify packed/ --tokenizer Qwen2.5-0.5B/ --source data/a.jsonl --source data/b.jsonl
+    """
+    from prep.verify import VerifyConfig, verify_dataset
+
+    try:
+        cfg = VerifyConfig(root=folder, tokenizer=tokenizer, sources=tuple(source or ()), sample=sample)
+        report = verify_dataset(cfg)
+    except UserError as e:
+        raise fail(e) from None
+    from prep.show import print_verify_report
+
+    print_verify_report(report, out)
+
+
+@app.command()
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="A dataset folder written by `prep pack`.")],
+    row: Annotated[
+        int | None, typer.Option(help="Show this row: segments, tokens and attention mask.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split that --row indexes.")] = "train",
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Tokenizer to decode with; default the manifest's, if it still exists.")
+    ] = None,
+    png: Annotated[
+        Path | None, typer.Option(help="Also write the mask and length histograms to this PNG file.")
+    ] = None,
+) -> None:
+    """Summarise a packed dataset (documents, tokens, fill, lengths) and show one row in readable form.
+
+    Example: prep inspect packed/ --row 0 --png row0.png
+    """
+    from prep.show import InspectConfig, inspect_dataset
+
+    try:
+        inspect_dataset(InspectConfig(root=folder, row=row, split=split, tokenizer=tokenizer, png=png), out)
+    except UserError as e:
+        raise fail(e) from None
+
+
+@app.command()
+def card(folder: Annotated[Path, typer.Argument(help="A dataset folder written by `prep pack`.")]) -> None:
+    """Rebuild the data card FOLDER/README.md (and its plot) from the manifest and the shards.
+
+    Example: prep card packed/
+    """
+    from prep.card import write_card
+
+    try:
+        path = write_card(folder)
+    except UserError as e:
+        raise fail(e) from None
+    out.print(f"wrote {path}", highlight=False)
+
+
 def main() -> None:
     app()
 

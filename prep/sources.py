@@ -1,0 +1,138 @@
+"""Re-read and re-tokenize a sample of source records and compare them, token for token, with the shards.
+
+Doc ids count records across the inputs in input order (``manifest.inputs`` gives each file's first id and
+record count), so re-reading the same inputs in the same order with the same readers gives every stored
+document's text back. A record that was skipped, or dropped as too long, must be absent from the shards;
+every other record must be stored as BOS? + ids + EOS, truncated when ``--long-docs truncate`` says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from prep.readers import expand_inputs, read_records
+from prep.tokenizer import LoadedTokenizer
+from shared.checks import RowCheckError, SplitSegments
+from shared.manifest import Manifest
+from shared.reader import Shard
+
+_FIX = "The shards were not packed from these inputs, in this order, with this tokenizer; check --source."
+_MAX_FRAGMENTED = 16
+
+
+def _fail(message: str) -> RowCheckError:
+    return RowCheckError("sources", message, _FIX)
+
+
+def sample_doc_ids(m: Manifest, segs: dict[str, SplitSegments], sample: int) -> np.ndarray:
+    """A fixed-seed sample of record ids, plus a few documents stored in fragments (the hard cases)."""
+    rng = np.random.default_rng(0)
+    n = m.documents.docs_in
+    picked = rng.choice(n, size=min(sample, n), replace=False)
+    fragmented = []
+    for s in segs.values():
+        ids, counts = np.unique(s.doc_id, return_counts=True)
+        fragmented.append(ids[counts > 1][:_MAX_FRAGMENTED])
+    return np.unique(np.concatenate([picked, *fragmented]).astype(np.int64))
+
+
+def _read_texts(
+    m: Manifest, sources: tuple[str, ...], wanted: np.ndarray
+) -> dict[int, tuple[str | None, str]]:
+    """``doc_id -> (text or None if the record has a problem, where)`` for the wanted ids."""
+    files = expand_inputs(list(sources))
+    if len(files) != len(m.inputs):
+        listed = ", ".join(f"`{i.path}`" for i in m.inputs)
+        raise _fail(
+            f"--source expands to {len(files)} files, the dataset was packed from {len(m.inputs)}: {listed}."
+        )
+    wanted_set = set(wanted.tolist())
+    found: dict[int, tuple[str | None, str]] = {}
+    for source, info in zip(files, m.inputs, strict=True):
+        count = 0
+        for count, record in enumerate(read_records(source, m.options.text_field, lambda n: None), start=1):
+            doc_id = info.first_doc_id + count - 1
+            if doc_id in wanted_set:
+                found[doc_id] = (record.text if record.problem is None else None, record.where)
+        if count != info.num_records:
+            raise _fail(
+                f"`{source.path}` holds {count:,} records, the manifest says `{info.path}` had {info.num_records:,}."
+            )
+    return found
+
+
+def _stored(doc_id: int, segs: SplitSegments, order: np.ndarray, shards: list[Shard]) -> np.ndarray | None:
+    sorted_ids = segs.doc_id[order]
+    lo, hi = (
+        np.searchsorted(sorted_ids, doc_id, side="left"),
+        np.searchsorted(sorted_ids, doc_id, side="right"),
+    )
+    if lo == hi:
+        return None
+    pieces = []
+    for s in order[lo:hi]:
+        row = shards[segs.shard[s]].row(int(segs.row[s]))
+        i = int(segs.index[s])
+        pieces.append(row.input_ids[row.cu_seqlens[i] : row.cu_seqlens[i + 1]])
+    return np.concatenate(pieces)
+
+
+def _expected(m: Manifest, ids: list[int]) -> list[int] | None:
+    """The stream `prep pack` stores for a document, or None when the long-document policy drops it."""
+    t, seq_len = m.tokenizer, m.seq_len
+    stream = ([t.bos_id] if t.bos_id is not None else []) + ids + [t.eos_id]
+    if len(stream) > seq_len:
+        if m.options.long_docs == "drop":
+            return None
+        if m.options.long_docs == "truncate":
+            return stream[: seq_len - 1] + [t.eos_id]
+    return stream
+
+
+def compare_sources(
+    m: Manifest,
+    tok: LoadedTokenizer,
+    sources: tuple[str, ...],
+    shards: dict[str, list[Shard]],
+    segs: dict[str, SplitSegments],
+    sample: int,
+) -> int:
+    """Compare a sample of records with the shards; return how many were compared."""
+    wanted = sample_doc_ids(m, segs, sample)
+    texts = _read_texts(m, sources, wanted)
+    present = [t for t in wanted.tolist() if texts.get(t, (None,))[0] is not None]
+    encoded = dict(zip(present, tok.encode_batch([texts[t][0] for t in present]), strict=True))
+    orders = {name: np.argsort(s.doc_id, kind="stable") for name, s in segs.items()}
+    for doc_id in wanted.tolist():
+        text, where = texts.get(doc_id, (None, f"record {doc_id}"))
+        stored = None
+        for name, s in segs.items():
+            stored = _stored(doc_id, s, orders[name], shards[name])
+            if stored is not None:
+                break
+        expected = None if text is None else _expected(m, encoded[doc_id])
+        if expected is None:
+            if stored is not None:
+                why = "has no usable text" if text is None else "is longer than seq_len and --long-docs drop"
+                raise _fail(
+                    f"doc_id {doc_id} (`{where}`) {why}, yet the shards store {len(stored)} tokens for it."
+                )
+            continue
+        if stored is None:
+            raise _fail(f"doc_id {doc_id} (`{where}`) is missing from the shards.")
+        _compare(doc_id, where, np.asarray(expected, dtype=np.int64), stored.astype(np.int64), tok)
+    return len(wanted)
+
+
+def _compare(doc_id: int, where: str, expected: np.ndarray, stored: np.ndarray, tok: LoadedTokenizer) -> None:
+    n = min(len(expected), len(stored))
+    diff = np.flatnonzero(expected[:n] != stored[:n])
+    if len(diff) == 0 and len(expected) == len(stored):
+        return
+    i = int(diff[0]) if len(diff) else n
+    got = f"{stored[i]} ({tok.decode([stored[i]])!r})" if i < len(stored) else "the end"
+    want = f"{expected[i]} ({tok.decode([expected[i]])!r})" if i < len(expected) else "the end"
+    raise _fail(
+        f"doc_id {doc_id} (`{where}`): the shards hold {len(stored)} tokens, re-tokenizing gives {len(expected)};"
+        f" first difference at token {i}: stored {got}, expected {want}."
+    )

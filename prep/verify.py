@@ -1,0 +1,286 @@
+"""`prep verify` as a library call: prove that a packed dataset folder holds what its manifest promises.
+
+Checks run class by class and stop at the first failure with a :class:`~shared.checks.RowCheckError` that
+names the shard, row, segment and token (see :data:`shared.checks.CHECKS`):
+
+- files: every shard's sha256, schema, format version and metadata match the manifest; so do the counts;
+- structure, tokens, eos, positions, labels, special: every row of every record batch (vectorised numpy,
+  :func:`shared.checks.check_batch`);
+- documents: every document's segments are fragments in order, and the manifest's accounting adds up;
+- with a tokenizer: its fingerprint; with ``--source``: a sample of documents re-read and re-tokenized
+  must equal, token for token, what the shards store.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prep.tokenizer import LoadedTokenizer, load_tokenizer
+from shared.checks import RowCheckError, SplitSegments, TokenRules, check_batch, check_documents
+from shared.contract import DOC_IDS, FORMAT_NAME, FORMAT_VERSION
+from shared.errors import UserError
+from shared.manifest import Manifest
+from shared.reader import Shard, check_shard_file
+
+DEFAULT_SAMPLE = 256
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VerifyConfig:
+    root: Path
+    tokenizer: str | None = None
+    """Check the fingerprint of this tokenizer; default: the manifest's path, if it still exists."""
+    sources: tuple[str, ...] = ()
+    """The inputs given to `prep pack`, in the same order: re-tokenize a sample and compare."""
+    sample: int = DEFAULT_SAMPLE
+    """Source records to re-tokenize (chosen with a fixed seed, plus up to 16 split documents)."""
+
+    def __post_init__(self) -> None:
+        if self.sample < 1:
+            raise UserError(f"--sample {self.sample} must be at least 1.")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SplitReport:
+    name: str
+    num_shards: int
+    num_rows: int
+    num_tokens: int
+    num_target_tokens: int
+    num_segments: int
+    num_docs: int
+    num_fragmented_docs: int
+    """Documents stored as more than one segment."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VerifyReport:
+    root: Path
+    splits: tuple[SplitReport, ...]
+    checks: tuple[str, ...]
+    """Check classes that ran and held."""
+    skipped: tuple[str, ...]
+    """Checks that did not run, each with the reason."""
+    tokenizer: str | None
+    num_source_records: int
+    """Source records compared with the shards (0 without ``--source``)."""
+    num_bytes: int
+    seconds: float
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.splits)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_tokens / max(self.seconds, 1e-9)
+
+
+def _fail(check: str, message: str, fix: str = "Re-run `prep pack`.") -> RowCheckError:
+    return RowCheckError(check, message, fix)
+
+
+def _resolve_tokenizer(cfg: VerifyConfig, m: Manifest) -> tuple[LoadedTokenizer | None, str | None]:
+    """The tokenizer to check with, and why there is none when there is none."""
+    t = m.tokenizer
+    path = cfg.tokenizer or t.path
+    if cfg.tokenizer is None and not Path(t.path).exists():
+        return None, f"no tokenizer: `{t.path}` from the manifest is gone (pass --tokenizer)"
+    tok = load_tokenizer(path, eos_token=t.eos_token, bos_token=t.bos_token)
+    if tok.info.sha256 != t.sha256:
+        if cfg.tokenizer is None:
+            return (
+                None,
+                f"no tokenizer: `{t.path}` changed since packing (pass the original with --tokenizer)",
+            )
+        raise _fail(
+            "tokenizer",
+            f"tokenizer `{path}` has fingerprint {tok.info.sha256[:12]}..., the data was packed with"
+            f" {t.sha256[:12]}... (`{t.path}`).",
+            "Pass the tokenizer the data was packed with, or re-pack with this one.",
+        )
+    return tok, None
+
+
+def _open_shards(root: Path, m: Manifest) -> dict[str, list[Shard]]:
+    """Files check: checksum, schema, version, metadata and counts of every shard against the manifest."""
+    t = m.tokenizer
+    expected_meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "seq_len": m.seq_len,
+        "strategy": m.options.strategy,
+        "eos_id": t.eos_id,
+        "bos_id": t.bos_id,
+        "tokenizer_sha256": t.sha256,
+    }
+    opened = {}
+    for name, split in m.splits.items():
+        shards = []
+        for info in split.shards:
+            path = root / info.file
+            check_shard_file(path, info, checksum=True)
+            shard = Shard(path, info)
+            for key, want in {**expected_meta, "split": name}.items():
+                if shard.metadata.get(key) != want:
+                    raise _fail(
+                        "files",
+                        f"shard `{info.file}`: metadata `{key}` is {shard.metadata.get(key)!r}, the manifest"
+                        f" says {want!r}; the shard belongs to another dataset.",
+                    )
+            num_segments = sum(len(b.column(DOC_IDS).values) for b in shard.batches())
+            found = {
+                "num_rows": shard.num_rows,
+                "num_tokens": int(shard.row_lengths().sum()),
+                "num_segments": num_segments,
+            }
+            _compare_counts(f"shard `{info.file}`", info, found)
+            shards.append(shard)
+        totals = {
+            k: sum(getattr(s, k) for s in split.shards)
+            for k in ("num_rows", "num_tokens", "num_segments", "num_docs")
+        }
+        _compare_counts(f"split `{name}` (sum of its shards)", split, totals)
+        opened[name] = shards
+    return opened
+
+
+def _compare_counts(what: str, info: object, found: dict[str, int]) -> None:
+    for key, value in found.items():
+        if getattr(info, key) != value:
+            raise _fail(
+                "files", f"{what}: the manifest says {key} = {getattr(info, key):,}, found {value:,}."
+            )
+
+
+def _check_rows(m: Manifest, shards: dict[str, list[Shard]], rules: TokenRules) -> dict[str, SplitSegments]:
+    """Every batch of every shard through :func:`check_batch`, then each split's documents."""
+    result = {}
+    for name, split_shards in shards.items():
+        parts, target = [], 0
+        for i, shard in enumerate(split_shards):
+            base = 0
+            num_docs = 0
+            for batch in shard.batches():
+                segs = check_batch(batch, rules, shard=shard.path.name, row_base=base)
+                base += batch.num_rows
+                num_docs += int(segs.ends_with_eos.sum())
+                target += segs.num_target_tokens
+                parts.append((i, segs))
+            _compare_counts(f"shard `{shard.path.name}`", shard.info, {"num_docs": num_docs})
+        _compare_counts(f"split `{name}`", m.splits[name], {"num_target_tokens": target})
+        segs = SplitSegments.concat([s.path.name for s in split_shards], parts)
+        check_documents(segs, has_bos=rules.bos_id is not None)
+        result[name] = segs
+    return result
+
+
+def _check_accounting(m: Manifest, segs: dict[str, SplitSegments]) -> dict[str, int]:
+    """Documents check: the manifest's accounting against the documents actually stored."""
+    d = m.documents
+    if problems := d.problems():
+        raise _fail(
+            "documents", f"the manifest's document accounting does not add up: {'; '.join(problems)}."
+        )
+    fragmented, all_docs = {}, []
+    for name, s in segs.items():
+        docs, counts = np.unique(s.doc_id, return_counts=True)
+        if len(docs) != m.splits[name].num_docs:
+            raise _fail(
+                "documents",
+                f"split `{name}` stores {len(docs):,} distinct doc_ids, the manifest says {m.splits[name].num_docs:,}.",
+            )
+        fragmented[name] = int((counts > 1).sum())
+        all_docs.append(docs)
+    docs = np.concatenate(all_docs)
+    if len(np.unique(docs)) != len(docs):
+        shared_ids = np.intersect1d(*all_docs[:2]) if len(all_docs) > 1 else docs
+        raise _fail("documents", f"doc_id {shared_ids[0]} is stored in more than one split.")
+    stored_tokens = sum(int(s.length.sum()) for s in segs.values())
+    checks = [
+        (len(docs) == d.packed, f"{len(docs):,} documents are stored, the manifest says {d.packed:,} packed"),
+        (
+            stored_tokens == d.tokens_packed,
+            f"{stored_tokens:,} tokens are stored, the manifest says {d.tokens_packed:,} packed"
+            " (a fragment is missing, or extra tokens were added)",
+        ),
+        (
+            len(docs) == 0 or (docs.min() >= 0 and docs.max() < d.docs_in),
+            f"doc_ids run {docs.min() if len(docs) else 0}..{docs.max() if len(docs) else 0}, outside the"
+            f" {d.docs_in:,} input records",
+        ),
+        (
+            sum(fragmented.values()) >= d.split,
+            f"{sum(fragmented.values()):,} documents are stored in fragments, fewer than the {d.split:,} the"
+            " manifest says were split",
+        ),
+    ]
+    for ok, why in checks:
+        if not ok:
+            raise _fail("documents", why + ".")
+    return fragmented
+
+
+def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
+    """Run every check on ``cfg.root``; raise a :class:`UserError` at the first failure, else report."""
+    start = time.perf_counter()
+    m = Manifest.load(cfg.root)
+    tok, no_tok_reason = _resolve_tokenizer(cfg, m)
+    if cfg.sources and tok is None:
+        raise UserError(f"--source needs the tokenizer the data was packed with ({no_tok_reason}).")
+    shards = _open_shards(cfg.root, m)
+    specials = ()
+    if tok is not None:
+        placed = {m.tokenizer.eos_id, m.tokenizer.bos_id}
+        specials = tuple(int(i) for i in tok.special_ids() if int(i) not in placed)
+    rules = TokenRules(
+        seq_len=m.seq_len,
+        eos_id=m.tokenizer.eos_id,
+        bos_id=m.tokenizer.bos_id,
+        vocab_size=m.tokenizer.vocab_size,
+        special_ids=specials,
+    )
+    segs = _check_rows(m, shards, rules)
+    fragmented = _check_accounting(m, segs)
+    checks = ["files", "structure", "tokens", "eos", "positions", "labels"]
+    skipped = []
+    if tok is not None:
+        checks += ["special", "tokenizer"]
+    else:
+        skipped += [f"special tokens ({no_tok_reason})", f"tokenizer fingerprint ({no_tok_reason})"]
+    checks.append("documents")
+    num_source = 0
+    if cfg.sources:
+        from prep.sources import compare_sources
+
+        num_source = compare_sources(m, tok, cfg.sources, shards, segs, cfg.sample)
+        checks.append("sources")
+    else:
+        skipped.append("sources (pass --source with the inputs given to `prep pack`)")
+    splits = tuple(
+        SplitReport(
+            name=name,
+            num_shards=len(s.shards),
+            num_rows=s.num_rows,
+            num_tokens=s.num_tokens,
+            num_target_tokens=s.num_target_tokens,
+            num_segments=s.num_segments,
+            num_docs=s.num_docs,
+            num_fragmented_docs=fragmented[name],
+        )
+        for name, s in m.splits.items()
+    )
+    return VerifyReport(
+        root=cfg.root,
+        splits=splits,
+        checks=tuple(checks),
+        skipped=tuple(skipped),
+        tokenizer=None if tok is None else tok.info.path,
+        num_source_records=num_source,
+        num_bytes=sum(sh.num_bytes for s in m.splits.values() for sh in s.shards),
+        seconds=time.perf_counter() - start,
+    )
