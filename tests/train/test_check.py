@@ -1,0 +1,104 @@
+"""`train check`: passes the trainer's varlen path on packed data, rejects the naive packed forward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from prep.pipeline import PackConfig, pack
+from train.check import CheckConfig, check_command, run_check
+
+
+def _app() -> typer.Typer:
+    """`train check` as the CLI registers it (a Typer app with the one command)."""
+    app = typer.Typer()
+    app.command("check")(check_command)
+    app.command("unused")(lambda: None)  # with two commands Typer keeps the `check` sub-command name
+    return app
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(_app(), ["check", *map(str, args)])
+
+
+def test_check_passes_on_the_packed_sample(packed_sample):
+    result = run_check(CheckConfig(data=packed_sample, attn="sdpa", device="cpu", num_rows=3))
+    assert result.passed, result
+    assert result.mode == "varlen" and result.attn == "sdpa" and result.dtype == "float32"
+    assert len(result.rows) == 3
+    assert all(r.num_segments >= 2 for r in result.rows)
+    assert result.max_abs_diff < 1e-4
+
+
+def test_check_rejects_the_negative_control(packed_sample):
+    result = run_check(
+        CheckConfig(data=packed_sample, attn="sdpa", device="cpu", num_rows=3, negative_control=True)
+    )
+    assert not result.passed
+    assert all(not r.passed for r in result.rows)
+    assert min(r.max_abs_diff for r in result.rows) > 100 * max(r.tolerance for r in result.rows)
+
+
+def test_cli_reports_pass_and_catches_the_leak(packed_sample):
+    ok = _invoke(packed_sample, "--attn", "sdpa", "--device", "cpu", "--num-rows", "2")
+    assert ok.exit_code == 0, ok.output
+    assert "PASS" in ok.output
+    leaky = _invoke(
+        packed_sample, "--attn", "sdpa", "--device", "cpu", "--num-rows", "2", "--negative-control"
+    )
+    assert leaky.exit_code == 1
+    assert "FAIL" in leaky.output and "negative control" in leaky.output
+
+
+def test_cli_refuses_a_changed_shard(packed_sample, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in Path(packed_sample).iterdir():
+        if path.is_file():
+            (copy / path.name).write_bytes(path.read_bytes())
+    shard = copy / json.loads((copy / "manifest.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = _invoke(copy, "--attn", "sdpa", "--device", "cpu")
+    assert result.exit_code == 1
+    assert "checksum mismatch" in result.output and "Traceback" not in result.output
+
+
+def test_check_fails_when_no_row_holds_two_documents(sample, tmp_path):
+    """Rows of one truncated document each cannot leak: the check says so instead of passing."""
+    corpus, tokenizer = sample
+    long_docs = tmp_path / "long.jsonl"
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()[:40]]
+    long_docs.write_text(
+        "".join(json.dumps({"text": " ".join(texts[i : i + 10])}) + "\n" for i in (0, 10, 20))
+    )
+    out = tmp_path / "one-doc-rows"
+    pack(
+        PackConfig(
+            inputs=(str(long_docs),), tokenizer=str(tokenizer), out=out, seq_len=32, long_docs="truncate"
+        )
+    )
+    result = _invoke(out, "--attn", "sdpa", "--device", "cpu")
+    assert result.exit_code == 1
+    assert "not exercised" in result.output
+
+
+@pytest.mark.corpus
+@pytest.mark.slow
+def test_check_on_reuters_packed_at_1024(reuters, qwen_tokenizer, tmp_path):
+    """The real corpus and the Qwen2.5 vocabulary (151,665 ids), a slice of it to stay fast."""
+    head = tmp_path / "reuters-head.jsonl"
+    with open(reuters, encoding="utf-8") as f:
+        head.write_text("".join(next(f) for _ in range(300)), encoding="utf-8")
+    out = tmp_path / "reuters-1024"
+    pack(PackConfig(inputs=(str(head),), tokenizer=str(qwen_tokenizer), out=out, seq_len=1024))
+    ok = run_check(CheckConfig(data=out, attn="sdpa", device="cpu", num_rows=2))
+    assert ok.passed, ok
+    assert all(r.num_tokens > 512 and r.num_segments >= 2 for r in ok.rows)
+    leaky = run_check(CheckConfig(data=out, attn="sdpa", device="cpu", num_rows=1, negative_control=True))
+    assert not leaky.passed

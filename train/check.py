@@ -1,0 +1,300 @@
+"""`train check`: a numerical proof that documents packed into one row cannot see each other.
+
+For a sample of rows holding two or more segments, the row is run once through the trainer's own
+attention path (the loader's ``batch_from_rows``, ``forward_hidden``), and every segment is run alone.
+If attention is confined to the segment, each token's logits are the same either way, up to round-off;
+any cross-document leak shows up as a difference. The check reports the maximum absolute logit
+difference per row and fails when it exceeds ``tolerance * max(1, max |logit|)``, with a relative
+tolerance that depends on the compute dtype (fp32 on CPU, bf16 autocast on GPU).
+
+``--negative-control`` runs the packed row the naive way instead (one causal mask over the whole row,
+position ids restarting per document). That setup leaks, and the check must fail on it: a check that
+passes a leaky setup proves nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+
+from shared.errors import UserError
+from shared.reader import PackedDataset, Split
+from train.attention import backend_of
+from train.batch import VarlenBatch
+from train.loader import batch_from_rows
+from train.model import (
+    autocast_for,
+    causal_lm,
+    forward_hidden,
+    forward_hidden_naive,
+    load_model,
+    output_head,
+    resolve_device,
+)
+
+RELATIVE_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
+"""Allowed |logit difference| / max(1, max |logit|), by compute dtype. Round-off alone stays below
+these (fp32: about 1e-6; bf16: a few units of its 2^-8 precision); a leak is orders of magnitude above."""
+
+LOGIT_CHUNK = 256
+"""Positions whose logits are compared at once, so a 151k vocabulary never needs [T, V] logits."""
+
+
+class CheckError(UserError):
+    """The check cannot run on this dataset as asked."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckConfig:
+    data: Path
+    """Packed dataset folder (`prep pack --out`)."""
+    model: str = "tiny-qwen2"
+    """A Hugging Face model folder, or `tiny-qwen2` (random weights, the dataset's vocabulary)."""
+    attn: str = "auto"
+    split: str = "train"
+    num_rows: int = 4
+    """Rows with at least two segments to check."""
+    seed: int = 0
+    """Chooses the rows, and the weights of a built-in model."""
+    device: str = "auto"
+    negative_control: bool = False
+    """Run the packed row with a plain causal mask (leaky on purpose); the check must then fail."""
+    tolerance: float | None = None
+    """Relative tolerance; default by dtype (`RELATIVE_TOLERANCE`)."""
+
+    def __post_init__(self) -> None:
+        if self.num_rows < 1:
+            raise CheckError(f"--num-rows {self.num_rows} must be at least 1.")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise CheckError(f"--tolerance {self.tolerance} must be positive.")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RowResult:
+    row: int
+    num_tokens: int
+    num_segments: int
+    max_abs_diff: float
+    """Largest |logit(packed) - logit(segment alone)| over the row's tokens and the vocabulary."""
+    logit_scale: float
+    """Largest |logit| of the segments run alone, over the tokens compared (0 when none differed)."""
+    tolerance: float
+    """Absolute tolerance for this row: relative tolerance * max(1, logit_scale)."""
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckResult:
+    mode: str
+    """``varlen`` (the trainer's path) or ``naive`` (the negative control)."""
+    attn: str
+    """The attention backend that ran (flash_attn, torch_varlen or sdpa)."""
+    dtype: str
+    relative_tolerance: float
+    rows: tuple[RowResult, ...]
+    num_rows_scanned: int
+    num_single_segment_rows: int
+    """Rows looked at and passed over because one segment cannot leak into another."""
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.passed for r in self.rows)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((r.max_abs_diff for r in self.rows), default=float("nan"))
+
+
+def pick_rows(split: Split, num_rows: int, seed: int, max_scan: int = 2000) -> tuple[list[int], int]:
+    """Up to ``num_rows`` random rows holding two or more segments; also how many rows were scanned."""
+    order = np.random.default_rng(seed).permutation(split.num_rows)[:max_scan]
+    chosen = []
+    for scanned, index in enumerate(order, start=1):
+        if split.row(int(index)).num_segments >= 2:
+            chosen.append(int(index))
+            if len(chosen) == num_rows:
+                return chosen, scanned
+    return chosen, len(order)
+
+
+def _segment_batch(batch: VarlenBatch, start: int, end: int) -> VarlenBatch:
+    return VarlenBatch(
+        input_ids=batch.input_ids[:, start:end],
+        labels=batch.labels[:, start:end],
+        position_ids=batch.position_ids[:, start:end],
+        cu_seqlens=torch.tensor([0, end - start], dtype=torch.int32, device=batch.cu_seqlens.device),
+        max_seqlen=end - start,
+        num_target_tokens=-1,  # not used by a forward pass
+    )
+
+
+@torch.no_grad()
+def compare_row(model: torch.nn.Module, batch: VarlenBatch, *, naive: bool = False) -> tuple[float, float]:
+    """``(max |logit difference|, max |logit|)`` between the packed row and its segments run alone.
+
+    Logits are computed only for tokens whose final hidden states differ at all: identical hidden
+    states give identical logits through the same head, so skipping them changes nothing but the cost
+    (on CPU, a correct setup gives bitwise identical states and the check costs two forwards). The
+    scale is the largest |logit| among the tokens compared.
+    """
+    head = output_head(model)
+    forward = forward_hidden_naive if naive else forward_hidden
+    packed_TD = forward(model, batch)[0]
+    max_diff, scale = 0.0, 0.0
+    bounds = batch.cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        alone_ND = forward_hidden(model, _segment_batch(batch, start, end))[0]
+        packed_ND = packed_TD[start:end]
+        differs = (alone_ND != packed_ND).any(dim=-1).nonzero().squeeze(1)
+        for lo in range(0, differs.numel(), LOGIT_CHUNK):
+            rows = differs[lo : lo + LOGIT_CHUNK]
+            with autocast_for(packed_TD.device):
+                alone = head(alone_ND[rows]).float()
+                packed = head(packed_ND[rows]).float()
+            max_diff = max(max_diff, (packed - alone).abs().max().item())
+            scale = max(scale, alone.abs().max().item())
+    return max_diff, scale
+
+
+def run_check(cfg: CheckConfig) -> CheckResult:
+    """Load the dataset and model, compare packed and alone logits on sampled rows, return the record."""
+    dataset = PackedDataset(cfg.data, verify="checksum")
+    split = dataset.split(cfg.split)
+    device = resolve_device(cfg.device)
+    model = load_model(
+        cfg.model,
+        vocab_size=dataset.manifest.tokenizer.vocab_size,
+        attn=cfg.attn,
+        lora=None,
+        device=device,
+        seed=cfg.seed,
+    )
+    model.eval()
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    relative = cfg.tolerance or RELATIVE_TOLERANCE[dtype]
+    indices, scanned = pick_rows(split, cfg.num_rows, cfg.seed)
+    results = []
+    for index in indices:
+        batch = batch_from_rows([split.row(index)]).to(device)
+        diff, scale = compare_row(model, batch, naive=cfg.negative_control)
+        results.append(
+            RowResult(
+                row=index,
+                num_tokens=batch.num_tokens,
+                num_segments=batch.num_segments,
+                max_abs_diff=diff,
+                logit_scale=scale,
+                tolerance=relative * max(1.0, scale),
+            )
+        )
+    return CheckResult(
+        mode="naive" if cfg.negative_control else "varlen",
+        attn=backend_of(causal_lm(model)),
+        dtype=dtype,
+        relative_tolerance=relative,
+        rows=tuple(results),
+        num_rows_scanned=scanned,
+        num_single_segment_rows=scanned - len(results),
+    )
+
+
+def print_result(result: CheckResult, console) -> None:
+    """One line per checked row, then the verdict."""
+    from rich.table import Table
+
+    table = Table(title=f"isolation check ({result.mode}, attn={result.attn}, {result.dtype})")
+    for name in ("row", "tokens", "segments", "max |dlogit|", "tolerance", "result"):
+        table.add_column(name, justify="right")
+    for r in result.rows:
+        verdict = "[green]ok[/]" if r.passed else "[bold red]LEAK[/]"
+        table.add_row(
+            str(r.row),
+            str(r.num_tokens),
+            str(r.num_segments),
+            f"{r.max_abs_diff:.3g}",
+            f"{r.tolerance:.3g}",
+            verdict,
+        )
+    console.print(table)
+    console.print(
+        f"scanned {result.num_rows_scanned} rows; {result.num_single_segment_rows} held a single segment"
+        " and were passed over (nothing to leak)",
+        highlight=False,
+    )
+
+
+def check_command(
+    data: Annotated[Path, typer.Argument(help="Packed dataset folder (`prep pack --out`).")],
+    model: Annotated[str, typer.Option(help="Hugging Face model folder, or `tiny-qwen2`.")] = "tiny-qwen2",
+    attn: Annotated[str, typer.Option(help="auto, flash_attn, torch_varlen or sdpa.")] = "auto",
+    split: Annotated[str, typer.Option(help="Split to sample rows from.")] = "train",
+    num_rows: Annotated[int, typer.Option(help="Rows with two or more segments to check.")] = 4,
+    seed: Annotated[int, typer.Option(help="Chooses the rows (and a built-in model's weights).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    negative_control: Annotated[
+        bool, typer.Option(help="Run the packed row with a plain causal mask (leaks); the check must fail.")
+    ] = False,
+    tolerance: Annotated[
+        float | None, typer.Option(help="Relative tolerance (default by dtype: fp32 1e-4, bf16 3e-2).")
+    ] = None,
+) -> None:
+    """Prove numerically that packed documents cannot see each other: run sampled rows packed, and each
+    segment alone, and compare the logits. Fails (exit 1) above a dtype-dependent tolerance.
+
+    --negative-control runs the packed row with a plain causal mask instead; the check must FAIL on it.
+
+    Example: train check data/packed --model tiny-qwen2
+    """
+    from rich.console import Console
+
+    out, err = Console(), Console(stderr=True)
+    try:
+        cfg = CheckConfig(
+            data=Path(data),
+            model=model,
+            attn=attn,
+            split=split,
+            num_rows=num_rows,
+            seed=seed,
+            device=device,
+            negative_control=negative_control,
+            tolerance=tolerance,
+        )
+        result = run_check(cfg)
+    except UserError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    print_result(result, out)
+    if not result.rows:
+        err.print(
+            f"[bold red]FAIL:[/] none of the {result.num_rows_scanned} rows scanned holds two or more segments,"
+            " so isolation was not exercised. Pack with a larger --seq-len, or check another split.",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    if not result.passed:
+        worst = max(result.rows, key=lambda r: r.max_abs_diff / r.tolerance)
+        note = (
+            " As expected: this is the negative control, and the check caught its leak."
+            if cfg.negative_control
+            else " Documents see each other: do not train with this setup."
+        )
+        err.print(
+            f"[bold red]FAIL:[/] row {worst.row}: max |logit difference| {worst.max_abs_diff:.3g} exceeds"
+            f" the tolerance {worst.tolerance:.3g} ({result.dtype}).{note}",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    out.print(
+        f"[green]PASS:[/] {len(result.rows)} rows, max |logit difference| {result.max_abs_diff:.3g}"
+        f" <= tolerance ({result.relative_tolerance:g} x max(1, |logit|), {result.dtype}).",
+        highlight=False,
+    )
