@@ -169,6 +169,12 @@ class Journal:
         journal.shards = shards
         return journal
 
+    def discard(self, *, remove_folder: bool) -> None:
+        """Delete the work folder (and the output folder too if this run created it and it is now empty)."""
+        shutil.rmtree(self.work, ignore_errors=True)
+        if remove_folder and not any(self.work.parent.iterdir()):
+            self.work.parent.rmdir()
+
     def open_tokens(self) -> BinaryIO:
         return open(self.tokens_path, "ab")
 

@@ -271,6 +271,7 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     if cfg.workers is not None:
         # The Rust thread pool reads this once, on first use; later calls in the same process keep it.
         os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
+    out_is_new = not cfg.out.exists()
     _check_output_folder(cfg)
     work = cfg.out / WORK_DIR
     rows_per_shard = cfg.rows_per_shard or default_rows_per_shard(cfg.seq_len)
@@ -279,14 +280,21 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     journal = Journal.start(work, fingerprint, zero_counts, resume=cfg.resume)
     tokens_path = journal.tokens_path
 
-    tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress)
-    docs = tokenized.accounting
-    if docs.packed == 0:
-        raise InputError(
-            f"no documents to pack: {docs.docs_in:,} records read, {docs.skipped:,} skipped"
-            f" (empty {docs.skipped_empty:,}, missing field {docs.skipped_missing_field:,}, invalid {docs.skipped_invalid:,}),"
-            f" {docs.dropped:,} dropped as longer than --seq-len. Check the inputs and `--text-field`."
-        )
+    try:
+        tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress)
+        docs = tokenized.accounting
+        if docs.packed == 0:
+            raise InputError(
+                f"no documents to pack: {docs.docs_in:,} records read, {docs.skipped:,} skipped"
+                f" (empty {docs.skipped_empty:,}, missing field {docs.skipped_missing_field:,}, invalid {docs.skipped_invalid:,}),"
+                f" {docs.dropped:,} dropped as longer than --seq-len. Check the inputs and `--text-field`."
+            )
+    except UserError:
+        # A bad record or an empty corpus is a mistake to fix, not a crash: leave --out as it was so that the
+        # corrected command simply runs again. A resumed run keeps its work for the next `--resume`.
+        if not cfg.resume:
+            journal.discard(remove_folder=out_is_new)
+        raise
     doc_len = np.frombuffer(tokenized.doc_len, dtype=np.int64)
     doc_offset = np.concatenate([[0], np.cumsum(doc_len)[:-1]]).astype(np.int64)
     doc_id = np.frombuffer(tokenized.doc_id, dtype=np.int64)

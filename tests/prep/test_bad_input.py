@@ -1,0 +1,243 @@
+"""Bad input through the `prep pack` CLI: a clear error naming file, record, problem and fix, or a counted skip.
+
+Every case runs as a user runs it (`typer.testing.CliRunner` on `prep.cli.app`). Where `--skip-invalid`
+applies, the skip must be counted in the manifest and the card, and documents in must equal documents
+accounted for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from prep.cli import app
+from shared.manifest import Manifest
+
+GOOD = json.dumps({"text": "A small trader reported higher cocoa arrivals this week."})
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def pack(tokenizer: Path, out: Path, *inputs: Path | str, extra: tuple[str, ...] = ()):
+    return run("pack", *inputs, "--tokenizer", tokenizer, "--out", out, "--seq-len", "64", *extra)
+
+
+def failed_with(result, *parts: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "error:" in result.output and "Traceback" not in result.output
+    for part in parts:
+        assert part in result.output, f"{part!r} not in {result.output!r}"
+
+
+def jsonl(path: Path, *lines: bytes | str) -> Path:
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+    return path
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.arrow"))}
+
+
+# (case, bad line, message parts, manifest counter under --skip-invalid)
+BAD_RECORDS = [
+    ("malformed", '{"text": "cut off', ["malformed JSON"], "skipped_invalid"),
+    ("missing", '{"body": "x"}', ["no `text` field (fields: body)", "--text-field"], "skipped_missing_field"),
+    ("null", '{"text": null}', ["`text` is null"], "skipped_missing_field"),
+    ("number", '{"text": 42}', ["`text` is a int, not a string"], "skipped_invalid"),
+    ("not-object", '["a", "b"]', ["expected a JSON object, found list"], "skipped_invalid"),
+    ("bad-utf8", b'{"text": "caf\xe9"}', ["invalid UTF-8 at byte"], "skipped_invalid"),
+    ("surrogate", '{"text": "abc \\ud800 def"}', ["half a UTF-16 surrogate pair"], "skipped_invalid"),
+    ("deep", '{"text": ' + "[" * 100_000 + "}", ["JSON that cannot be decoded"], "skipped_invalid"),
+    ("bigint", '{"text": "x", "n": ' + "9" * 5000 + "}", ["cannot be decoded"], "skipped_invalid"),
+]
+
+
+@pytest.mark.parametrize("case,line,parts,counter", BAD_RECORDS, ids=[c[0] for c in BAD_RECORDS])
+def test_bad_record_stops_with_its_location(case, line, parts, counter, sample, tmp_path):
+    _, tok = sample
+    src = jsonl(tmp_path / f"{case}.jsonl", GOOD, line, GOOD)
+    failed_with(pack(tok, tmp_path / "out", src), f"{src}:2: ", *parts, "--skip-invalid")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_every_bad_record_is_counted_with_skip_invalid(sample, tmp_path):
+    _, tok = sample
+    lines = [GOOD, '{"text": ""}'] + [line for _, line, _, _ in BAD_RECORDS] + [GOOD]
+    src = jsonl(tmp_path / "mixed.jsonl", *lines)
+    result = pack(tok, tmp_path / "out", src, extra=("--skip-invalid",))
+    assert result.exit_code == 0, result.output
+    m = Manifest.load(tmp_path / "out")
+    d = m.documents
+    expected = {"skipped_invalid": 0, "skipped_missing_field": 0}
+    for _, _, _, counter in BAD_RECORDS:
+        expected[counter] += 1
+    assert d.docs_in == len(lines) == m.inputs[0].num_records
+    assert (d.packed, d.skipped_empty) == (2, 1)
+    assert {k: getattr(d, k) for k in expected} == expected
+    assert not d.problems() and m.options.skip_invalid is True
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert f"{len(lines)} == 2 + 0 + {len(lines) - 2}" in card
+
+
+def test_invalid_utf8_text_file(sample, tmp_path):
+    _, tok = sample
+    src = tmp_path / "latin1.txt"
+    src.write_bytes("Zürich café".encode("latin-1"))
+    failed_with(
+        pack(tok, tmp_path / "out", src), f"{src}: invalid UTF-8 at byte 1", "iconv", "--skip-invalid"
+    )
+    good = tmp_path / "good.txt"
+    good.write_text("Zurich cafe trade rose.", encoding="utf-8")
+    ok = pack(tok, tmp_path / "out", good, src, extra=("--skip-invalid",))
+    assert ok.exit_code == 0, ok.output
+    docs = Manifest.load(tmp_path / "out").documents
+    assert (docs.docs_in, docs.packed, docs.skipped_invalid) == (2, 1, 1)
+
+
+def test_empty_documents_are_counted_not_packed(sample, tmp_path):
+    _, tok = sample
+    src = jsonl(tmp_path / "e.jsonl", GOOD, '{"text": ""}', '{"text": "  \\n\\t "}', "", GOOD)
+    result = pack(tok, tmp_path / "out", src)
+    assert result.exit_code == 0, result.output
+    assert "skipped (empty 2" in result.output
+    docs = Manifest.load(tmp_path / "out").documents
+    # The blank line is not a record; the two empty texts are.
+    assert (docs.docs_in, docs.packed, docs.skipped_empty) == (4, 2, 2)
+    assert "| 4 | 2 | 0 | 0 | 0 | 2 | 0 | 0 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("variant", ["bom", "crlf", "bom+crlf"])
+def test_bom_and_crlf_change_nothing(variant, sample, tmp_path):
+    corpus, tok = sample
+    lines = corpus.read_bytes().splitlines()[:60]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(b"\n".join(lines) + b"\n")
+    odd = tmp_path / "odd.jsonl"
+    sep = b"\r\n" if "crlf" in variant else b"\n"
+    odd.write_bytes((b"\xef\xbb\xbf" if "bom" in variant else b"") + sep.join(lines) + sep)
+    assert pack(tok, tmp_path / "a", plain).exit_code == 0
+    assert pack(tok, tmp_path / "b", odd).exit_code == 0
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+
+
+def test_bom_in_text_file_is_not_text(sample, tmp_path):
+    _, tok = sample
+    (tmp_path / "plain.txt").write_bytes(b"The board confirmed the merger talks.")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfThe board confirmed the merger talks.")
+    assert pack(tok, tmp_path / "a", tmp_path / "plain.txt").exit_code == 0
+    assert pack(tok, tmp_path / "b", tmp_path / "bom.txt").exit_code == 0
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+
+
+def test_long_document_is_split_and_accounted(sample, tmp_path):
+    """A 2 MB single document (the 50 MB case is measured in docs/reliability.md, too slow for the suite)."""
+    corpus, tok = sample
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    big = " ".join(texts)
+    big = (big * (2_000_000 // len(big) + 1))[:2_000_000]
+    src = jsonl(tmp_path / "big.jsonl", GOOD, json.dumps({"text": big}), GOOD)
+    result = run("pack", src, "--tokenizer", tok, "--out", tmp_path / "out", "--seq-len", "1024")
+    assert result.exit_code == 0, result.output
+    docs = Manifest.load(tmp_path / "out").documents
+    assert (docs.docs_in, docs.packed, docs.split) == (3, 3, 1)
+    assert docs.tokens_packed > 300_000 and not docs.problems()
+
+
+def test_inputs_that_match_nothing(sample, tmp_path):
+    _, tok = sample
+    failed_with(pack(tok, tmp_path / "out", str(tmp_path / "*.jsonl")), "matches no files", "quote it")
+    failed_with(pack(tok, tmp_path / "out", tmp_path / "nope.jsonl"), "nope.jsonl` does not exist")
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    failed_with(pack(tok, tmp_path / "out", tmp_path / "data.csv"), "unsupported type", ".jsonl")
+    (tmp_path / "empty_dir").mkdir()
+    failed_with(pack(tok, tmp_path / "out", tmp_path / "empty_dir"), "holds no", "saved dataset")
+
+
+def test_zero_documents(sample, tmp_path):
+    _, tok = sample
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    failed_with(pack(tok, tmp_path / "out", empty), "no documents to pack: 0 records read")
+    blanks = jsonl(tmp_path / "blanks.jsonl", '{"text": ""}', '{"text": " "}')
+    failed_with(pack(tok, tmp_path / "out2", blanks), "2 records read, 2 skipped (empty 2")
+
+
+def test_unreadable_inputs(sample, tmp_path):
+    _, tok = sample
+    folder = tmp_path / "looks_like.jsonl"
+    folder.mkdir()
+    failed_with(pack(tok, tmp_path / "out", folder), "looks_like.jsonl` is a folder, not a jsonl file")
+    if sys.platform.startswith("linux"):
+        # A real read failure that root cannot bypass: reading /proc/self/mem at offset 0 fails with EIO.
+        link = tmp_path / "device.jsonl"
+        link.symlink_to("/proc/self/mem")
+        failed_with(pack(tok, tmp_path / "out2", link), "cannot read", "device.jsonl", "Input/output error")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_permission_denied(sample, tmp_path):
+    _, tok = sample
+    src = jsonl(tmp_path / "locked.jsonl", GOOD)
+    src.chmod(0)
+    failed_with(pack(tok, tmp_path / "out", src), "permission denied", "locked.jsonl")
+
+
+def test_bad_tokenizers(sample, tmp_path):
+    corpus, tok = sample
+    failed_with(pack(tmp_path / "missing", tmp_path / "o", corpus), "missing` does not exist")
+    (tmp_path / "not_tok.json").write_text('{"hello": 1}')
+    failed_with(
+        pack(tmp_path / "not_tok.json", tmp_path / "o", corpus), "is not a Hugging Face tokenizer.json"
+    )
+    (tmp_path / "binary.json").write_bytes(os.urandom(256))
+    failed_with(
+        pack(tmp_path / "binary.json", tmp_path / "o", corpus), "is not a Hugging Face tokenizer.json"
+    )
+    (tmp_path / "model_dir").mkdir()
+    failed_with(pack(tmp_path / "model_dir", tmp_path / "o", corpus), "is a folder without a tokenizer.json")
+
+
+def test_special_tokens_the_tokenizer_lacks(sample, tmp_path):
+    corpus, tok = sample
+    out = tmp_path / "o"
+    failed_with(
+        pack(tok, out, corpus, extra=("--eos-token", "</s>")),
+        "--eos-token '</s>' is not a token of",
+        "<|endoftext|>",
+    )
+    failed_with(pack(tok, out, corpus, extra=("--bos-token", "<s>")), "--bos-token '<s>' is not a token")
+    failed_with(
+        pack(tok, out, corpus, extra=("--bos-token", "<|endoftext|>")), "is the EOS token", "distinct BOS"
+    )
+
+
+@pytest.mark.parametrize("seq_len", ["1", "0", "-5"])
+def test_seq_len_below_two(seq_len, sample, tmp_path):
+    corpus, tok = sample
+    result = run("pack", corpus, "--tokenizer", tok, "--out", tmp_path / "o", "--seq-len", seq_len)
+    failed_with(result, f"--seq-len {seq_len} is too small", ">= 2")
+
+
+def test_output_folder_rules(sample, tmp_path):
+    corpus, tok = sample
+    src = jsonl(tmp_path / "in.jsonl", GOOD, GOOD)
+    out = tmp_path / "out"
+    assert pack(tok, out, src).exit_code == 0
+    before = shard_bytes(out)
+    failed_with(pack(tok, out, corpus), "already holds a dataset", "--overwrite")
+    assert shard_bytes(out) == before, "a refused pack must not touch the dataset"
+    (out / "notes.txt").write_text("mine")
+    assert pack(tok, out, corpus, extra=("--overwrite",)).exit_code == 0
+    assert (out / "notes.txt").read_text() == "mine", "--overwrite removes only what prep pack writes"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    failed_with(pack(tok, other, src, extra=("--overwrite",)), "non-empty folder that is not a dataset")
+    failed_with(pack(tok, src, src), "is a file; pass a folder")
