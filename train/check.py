@@ -19,30 +19,14 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import torch
 import typer
 
 from shared.errors import UserError
 from shared.reader import PackedDataset, Split
-from train.attention import backend_of
-from train.batch import VarlenBatch
-from train.loader import batch_from_rows
-from train.model import (
-    autocast_for,
-    causal_lm,
-    forward_hidden,
-    forward_hidden_naive,
-    load_model,
-    output_head,
-    resolve_device,
-)
 
 RELATIVE_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
 """Allowed |logit difference| / max(1, max |logit|), by compute dtype. Round-off alone stays below
 these (fp32: about 1e-6; bf16: a few units of its 2^-8 precision); a leak is orders of magnitude above."""
-
-LOGIT_CHUNK = 256
-"""Positions whose logits are compared at once, so a 151k vocabulary never needs [T, V] logits."""
 
 
 class CheckError(UserError):
@@ -125,47 +109,14 @@ def pick_rows(split: Split, num_rows: int, seed: int, max_scan: int = 2000) -> t
     return chosen, len(order)
 
 
-def _segment_batch(batch: VarlenBatch, start: int, end: int) -> VarlenBatch:
-    return VarlenBatch(
-        input_ids=batch.input_ids[:, start:end],
-        labels=batch.labels[:, start:end],
-        position_ids=batch.position_ids[:, start:end],
-        cu_seqlens=torch.tensor([0, end - start], dtype=torch.int32, device=batch.cu_seqlens.device),
-        max_seqlen=end - start,
-        num_target_tokens=-1,  # not used by a forward pass
-    )
-
-
-@torch.no_grad()
-def compare_row(model: torch.nn.Module, batch: VarlenBatch, *, naive: bool = False) -> tuple[float, float]:
-    """``(max |logit difference|, max |logit|)`` between the packed row and its segments run alone.
-
-    Logits are computed only for tokens whose final hidden states differ at all: identical hidden
-    states give identical logits through the same head, so skipping them changes nothing but the cost
-    (on CPU, a correct setup gives bitwise identical states and the check costs two forwards). The
-    scale is the largest |logit| among the tokens compared.
-    """
-    head = output_head(model)
-    forward = forward_hidden_naive if naive else forward_hidden
-    packed_TD = forward(model, batch)[0]
-    max_diff, scale = 0.0, 0.0
-    bounds = batch.cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        alone_ND = forward_hidden(model, _segment_batch(batch, start, end))[0]
-        packed_ND = packed_TD[start:end]
-        differs = (alone_ND != packed_ND).any(dim=-1).nonzero().squeeze(1)
-        for lo in range(0, differs.numel(), LOGIT_CHUNK):
-            rows = differs[lo : lo + LOGIT_CHUNK]
-            with autocast_for(packed_TD.device):
-                alone = head(alone_ND[rows]).float()
-                packed = head(packed_ND[rows]).float()
-            max_diff = max(max_diff, (packed - alone).abs().max().item())
-            scale = max(scale, alone.abs().max().item())
-    return max_diff, scale
-
-
 def run_check(cfg: CheckConfig) -> CheckResult:
     """Load the dataset and model, compare packed and alone logits on sampled rows, return the record."""
+    # torch and transformers load here, not at import, so that `train --help` stays instant.
+    from train.attention import backend_of
+    from train.isolation import compare_row
+    from train.loader import batch_from_rows
+    from train.model import causal_lm, load_model, resolve_device
+
     dataset = PackedDataset(cfg.data, verify="checksum")
     split = dataset.split(cfg.split)
     device = resolve_device(cfg.device)
@@ -246,10 +197,11 @@ def check_command(
         float | None, typer.Option(help="Relative tolerance (default by dtype: fp32 1e-4, bf16 3e-2).")
     ] = None,
 ) -> None:
-    """Prove numerically that packed documents cannot see each other: run sampled rows packed, and each
-    segment alone, and compare the logits. Fails (exit 1) above a dtype-dependent tolerance.
+    """Prove that packed documents cannot see each other (packed row vs each segment alone).
 
-    --negative-control runs the packed row with a plain causal mask instead; the check must FAIL on it.
+    Runs sampled rows through the trainer's varlen path, runs each of their segments alone, and
+    compares the logits; fails (exit 1) when the max difference exceeds a dtype-dependent tolerance.
+    --negative-control runs the packed row with a plain causal mask instead: the check must FAIL.
 
     Example: train check data/packed --model tiny-qwen2
     """

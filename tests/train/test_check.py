@@ -6,23 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from prep.pipeline import PackConfig, pack
-from train.check import CheckConfig, check_command, run_check
-
-
-def _app() -> typer.Typer:
-    """`train check` as the CLI registers it (a Typer app with the one command)."""
-    app = typer.Typer()
-    app.command("check")(check_command)
-    app.command("unused")(lambda: None)  # with two commands Typer keeps the `check` sub-command name
-    return app
+from train.check import CheckConfig, run_check
+from train.cli import app
 
 
 def _invoke(*args: str):
-    return CliRunner().invoke(_app(), ["check", *map(str, args)])
+    return CliRunner().invoke(app, ["check", *map(str, args)])
 
 
 def test_check_passes_on_the_packed_sample(packed_sample):
