@@ -75,8 +75,8 @@ class Shard:
             ) from e
         if not schema.remove_metadata().equals(SHARD_SCHEMA):
             raise ShardIntegrityError(
-                f"shard `{self.path}` has schema {schema.remove_metadata()} but this tool expects"
-                f" {SHARD_SCHEMA}. It was not written by `prep pack` of this format; re-pack the data."
+                f"shard `{self.path}` has the wrong schema ({_schema_difference(schema)}). It was not written"
+                " by `prep pack` of this format; re-pack the data."
             )
         self.metadata = read_schema_metadata(schema) or {}
         if self.metadata.get("format_version") != FORMAT_VERSION:
@@ -85,15 +85,23 @@ class Shard:
                 f" reads version {FORMAT_VERSION}. Re-pack the data with this version of `prep pack`."
             )
         for batch in batches:
-            # Offsets come from the file; never index with them before Arrow has checked them.
+            # Offsets come from the file; never index with them before Arrow has checked them. Full
+            # validation reads only the offsets (one int32 per row or segment), never the token pages.
             try:
-                batch.validate(full=False)
+                batch.validate(full=True)
             except pa.ArrowInvalid as e:
-                raise ShardIntegrityError(f"shard `{self.path}` has an invalid record batch ({e}).") from e
+                raise ShardIntegrityError(
+                    f"shard `{self.path}` has an invalid record batch ({e}); it is damaged. Re-run `prep pack`."
+                ) from e
         self._batches = batches
         sizes = np.array([b.num_rows for b in batches], dtype=np.int64)
         self._batch_starts = np.concatenate([[0], np.cumsum(sizes)])
         self._columns = [{name: _list_column(b.column(name)) for name in _COLUMNS} for b in batches]
+        if info is not None and self.num_rows != info.num_rows:
+            raise ShardIntegrityError(
+                f"shard `{self.path.name}` has {self.num_rows:,} rows but the manifest says {info.num_rows:,};"
+                " it does not belong to this dataset. Re-run `prep pack`."
+            )
 
     @property
     def num_rows(self) -> int:
@@ -119,6 +127,23 @@ class Shard:
 
     def batches(self) -> list[pa.RecordBatch]:
         return list(self._batches)
+
+
+def _schema_difference(schema: pa.Schema) -> str:
+    """The first few ways ``schema`` differs from the shard schema, in one line."""
+    found = {f.name: f for f in schema}
+    wanted = {f.name: f for f in SHARD_SCHEMA}
+    diffs = [f"column `{n}` is missing" for n in wanted if n not in found]
+    diffs += [f"unexpected column `{n}`" for n in found if n not in wanted]
+    diffs += [
+        f"column `{n}` is {found[n].type}{'' if found[n].nullable == f.nullable else ' (nullability differs)'},"
+        f" expected {f.type}"
+        for n, f in wanted.items()
+        if n in found and not found[n].equals(f)
+    ]
+    if not diffs and [f.name for f in schema] != [f.name for f in SHARD_SCHEMA]:
+        diffs.append(f"columns in order {', '.join(schema.names)}, expected {', '.join(SHARD_SCHEMA.names)}")
+    return "; ".join(diffs[:4])
 
 
 def _list_column(array: pa.ListArray) -> _Column:
@@ -188,9 +213,43 @@ class PackedDataset:
                 path = self.root / info.file
                 if self._verify != "none":
                     check_shard_file(path, info, checksum=self._verify == "checksum")
-                shards.append(Shard(path, info))
+                shard = Shard(path, info)
+                check_shard_metadata(shard, self.manifest, name)
+                shards.append(shard)
             self._splits[name] = Split(name, shards)
         return self._splits[name]
+
+
+def check_shard_metadata(shard: Shard, manifest: Manifest, split: str) -> None:
+    """Raise :class:`ShardIntegrityError` unless the shard says it was packed as the manifest describes.
+
+    Catches a shard copied in from another dataset (another tokenizer, seq_len or EOS) even when its size
+    happens to match, without reading a single token.
+    """
+    t = manifest.tokenizer
+    expected = {
+        "split": split,
+        "seq_len": manifest.seq_len,
+        "eos_id": t.eos_id,
+        "bos_id": t.bos_id,
+        "tokenizer_sha256": t.sha256,
+    }
+    for key, want in expected.items():
+        found = shard.metadata.get(key)
+        if found != want:
+            what = (
+                "was packed with another tokenizer"
+                if key == "tokenizer_sha256"
+                else "belongs to another dataset"
+            )
+            raise ShardIntegrityError(
+                f"shard `{shard.path.name}`: metadata `{key}` is {_short(found)}, the manifest says"
+                f" {_short(want)}; the shard {what}. Re-run `prep pack` (or restore the dataset's own shard)."
+            )
+
+
+def _short(value: object) -> str:
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) > 16 else repr(value)
 
 
 def check_shard_file(path: Path, info: ShardInfo, *, checksum: bool) -> None:
