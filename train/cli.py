@@ -1,0 +1,178 @@
+"""The `train` command line: a thin Typer layer that builds configs, calls one library function per command,
+and turns library errors into red text and exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from shared.errors import UserError
+
+app = typer.Typer(
+    name="train",
+    help="Plan, run and check LoRA training on packed varlen shards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def fail(error: Exception, code: int = 1) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def plan(
+    token_budget: Annotated[
+        int | None,
+        typer.Option(help="Tokens of capacity to train on (steps = floor(budget / tokens per step))."),
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps (instead of --token-budget).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Packed rows per micro-batch.")] = 8,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per packed row; default the --data manifest's, else 1024.")
+    ] = None,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    world_size: Annotated[int, typer.Option(help="Data-parallel ranks (GPUs).")] = 1,
+    warmup_ratio: Annotated[float, typer.Option(help="Share of steps with linear lr warmup.")] = 0.05,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Packed dataset: adds epochs and rows left out (reads the manifest only)."),
+    ] = None,
+) -> None:
+    """Print what a run will do before it runs: tokens per step, steps, warmup, tokens used, epochs.
+
+    Example: train plan --token-budget 100000000 --batch-size 8 --seq-len 1024 --warmup-ratio 0.1
+    """
+    from shared.manifest import Manifest
+    from train.plan import DataShape, describe, make_plan
+
+    try:
+        shape = None
+        if data is not None:
+            manifest = Manifest.load(data)
+            if seq_len is not None and seq_len != manifest.seq_len:
+                raise UserError(
+                    f"--seq-len {seq_len} disagrees with `{data}`, packed at seq_len {manifest.seq_len};"
+                    " drop --seq-len (a run uses the dataset's)."
+                )
+            seq_len = manifest.seq_len
+            if "train" not in manifest.splits:
+                raise UserError(f"`{data}` has no `train` split; pack it again.")
+            s = manifest.splits["train"]
+            shape = DataShape(
+                num_rows=s.num_rows, num_tokens=s.num_tokens, num_target_tokens=s.num_target_tokens
+            )
+        result = make_plan(
+            batch_size=batch_size,
+            seq_len=seq_len or 1024,
+            grad_accum=grad_accum,
+            world_size=world_size,
+            token_budget=token_budget,
+            max_steps=max_steps,
+            warmup_ratio=warmup_ratio,
+            data=shape,
+        )
+    except UserError as e:
+        raise fail(e) from None
+    for line in describe(result):
+        out.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def run(
+    data: Annotated[Path | None, typer.Option(help="Packed dataset folder (`prep pack --out`).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Hugging Face model folder, or `tiny-qwen2` (random, for tests).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Run folder: metrics, loss.png, checkpoints, adapter.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file with any of these options; flags override it.")
+    ] = None,
+    token_budget: Annotated[int | None, typer.Option(help="Run length in tokens of capacity.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Run length in optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Packed rows per micro-batch (default 8).")] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option(help="Micro-batches per optimizer step (default 1).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 2e-4).")] = None,
+    min_lr_ratio: Annotated[
+        float | None, typer.Option(help="Final lr as a share of --lr (default 0.1).")
+    ] = None,
+    warmup_ratio: Annotated[
+        float | None, typer.Option(help="Share of steps warming up (default 0.05).")
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (default 0).")] = None,
+    grad_clip: Annotated[
+        float | None, typer.Option(help="Max global grad norm; 0 = off (default 1.0).")
+    ] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option(help="Packed dataset to evaluate on (default --data's val split).")
+    ] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Evaluate every N steps; 0 = off (default 100).")
+    ] = None,
+    save_every: Annotated[
+        int | None, typer.Option(help="Checkpoint every N steps; 0 = at the end (default 0).")
+    ] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")
+    ] = None,
+    attn: Annotated[
+        str | None, typer.Option(help="auto, flash_attn, torch_varlen or sdpa (default auto).")
+    ] = None,
+    lora: Annotated[
+        bool | None,
+        typer.Option("--lora/--no-lora", help="Train a LoRA adapter, or every weight (default lora)."),
+    ] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (default 32).")] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default 64).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Data order, LoRA init, built-in model weights (default 0).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default auto).")] = None,
+    verify: Annotated[
+        str | None, typer.Option(help="Shard check before training: checksum or size (default checksum).")
+    ] = None,
+    log_every: Annotated[int | None, typer.Option(help="Print a log line every N steps (default 1).")] = None,
+) -> None:
+    """Train on a packed dataset: AdamW, warmup + cosine, grad accumulation, checkpoints, resume.
+
+    Example: train run --data packed/ --model Qwen2.5-0.5B/ --out runs/r1 --token-budget 20000000 --batch-size 8
+    """
+    # Every parameter but --config, by RunConfig field name; None means "not given on the command line".
+    flags = dict(locals())
+    flags["out"] = flags.pop("out_dir")
+    flags.pop("config")
+    from train.config import build_run_config
+    from train.loop import train
+
+    try:
+        cfg = build_run_config(config, flags)
+        train(cfg, log=lambda line: out.print(line, highlight=False, soft_wrap=True))
+    except UserError as e:
+        raise fail(e) from None
+
+
+# `train check` is T1's (train/check.py): registered here so that `train --help` lists it.
+from train.check import check_command  # noqa: E402
+
+app.command("check")(check_command)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

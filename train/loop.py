@@ -1,0 +1,360 @@
+"""`train run`: one explicit training loop over packed varlen micro-batches, readable top to bottom.
+
+Each optimizer step takes ``grad_accum`` micro-batches from the loader. Its loss is the sum of every
+target token's cross-entropy over ALL those micro-batches (and all ranks) divided by their total target
+count, so that every target token weighs the same however the step is split into micro-batches or
+ranks. (Averaging per-micro-batch means instead would over-weight the tokens of sparse micro-batches.)
+The count is known on the host before the forward pass (the loader counts labels), so each micro-batch's
+loss sum is scaled by ``1 / num_step_targets`` and backpropagated at once.
+
+Distributed (``torchrun``, any backend): each rank reads its own share of the rows, the target count
+is all-reduced before the step, and the gradients are summed across ranks after it (a flat all-reduce;
+the model is called through our varlen functions, not through a DDP wrapper's forward). Only rank 0
+logs and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from shared.errors import DatasetError, UserError
+from shared.fileio import atomic_write_text
+from shared.reader import PackedDataset, Split
+from train.batch import VarlenBatch
+from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from train.config import RunConfig
+from train.loader import Loader, sequential_batches
+from train.loss import micro_batch_loss_sum
+from train.model import LoraSettings, input_embeddings, load_model, resolve_device
+from train.plan import DataShape, RunPlan, describe, lr_factor, make_plan
+
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+@dataclass(slots=True)
+class RunResult:
+    plan: RunPlan
+    losses: dict[int, float] = field(default_factory=dict)
+    """Training loss of each step taken in this call (1-based step numbers)."""
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    last_checkpoint: Path | None = None
+    export: Path | None = None
+    """The final adapter (peft ``save_pretrained``) or model folder."""
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) of the process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum every gradient over ranks in one flat buffer (one collective per step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, Split | None]:
+    """The train split, and the split evaluated on (if any); shards are verified before training."""
+    dataset = PackedDataset(cfg.data, verify=cfg.verify)
+    train_split = dataset.split("train")
+    if cfg.eval_data is not None:
+        eval_set = PackedDataset(cfg.eval_data, verify=cfg.verify)
+        if eval_set.manifest.tokenizer.sha256 != dataset.manifest.tokenizer.sha256:
+            raise DatasetError(
+                f"--eval-data `{cfg.eval_data}` was packed with another tokenizer"
+                f" ({eval_set.manifest.tokenizer.path}) than --data ({dataset.manifest.tokenizer.path});"
+                " pack both with the same tokenizer."
+            )
+        eval_split = eval_set.split("val" if "val" in eval_set.split_names else "train")
+    elif "val" in dataset.split_names:
+        eval_split = dataset.split("val")
+    else:
+        eval_split = None
+    return dataset, train_split, eval_split
+
+
+def build_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> torch.nn.Module:
+    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora else None
+    model = load_model(
+        cfg.model, vocab_size=vocab_size, attn=cfg.attn, lora=lora, device=device, seed=cfg.seed
+    )
+    num_embeddings = input_embeddings(model).num_embeddings
+    if num_embeddings < vocab_size:
+        raise UserError(
+            f"--model `{cfg.model}` embeds {num_embeddings:,} token ids but the dataset's tokenizer has"
+            f" {vocab_size:,} (manifest.tokenizer.vocab_size); pack the data with this model's tokenizer."
+        )
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, *, batch_size: int, device: torch.device) -> float:
+    """Mean cross-entropy over every target token of the split (all ranks), the training normalisation."""
+    rank, world_size = dist_info()
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in sequential_batches(split, batch_size=batch_size, rank=rank, world_size=world_size):
+        totals[0] += micro_batch_loss_sum(model, batch.to(device)).double()
+        totals[1] += batch.num_target_tokens
+    model.train()
+    all_reduce_sum(totals)
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
+    """Run ``cfg`` to its last step (or from its newest checkpoint with ``cfg.resume``)."""
+    rank, world_size = dist_info()
+    is_main = rank == 0
+    say = log if is_main else (lambda _: None)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    dataset, train_split, eval_split = open_data(cfg)
+    manifest = dataset.manifest
+    info = manifest.splits["train"]
+    plan = make_plan(
+        batch_size=cfg.batch_size,
+        seq_len=manifest.seq_len,
+        grad_accum=cfg.grad_accum,
+        world_size=world_size,
+        token_budget=cfg.token_budget,
+        max_steps=cfg.max_steps,
+        warmup_ratio=cfg.warmup_ratio,
+        data=DataShape(
+            num_rows=info.num_rows, num_tokens=info.num_tokens, num_target_tokens=info.num_target_tokens
+        ),
+    )
+    for line in describe(plan):
+        say(line)
+
+    model = build_model(cfg, manifest.tokenizer.vocab_size, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    num_trainable = sum(p.numel() for p in params)
+    say(
+        f"model {cfg.model}: {num_trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters"
+    )
+    # Dropout (if the model has any) draws from the global generator: seed it per rank.
+    torch.manual_seed(cfg.seed + rank)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    schedule = partial(
+        lr_factor,
+        num_steps=plan.num_steps,
+        num_warmup_steps=plan.num_warmup_steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loader = Loader(
+        train_split,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        max_row_tokens=manifest.seq_len,
+    )
+
+    start_step = 0
+    if cfg.resume:
+        path = latest_checkpoint(cfg.out)
+        state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+        if state["num_steps"] != plan.num_steps or state["num_warmup_steps"] != plan.num_warmup_steps:
+            raise UserError(
+                f"checkpoint `{path}` belongs to a run of {state['num_steps']:,} steps"
+                f" ({state['num_warmup_steps']:,} warmup); this run plans {plan.num_steps:,}"
+                f" ({plan.num_warmup_steps:,}). Resume with the same --token-budget/--max-steps and"
+                " --warmup-ratio, or start a new --out."
+            )
+        loader.load_state_dict(state["loader"])
+        start_step = state["step"]
+        say(f"resumed from {path} at step {start_step:,}")
+    result = RunResult(plan=plan)
+    if is_main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        metrics = open_metrics(cfg.out / METRICS, keep_through=start_step)
+
+    def checkpoint(step: int) -> None:
+        if is_main:
+            result.last_checkpoint = save_checkpoint(
+                cfg.out,
+                step=step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                loader_state=loader.state_dict(),
+                extra={
+                    "num_steps": plan.num_steps,
+                    "num_warmup_steps": plan.num_warmup_steps,
+                    "config": _jsonable(cfg),
+                },
+            )
+        if world_size > 1:
+            dist.barrier()
+
+    try:
+        t_last = time.perf_counter()
+        for step in range(start_step + 1, plan.num_steps + 1):
+            # ---- one optimizer step: grad_accum micro-batches, one normalisation --------------------
+            micro_batches: list[VarlenBatch] = [next(loader) for _ in range(cfg.grad_accum)]
+            counts = torch.tensor(
+                [sum(b.num_target_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches)],
+                dtype=torch.float64,
+                device=device,
+            )
+            num_step_targets, num_step_tokens = (int(v) for v in all_reduce_sum(counts).tolist())
+            step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for batch in micro_batches:
+                loss_sum = micro_batch_loss_sum(model, batch)
+                # Each rank's sum over its targets / the step's targets on ALL ranks; summing the
+                # gradients over ranks below then gives the gradient of the global mean.
+                (loss_sum / max(num_step_targets, 1)).backward()
+                step_loss_sum += loss_sum.detach().double()
+            all_reduce_grads(params)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # ---- bookkeeping: loss, throughput, logs ------------------------------------------------
+            loss = float(all_reduce_sum(step_loss_sum)) / max(num_step_targets, 1)
+            result.losses[step] = loss
+            now = time.perf_counter()
+            tok_per_s = num_step_tokens / max(now - t_last, 1e-9)
+            t_last = now
+            if is_main:
+                mem = memory_bytes(device)
+                metrics.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": float(grad_norm),
+                            "tokens": num_step_tokens,
+                            "target_tokens": num_step_targets,
+                            "tok_per_s": tok_per_s,
+                            "mem_bytes": mem,
+                        }
+                    )
+                    + "\n"
+                )
+                metrics.flush()
+                if step % cfg.log_every == 0 or step == plan.num_steps:
+                    say(
+                        f"step {step:>6,}/{plan.num_steps:,} | loss {loss:.4f} | lr {lr:.2e}"
+                        f" | tok/s {tok_per_s:>9,.0f} | mem {mem / 2**30:.2f} GiB"
+                    )
+            is_last = step == plan.num_steps
+            if eval_split is not None and cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
+                eval_loss = evaluate(model, eval_split, batch_size=cfg.batch_size, device=device)
+                result.eval_losses[step] = eval_loss
+                if is_main:
+                    metrics.write(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
+                    metrics.flush()
+                    say(
+                        f"eval step {step:,} | loss {eval_loss:.4f} ({eval_split.name}, {eval_split.num_rows:,} rows)"
+                    )
+            if is_last or (cfg.save_every and step % cfg.save_every == 0):
+                checkpoint(step)
+    finally:
+        loader.close()
+        if is_main:
+            metrics.close()
+
+    if is_main:
+        result.export = export_weights(model, cfg.out)
+        plot_losses(cfg.out / METRICS, cfg.out / LOSS_PLOT)
+        say(f"wrote {result.export}, {cfg.out / METRICS}, {cfg.out / LOSS_PLOT}")
+    return result
+
+
+def open_metrics(path: Path, *, keep_through: int):
+    """Open metrics.jsonl for appending, first dropping records after step ``keep_through`` (those of
+    a run killed after its last checkpoint: the resumed run writes them again)."""
+    if path.exists():
+        kept = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line and json.loads(line)["step"] <= keep_through
+        ]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return open(path, "a", encoding="utf-8")
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated, or the process's resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return psutil.Process().memory_info().rss
+
+
+def export_weights(model: torch.nn.Module, out: Path) -> Path:
+    """The trained adapter via peft ``save_pretrained`` (or the whole model) under ``out``."""
+    model = unwrap(model)
+    target = out / ("adapter" if hasattr(model, "peft_config") else "model")
+    model.save_pretrained(target, safe_serialization=True)
+    return target
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    eval_pts = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label, style in ((train_pts, "train", "-"), (eval_pts, "eval", "o-")):
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean CE per target token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png)
+
+
+def _jsonable(cfg: RunConfig) -> dict:
+    return {
+        name: (str(value) if isinstance(value, Path) else value)
+        for name, value in ((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__)
+    }
