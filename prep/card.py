@@ -134,10 +134,23 @@ def _stat_row(split: str, what: str, values) -> str:
 def _commands(folder: str, m: Manifest) -> str:
     d = shlex.quote(folder)
     sources = " ".join(f"--source {shlex.quote(i.path)}" for i in m.inputs)
+    o, t = m.options, m.tokenizer
+    repack = (
+        f"prep pack {' '.join(shlex.quote(i.path) for i in m.inputs)} --tokenizer {shlex.quote(t.path)}"
+        f" --out {d} --seq-len {o.seq_len} --strategy {o.strategy} --text-field {shlex.quote(o.text_field)}"
+        f" --long-docs {o.long_docs} --val-fraction {o.val_fraction} --eos-token {shlex.quote(t.eos_token)}"
+        + (f" --bos-token {shlex.quote(t.bos_token)}" if t.bos_token else "")
+        + (" --skip-invalid" if o.skip_invalid else "")
+    )
     return "\n".join(
         [
+            "# how it was made (add --overwrite to replace this folder)",
+            repack,
+            "# check every row, the tokenizer fingerprint, and a re-tokenized sample of the sources",
             f"prep verify {d} --tokenizer {shlex.quote(m.tokenizer.path)} {sources}",
+            "# the summary, and row 0 with its segments, tokens and attention mask",
             f"prep inspect {d} --row 0 --png row0.png",
+            "# rebuild this card",
             f"prep card {d}",
         ]
     )

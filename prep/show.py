@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -34,7 +35,13 @@ CONTEXT = 3
 
 
 def print_verify_report(report: VerifyReport, console: Console) -> None:
-    table = Table(title=f"verified {report.root}", title_justify="left")
+    table = Table(
+        title=f"verified {report.root}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
     for col in ("split", "shards", "rows", "tokens", "targets", "segments", "docs", "fragmented"):
         table.add_column(col, justify="right")
     for s in report.splits:
@@ -58,13 +65,14 @@ def print_verify_report(report: VerifyReport, console: Console) -> None:
         console.print(f"[yellow]not checked:[/] {why}", highlight=False)
     console.print(
         f"{report.num_tokens:,} tokens, {report.num_bytes / 1e6:,.1f} MB in {report.seconds:.2f}s"
-        f" ({report.tokens_per_second:,.0f} tok/s)",
+        f" ({report.tokens_per_second:,.0f} tok/s); row checks {report.row_seconds:.2f}s"
+        f" ({report.num_tokens / max(report.row_seconds, 1e-9):,.0f} tok/s)",
         highlight=False,
     )
 
 
 def summary_view(m: Manifest, stats: dict[str, SplitStats]) -> RenderableType:
-    table = Table(title="dataset", title_justify="left")
+    table = Table(title="dataset", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for col in ("split", "docs", "tokens", "rows", "fill", "segs/row", "max", "doc p50", "p90", "max len"):
         table.add_column(col, justify="right")
     for s in stats.values():

@@ -70,6 +70,9 @@ class VerifyReport:
     """Source records compared with the shards (0 without ``--source``)."""
     num_bytes: int
     seconds: float
+    """Wall time of the whole verification (tokenizer load, checksums, rows, sources)."""
+    row_seconds: float
+    """Wall time of the per-row checks alone."""
 
     @property
     def num_tokens(self) -> int:
@@ -244,7 +247,9 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
         vocab_size=m.tokenizer.vocab_size,
         special_ids=specials,
     )
+    row_start = time.perf_counter()
     segs = _check_rows(m, shards, rules)
+    row_seconds = time.perf_counter() - row_start
     fragmented = _check_accounting(m, segs)
     checks = ["files", "structure", "tokens", "eos", "positions", "labels"]
     skipped = []
@@ -283,4 +288,5 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
         num_source_records=num_source,
         num_bytes=sum(sh.num_bytes for s in m.splits.values() for sh in s.shards),
         seconds=time.perf_counter() - start,
+        row_seconds=row_seconds,
     )

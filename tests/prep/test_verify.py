@@ -493,3 +493,18 @@ def test_cli_verify_on_a_folder_without_manifest(tmp_path):
 
 def test_errors_are_user_errors():
     assert issubclass(RowCheckError, DatasetError)
+
+
+@pytest.mark.corpus
+def test_reuters_slice_passes_with_sources(reuters, qwen_tokenizer, tmp_path):
+    """Real text and the Qwen2.5 tokenizer: the first 2,000 Reuters records, checked against their source."""
+    lines = reuters.read_text(encoding="utf-8").splitlines(keepends=True)[:2000]
+    corpus = tmp_path / "reuters-slice.jsonl"
+    corpus.write_text("".join(lines), encoding="utf-8")
+    out = tmp_path / "packed"
+    pack(PackConfig(inputs=(str(corpus),), tokenizer=str(qwen_tokenizer), out=out, seq_len=512))
+    report = verify_dataset(
+        VerifyConfig(root=out, tokenizer=str(qwen_tokenizer), sources=(str(corpus),), sample=300)
+    )
+    assert "special" in report.checks and "sources" in report.checks
+    assert report.num_source_records >= 300
