@@ -111,3 +111,14 @@ def test_bundled_cards_are_complete(name):
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card):
         assert (folder / image).read_bytes()[:8] == PNG_MAGIC
     assert not list(folder.glob("*.arrow")) and not (folder / "manifest.json").exists()
+
+
+def test_bundled_sample_card_is_current(tmp_path, monkeypatch):
+    """The sample card in data_cards/ is what `prep demo demo` writes today (else regenerate it)."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["demo", "demo"])
+    assert result.exit_code == 0, result.output
+    fresh = (tmp_path / "demo" / "packed" / CARD_NAME).read_text(encoding="utf-8")
+    assert fresh == (DATA_CARDS / "sample" / CARD_NAME).read_text(encoding="utf-8"), (
+        "data_cards/sample is stale: regenerate it as data_cards/README.md says"
+    )
