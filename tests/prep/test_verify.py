@@ -508,3 +508,38 @@ def test_reuters_slice_passes_with_sources(reuters, qwen_tokenizer, tmp_path):
     )
     assert "special" in report.checks and "sources" in report.checks
     assert report.num_source_records >= 300
+
+
+# --- other packing options -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"strategy": "wrapped", "long_docs": "truncate"}, {"long_docs": "drop", "bos_token": "<|im_start|>"}],
+    ids=["wrapped-truncate", "drop-bos"],
+)
+def test_other_options_pass_with_sources(sample, tmp_path, options):
+    corpus, tok = sample
+    out = tmp_path / "packed"
+    pack(PackConfig(inputs=(str(corpus),), tokenizer=str(tok), out=out, seq_len=SEQ_LEN, **options))
+    report = verify_dataset(VerifyConfig(root=out, sources=(str(corpus),), sample=401))
+    assert "sources" in report.checks and report.num_source_records == 401
+
+
+def test_bos_inside_a_document_fails(sample, tmp_path):
+    corpus, tok = sample
+    out = tmp_path / "packed"
+    pack(
+        PackConfig(
+            inputs=(str(corpus),), tokenizer=str(tok), out=out, seq_len=SEQ_LEN, bos_token="<|im_start|>"
+        )
+    )
+    bos = manifest_of(out)["tokenizer"]["bos_id"]
+    rows, _ = read_rows(out / last_shard(out))
+    r = row_with(rows, min_first=4)
+
+    def mutate(rows):
+        rows[r][INPUT_IDS][2] = rows[r][LABELS][2] = bos
+
+    corrupt(out, mutate)
+    fails(out, "eos check failed", f"row {r}, segment 0", f"BOS id {bos} after the start of its segment")
