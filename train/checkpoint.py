@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -152,7 +153,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's manifest, after checking every file's size and sha256 against it."""
     path = Path(path)
     manifest_path = path / MANIFEST
-    earlier = [p.name for p in list_checkpoints(path.parent) if p.name < path.name]
+    earlier = [p.name for p in list_checkpoints(path.parent.parent) if p.name < path.name]
     fix = (
         f"Delete `{path}` to resume from the previous checkpoint `{earlier[-1]}`."
         if earlier
@@ -217,7 +218,15 @@ def load_checkpoint(
             raise CheckpointError(
                 f"checkpoint `{path}` does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same --model."
             )
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    try:
+        # weights_only: tensors and plain containers only; never run code from a file we did not check.
+        optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint `{path}`: optimizer.pt holds objects other than tensors and numbers; refusing to"
+            f" unpickle it ({str(e).splitlines()[0]}). Was it written by this trainer?"
+        ) from None
+    optimizer.load_state_dict(optimizer_state)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     scheduler.load_state_dict(state["scheduler"])
     _restore_torch_rng(safetensors.torch.load_file(path / "rng.safetensors"))
