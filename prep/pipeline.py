@@ -17,16 +17,18 @@ import shutil
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from prep import __version__
 from prep.card import write_card
-from prep.journal import Journal, input_stats, kill_point
+from prep.engine import TokenEngine
+from prep.journal import Journal, Pass1State, input_stats, kill_point
 from prep.packing import STRATEGIES, make_plan
 from prep.readers import EMPTY, MISSING_FIELD, InputError, InputFile, Record, expand_inputs, read_records
+from prep.streams import build_streams
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, write_split
 from shared.contract import CARD_NAME, MANIFEST_NAME, SPLITS, shard_metadata
@@ -173,73 +175,81 @@ class _Tokenized:
     inputs: tuple[InputInfo, ...]
 
 
+def _text_batches(
+    cfg: PackConfig, sources: list[InputFile], state: Pass1State, progress: Progress
+) -> Iterator[tuple[tuple[int, list[Record], bool], list[str]]]:
+    """``((source index, records, last batch of the source?), texts)`` from the journal's position on."""
+    for index in range(state.source_index, len(sources)):
+        records = read_records(sources[index], cfg.text_field, lambda n: progress.advance(n))
+        skip = state.records_done if index == state.source_index else 0
+        batch = None
+        for upcoming in _batches(islice(records, skip, None)):
+            if batch is not None:
+                yield (index, batch, False), [r.text for r in batch if r.text is not None]
+            batch = upcoming
+        batch = batch or []
+        yield (index, batch, True), [r.text for r in batch if r.text is not None]
+
+
+def _count_problems(cfg: PackConfig, batch: list[Record], counts: dict[str, int]) -> None:
+    """Count the records without text, or stop at the first invalid one unless --skip-invalid."""
+    skip_key = {EMPTY: "skipped_empty", MISSING_FIELD: "skipped_missing_field"}
+    counts["docs_in"] += len(batch)
+    for record in batch:
+        if record.problem is None:
+            continue
+        if record.problem != EMPTY and not cfg.skip_invalid:
+            raise InputError(
+                f"{record.where}: {record.detail or record.problem}. Fix the record, or pass"
+                " `--skip-invalid` to count and skip such records."
+            )
+        counts[skip_key.get(record.problem, "skipped_invalid")] += 1
+
+
 def _tokenize_inputs(
     cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile], journal: Journal, progress: Progress
 ) -> _Tokenized:
     """Pass 1: every input record to a token stream on disk (or a counted skip), committed batch by batch.
 
-    The loop starts where the journal's last commit left off: the beginning, unless resuming.
+    The loop starts where the journal's last commit left off: the beginning, unless resuming. The
+    engine reads a few batches ahead on other cores; commits still happen in input order.
     """
     state = journal.pass1
-    doc_ids, doc_lens, val_flags, counts = state.doc_id, state.doc_len, state.is_val, state.counts
-    skip_key = {EMPTY: "skipped_empty", MISSING_FIELD: "skipped_missing_field"}
-    prefix = [tok.bos_id] if tok.bos_id is not None else []
-    eos = tok.eos_id
-    next_id = state.next_id
+    counts = state.counts
     progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
+    engine = TokenEngine(tok, workers=cfg.workers, notice=progress.message)
     with journal.open_tokens() as out:
-        for source in sources[state.source_index :]:
-            records = read_records(source, cfg.text_field, lambda n: progress.advance(n))
-            for batch in _batches(islice(records, state.records_done, None)):
-                texts = [r.text for r in batch if r.text is not None]
-                encoded = iter(tok.encode_batch(texts))
-                pieces = []
-                for record in batch:
-                    doc_id, next_id = next_id, next_id + 1
-                    counts["docs_in"] += 1
-                    if record.problem is not None:
-                        if record.problem != EMPTY and not cfg.skip_invalid:
-                            raise InputError(
-                                f"{record.where}: {record.detail or record.problem}. Fix the record, or pass"
-                                " `--skip-invalid` to count and skip such records."
-                            )
-                        counts[skip_key.get(record.problem, "skipped_invalid")] += 1
-                        continue
-                    stream = prefix + next(encoded) + [eos]
-                    n = len(stream)
-                    counts["tokens_in"] += n
-                    if n > cfg.seq_len:
-                        if cfg.long_docs == "drop":
-                            counts["dropped"] += 1
-                            counts["tokens_dropped"] += n
-                            continue
-                        if cfg.long_docs == "truncate":
-                            stream = stream[: cfg.seq_len - 1] + [eos]
-                            counts["truncated"] += 1
-                            counts["tokens_truncated"] += n - cfg.seq_len
-                            n = cfg.seq_len
-                        else:
-                            counts["split"] += 1
-                    counts["packed"] += 1
-                    counts["tokens_packed"] += n
-                    doc_ids.append(doc_id)
-                    doc_lens.append(n)
-                    val_flags.append(is_val(record.text, cfg.val_fraction))
-                    pieces.append(stream)
-                if pieces:
-                    out.write(np.array(list(chain.from_iterable(pieces)), dtype=np.int32).tobytes())
-                state.next_id = next_id
-                journal.commit_batch(out, len(batch))
-                progress.advance(0, docs=counts["docs_in"], tokens=counts["tokens_packed"])
-            info = InputInfo(
-                path=str(source.path),
-                format=source.format,
-                first_doc_id=state.first_id,
-                num_records=next_id - state.first_id,
+        for (index, batch, last), encoded in engine.map(_text_batches(cfg, sources, state, progress)):
+            _count_problems(cfg, batch, counts)
+            texts = [r.text for r in batch if r.text is not None]
+            text_ids = state.next_id + np.array(
+                [i for i, r in enumerate(batch) if r.text is not None], np.int64
             )
-            journal.commit_source(out, info)
+            streams = build_streams(
+                encoded, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=cfg.seq_len, long_docs=cfg.long_docs
+            )
+            for key, value in streams.counts.items():
+                counts[key] += value
+            state.doc_id.frombytes(text_ids[streams.kept].tobytes())
+            state.doc_len.frombytes(streams.doc_len.tobytes())
+            flags = [is_val(texts[i], cfg.val_fraction) for i in streams.kept.tolist()]
+            state.is_val.frombytes(np.array(flags, dtype=np.int8).tobytes())
+            out.write(memoryview(streams.tokens))
+            state.next_id += len(batch)
+            journal.commit_batch(out, len(batch))
+            progress.advance(0, docs=counts["docs_in"], tokens=counts["tokens_packed"])
+            if last:
+                info = InputInfo(
+                    path=str(sources[index].path),
+                    format=sources[index].format,
+                    first_doc_id=state.first_id,
+                    num_records=state.next_id - state.first_id,
+                )
+                journal.commit_source(out, info)
     journal.finish_pass1()
-    return _Tokenized(doc_ids, doc_lens, val_flags, DocumentAccounting(**counts), tuple(state.inputs))
+    return _Tokenized(
+        state.doc_id, state.doc_len, state.is_val, DocumentAccounting(**counts), tuple(state.inputs)
+    )
 
 
 def _fingerprint(

@@ -1,0 +1,206 @@
+"""Tokenizing batches of documents on every core, fast engine first, `tokenizers` as the reference.
+
+:class:`TokenEngine` turns an iterator of text batches into an iterator of :class:`EncodedBatch` (one flat
+int32 array plus per-document lengths), in input order. Two engines can do the work:
+
+- ``tiktoken``: :class:`prep.fast_bpe.FastBPE`, rebuilt from the same ``tokenizer.json``, run in a pool of
+  forked worker processes (the parent builds it once; children inherit it). Each job also re-encodes a
+  sample of its batch with `tokenizers` (the first documents, about ``CHECK_FRACTION`` of the batch's
+  characters, plus every document holding a non-special added token) and reports the first difference.
+- ``tokenizers``: ``encode_batch_fast`` in this process (its own Rust thread pool), the reference.
+
+The first difference, or a tokenizer the fast engine does not support, switches the run to `tokenizers`
+for good, with a one-line notice; a batch whose sample differed is re-encoded by `tokenizers`, so every
+checked id is exactly what `tokenizers` gives. ``PREP_ENGINE=tokenizers`` in the environment forces the
+reference engine (to rule the fast one out when debugging, and for the benchmarks' side-by-side runs). Jobs in flight are bounded (two per worker), so memory is
+a few batches whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from itertools import chain
+from typing import TypeVar
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported
+from prep.tokenizer import LoadedTokenizer, resolve_tokenizer_file
+
+CHECK_FRACTION = 0.01
+"""Share of each batch's characters (at least one document) re-encoded with `tokenizers` and compared."""
+MAX_ADDED_TOKEN_CHECKS = 16
+"""Documents holding a non-special added token checked per batch, on top of the leading sample."""
+
+FAST, REFERENCE = "tiktoken", "tokenizers"
+ENGINE_ENV = "PREP_ENGINE"
+T = TypeVar("T")
+_PR_SET_PDEATHSIG = 1
+
+# Set in the parent before the pool forks, so that workers inherit the engines without rebuilding them.
+_WORKER: tuple[FastBPE, Tokenizer] | None = None
+
+
+def reference_encode(tokenizer: Tokenizer, texts: list[str]) -> EncodedBatch:
+    """`tokenizers`' ids as an :class:`EncodedBatch` (the tokenizer must have encode_special_tokens set)."""
+    encoded = [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    ids = np.fromiter(chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum()))
+    return EncodedBatch(ids=ids, lengths=lengths)
+
+
+def _check_indices(fast: FastBPE, texts: list[str]) -> list[int]:
+    """Which documents of a batch to compare: the leading ~1% of characters, then added-token holders."""
+    budget = CHECK_FRACTION * sum(map(len, texts))
+    picked, chars = [], 0
+    for i, text in enumerate(texts):
+        if picked and chars >= budget:
+            break
+        picked.append(i)
+        chars += len(text)
+    risky = [i for i in range(len(picked), len(texts)) if fast.has_added_token(texts[i])]
+    return picked + risky[:MAX_ADDED_TOKEN_CHECKS]
+
+
+def first_mismatch(fast: FastBPE, reference: Tokenizer, texts: list[str], got: EncodedBatch) -> str | None:
+    """``None`` when the checked documents' ids equal `tokenizers`'; otherwise what differed, for the notice."""
+    picked = _check_indices(fast, texts)
+    want = reference_encode(reference, [texts[i] for i in picked])
+    starts = np.concatenate([[0], np.cumsum(got.lengths)])
+    offset = 0
+    for k, i in enumerate(picked):
+        expected = want.ids[offset : offset + want.lengths[k]]
+        offset += int(want.lengths[k])
+        actual = got.ids[starts[i] : starts[i + 1]]
+        if not np.array_equal(expected, actual):
+            n = min(len(expected), len(actual))
+            pos = (
+                int(np.flatnonzero(expected[:n] != actual[:n])[0])
+                if (expected[:n] != actual[:n]).any()
+                else n
+            )
+            return (
+                f"document {i} of the batch differs at token {pos} ({len(actual)} vs {len(expected)} tokens)"
+            )
+    return None
+
+
+def _worker_init() -> None:
+    # One worker is one core: the reference check must not start a thread pool of its own.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C is the parent's to handle (it shuts the pool down); a worker printing its own traceback is noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the parent dies, even by SIGKILL (or it would outlive it)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return  # not Linux: workers still exit when the parent closes the pool's pipes
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _fast_job(texts: list[str]) -> tuple[EncodedBatch, str | None]:
+    assert _WORKER is not None, "worker forked without the engine"
+    fast, reference = _WORKER
+    got = fast.encode_batch(texts)
+    return got, first_mismatch(fast, reference, texts, got)
+
+
+class TokenEngine:
+    """Encodes text batches in order with the fastest exact engine; see the module docstring."""
+
+    def __init__(
+        self,
+        tok: LoadedTokenizer,
+        *,
+        workers: int | None = None,
+        use_fast: bool = True,
+        notice: Callable[[str], None] = lambda text: None,
+    ) -> None:
+        self.tok = tok
+        self.workers = workers or os.cpu_count() or 1
+        self.notice = notice
+        self.name = REFERENCE
+        self.fast: FastBPE | None = None
+        self.num_checked_batches = 0
+        self._pool: ProcessPoolExecutor | None = None
+        if not use_fast or os.environ.get(ENGINE_ENV) == REFERENCE:
+            return
+        try:
+            self.fast = FastBPE(resolve_tokenizer_file(tok.info.path))
+        except (Unsupported, ImportError) as e:
+            notice(f"tokenizing with `tokenizers` (the fast engine does not support this tokenizer: {e})")
+            return
+        self.name = FAST
+
+    def __enter__(self) -> TokenEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _fall_back(self, reason: str) -> None:
+        self.notice(f"tokenizing with `tokenizers` from here on: the fast engine disagreed ({reason})")
+        self.name = REFERENCE
+        self.close()
+
+    def _start_pool(self) -> ProcessPoolExecutor | None:
+        global _WORKER
+        if self.workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+            return None
+        _WORKER = (self.fast, self.tok.tokenizer)
+        context = multiprocessing.get_context("fork")
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_init)
+
+    def map(self, items: Iterable[tuple[T, list[str]]]) -> Iterator[tuple[T, EncodedBatch]]:
+        """``(payload, ids)`` for each ``(payload, texts)``, in order; reads at most two jobs per worker ahead."""
+        global _WORKER
+        if self.name == FAST:
+            self._pool = self._start_pool()
+            _WORKER = (self.fast, self.tok.tokenizer)
+        pending: deque[tuple[T, list[str], Future | tuple]] = deque()
+        try:
+            for payload, texts in items:
+                if self.name == REFERENCE:
+                    yield from self._drain(pending)
+                    yield payload, reference_encode(self.tok.tokenizer, texts)
+                    continue
+                job = _fast_job(texts) if self._pool is None else self._pool.submit(_fast_job, texts)
+                pending.append((payload, texts, job))
+                while len(pending) > (2 * self.workers if self._pool else 0):
+                    yield self._finish(*pending.popleft())
+            yield from self._drain(pending)
+        finally:
+            _WORKER = None
+            self.close()
+
+    def _drain(self, pending: deque) -> Iterator[tuple[T, EncodedBatch]]:
+        while pending:
+            yield self._finish(*pending.popleft())
+
+    def _finish(self, payload: T, texts: list[str], job: Future | tuple) -> tuple[T, EncodedBatch]:
+        if self.name == REFERENCE:  # submitted before a switch; perhaps cancelled
+            return payload, reference_encode(self.tok.tokenizer, texts)
+        got, mismatch = job.result() if isinstance(job, Future) else job
+        if mismatch is not None:
+            self._fall_back(mismatch)
+            return payload, reference_encode(self.tok.tokenizer, texts)
+        self.num_checked_batches += 1
+        return payload, got

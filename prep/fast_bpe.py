@@ -1,0 +1,229 @@
+"""An exact, faster engine for byte-level BPE tokenizers: `tiktoken` rebuilt from a `tokenizer.json`.
+
+`tokenizers` stays the source of truth. This module reads the same ``tokenizer.json`` and accepts only
+what it can reproduce exactly: an NFC (or absent) normaliser, a byte-level BPE model without dropout,
+byte fallback or affixes, and a pre-tokenizer that is either ``ByteLevel(use_regex=True)`` (the GPT-2
+pattern) or ``Sequence[Split(regex, Isolated), ByteLevel(use_regex=False)]`` (Qwen2, Llama 3). Anything
+else raises :class:`Unsupported`, and the caller keeps using `tokenizers`.
+
+How the pieces map:
+
+- vocab strings are byte-level unicode (GPT-2's printable stand-ins for bytes); we map them back to the
+  raw bytes that `tiktoken` merges.
+- `tiktoken` merges the adjacent pair whose concatenation has the lowest *rank*; `tokenizers` merges
+  the pair with the lowest *merge index*. We therefore give each merged token the rank
+  ``256 + index of the merge that makes it`` (single bytes get 0..255), refuse vocabularies where one
+  token is made by two merges, and translate ranks back to the tokenizer's ids with a lookup table.
+- added tokens are matched in the raw text first, leftmost-longest, as `tokenizers` does. With
+  ``encode_special_tokens`` a *special* match is dropped and its text stays ordinary text; a
+  *non-special* match (Qwen's ``<tool_call>``, id 151657) becomes its id. The text between matches is
+  NFC-normalised piece by piece, exactly as `tokenizers` normalises each split.
+
+`tiktoken` skips merging when a whole pre-token is itself in the vocabulary; `tokenizers` only does
+that with ``ignore_merges``. For trained vocabularies the two agree, but it is not a theorem, which is
+why the pipeline compares ids with `tokenizers` on a sample of every batch and falls back on any
+difference (see :meth:`FastBPE.first_mismatch`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+"""The pattern `tokenizers`' ``ByteLevel(use_regex=True)`` splits with (GPT-2's)."""
+
+
+class Unsupported(Exception):
+    """The tokenizer is not one this engine reproduces exactly; the reason is the message."""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level vocabularies are written in."""
+    printable = list(range(ord("!"), ord("~") + 1))
+    printable += list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+def _check_normalizer(spec: dict | None) -> bool:
+    """True when NFC applies, False when nothing does; anything else is unsupported."""
+    if spec is None:
+        return False
+    if spec.get("type") == "NFC":
+        return True
+    if spec.get("type") == "Sequence" and [n.get("type") for n in spec.get("normalizers", [])] == ["NFC"]:
+        return True
+    raise Unsupported(f"normalizer {spec.get('type')!r} (only NFC or none)")
+
+
+def _pattern_of(spec: dict | None) -> str:
+    """The split regex of a supported byte-level pre-tokenizer."""
+    if spec is None:
+        raise Unsupported("no pre-tokenizer (byte-level BPE needs ByteLevel)")
+
+    def byte_level(p: dict, use_regex: bool) -> None:
+        if p.get("type") != "ByteLevel":
+            raise Unsupported(f"pre-tokenizer {p.get('type')!r} where ByteLevel was expected")
+        if p.get("add_prefix_space"):
+            raise Unsupported("ByteLevel(add_prefix_space=True)")
+        if bool(p.get("use_regex", True)) != use_regex:
+            raise Unsupported(f"ByteLevel(use_regex={p.get('use_regex')}) in this position")
+
+    if spec.get("type") == "ByteLevel":
+        byte_level(spec, use_regex=True)
+        return GPT2_PATTERN
+    parts = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else []
+    if len(parts) != 2 or parts[0].get("type") != "Split":
+        raise Unsupported(f"pre-tokenizer {spec.get('type')!r} (only ByteLevel, or Split then ByteLevel)")
+    split = parts[0]
+    if split.get("behavior") != "Isolated" or split.get("invert") or "Regex" not in split.get("pattern", {}):
+        raise Unsupported("Split pre-tokenizer other than an isolated, non-inverted regex")
+    byte_level(parts[1], use_regex=False)
+    return split["pattern"]["Regex"]
+
+
+def _merge_pairs(merges: list) -> list[tuple[str, str]]:
+    # Older tokenizer.json files store "a b" strings; newer ones store [a, b] pairs.
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1]) for m in merges]
+
+
+def _ranks(model: dict) -> tuple[dict[bytes, int], np.ndarray]:
+    """tiktoken ranks (merge priority) and the table from rank back to the tokenizer's id."""
+    if model.get("type") != "BPE":
+        raise Unsupported(f"model {model.get('type')!r} (only BPE)")
+    if model.get("dropout") or model.get("byte_fallback") or model.get("unk_token") is not None:
+        raise Unsupported("BPE with dropout, byte fallback or an unknown token")
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise Unsupported("BPE with a subword prefix or word suffix")
+    byte_chars = bytes_to_unicode()
+    vocab: dict[str, int] = model["vocab"]
+    strange = set("".join(vocab)) - set(byte_chars.values())
+    if strange:
+        raise Unsupported(f"vocab characters {''.join(sorted(strange)[:8])!r} are not byte-level unicode")
+    # Byte-level text -> code points 0..255 -> latin-1 bytes: the raw bytes a token stands for.
+    to_latin1 = str.maketrans({c: chr(b) for b, c in byte_chars.items()})
+
+    ranks: dict[bytes, int] = {}
+    rank_to_id = []
+    for b in range(256):
+        if byte_chars[b] not in vocab:
+            raise Unsupported(f"byte {b} has no token")
+        ranks[bytes([b])] = b
+        rank_to_id.append(vocab[byte_chars[b]])
+    for a, b in _merge_pairs(model.get("merges", [])):
+        merged = a + b
+        if merged not in vocab or a not in vocab or b not in vocab:
+            raise Unsupported(f"merge {a!r} + {b!r} names a token missing from the vocab")
+        key = merged.translate(to_latin1).encode("latin-1")
+        if key in ranks:
+            raise Unsupported(f"token {merged!r} is made by more than one merge")
+        ranks[key] = len(rank_to_id)
+        rank_to_id.append(vocab[merged])
+    return ranks, np.array(rank_to_id, dtype=np.int32)
+
+
+def _added_token_splitter(added: list[dict]) -> tuple[re.Pattern | None, dict[str, int]]:
+    """A leftmost-longest matcher over every added token, and the ids of the non-special ones."""
+    keep: dict[str, int] = {}
+    for t in added:
+        if t.get("special"):
+            continue  # with encode_special_tokens a special match is dropped: its text stays text
+        if t.get("normalized") or t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+            raise Unsupported(f"added token {t['content']!r} with normalized/lstrip/rstrip/single_word")
+        keep[t["content"]] = t["id"]
+    if not keep:
+        return None, keep
+    # Longest first: at the leftmost match position, the longest literal wins, as in aho-corasick.
+    contents = sorted({t["content"] for t in added}, key=lambda s: (-len(s), s))
+    return re.compile("|".join(re.escape(c) for c in contents)), keep
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """Every document of a batch as one flat int32 array plus its per-document lengths."""
+
+    ids: np.ndarray
+    """int32, all documents back to back."""
+    lengths: np.ndarray
+    """int64, tokens of each document, in batch order."""
+
+
+class FastBPE:
+    """Encodes text as the `tokenizers` model it was built from would, with `tiktoken` doing the BPE."""
+
+    def __init__(self, tokenizer_json: str | Path) -> None:
+        import tiktoken  # optional dependency (the `fast` extra): a missing module means "unsupported"
+
+        spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+        self.nfc = _check_normalizer(spec.get("normalizer"))
+        pattern = _pattern_of(spec.get("pre_tokenizer"))
+        ranks, self.rank_to_id = _ranks(spec.get("model", {}))
+        self.splitter, self.added_ids = _added_token_splitter(spec.get("added_tokens", []))
+        self._first_chars = "".join(sorted({c[0] for c in self.added_ids}))
+        # Added ids ride through the rank space on ranks past the last merge, so one table lookup maps all.
+        self._added_rank = {i: len(self.rank_to_id) + k for k, i in enumerate(self.added_ids.values())}
+        self.rank_to_id = np.concatenate(
+            [self.rank_to_id, np.array(list(self.added_ids.values()), dtype=np.int32)]
+        )
+        try:
+            self.encoding = tiktoken.Encoding(
+                "fast-bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={}
+            )
+        except Exception as e:  # the Rust regex engine rejects some patterns `tokenizers` accepts
+            raise Unsupported(f"tiktoken cannot compile the split pattern ({e})") from e
+
+    def _pieces(self, text: str) -> list[str | int]:
+        """Text split at non-special added tokens: strings to encode, ints already ids."""
+        if self.splitter is None or not any(c in text for c in self._first_chars):
+            return [text]
+        out: list[str | int] = []
+        pos = 0
+        for m in self.splitter.finditer(text):
+            token_id = self.added_ids.get(m.group())
+            if token_id is None:
+                continue  # a special token's text: part of the ordinary text around it
+            if m.start() > pos:
+                out.append(text[pos : m.start()])
+            out.append(token_id)
+            pos = m.end()
+        if pos < len(text):
+            out.append(text[pos:])
+        return out
+
+    def _normalize(self, piece: str) -> str:
+        if self.nfc and not unicodedata.is_normalized("NFC", piece):
+            return unicodedata.normalize("NFC", piece)
+        return piece
+
+    def has_added_token(self, text: str) -> bool:
+        """Whether ``text`` holds a non-special added token (the riskiest case: always worth a check)."""
+        return any(isinstance(piece, int) for piece in self._pieces(text))
+
+    def encode_batch(self, texts: list[str]) -> EncodedBatch:
+        """Ids of each text alone (no BOS/EOS), identical to `tokenizers` with encode_special_tokens."""
+        encode = self.encoding._core_bpe.encode_ordinary
+        added_rank = self._added_rank
+        lengths = np.empty(len(texts), dtype=np.int64)
+        ranks: list[int] = []
+        for i, text in enumerate(texts):
+            before = len(ranks)
+            for piece in self._pieces(text):
+                if isinstance(piece, int):
+                    ranks.append(added_rank[piece])
+                else:
+                    ranks.extend(encode(self._normalize(piece)))
+            lengths[i] = len(ranks) - before
+        ids = self.rank_to_id[np.array(ranks, dtype=np.int64)] if ranks else np.zeros(0, dtype=np.int32)
+        return EncodedBatch(ids=ids, lengths=lengths)
