@@ -90,7 +90,9 @@ def expand_inputs(inputs: list[str]) -> list[InputFile]:
             paths = [Path(spec)]
         for path in paths:
             if not path.exists():
-                raise InputError(f"input `{path}` does not exist.")
+                raise InputError(
+                    f"input `{path}` does not exist; check the path (relative to `{Path.cwd()}`)."
+                )
             fmt = _format_of(path)
             if fmt is not None:
                 found.append(InputFile(path, fmt))
@@ -149,7 +151,7 @@ def _from_value(obj: object, text_field: str, where: str) -> Record:
     if text is None:
         return Record(None, MISSING_FIELD, where, f"`{text_field}` is null")
     if not isinstance(text, str):
-        return Record(None, INVALID, where, f"`{text_field}` is a {type(text).__name__}, not a string")
+        return Record(None, INVALID, where, f"`{text_field}` is {_kind(text)}, not a string")
     return _text_record(text, where)
 
 
@@ -162,6 +164,12 @@ def _lone_surrogate(text: str) -> str | None:
             f"`\\u{ord(text[e.start]):04x}` at character {e.start} is half a UTF-16 surrogate pair, not text"
         )
     return None
+
+
+def _kind(value: object) -> str:
+    """`an int` rather than `a int`: the value's type as a message names it."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _text_record(text: str, where: str) -> Record:
@@ -185,7 +193,7 @@ def _read_jsonl(path: Path, text_field: str, on_bytes: Callable[[int], None]) ->
                 yield Record(None, INVALID, where, f"invalid UTF-8 at byte {e.start} of the line")
                 continue
             except json.JSONDecodeError as e:
-                yield Record(None, INVALID, where, f"malformed JSON ({e.msg} at column {e.colno})")
+                yield Record(None, INVALID, where, f"malformed JSON ({e.msg}, column {e.colno})")
                 continue
             except (ValueError, RecursionError) as e:  # e.g. a 5,000-digit number, arrays nested 100,000 deep
                 yield Record(None, INVALID, where, f"JSON that cannot be decoded ({str(e)[:120]})")
@@ -241,7 +249,7 @@ def _column_records(column: list, start_row: int, path: Path, text_field: str) -
         if text is None:
             yield Record(None, MISSING_FIELD, where, f"`{text_field}` is null")
         elif not isinstance(text, str):
-            yield Record(None, INVALID, where, f"`{text_field}` is a {type(text).__name__}, not a string")
+            yield Record(None, INVALID, where, f"`{text_field}` is {_kind(text)}, not a string")
         else:
             yield _text_record(text, where)
 

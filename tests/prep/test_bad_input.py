@@ -51,7 +51,7 @@ BAD_RECORDS = [
     ("malformed", '{"text": "cut off', ["malformed JSON"], "skipped_invalid"),
     ("missing", '{"body": "x"}', ["no `text` field (fields: body)", "--text-field"], "skipped_missing_field"),
     ("null", '{"text": null}', ["`text` is null"], "skipped_missing_field"),
-    ("number", '{"text": 42}', ["`text` is a int, not a string"], "skipped_invalid"),
+    ("number", '{"text": 42}', ["`text` is an int, not a string"], "skipped_invalid"),
     ("not-object", '["a", "b"]', ["expected a JSON object, found list"], "skipped_invalid"),
     ("bad-utf8", b'{"text": "caf\xe9"}', ["invalid UTF-8 at byte"], "skipped_invalid"),
     ("surrogate", '{"text": "abc \\ud800 def"}', ["half a UTF-16 surrogate pair"], "skipped_invalid"),
