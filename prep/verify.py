@@ -21,7 +21,7 @@ import numpy as np
 
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
 from shared.checks import RowCheckError, SplitSegments, TokenRules, check_batch, check_documents
-from shared.contract import DOC_IDS, FORMAT_NAME, FORMAT_VERSION
+from shared.contract import DOC_IDS, FORMAT_NAME, FORMAT_VERSION, SHARD_SUFFIX
 from shared.errors import UserError
 from shared.manifest import Manifest
 from shared.reader import Shard, check_shard_file
@@ -121,6 +121,15 @@ def _open_shards(root: Path, m: Manifest) -> dict[str, list[Shard]]:
         "bos_id": t.bos_id,
         "tokenizer_sha256": t.sha256,
     }
+    listed = {sh.file for s in m.splits.values() for sh in s.shards}
+    # The card's `data_files` globs `train-*.arrow`: a stray shard would be loaded by `datasets` as data.
+    if stray := sorted(p.name for p in root.glob(f"*{SHARD_SUFFIX}") if p.name not in listed):
+        raise _fail(
+            "files",
+            f"`{stray[0]}` is not listed in the manifest ({len(stray)} such file(s)); readers that glob"
+            " shards would load it as data.",
+            "Delete it, or re-pack into an empty folder.",
+        )
     opened = {}
     for name, split in m.splits.items():
         shards = []

@@ -234,6 +234,11 @@ def test_shard_metadata_from_another_dataset_fails(copy):
     fails(copy, "files check failed", name, "`seq_len` is 512, the manifest says 256")
 
 
+def test_shard_not_listed_in_the_manifest_fails(copy):
+    shutil.copy(copy / last_shard(copy), copy / "train-00099-of-00099.arrow")
+    fails(copy, "files check failed", "`train-00099-of-00099.arrow` is not listed in the manifest")
+
+
 def test_manifest_count_off_by_one_fails(copy):
     raw = manifest_of(copy)
     info = raw["splits"]["train"]["shards"][0]
@@ -497,8 +502,8 @@ def test_errors_are_user_errors():
 
 @pytest.mark.corpus
 def test_reuters_slice_passes_with_sources(reuters, qwen_tokenizer, tmp_path):
-    """Real text and the Qwen2.5 tokenizer: the first 2,000 Reuters records, checked against their source."""
-    lines = reuters.read_text(encoding="utf-8").splitlines(keepends=True)[:2000]
+    """Real text and the Qwen2.5 tokenizer: the first 1,000 Reuters records, checked against their source."""
+    lines = reuters.read_text(encoding="utf-8").splitlines(keepends=True)[:1000]
     corpus = tmp_path / "reuters-slice.jsonl"
     corpus.write_text("".join(lines), encoding="utf-8")
     out = tmp_path / "packed"
@@ -513,27 +518,45 @@ def test_reuters_slice_passes_with_sources(reuters, qwen_tokenizer, tmp_path):
 # --- other packing options -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"strategy": "wrapped", "long_docs": "truncate"}, {"long_docs": "drop", "bos_token": "<|im_start|>"}],
-    ids=["wrapped-truncate", "drop-bos"],
-)
-def test_other_options_pass_with_sources(sample, tmp_path, options):
+@pytest.fixture(scope="module")
+def packed_bos(sample, tmp_path_factory) -> Path:
+    """Wrapped rows, BOS before every document, long documents dropped."""
+    corpus, tok = sample
+    out = tmp_path_factory.mktemp("verify-bos") / "packed"
+    pack(
+        PackConfig(
+            inputs=(str(corpus),),
+            tokenizer=str(tok),
+            out=out,
+            seq_len=SEQ_LEN,
+            strategy="wrapped",
+            long_docs="drop",
+            bos_token="<|im_start|>",
+        )
+    )
+    return out
+
+
+def test_truncated_documents_pass_with_sources(sample, tmp_path):
     corpus, tok = sample
     out = tmp_path / "packed"
-    pack(PackConfig(inputs=(str(corpus),), tokenizer=str(tok), out=out, seq_len=SEQ_LEN, **options))
+    pack(
+        PackConfig(inputs=(str(corpus),), tokenizer=str(tok), out=out, seq_len=SEQ_LEN, long_docs="truncate")
+    )
     report = verify_dataset(VerifyConfig(root=out, sources=(str(corpus),), sample=401))
     assert "sources" in report.checks and report.num_source_records == 401
 
 
-def test_bos_inside_a_document_fails(sample, tmp_path):
-    corpus, tok = sample
+def test_wrapped_bos_and_dropped_documents_pass_with_sources(packed_bos, sample):
+    corpus, _ = sample
+    report = verify_dataset(VerifyConfig(root=packed_bos, sources=(str(corpus),), sample=401))
+    assert "sources" in report.checks and report.num_source_records == 401
+    assert manifest_of(packed_bos)["documents"]["dropped"] > 0
+
+
+def test_bos_inside_a_document_fails(packed_bos, tmp_path):
     out = tmp_path / "packed"
-    pack(
-        PackConfig(
-            inputs=(str(corpus),), tokenizer=str(tok), out=out, seq_len=SEQ_LEN, bos_token="<|im_start|>"
-        )
-    )
+    shutil.copytree(packed_bos, out)
     bos = manifest_of(out)["tokenizer"]["bos_id"]
     rows, _ = read_rows(out / last_shard(out))
     r = row_with(rows, min_first=4)
