@@ -1,0 +1,219 @@
+"""The fast engine gives `tokenizers`' ids exactly, refuses what it cannot reproduce, and falls back."""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, Tokenizer
+
+from prep.engine import FAST, REFERENCE, TokenEngine, first_mismatch, reference_encode
+from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported
+from prep.tokenizer import load_tokenizer
+
+TRICKY = [
+    "",
+    "plain words, numbers 12345 and 3.14159",
+    "a literal <|endoftext|> and <|im_start|>user ... <|im_end|> stay text",
+    'non-special added tokens: <tool_call>{"name": 1}</tool_call> and <|fim_prefix|>x<|fim_middle|>',
+    "<tool_call><tool_call></tool_call>",
+    "<|endoftext|><tool_call><|endoftext|>",
+    "<tool_call",
+    "<<tool_call>>",
+    "NFC: cafe\u0301 vs caf\u00e9, A\u030a vs \u00c5, \u1100\u1161 (jamo), \u212b (angstrom)",
+    "<tool_call>e\u0301",
+    "windows\r\nline\r\n\r\nendings\r",
+    "emoji \U0001f600 \U0001f469\u200d\U0001f469\u200d\U0001f467 flags \U0001f1e9\U0001f1ea and \u2764\ufe0f",
+    "spaces" + " " * 300 + "then tabs" + "\t" * 50 + "\n" * 40 + "end",
+    "   leading and trailing   ",
+    "CONTRACTIONS: IT'S, we'RE, they'Ve, I'M, you'LL, he'D, don'T",
+    "mixed scripts: \u4e2d\u6587\u5206\u8bcd \u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u0440\u0443\u0441\u0441\u043a\u0438\u0439 \u05e2\u05d1\u05e8\u05d9\u05ea",
+    "code:\n    def f(x):\n\treturn x**2  # comment\n",
+    "\u00a0non\u2009breaking\u3000spaces",
+    "lone surrogate-free astral \U00010348 and private use \ue000",
+]
+
+
+def _reference(path: Path) -> Tokenizer:
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def _assert_same(fast: FastBPE, reference: Tokenizer, texts: list[str]) -> None:
+    got = fast.encode_batch(texts)
+    want = reference_encode(reference, texts)
+    assert got.ids.dtype == np.int32 and got.lengths.dtype == np.int64
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_array_equal(got.ids, want.ids)
+
+
+@pytest.fixture(scope="module")
+def sample_tok(sample) -> Path:
+    """The sample tokenizer plus a non-special added token, as Qwen has (``<tool_call>``)."""
+    _, folder = sample
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.add_tokens([AddedToken("<tool_call>", special=False, normalized=False)])
+    path = folder.parent / "sample-with-added.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def test_sample_tokenizer_ids_identical(sample, sample_tok):
+    corpus, _ = sample
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    _assert_same(FastBPE(sample_tok), _reference(sample_tok), texts + TRICKY)
+
+
+@pytest.fixture(scope="module")
+def sample_pair(sample_tok) -> tuple[FastBPE, Tokenizer]:
+    return FastBPE(sample_tok), _reference(sample_tok)
+
+
+_PIECES = [
+    "a",
+    "e\u0301",
+    " ",
+    "  ",
+    "\r\n",
+    "\t",
+    "'s",
+    "'S",
+    "1",
+    "<|endoftext|>",
+    "<tool_call>",
+    "<",
+    "\U0001f600",
+    "\u00e9",
+    "Z",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.lists(st.sampled_from(_PIECES), max_size=40).map("".join))
+def test_sample_tokenizer_ids_identical_on_generated_text(sample_pair, text):
+    _assert_same(*sample_pair, [text])
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(qwen_tokenizer) -> tuple[FastBPE, Tokenizer]:
+    return FastBPE(qwen_tokenizer), _reference(qwen_tokenizer)
+
+
+def test_qwen_tricky_strings_identical(qwen_pair):
+    fast, reference = qwen_pair
+    _assert_same(fast, reference, TRICKY)
+    # The non-special added token is one id, and special-token text is never its special id.
+    ids = fast.encode_batch(["<tool_call><|endoftext|>"]).ids
+    assert ids[0] == 151657 and 151643 not in ids.tolist()
+
+
+def test_qwen_reuters_slice_identical(qwen_pair, reuters):
+    fast, reference = qwen_pair
+    with open(reuters, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in islice(f, 400)]
+    _assert_same(fast, reference, texts)
+
+
+def _edited(path: Path, tmp_path: Path, edit) -> Path:
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    edit(spec)
+    out = tmp_path / "edited.json"
+    out.write_text(json.dumps(spec), encoding="utf-8")
+    return out
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (lambda s: s.update(normalizer={"type": "NFKC"}), "normalizer"),
+        (lambda s: s["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space"),
+        (lambda s: s["model"].update(dropout=0.1), "dropout"),
+        (lambda s: s["model"].update(type="WordPiece"), "model"),
+        (lambda s: s["model"]["merges"].append(s["model"]["merges"][-1]), "more than one merge"),
+        (
+            lambda s: s["added_tokens"].append(
+                {**s["added_tokens"][0], "id": 5000, "special": False, "lstrip": True}
+            ),
+            "lstrip",
+        ),
+    ],
+)
+def test_unsupported_tokenizers_are_refused(sample_tok, tmp_path, edit, reason):
+    with pytest.raises(Unsupported, match=reason):
+        FastBPE(_edited(sample_tok, tmp_path, edit))
+
+
+def test_check_catches_a_wrong_id(sample_tok):
+    """Negative control for the per-batch check: one flipped id in a checked document is reported."""
+    fast, reference = FastBPE(sample_tok), _reference(sample_tok)
+    texts = ["The board reported steady demand.", "plain", "a <tool_call> in the tail"]
+    good = fast.encode_batch(texts)
+    assert first_mismatch(fast, reference, texts, good) is None
+    for doc in (0, 2):  # the leading sample, and a document checked because it holds an added token
+        ids = good.ids.copy()
+        ids[int(np.cumsum(good.lengths)[doc]) - 1] += 1
+        assert "document" in first_mismatch(fast, reference, texts, EncodedBatch(ids, good.lengths))
+
+
+class _Notes:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def _texts(sample) -> list[list[str]]:
+    corpus, _ = sample
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    return [texts[i : i + 50] for i in range(0, len(texts), 50)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_engine_matches_reference_in_order(sample, sample_tok, workers):
+    tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
+    notes = _Notes()
+    batches = _texts(sample)
+    engine = TokenEngine(tok, workers=workers, notice=notes)
+    assert engine.name == FAST
+    out = list(engine.map(enumerate(batches)))
+    assert [i for i, _ in out] == list(range(len(batches)))
+    for (_, got), texts in zip(out, batches, strict=True):
+        want = reference_encode(tok.tokenizer, texts)
+        np.testing.assert_array_equal(got.ids, want.ids)
+    assert engine.num_checked_batches == len(batches) and notes.lines == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_engine_falls_back_when_ids_differ(sample, sample_tok, workers, monkeypatch):
+    original = FastBPE.encode_batch
+
+    def off_by_one(self, texts):
+        got = original(self, texts)
+        return EncodedBatch(got.ids + 1, got.lengths)
+
+    monkeypatch.setattr(FastBPE, "encode_batch", off_by_one)
+    tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
+    notes = _Notes()
+    batches = _texts(sample)
+    engine = TokenEngine(tok, workers=workers, notice=notes)
+    out = list(engine.map(enumerate(batches)))
+    for (_, got), texts in zip(out, batches, strict=True):
+        np.testing.assert_array_equal(got.ids, reference_encode(tok.tokenizer, texts).ids)
+    assert engine.name == REFERENCE
+    assert len(notes.lines) == 1 and "disagreed" in notes.lines[0]
+
+
+def test_engine_falls_back_for_unsupported_tokenizer(sample_tok, tmp_path):
+    path = _edited(sample_tok, tmp_path, lambda s: s.update(normalizer={"type": "Lowercase"}))
+    notes = _Notes()
+    engine = TokenEngine(load_tokenizer(path, eos_token="<|endoftext|>"), notice=notes)
+    assert engine.name == REFERENCE and "does not support" in notes.lines[0]
+    [(_, got)] = list(engine.map([(0, ["Hello World"])]))
+    np.testing.assert_array_equal(got.ids, reference_encode(engine.tok.tokenizer, ["Hello World"]).ids)
