@@ -237,6 +237,36 @@ def _check_accounting(m: Manifest, segs: dict[str, SplitSegments]) -> dict[str, 
     return fragmented
 
 
+def _token_rules(m: Manifest, tok: LoadedTokenizer | None) -> TokenRules:
+    specials = ()
+    if tok is not None:
+        placed = {m.tokenizer.eos_id, m.tokenizer.bos_id}
+        specials = tuple(int(i) for i in tok.special_ids() if int(i) not in placed)
+    return TokenRules(
+        seq_len=m.seq_len,
+        eos_id=m.tokenizer.eos_id,
+        bos_id=m.tokenizer.bos_id,
+        vocab_size=m.tokenizer.vocab_size,
+        special_ids=specials,
+    )
+
+
+def _split_reports(m: Manifest, fragmented: dict[str, int]) -> tuple[SplitReport, ...]:
+    return tuple(
+        SplitReport(
+            name=name,
+            num_shards=len(s.shards),
+            num_rows=s.num_rows,
+            num_tokens=s.num_tokens,
+            num_target_tokens=s.num_target_tokens,
+            num_segments=s.num_segments,
+            num_docs=s.num_docs,
+            num_fragmented_docs=fragmented[name],
+        )
+        for name, s in m.splits.items()
+    )
+
+
 def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
     """Run every check on ``cfg.root``; raise a :class:`UserError` at the first failure, else report."""
     start = time.perf_counter()
@@ -245,19 +275,8 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
     if cfg.sources and tok is None:
         raise UserError(f"--source needs the tokenizer the data was packed with ({no_tok_reason}).")
     shards = _open_shards(cfg.root, m)
-    specials = ()
-    if tok is not None:
-        placed = {m.tokenizer.eos_id, m.tokenizer.bos_id}
-        specials = tuple(int(i) for i in tok.special_ids() if int(i) not in placed)
-    rules = TokenRules(
-        seq_len=m.seq_len,
-        eos_id=m.tokenizer.eos_id,
-        bos_id=m.tokenizer.bos_id,
-        vocab_size=m.tokenizer.vocab_size,
-        special_ids=specials,
-    )
     row_start = time.perf_counter()
-    segs = _check_rows(m, shards, rules)
+    segs = _check_rows(m, shards, _token_rules(m, tok))
     row_seconds = time.perf_counter() - row_start
     fragmented = _check_accounting(m, segs)
     checks = ["files", "structure", "tokens", "eos", "positions", "labels"]
@@ -275,22 +294,9 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
         checks.append("sources")
     else:
         skipped.append("sources (pass --source with the inputs given to `prep pack`)")
-    splits = tuple(
-        SplitReport(
-            name=name,
-            num_shards=len(s.shards),
-            num_rows=s.num_rows,
-            num_tokens=s.num_tokens,
-            num_target_tokens=s.num_target_tokens,
-            num_segments=s.num_segments,
-            num_docs=s.num_docs,
-            num_fragmented_docs=fragmented[name],
-        )
-        for name, s in m.splits.items()
-    )
     return VerifyReport(
         root=cfg.root,
-        splits=splits,
+        splits=_split_reports(m, fragmented),
         checks=tuple(checks),
         skipped=tuple(skipped),
         tokenizer=None if tok is None else tok.info.path,

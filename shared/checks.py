@@ -170,36 +170,11 @@ def check_batch(batch: pa.RecordBatch, rules: TokenRules, *, shard: str, row_bas
     loc = _Locator(shard, row_base, ids.offsets, seg_start, seg_row, docs.values)
     tokens = ids.values
 
-    if (
-        rules.vocab_size is not None
-        and (t := _first((tokens < 0) | (tokens >= rules.vocab_size))) is not None
-    ):
-        raise RowCheckError(
-            "tokens",
-            f"{loc.token(t)}: input id {tokens[t]} is outside the vocabulary 0..{rules.vocab_size - 1}.",
-        )
-
+    _check_vocab(tokens, rules, loc)
     _check_eos_bos(tokens, seg_start, seg_last, rules, loc)
-
-    expected_pos = np.arange(len(tokens), dtype=np.int64) - np.repeat(seg_start, seg_len)
-    if (t := _first(pos.values != expected_pos)) is not None:
-        raise RowCheckError(
-            "positions",
-            f"{loc.token(t)}: position_ids is {pos.values[t]}, expected {expected_pos[t]}; positions count"
-            " 0..n-1 within every segment.",
-        )
-
+    _check_positions(pos.values, seg_start, seg_len, loc)
     _check_labels(tokens, labels.values, seg_start, rules, loc)
-
-    if rules.special_ids:
-        special = np.isin(tokens, np.asarray(rules.special_ids, dtype=tokens.dtype))
-        if (t := _first(special)) is not None:
-            raise RowCheckError(
-                "special",
-                f"{loc.token(t)}: special-token id {tokens[t]} inside a document. Document text was tokenized"
-                " with special tokens active (a literal marker such as `<|endoftext|>` became a control"
-                " token); re-pack with this version of `prep pack`, which encodes such text as text.",
-            )
+    _check_special(tokens, rules, loc)
 
     index = np.arange(len(seg_len), dtype=np.int64) - np.repeat(docs.offsets[:-1], n_seg)
     bos = rules.bos_id
@@ -212,6 +187,39 @@ def check_batch(batch: pa.RecordBatch, rules: TokenRules, *, shard: str, row_bas
         starts_with_bos=tokens[seg_start] == bos if bos is not None else np.zeros(len(seg_len), bool),
         num_target_tokens=int((labels.values != IGNORE_INDEX).sum()),
     )
+
+
+def _check_vocab(tokens: np.ndarray, rules: TokenRules, loc: _Locator) -> None:
+    if rules.vocab_size is None:
+        return
+    if (t := _first((tokens < 0) | (tokens >= rules.vocab_size))) is not None:
+        raise RowCheckError(
+            "tokens",
+            f"{loc.token(t)}: input id {tokens[t]} is outside the vocabulary 0..{rules.vocab_size - 1}.",
+        )
+
+
+def _check_positions(pos: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray, loc: _Locator) -> None:
+    expected = np.arange(len(pos), dtype=np.int64) - np.repeat(seg_start, seg_len)
+    if (t := _first(pos != expected)) is not None:
+        raise RowCheckError(
+            "positions",
+            f"{loc.token(t)}: position_ids is {pos[t]}, expected {expected[t]}; positions count"
+            " 0..n-1 within every segment.",
+        )
+
+
+def _check_special(tokens: np.ndarray, rules: TokenRules, loc: _Locator) -> None:
+    if not rules.special_ids:
+        return
+    special = np.isin(tokens, np.asarray(rules.special_ids, dtype=tokens.dtype))
+    if (t := _first(special)) is not None:
+        raise RowCheckError(
+            "special",
+            f"{loc.token(t)}: special-token id {tokens[t]} inside a document. Document text was tokenized"
+            " with special tokens active (a literal marker such as `<|endoftext|>` became a control"
+            " token); re-pack with this version of `prep pack`, which encodes such text as text.",
+        )
 
 
 def _check_eos_bos(
