@@ -80,6 +80,58 @@ def build_batch(store: TokenStore, plan: PackPlan, row_lo: int, row_hi: int) -> 
     return pa.RecordBatch.from_arrays(columns, schema=SHARD_SCHEMA)
 
 
+def shard_ranges(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    """Row range ``(lo, hi)`` of every shard of a split; an empty split still gets one (empty) shard."""
+    num_shards = max(1, -(-num_rows // rows_per_shard))
+    return [(k * rows_per_shard, min(num_rows, (k + 1) * rows_per_shard)) for k in range(num_shards)]
+
+
+def write_shard(
+    store: TokenStore,
+    plan: PackPlan,
+    *,
+    rows: tuple[int, int],
+    path: Path,
+    schema: pa.Schema,
+    on_rows: Callable[[int], None] = lambda n: None,
+) -> ShardInfo:
+    """Write plan rows ``rows[0]:rows[1]`` to ``path`` (atomically); return what the manifest records of it."""
+    lo, hi = rows
+    with atomic_writer(path) as f, pa.ipc.new_stream(f, schema) as writer:
+        for b_lo in range(lo, hi, ROWS_PER_BATCH):
+            b_hi = min(hi, b_lo + ROWS_PER_BATCH)
+            writer.write_batch(build_batch(store, plan, b_lo, b_hi))
+            on_rows(b_hi - b_lo)
+    s_lo, s_hi = int(plan.row_ptr[lo]), int(plan.row_ptr[hi])
+    seg_doc, seg_start, seg_len = plan.seg_doc[s_lo:s_hi], plan.seg_start[s_lo:s_hi], plan.seg_len[s_lo:s_hi]
+    # A document ends in the row that holds its final segment (the one reaching the end of its stream).
+    ends_doc = seg_start + seg_len == store.doc_len[seg_doc]
+    return ShardInfo(
+        file=path.name,
+        num_rows=hi - lo,
+        num_tokens=int(seg_len.sum()),
+        num_segments=s_hi - s_lo,
+        num_docs=int(ends_doc.sum()),
+        num_bytes=path.stat().st_size,
+        sha256=sha256_file(path),
+    )
+
+
+def split_info(store: TokenStore, plan: PackPlan, shards: list[ShardInfo]) -> SplitInfo:
+    """The manifest's totals for a split written as ``shards``."""
+    ends_doc = plan.seg_start + plan.seg_len == store.doc_len[plan.seg_doc]
+    num_tokens = plan.num_tokens
+    num_first_tokens = int((plan.seg_len > 0).sum())
+    return SplitInfo(
+        num_rows=plan.num_rows,
+        num_tokens=num_tokens,
+        num_target_tokens=num_tokens - num_first_tokens,
+        num_segments=len(plan.seg_len),
+        num_docs=int(ends_doc.sum()),
+        shards=tuple(shards),
+    )
+
+
 def write_split(
     store: TokenStore,
     plan: PackPlan,
@@ -98,42 +150,16 @@ def write_split(
     written again); ``on_shard`` is told of every shard once it is durable (prep/journal.py records it).
     """
     schema = schema_with_metadata(metadata)
-    num_shards = max(1, -(-plan.num_rows // rows_per_shard))
-    # A document ends in the row that holds its final segment (the one reaching the end of its stream).
-    ends_doc = plan.seg_start + plan.seg_len == store.doc_len[plan.seg_doc]
+    ranges = shard_ranges(plan.num_rows, rows_per_shard)
     shards = []
-    for index in range(num_shards):
-        lo, hi = index * rows_per_shard, min(plan.num_rows, (index + 1) * rows_per_shard)
-        path = out_dir / shard_file_name(split, index, num_shards)
+    for index, (lo, hi) in enumerate(ranges):
+        path = out_dir / shard_file_name(split, index, len(ranges))
         kept = reuse(path.name)
         if kept is not None:
             shards.append(kept)
             on_rows(hi - lo)
             continue
-        with atomic_writer(path) as f, pa.ipc.new_stream(f, schema) as writer:
-            for b_lo in range(lo, hi, ROWS_PER_BATCH):
-                b_hi = min(hi, b_lo + ROWS_PER_BATCH)
-                writer.write_batch(build_batch(store, plan, b_lo, b_hi))
-                on_rows(b_hi - b_lo)
-        s_lo, s_hi = int(plan.row_ptr[lo]), int(plan.row_ptr[hi])
-        info = ShardInfo(
-            file=path.name,
-            num_rows=hi - lo,
-            num_tokens=int(plan.seg_len[s_lo:s_hi].sum()),
-            num_segments=s_hi - s_lo,
-            num_docs=int(ends_doc[s_lo:s_hi].sum()),
-            num_bytes=path.stat().st_size,
-            sha256=sha256_file(path),
-        )
+        info = write_shard(store, plan, rows=(lo, hi), path=path, schema=schema, on_rows=on_rows)
         on_shard(info)
         shards.append(info)
-    num_tokens = plan.num_tokens
-    num_first_tokens = int((plan.seg_len > 0).sum())
-    return SplitInfo(
-        num_rows=plan.num_rows,
-        num_tokens=num_tokens,
-        num_target_tokens=num_tokens - num_first_tokens,
-        num_segments=len(plan.seg_len),
-        num_docs=int(ends_doc.sum()),
-        shards=tuple(shards),
-    )
+    return split_info(store, plan, shards)
