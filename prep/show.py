@@ -233,9 +233,8 @@ def inspect_dataset(cfg: InspectConfig, console: Console) -> None:
     if cfg.row is not None:
         num_rows = ds.split(cfg.split).num_rows
         if not 0 <= cfg.row < num_rows:
-            raise UserError(
-                f"--row {cfg.row} is out of range: split `{cfg.split}` has rows 0..{num_rows - 1}."
-            )
+            has = f"rows 0..{num_rows - 1}" if num_rows else "no rows"
+            raise UserError(f"--row {cfg.row} is out of range: split `{cfg.split}` has {has}.")
     stats = dataset_stats(ds)
     console.print(summary_view(m, stats))
     row = None
