@@ -25,17 +25,19 @@ import numpy as np
 from prep import __version__
 from prep.card import write_card
 from prep.engine import TokenEngine
+from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, Pass1State, input_stats, kill_point
-from prep.packing import STRATEGIES, make_plan
+from prep.packing import STRATEGIES, PackPlan, make_plan
 from prep.readers import EMPTY, MISSING_FIELD, InputError, InputFile, Record, expand_inputs, read_records
-from prep.streams import build_streams
+from prep.streams import BatchStreams, build_streams
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, write_split
 from shared.contract import CARD_NAME, MANIFEST_NAME, SPLITS, shard_metadata
 from shared.errors import UserError
-from shared.manifest import DocumentAccounting, InputInfo, Manifest, PackOptions
+from shared.manifest import DocumentAccounting, InputInfo, Manifest, PackOptions, SplitInfo
 
 LONG_DOC_POLICIES = ("split", "truncate", "drop")
+ENGINES = ("local", "ray")
 WORK_DIR = ".pack-work"
 BATCH_CHARS = 4 << 20
 """Characters of text tokenized per batch: large enough to keep every core busy, small enough to bound memory."""
@@ -67,8 +69,23 @@ class PackConfig:
     overwrite: bool = False
     resume: bool = False
     """Continue the interrupted run in ``out`` from its journal (same options and inputs required)."""
+    engine: str = "local"
+    """``local`` (every core of this machine) or ``ray`` (Ray tasks across a cluster; same output bytes)."""
+    ray_address: str | None = None
+    """Ray cluster to join with ``engine="ray"``; default ``RAY_ADDRESS``, else a Ray started on this machine."""
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine {self.engine!r} is unknown; choose one of {', '.join(ENGINES)}.")
+        if self.ray_address is not None and self.engine != "ray":
+            raise UserError(
+                f"--ray-address {self.ray_address!r} needs `--engine ray`; add it, or drop the address."
+            )
+        if self.resume and self.engine == "ray":
+            raise UserError(
+                "`--resume` is not supported with `--engine ray` (a Ray pack keeps no journal); pass"
+                " `--overwrite` to pack again from the start, or finish the run with `--engine local`."
+            )
         if self.resume and self.overwrite:
             raise UserError(
                 "pass either `--resume` (continue the interrupted run) or `--overwrite`, not both."
@@ -206,6 +223,30 @@ def _count_problems(cfg: PackConfig, batch: list[Record], counts: dict[str, int]
         counts[skip_key.get(record.problem, "skipped_invalid")] += 1
 
 
+def batch_streams(
+    cfg: PackConfig,
+    tok: LoadedTokenizer,
+    batch: list[Record],
+    encoded: EncodedBatch,
+    first_id: int,
+    counts: dict[str, int],
+) -> tuple[BatchStreams, np.ndarray, np.ndarray]:
+    """One tokenized batch: count it into ``counts``; return its streams, kept doc ids (int64), val flags (int8).
+
+    ``first_id`` is the doc id of the batch's first record. Both engines call this, so they agree by construction.
+    """
+    _count_problems(cfg, batch, counts)
+    texts = [r.text for r in batch if r.text is not None]
+    text_ids = first_id + np.array([i for i, r in enumerate(batch) if r.text is not None], np.int64)
+    streams = build_streams(
+        encoded, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=cfg.seq_len, long_docs=cfg.long_docs
+    )
+    for key, value in streams.counts.items():
+        counts[key] += value
+    flags = [is_val(texts[i], cfg.val_fraction) for i in streams.kept.tolist()]
+    return streams, text_ids[streams.kept], np.array(flags, dtype=np.int8)
+
+
 def _tokenize_inputs(
     cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile], journal: Journal, progress: Progress
 ) -> _Tokenized:
@@ -220,20 +261,10 @@ def _tokenize_inputs(
     engine = TokenEngine(tok, workers=cfg.workers, notice=progress.message)
     with journal.open_tokens() as out:
         for (index, batch, last), encoded in engine.map(_text_batches(cfg, sources, state, progress)):
-            _count_problems(cfg, batch, counts)
-            texts = [r.text for r in batch if r.text is not None]
-            text_ids = state.next_id + np.array(
-                [i for i, r in enumerate(batch) if r.text is not None], np.int64
-            )
-            streams = build_streams(
-                encoded, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=cfg.seq_len, long_docs=cfg.long_docs
-            )
-            for key, value in streams.counts.items():
-                counts[key] += value
-            state.doc_id.frombytes(text_ids[streams.kept].tobytes())
+            streams, doc_ids, flags = batch_streams(cfg, tok, batch, encoded, state.next_id, counts)
+            state.doc_id.frombytes(doc_ids.tobytes())
             state.doc_len.frombytes(streams.doc_len.tobytes())
-            flags = [is_val(texts[i], cfg.val_fraction) for i in streams.kept.tolist()]
-            state.is_val.frombytes(np.array(flags, dtype=np.int8).tobytes())
+            state.is_val.frombytes(flags.tobytes())
             out.write(memoryview(streams.tokens))
             state.next_id += len(batch)
             journal.commit_batch(out, len(batch))
@@ -276,6 +307,10 @@ def _fingerprint(
 def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     """Pack ``cfg.inputs`` into ``cfg.out``; return the manifest written there."""
     progress = progress or Progress()
+    if cfg.engine == "ray":
+        from prep.engine_ray import pack_with_ray  # Ray is an optional extra: import it only when asked for
+
+        return pack_with_ray(cfg, progress)
     tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
     sources = expand_inputs(list(cfg.inputs))
     if cfg.workers is not None:
@@ -293,12 +328,7 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     try:
         tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress)
         docs = tokenized.accounting
-        if docs.packed == 0:
-            raise InputError(
-                f"no documents to pack: {docs.docs_in:,} records read, {docs.skipped:,} skipped"
-                f" (empty {docs.skipped_empty:,}, missing field {docs.skipped_missing_field:,}, invalid {docs.skipped_invalid:,}),"
-                f" {docs.dropped:,} dropped as longer than --seq-len. Check the inputs and `--text-field`."
-            )
+        require_documents(docs)
     except UserError:
         # A bad record or an empty corpus is a mistake to fix, not a crash: leave --out as it was so that the
         # corrected command simply runs again. A resumed run keeps its work for the next `--resume`.
@@ -312,36 +342,72 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     tokens = np.memmap(tokens_path, dtype=np.int32, mode="r") if doc_len.sum() else np.zeros(0, np.int32)
 
     splits = {}
-    for name, members in zip(SPLITS, (~val, val), strict=True):
-        if name == "val" and cfg.val_fraction == 0.0:
-            continue
-        idx = np.flatnonzero(members)
+    for name, idx, plan in plan_splits(cfg, doc_len, val, progress):
         store = TokenStore(
             tokens=tokens, doc_offset=doc_offset[idx], doc_len=doc_len[idx], doc_id=doc_id[idx]
         )
-        progress.start(f"pack {name}", None)
-        plan = make_plan(cfg.strategy, doc_len[idx], cfg.seq_len, allow_split=cfg.long_docs == "split")
         progress.start(f"write {name}", float(plan.num_rows))
-        metadata = shard_metadata(
-            split=name,
-            seq_len=cfg.seq_len,
-            strategy=cfg.strategy,
-            eos_id=tok.eos_id,
-            bos_id=tok.bos_id,
-            tokenizer_sha256=tok.info.sha256,
-        )
         splits[name] = write_split(
             store,
             plan,
             split=name,
             out_dir=cfg.out,
-            metadata=metadata,
+            metadata=split_metadata(cfg, tok, name),
             rows_per_shard=rows_per_shard,
             on_rows=lambda n: progress.advance(n),
             reuse=lambda file, split=name: journal.reusable_shard(split, file),
             on_shard=lambda info, split=name: journal.shard_done(split, info),
         )
+    del tokens
+    return finish(cfg, tok, tokenized.inputs, docs, splits)
 
+
+def require_documents(docs: DocumentAccounting) -> None:
+    """Refuse a corpus in which no document survived reading and the long-document policy."""
+    if docs.packed == 0:
+        raise InputError(
+            f"no documents to pack: {docs.docs_in:,} records read, {docs.skipped:,} skipped"
+            f" (empty {docs.skipped_empty:,}, missing field {docs.skipped_missing_field:,}, invalid {docs.skipped_invalid:,}),"
+            f" {docs.dropped:,} dropped as longer than --seq-len. Check the inputs and `--text-field`."
+        )
+
+
+def plan_splits(
+    cfg: PackConfig, doc_len: np.ndarray, val: np.ndarray, progress: Progress
+) -> Iterator[tuple[str, np.ndarray, PackPlan]]:
+    """``(split, indices of its documents, plan)`` of each split written; a global plan over every document."""
+    for name, members in zip(SPLITS, (~val, val), strict=True):
+        if name == "val" and cfg.val_fraction == 0.0:
+            continue
+        idx = np.flatnonzero(members)
+        progress.start(f"pack {name}", None)
+        yield (
+            name,
+            idx,
+            make_plan(cfg.strategy, doc_len[idx], cfg.seq_len, allow_split=cfg.long_docs == "split"),
+        )
+
+
+def split_metadata(cfg: PackConfig, tok: LoadedTokenizer, split: str) -> dict:
+    """The Arrow schema metadata of every shard of ``split``."""
+    return shard_metadata(
+        split=split,
+        seq_len=cfg.seq_len,
+        strategy=cfg.strategy,
+        eos_id=tok.eos_id,
+        bos_id=tok.bos_id,
+        tokenizer_sha256=tok.info.sha256,
+    )
+
+
+def finish(
+    cfg: PackConfig,
+    tok: LoadedTokenizer,
+    inputs: tuple[InputInfo, ...],
+    docs: DocumentAccounting,
+    splits: dict[str, SplitInfo],
+) -> Manifest:
+    """After every shard is durable: write the manifest (last, so that it marks a complete dataset) and the card."""
     manifest = Manifest(
         tokenizer=tok.info,
         options=PackOptions(
@@ -352,16 +418,15 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
             val_fraction=cfg.val_fraction,
             skip_invalid=cfg.skip_invalid,
         ),
-        inputs=tokenized.inputs,
+        inputs=inputs,
         documents=docs,
         splits=splits,
         created_by=f"prep {__version__}",
     )
     problems = docs.problems()
     assert not problems, f"internal accounting error: {problems}"
-    del tokens
     kill_point("manifest")
     manifest.save(cfg.out)
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
     write_card(cfg.out, manifest)
     return manifest
