@@ -219,8 +219,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
             dist.barrier()
 
     try:
-        t_last = time.perf_counter()
         for step in range(start_step + 1, plan.num_steps + 1):
+            t_start = time.perf_counter()
             # ---- one optimizer step: grad_accum micro-batches, one normalisation --------------------
             micro_batches: list[VarlenBatch] = [next(loader) for _ in range(cfg.grad_accum)]
             counts = torch.tensor(
@@ -247,9 +247,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
             # ---- bookkeeping: loss, throughput, logs ------------------------------------------------
             loss = float(all_reduce_sum(step_loss_sum)) / max(num_step_targets, 1)
             result.losses[step] = loss
-            now = time.perf_counter()
-            tok_per_s = num_step_tokens / max(now - t_last, 1e-9)
-            t_last = now
+            # Wall time of this step alone (eval and checkpoint writes below are not counted).
+            tok_per_s = num_step_tokens / max(time.perf_counter() - t_start, 1e-9)
             if is_main:
                 mem = memory_bytes(device)
                 metrics.write(

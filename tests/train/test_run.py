@@ -224,3 +224,41 @@ def test_model_vocab_must_cover_the_tokenizer(packed_sample, tmp_path):
     )
     assert result.exit_code == 1
     assert "100" in result.output and "tokens" in result.output
+
+
+def _rank_main(rank: int, world_size: int, port: int, cfg: RunConfig, result_file: Path) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        result = train(cfg, log=quiet)
+        if rank == 0:
+            result_file.write_text(json.dumps({"losses": result.losses, "eval": result.eval_losses}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_with_twice_the_micro_batches(packed_sample, tmp_path):
+    """gloo on CPU: 2 ranks x 1 micro-batch per step == 1 rank x 2 micro-batches (same rows, same loss)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = {"max_steps": 3, "eval_every": 3, "batch_size": 1}
+    result_file = tmp_path / "ddp.json"
+    cfg = tiny(packed_sample, tmp_path / "ddp", **options)
+    # fork: the children inherit the imported modules (spawn would re-import torch and transformers)
+    mp.start_processes(_rank_main, args=(2, port, cfg, result_file), nprocs=2, start_method="fork")
+    ddp = json.loads(result_file.read_text())
+    single = train(tiny(packed_sample, tmp_path / "one", grad_accum=2, **options), log=quiet)
+    for step in (1, 2, 3):
+        assert ddp["losses"][str(step)] == pytest.approx(single.losses[step], rel=1e-5, abs=1e-6)
+    assert ddp["eval"]["3"] == pytest.approx(single.eval_losses[3], rel=1e-5)
+    a, b = adapter_weights(tmp_path / "ddp"), adapter_weights(tmp_path / "one")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
