@@ -3,13 +3,15 @@
 Doc ids count records across the inputs in input order (``manifest.inputs`` gives each file's first id and
 record count), so re-reading the same inputs in the same order with the same readers gives every stored
 document's text back. A record that was skipped, or dropped as too long, must be absent from the shards;
-every other record must be stored as BOS? + ids + EOS, truncated when ``--long-docs truncate`` says so.
+every other record must be stored as BOS? + ids + EOS, truncated when ``--long-docs truncate`` says so,
+in the split its content hash chooses.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from prep.pipeline import is_val
 from prep.readers import expand_inputs, read_records
 from prep.tokenizer import LoadedTokenizer
 from shared.checks import RowCheckError, SplitSegments
@@ -105,10 +107,11 @@ def compare_sources(
     orders = {name: np.argsort(s.doc_id, kind="stable") for name, s in segs.items()}
     for doc_id in wanted.tolist():
         text, where = texts.get(doc_id, (None, f"record {doc_id}"))
-        stored = None
+        stored, split = None, None
         for name, s in segs.items():
             stored = _stored(doc_id, s, orders[name], shards[name])
             if stored is not None:
+                split = name
                 break
         expected = None if text is None else _expected(m, encoded[doc_id])
         if expected is None:
@@ -120,6 +123,12 @@ def compare_sources(
             continue
         if stored is None:
             raise _fail(f"doc_id {doc_id} (`{where}`) is missing from the shards.")
+        want = "val" if is_val(text, m.options.val_fraction) else "train"
+        if split != want:
+            raise _fail(
+                f"doc_id {doc_id} (`{where}`) is stored in `{split}`, but its content hash with val_fraction"
+                f" {m.options.val_fraction} puts it in `{want}`."
+            )
         _compare(doc_id, where, np.asarray(expected, dtype=np.int64), stored.astype(np.int64), tok)
     return len(wanted)
 

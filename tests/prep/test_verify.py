@@ -456,6 +456,14 @@ def test_sources_that_differ_from_the_shards_fail(copy, sample, tmp_path):
     )
 
 
+def test_documents_in_the_wrong_split_fail(copy, sample):
+    corpus, _ = sample
+    raw = manifest_of(copy)
+    raw["options"]["val_fraction"] = 0.5  # the shards were split at 0.05
+    save_manifest(copy, raw)
+    fails(copy, "sources check failed", "with val_fraction 0.5 puts it in", sources=(str(corpus),))
+
+
 def test_sources_with_a_record_missing_fail(copy, sample, tmp_path):
     corpus, _ = sample
     lines = corpus.read_text(encoding="utf-8").splitlines()
