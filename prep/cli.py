@@ -148,6 +148,19 @@ def pack(
     resume: Annotated[
         bool, typer.Option(help="Finish an interrupted pack in --out (same options and inputs).")
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (every core of this machine) or ray (a Ray cluster; needs the `ray` extra). Same output."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster to join with --engine ray, e.g. ray://head:10001; default RAY_ADDRESS, else a"
+            " local Ray. --out and the inputs must be on storage every node sees."
+        ),
+    ] = None,
 ) -> None:
     """Tokenize documents, separate them with EOS, pack them into rows and write Arrow shards.
 
@@ -170,6 +183,8 @@ def pack(
             skip_invalid=skip_invalid,
             overwrite=overwrite,
             resume=resume,
+            engine=engine,
+            ray_address=ray_address,
         )
         run_pack(cfg)
     except UserError as e:

@@ -1,0 +1,353 @@
+"""`prep pack --engine ray`: the local pipeline's three passes spread over a Ray cluster, with the same bytes out.
+
+The driver (the machine running `prep pack`) keeps everything that needs the whole corpus at once; Ray tasks
+do the work that splits cleanly::
+
+    pass 1  one task per input file:  read, tokenize (same engine rules as local), write
+            OUT/.pack-work/part-NNNNN.bin; return the file's per-document arrays and counts
+    driver  concatenate per-document arrays in input order (file i's doc ids start after the records
+            of files 0..i-1), then plan each split with prep.packing.make_plan over EVERY document
+    pass 3  one task per output shard: memory-map the part files, gather its rows, write the shard
+    driver  manifest last, then the data card (the same functions as the local engine)
+
+Every step that decides an output byte is a function the local engine calls too (``batch_streams``,
+``make_plan``, ``write_shard``, ``finish``), and the part files laid end to end are exactly the local
+engine's ``tokens.bin``; so both engines write identical shards and manifests. The one exception would be
+a fast-engine (tiktoken) id that differs from `tokenizers` on a document outside the checked sample: the
+switch to `tokenizers` then happens per file here, per run locally (see prep/engine.py).
+
+Tasks read inputs and write parts and shards by path, so ``--out`` and every input (and the tokenizer) must
+be on storage every node sees at the same path. Nothing else is shared through files: plans and
+per-document arrays travel through Ray's object store. There is no journal: ``--resume`` is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prep.engine import TokenEngine
+from prep.pipeline import (
+    WORK_DIR,
+    PackConfig,
+    Progress,
+    _batches,
+    _check_output_folder,
+    batch_streams,
+    finish,
+    plan_splits,
+    require_documents,
+    split_metadata,
+)
+from prep.readers import InputError, InputFile, expand_inputs, read_records
+from prep.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer
+from prep.writer import TokenStore, default_rows_per_shard, shard_ranges, split_info, write_shard
+from shared.contract import schema_with_metadata, shard_file_name
+from shared.errors import UserError
+from shared.manifest import DocumentAccounting, InputInfo, Manifest, ShardInfo
+
+INSTALL_HINT = "pip install '.[ray]'"
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or a UserError that says how to install it (it is an optional extra)."""
+    try:
+        import ray
+    except ImportError as e:
+        raise UserError(
+            f"`--engine ray` needs Ray, which is not installed here ({e}). Install it with `{INSTALL_HINT}`"
+            " (on every node of the cluster), or use `--engine local`."
+        ) from None
+    return ray
+
+
+class PartedTokens:
+    """The part files of pass 1 as one flat int32 token array, for fancy indexing only.
+
+    The local engine's ``tokens.bin`` is exactly these files laid end to end; instead of copying them
+    together, a gather looks up which part each global index falls in. Parts are memory-mapped on first use.
+    """
+
+    def __init__(self, parts: list[tuple[str, int]]) -> None:
+        self.paths = [path for path, _ in parts]
+        sizes = np.array([n for _, n in parts], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        self._maps: dict[int, np.ndarray] = {}
+
+    def _part(self, p: int) -> np.ndarray:
+        if p not in self._maps:
+            self._maps[p] = np.memmap(self.paths[p], dtype=np.int32, mode="r")
+        return self._maps[p]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64)
+        part = np.searchsorted(self.starts, index, side="right") - 1
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(len(self.paths) + 1))
+        out = np.empty(len(index), dtype=np.int32)
+        for p in np.flatnonzero(np.diff(bounds)):
+            picked = order[bounds[p] : bounds[p + 1]]
+            out[picked] = self._part(p)[index[picked] - self.starts[p]]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class FilePart:
+    """What a pass-1 task returns for one input file (doc ids count from the file's first record)."""
+
+    num_records: int
+    counts: dict[str, int]
+    doc_id: np.ndarray
+    doc_len: np.ndarray
+    is_val: np.ndarray
+    num_tokens: int
+    notices: list[str]
+
+
+# One engine per Ray worker process and tokenizer: building the fast engine costs seconds, files are many.
+_ENGINES: dict[tuple, tuple[LoadedTokenizer, TokenEngine]] = {}
+
+
+def _worker_engine(
+    cfg: PackConfig, tokenizer_sha256: str, workers: int
+) -> tuple[LoadedTokenizer, TokenEngine]:
+    key = (cfg.tokenizer, cfg.eos_token, cfg.bos_token, tokenizer_sha256, workers)
+    if key not in _ENGINES:
+        tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
+        if tok.info.sha256 != tokenizer_sha256:
+            raise TokenizerError(
+                f"tokenizer `{cfg.tokenizer}` differs on this node (sha256 {tok.info.sha256[:12]}..., the driver"
+                f" read {tokenizer_sha256[:12]}...). Put the tokenizer on storage every node sees at the same path."
+            )
+        _ENGINES[key] = (tok, TokenEngine(tok, workers=workers))
+    return _ENGINES[key]
+
+
+def tokenize_file(
+    cfg: PackConfig, source: InputFile, num_bytes: int, tokenizer_sha256: str, part: str, workers: int
+) -> FilePart | UserError:
+    """Pass 1 for one input file (a Ray task). A user mistake is returned, not raised, to keep its message clean."""
+    # One task owns `workers` cores: keep the `tokenizers` reference (a Rust thread pool) inside them.
+    os.environ.setdefault("RAYON_NUM_THREADS", str(workers))
+    try:
+        if source.num_bytes != num_bytes:
+            raise InputError(
+                f"input `{source.path}` has {source.num_bytes:,} bytes on this node but {num_bytes:,} on the"
+                " driver. Inputs must be on storage every node sees at the same path."
+            )
+        tok, engine = _worker_engine(cfg, tokenizer_sha256, workers)
+        notices: list[str] = []
+        engine.notice = notices.append
+        counts = dict.fromkeys(DocumentAccounting.__dataclass_fields__, 0)
+        ids, lens, flags = [], [], []
+        next_id = num_tokens = 0
+        batches = _batches(read_records(source, cfg.text_field, lambda n: None))
+        with open(part, "wb") as out:
+            for batch, encoded in engine.map((b, [r.text for r in b if r.text is not None]) for b in batches):
+                streams, doc_ids, val = batch_streams(cfg, tok, batch, encoded, next_id, counts)
+                ids.append(doc_ids)
+                lens.append(streams.doc_len)
+                flags.append(val)
+                out.write(memoryview(streams.tokens))
+                num_tokens += len(streams.tokens)
+                next_id += len(batch)
+            out.flush()
+            os.fsync(out.fileno())  # shard tasks on other nodes read this file next
+    except UserError as e:
+        return e
+
+    def joined(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
+    return FilePart(
+        num_records=next_id,
+        counts=counts,
+        doc_id=joined(ids, np.int64),
+        doc_len=joined(lens, np.int64),
+        is_val=joined(flags, np.int8),
+        num_tokens=num_tokens,
+        notices=notices,
+    )
+
+
+def write_shard_task(
+    parts: list[tuple[str, int]],
+    store_arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
+    plan: Any,
+    rows: tuple[int, int],
+    path: str,
+    metadata: dict,
+) -> ShardInfo:
+    """Pass 3 for one shard (a Ray task): the plan's rows ``rows`` gathered from the part files."""
+    doc_offset, doc_len, doc_id = store_arrays
+    store = TokenStore(tokens=PartedTokens(parts), doc_offset=doc_offset, doc_len=doc_len, doc_id=doc_id)
+    return write_shard(store, plan, rows=rows, path=Path(path), schema=schema_with_metadata(metadata))
+
+
+def _connect(ray: Any, address: str | None) -> bool:
+    """Join the cluster (``address``, else RAY_ADDRESS, else a new local Ray); True if this call started Ray."""
+    if ray.is_initialized():
+        return False  # a notebook or a test joined one already: use it, and leave it running
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
+        raise UserError(
+            f"cannot start or join the Ray cluster at {where} ({e}). Check `--ray-address` / RAY_ADDRESS"
+            " (`ray status` on the head node prints it), or leave both unset to run Ray on this machine."
+        ) from None
+    return True
+
+
+def _cpus_per_file(ray: Any, num_files: int) -> int:
+    """Cores per pass-1 task: one, unless there are fewer files than cores (one big file gets a whole node)."""
+    total = int(ray.cluster_resources().get("CPU", 1))
+    per_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1)
+    return max(1, min(per_node, total // max(1, num_files)))
+
+
+def _tokenize_all(
+    ray: Any, cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile], progress: Progress
+) -> list[FilePart]:
+    """Pass 1 on the cluster; the first failing file in input order stops the run, as it does locally."""
+    progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
+    workers = _cpus_per_file(ray, len(sources))
+    task = ray.remote(tokenize_file).options(num_cpus=workers, max_retries=0)
+    work = cfg.out / WORK_DIR
+    # Workers need absolute paths: their working folder is not the driver's, and may be on another node.
+    task_cfg = replace(cfg, tokenizer=str(Path(cfg.tokenizer).resolve()), out=cfg.out.resolve())
+    refs = [
+        task.remote(
+            task_cfg,
+            InputFile(s.path.resolve(), s.format),
+            s.num_bytes,
+            tok.info.sha256,
+            str(_part_path(work.resolve(), i)),
+            workers,
+        )
+        for i, s in enumerate(sources)
+    ]
+    results: list[FilePart | UserError | None] = [None] * len(refs)
+    pending = {ref: i for i, ref in enumerate(refs)}
+    docs = tokens = 0
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        results[i] = result = ray.get(ready[0])
+        if isinstance(result, FilePart):
+            docs, tokens = docs + result.counts["docs_in"], tokens + result.counts["tokens_packed"]
+            for text in result.notices:
+                progress.message(f"{sources[i].path}: {text}")
+        progress.advance(sources[i].num_bytes, docs=docs, tokens=tokens)
+        for earlier in results:
+            if earlier is None:
+                break
+            if isinstance(earlier, UserError):
+                for ref in pending:
+                    ray.cancel(ref)
+                raise earlier
+    return results  # type: ignore[return-value]
+
+
+def _part_path(work: Path, index: int) -> Path:
+    return work / f"part-{index:05d}.bin"
+
+
+def first_doc_ids(parts: list[FilePart]) -> np.ndarray:
+    """Doc id of each file's first record: doc ids count records across all inputs, in input order."""
+    return np.concatenate([[0], np.cumsum([p.num_records for p in parts])[:-1]]).astype(np.int64)
+
+
+def _write_splits(
+    ray: Any,
+    cfg: PackConfig,
+    tok: LoadedTokenizer,
+    parts: list[FilePart],
+    part_files: list[tuple[str, int]],
+    progress: Progress,
+) -> dict:
+    """Plan each split over all of its documents on the driver, then write its shards as Ray tasks."""
+    starts = first_doc_ids(parts)
+    doc_id = np.concatenate([p.doc_id + first for p, first in zip(parts, starts, strict=True)])
+    doc_len = np.concatenate([p.doc_len for p in parts])
+    val = np.concatenate([p.is_val for p in parts]).astype(bool)
+    doc_offset = np.concatenate([[0], np.cumsum(doc_len)[:-1]]).astype(np.int64)
+    rows_per_shard = cfg.rows_per_shard or default_rows_per_shard(cfg.seq_len)
+    task = ray.remote(write_shard_task).options(num_cpus=1, max_retries=0)
+    out = cfg.out.resolve()
+    splits = {}
+    for name, idx, plan in plan_splits(cfg, doc_len, val, progress):
+        progress.start(f"write {name}", float(plan.num_rows))
+        # Into the object store once; every shard task of the split reads the same copy (zero-copy per node).
+        plan_ref = ray.put(plan)
+        store_ref = ray.put((doc_offset[idx], doc_len[idx], doc_id[idx]))
+        metadata = split_metadata(cfg, tok, name)
+        ranges = shard_ranges(plan.num_rows, rows_per_shard)
+        refs = [
+            task.remote(
+                part_files,
+                store_ref,
+                plan_ref,
+                rows,
+                str(out / shard_file_name(name, k, len(ranges))),
+                metadata,
+            )
+            for k, rows in enumerate(ranges)
+        ]
+        rows_of = {ref: hi - lo for ref, (lo, hi) in zip(refs, ranges, strict=True)}
+        pending = set(refs)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            pending.discard(ready[0])
+            progress.advance(rows_of[ready[0]])
+        shards = ray.get(refs)
+        store = TokenStore(
+            tokens=np.zeros(0, np.int32), doc_offset=doc_offset[idx], doc_len=doc_len[idx], doc_id=doc_id[idx]
+        )
+        splits[name] = split_info(store, plan, shards)
+    return splits
+
+
+def pack_with_ray(cfg: PackConfig, progress: Progress) -> Manifest:
+    """`prep.pipeline.pack` for ``engine="ray"``; see the module docstring."""
+    ray = import_ray()
+    tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
+    sources = expand_inputs(list(cfg.inputs))
+    out_is_new = not cfg.out.exists()
+    _check_output_folder(cfg)
+    work = cfg.out / WORK_DIR
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = False
+    try:
+        try:
+            started = _connect(ray, cfg.ray_address)
+            parts = _tokenize_all(ray, cfg, tok, sources, progress)
+            docs = DocumentAccounting(**{k: sum(p.counts[k] for p in parts) for k in parts[0].counts})
+            require_documents(docs)
+        except UserError:
+            # As with the local engine: a mistake to fix leaves --out as it was.
+            shutil.rmtree(work, ignore_errors=True)
+            if out_is_new and cfg.out.is_dir() and not any(cfg.out.iterdir()):
+                cfg.out.rmdir()
+            raise
+        part_files = [
+            (str(_part_path(work.resolve(), i)), p.num_tokens) for i, p in enumerate(parts) if p.num_tokens
+        ]
+        splits = _write_splits(ray, cfg, tok, parts, part_files, progress)
+    finally:
+        if started:
+            ray.shutdown()
+    inputs = tuple(
+        InputInfo(path=str(s.path), format=s.format, first_doc_id=int(first), num_records=p.num_records)
+        for s, p, first in zip(sources, parts, first_doc_ids(parts), strict=True)
+    )
+    return finish(cfg, tok, inputs, docs, splits)
