@@ -167,7 +167,7 @@ class Manifest:
         if not path.exists():
             raise IncompleteDatasetError(
                 f"`{folder}` has no {MANIFEST_NAME}: it is not a packed dataset, or packing was interrupted."
-                " Run `prep pack ... --out {folder} --resume` to finish it."
+                f" Run `prep pack ... --out {folder} --resume` to finish it."
             )
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))

@@ -200,5 +200,5 @@ def test_damaged_manifest(dataset):
     with pytest.raises(ManifestError, match="manifest is malformed"):
         PackedDataset(dataset)
     path.unlink()
-    with pytest.raises(IncompleteDatasetError, match="no manifest.json.*--resume"):
+    with pytest.raises(IncompleteDatasetError, match=r"no manifest.json.*--out .*packed --resume"):
         PackedDataset(dataset)
