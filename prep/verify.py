@@ -3,12 +3,18 @@
 Checks run class by class and stop at the first failure with a :class:`~shared.checks.RowCheckError` that
 names the shard, row, segment and token (see :data:`shared.checks.CHECKS`):
 
-- files: every shard's sha256, schema, format version and metadata match the manifest; so do the counts;
+- tokenizer: the fingerprint of ``--tokenizer`` (default: the manifest's path, if it still exists);
+- files: every shard's sha256, schema, format version and metadata match the manifest, so do the counts,
+  and no unlisted shard lies beside them;
 - structure, tokens, eos, positions, labels, special: every row of every record batch (vectorised numpy,
-  :func:`shared.checks.check_batch`);
-- documents: every document's segments are fragments in order, and the manifest's accounting adds up;
-- with a tokenizer: its fingerprint; with ``--source``: a sample of documents re-read and re-tokenized
-  must equal, token for token, what the shards store.
+  :func:`shared.checks.check_batch`); `special` needs the tokenizer to know its special ids;
+- documents: each document's last segment, and only it, ends with the EOS; no document has two segments
+  in one row; the manifest's accounting adds up. Fragments store no offsets, so a lost middle fragment
+  shows up in the token accounting (and under ``--source``);
+- sources: with ``--source``, a sample of records re-read and re-tokenized must equal, token for token,
+  what the shards store, in the split their content hash chooses.
+
+A check that cannot run is listed in the report as skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
-from shared.checks import RowCheckError, SplitSegments, TokenRules, check_batch, check_documents
+from shared.checks import CHECKS, RowCheckError, SplitSegments, TokenRules, check_batch, check_documents
 from shared.contract import DOC_IDS, FORMAT_NAME, FORMAT_VERSION, SHARD_SUFFIX
 from shared.errors import UserError
 from shared.manifest import Manifest
@@ -279,26 +285,23 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
     segs = _check_rows(m, shards, _token_rules(m, tok))
     row_seconds = time.perf_counter() - row_start
     fragmented = _check_accounting(m, segs)
-    checks = ["files", "structure", "tokens", "eos", "positions", "labels"]
-    skipped = []
-    if tok is not None:
-        checks += ["special", "tokenizer"]
-    else:
-        skipped += [f"special tokens ({no_tok_reason})", f"tokenizer fingerprint ({no_tok_reason})"]
-    checks.append("documents")
+    skipped = {}
+    if tok is None:
+        skipped["tokenizer"] = f"tokenizer fingerprint ({no_tok_reason})"
+        skipped["special"] = f"special tokens ({no_tok_reason})"
     num_source = 0
     if cfg.sources:
         from prep.sources import compare_sources
 
         num_source = compare_sources(m, tok, cfg.sources, shards, segs, cfg.sample)
-        checks.append("sources")
     else:
-        skipped.append("sources (pass --source with the inputs given to `prep pack`)")
+        skipped["sources"] = "sources (pass --source with the inputs given to `prep pack`)"
+    checks = tuple(c for c in CHECKS if c not in skipped)
     return VerifyReport(
         root=cfg.root,
         splits=_split_reports(m, fragmented),
-        checks=tuple(checks),
-        skipped=tuple(skipped),
+        checks=checks,
+        skipped=tuple(skipped.values()),
         tokenizer=None if tok is None else tok.info.path,
         num_source_records=num_source,
         num_bytes=sum(sh.num_bytes for s in m.splits.values() for sh in s.shards),

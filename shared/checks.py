@@ -18,8 +18,20 @@ import pyarrow as pa
 from shared.contract import CU_SEQLENS, DOC_IDS, IGNORE_INDEX, INPUT_IDS, LABELS, POSITION_IDS
 from shared.errors import InvariantError
 
-CHECKS = ("files", "structure", "tokens", "eos", "positions", "labels", "special", "documents")
-"""Check classes in the order they run; a failure names one of them."""
+CHECKS = (
+    "tokenizer",
+    "files",
+    "structure",
+    "tokens",
+    "eos",
+    "positions",
+    "labels",
+    "special",
+    "documents",
+    "sources",
+)
+"""Check classes in the order `prep verify` runs them; a failure names one of them. This module implements
+structure through documents; `tokenizer`, `files` and `sources` need the manifest, files and inputs."""
 
 _REPACK = "The shard does not hold what `prep pack` writes; re-run `prep pack` (or restore the file)."
 

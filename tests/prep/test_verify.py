@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from prep.cli import app
 from prep.pipeline import PackConfig, pack
 from prep.verify import VerifyConfig, verify_dataset
-from shared.checks import RowCheckError
+from shared.checks import CHECKS, RowCheckError
 from shared.contract import (
     CU_SEQLENS,
     DOC_IDS,
@@ -186,18 +186,7 @@ def fragmented_doc(folder: Path) -> tuple[int, list[tuple[str, int, int]]]:
 def test_untouched_sample_passes_every_check(packed, sample):
     corpus, _ = sample
     report = verify_dataset(VerifyConfig(root=packed, sources=(str(corpus),)))
-    assert report.checks == (
-        "files",
-        "structure",
-        "tokens",
-        "eos",
-        "positions",
-        "labels",
-        "special",
-        "tokenizer",
-        "documents",
-        "sources",
-    )
+    assert report.checks == CHECKS
     assert report.skipped == ()
     m = manifest_of(packed)
     assert sum(s.num_docs for s in report.splits) == m["documents"]["packed"]
