@@ -155,11 +155,18 @@ def run(
     flags["out"] = flags.pop("out_dir")
     flags.pop("config")
     from train.config import build_run_config
-    from train.loop import train
+    from train.loop import init_distributed_from_env, train
 
     try:
         cfg = build_run_config(config, flags)
-        train(cfg, log=lambda line: out.print(line, highlight=False, soft_wrap=True))
+        joined = init_distributed_from_env()
+        try:
+            train(cfg, log=lambda line: out.print(line, highlight=False, soft_wrap=True))
+        finally:
+            if joined:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
     except UserError as e:
         raise fail(e) from None
 
