@@ -168,6 +168,13 @@ def test_interrupted_folder_needs_resume_or_overwrite(inputs, tmp_path):
     result = CliRunner().invoke(app, pack_args(inputs, out))
     assert result.exit_code == 1
     assert "holds an interrupted pack" in result.output and "--resume" in result.output
+    # Neither verify nor the trainer takes the half-written folder for a dataset.
+    from train.cli import app as train_app
+
+    for cli, args in ((app, ["verify", str(out)]), (train_app, ["plan", "--data", str(out)])):
+        refused = CliRunner().invoke(cli, args)
+        assert refused.exit_code != 0
+        assert "packing was interrupted" in refused.output and "--resume" in refused.output
     both = CliRunner().invoke(app, pack_args(inputs, out, "--resume", "--overwrite"))
     assert both.exit_code == 1 and "not both" in both.output
 
