@@ -253,6 +253,8 @@ def _tokenize_all(
             if isinstance(earlier, UserError):
                 for ref in pending:
                     ray.cancel(ref)
+                # Let the cancelled tasks end before the caller removes the work folder they write into.
+                ray.wait(list(pending), num_returns=len(pending))
                 raise earlier
     return results  # type: ignore[return-value]
 
