@@ -64,7 +64,7 @@ def _segments_axes(ax: plt.Axes, stats: dict[str, SplitStats]) -> None:
 def _fill_axes(ax: plt.Axes, stats: dict[str, SplitStats]) -> None:
     bins = np.linspace(0, 1, 41)
     for s in stats.values():
-        ax.hist(s.row_len / s.seq_len, bins=bins, alpha=0.6, label=f"{s.name} (mean {s.fill:.1%})")
+        ax.hist(s.row_len / s.seq_len, bins=bins, alpha=0.6, label=f"{s.name} (mean {s.fill:.2%})")
     ax.set_xlabel("row fill (tokens / seq_len)")
     ax.set_ylabel("rows")
     ax.set_yscale("log")
