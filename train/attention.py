@@ -142,8 +142,9 @@ def _to_flat(query, key, value):
 
 
 def _half(x: torch.Tensor) -> torch.Tensor:
-    # The CUDA flash kernels exist only for fp16/bf16; fp32 inputs (no autocast) run in bf16.
-    return x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.bfloat16)
+    # The CUDA flash kernels exist only for fp16/bf16 (fp32 inputs, e.g. RoPE-upcast ones, run in
+    # bf16) and want packed [T, H, D] rows, which the transposed view from transformers is not.
+    return (x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.bfloat16)).contiguous()
 
 
 def reference_varlen(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:

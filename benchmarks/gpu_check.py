@@ -1,0 +1,347 @@
+"""Check the fast varlen attention backends against the SDPA reference, and measure their speed and memory.
+
+CPU part (runs anywhere): ``tiny-qwen2`` in fp32 with the ``sdpa`` reference. A packed row against each
+of its documents run alone (max |logit difference|), the naive packed forward (one causal mask over
+the row) as the negative control the isolation check must reject, and the loss of the packed row
+against the sum of the documents' losses.
+
+GPU part (CUDA only), in bf16 autocast:
+
+1. Agreement: each available fast backend (``flash_attn``, ``torch_varlen``) against ``sdpa`` on the
+   same weights and batch (max |difference| of final hidden states and of logits), for a
+   Qwen2-0.5B-shaped random model.
+2. Isolation: ``train check``'s comparison (packed row vs each document alone) with each backend, and
+   the naive negative control.
+3. Throughput: LoRA (r=32) training steps of Qwen2-0.5B- and 1.5B-shaped random models on the same
+   documents, run varlen (each backend) and padded (one document per row, HF ``sdpa`` with a 2D
+   padding mask). Real (non-padding) tokens per second and peak memory, side by side.
+
+Benchmarks are not tests: timings are printed, never asserted. The exit status is 1 when a
+correctness check fails, else 0. Usage: ``benchmarks/gpu_check.sh [--steps N] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Qwen2Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shared.contract import IGNORE_INDEX  # noqa: E402
+from train.attention import flash_attn_available, implementation_name, torch_varlen_available  # noqa: E402
+from train.batch import VarlenBatch  # noqa: E402
+from train.check import RELATIVE_TOLERANCE  # noqa: E402
+from train.isolation import compare_row, segment_batch  # noqa: E402
+from train.loss import chunked_cross_entropy_sum, micro_batch_loss_sum  # noqa: E402
+from train.model import (  # noqa: E402
+    LoraSettings,
+    autocast_for,
+    causal_lm,
+    forward_hidden,
+    model_from_config,
+    output_head,
+    tiny_qwen2_config,
+)
+
+SHAPES = {
+    "qwen2-0.5b-shape": dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14
+    ),
+    "qwen2-1.5b-shape": dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12
+    ),
+}
+"""Qwen2/Qwen2.5 0.5B and 1.5B dimensions (both: 2 key/value heads, tied embeddings; vocabulary `VOCAB`)."""
+
+
+DEVICE = "cuda"
+"""Where the GPU part runs; `--cpu-smoke` sets cpu (with tiny shapes) to exercise its code without a GPU."""
+VOCAB = 151936
+"""Qwen2's vocabulary; the smoke run shrinks it, since the output head dominates a tiny model on CPU."""
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def qwen2_shape(name: str) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=VOCAB,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        use_cache=False,
+        **SHAPES[name],
+    )
+
+
+def doc_lengths(num_docs: int, seed: int, max_len: int = 1024) -> list[int]:
+    """Lengths like a news corpus: log-normal around 200 tokens, clipped to [16, max_len]."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(np.log(200), 0.8, num_docs), 16, max_len).astype(int).tolist()
+
+
+def varlen_batch(lengths: list[int], vocab_size: int, seed: int, device) -> VarlenBatch:
+    gen = torch.Generator().manual_seed(seed)
+    num_tokens = sum(lengths)
+    input_ids = torch.randint(0, vocab_size, (1, num_tokens), generator=gen)
+    cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
+    labels = input_ids.clone()
+    labels[0, cu[:-1].long()] = IGNORE_INDEX
+    batch = VarlenBatch(
+        input_ids=input_ids,
+        labels=labels,
+        position_ids=torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0),
+        cu_seqlens=cu,
+        max_seqlen=max(lengths),
+        num_target_tokens=int((labels != IGNORE_INDEX).sum()),
+    )
+    return batch.to(device)
+
+
+def micro_batches(lengths: list[int], tokens_per_batch: int) -> list[list[int]]:
+    """Documents in order, cut into micro-batches of at most ``tokens_per_batch`` tokens."""
+    groups, current = [], []
+    for n in lengths:
+        if current and sum(current) + n > tokens_per_batch:
+            groups.append(current)
+            current = []
+        current.append(n)
+    return groups + ([current] if current else [])
+
+
+def cpu_part() -> bool:
+    """Reference vs naive on tiny-qwen2 (fp32): the isolation check must pass one and reject the other."""
+    print("== CPU part: tiny-qwen2, fp32, sdpa reference ==")
+    model = model_from_config(tiny_qwen2_config(1000), attn="sdpa", device="cpu").eval()
+    lengths = [37, 120, 64, 15, 90]
+    batch = varlen_batch(lengths, 1000, seed=0, device="cpu")
+    tol = RELATIVE_TOLERANCE["float32"]
+    varlen_diff, scale = compare_row(model, batch)
+    naive_diff, naive_scale = compare_row(model, batch, naive=True)
+    with torch.no_grad():
+        packed = micro_batch_loss_sum(model, batch).item()
+        bounds = batch.cu_seqlens.tolist()
+        alone = sum(
+            micro_batch_loss_sum(model, segment_batch(batch, a, b)).item()
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        )
+    ok_varlen = varlen_diff <= tol * max(1.0, scale)
+    ok_naive = naive_diff > tol * max(1.0, naive_scale)
+    ok_loss = abs(packed - alone) <= 1e-5 * abs(alone)
+    print(
+        f"varlen (sdpa reference): max |dlogit| packed vs alone = {varlen_diff:.3g}  -> {_verdict(ok_varlen)}"
+    )
+    print(
+        f"naive packed forward (negative control): max |dlogit| = {naive_diff:.3g}  -> "
+        f"{'rejected, as it must be' if ok_naive else 'NOT REJECTED (check is broken)'}"
+    )
+    print(f"loss: packed row {packed:.6f} vs sum of documents alone {alone:.6f}  -> {_verdict(ok_loss)}")
+    return ok_varlen and ok_naive and ok_loss
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "FAIL"
+
+
+@torch.no_grad()
+def agreement(backends: list[str], lengths: list[int]) -> tuple[bool, dict]:
+    """Each fast backend's hidden states and logits against the sdpa reference, same weights, bf16."""
+    model = model_from_config(
+        qwen2_shape("qwen2-0.5b-shape"), attn="sdpa", device=DEVICE, dtype=torch.bfloat16
+    )
+    model.eval()
+    batch = varlen_batch(lengths, VOCAB, seed=1, device=DEVICE)
+    base = causal_lm(model)
+    ref = forward_hidden(model, batch)[0]
+    head = output_head(model)
+    ok, report = True, {}
+    for backend in backends:
+        base.set_attn_implementation(implementation_name(backend, DEVICE))
+        fast = forward_hidden(model, batch)[0]
+        logit_diff, scale = 0.0, 0.0
+        for lo in range(0, batch.num_tokens, 1024):
+            with autocast_for(torch.device(DEVICE)):
+                a, b = head(ref[lo : lo + 1024]).float(), head(fast[lo : lo + 1024]).float()
+            logit_diff = max(logit_diff, (a - b).abs().max().item())
+            scale = max(scale, a.abs().max().item())
+        hidden_diff = (ref.float() - fast.float()).abs().max().item()
+        passed = logit_diff <= RELATIVE_TOLERANCE["bfloat16"] * max(1.0, scale)
+        ok &= passed
+        report[backend] = {
+            "hidden_max_abs_diff": hidden_diff,
+            "logit_max_abs_diff": logit_diff,
+            "logit_scale": scale,
+        }
+        print(
+            f"{backend} vs sdpa: max |dhidden| {hidden_diff:.3g}, max |dlogit| {logit_diff:.3g}"
+            f" (|logit| up to {scale:.3g})  -> {_verdict(passed)}"
+        )
+        base.set_attn_implementation(implementation_name("sdpa", DEVICE))
+    return ok, report
+
+
+@torch.no_grad()
+def isolation(backends: list[str], lengths: list[int]) -> tuple[bool, dict]:
+    """`train check`'s comparison with each backend in bf16, and the naive control."""
+    model = model_from_config(tiny_qwen2_config(VOCAB), attn="sdpa", device=DEVICE).eval()
+    batch = varlen_batch(lengths, VOCAB, seed=2, device=DEVICE)
+    tol = RELATIVE_TOLERANCE["bfloat16"]
+    ok, report = True, {}
+    for backend in dict.fromkeys([*backends, "sdpa"]):
+        causal_lm(model).set_attn_implementation(implementation_name(backend, DEVICE))
+        diff, scale = compare_row(model, batch)
+        naive, naive_scale = compare_row(model, batch, naive=True)
+        passed, caught = diff <= tol * max(1.0, scale), naive > tol * max(1.0, naive_scale)
+        ok &= passed and caught
+        report[backend] = {"packed_vs_alone": diff, "naive_control": naive}
+        print(
+            f"isolation {backend}: packed vs alone {diff:.3g} -> {_verdict(passed)}; naive control {naive:.3g}"
+            f" -> {'rejected' if caught else 'NOT REJECTED'}"
+        )
+    return ok, report
+
+
+def _padded_loss(model, lengths: list[int], batch: VarlenBatch) -> torch.Tensor:
+    """The same documents one per row, right-padded, through HF attention with a 2D padding mask."""
+    rows = torch.split(batch.input_ids[0], lengths)
+    width = max(lengths)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long, device=DEVICE)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=DEVICE)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long, device=DEVICE)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)], mask[i, : len(row)], labels[i, 1 : len(row)] = row, 1, row[1:]
+    with autocast_for(torch.device(DEVICE)):
+        hidden = causal_lm(model).get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        # Each row's first label is -100, so flattening never pairs a row's end with the next row.
+        loss, _ = chunked_cross_entropy_sum(hidden.last_hidden_state, output_head(model), labels)
+    return loss
+
+
+def _train_step(model, optimizer, mode: str, lengths: list[int], batch: VarlenBatch) -> int:
+    """One LoRA optimizer step on one micro-batch; returns the real tokens it trained on."""
+    loss = _padded_loss(model, lengths, batch) if mode == "padded" else micro_batch_loss_sum(model, batch)
+    (loss / batch.num_target_tokens).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return batch.num_tokens
+
+
+def throughput(shape: str, modes: list[str], lengths: list[int], steps: int, tokens_per_batch: int) -> dict:
+    """Tokens/s and peak memory of LoRA training steps for each mode, on the same micro-batches."""
+    model = model_from_config(qwen2_shape(shape), attn="sdpa", lora=LoraSettings(), device=DEVICE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    groups = micro_batches(lengths, tokens_per_batch)
+    batches = [varlen_batch(g, VOCAB, seed=i, device=DEVICE) for i, g in enumerate(groups)]
+    results = {}
+    for mode in modes:
+        causal_lm(model).set_attn_implementation(
+            "sdpa" if mode == "padded" else implementation_name(mode, DEVICE)
+        )
+
+        def step(i: int, mode: str = mode) -> int:
+            return _train_step(model, optimizer, mode, groups[i % len(groups)], batches[i % len(batches)])
+
+        for i in range(2):  # warm-up: kernels, allocator, autotuning
+            step(i)
+        _sync()
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start, num_tokens = time.perf_counter(), 0
+        for i in range(steps):
+            num_tokens += step(i)
+        _sync()
+        seconds = time.perf_counter() - start
+        results[mode] = {
+            "tokens_per_s": num_tokens / seconds,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan"),
+        }
+    base = results[modes[0]]["tokens_per_s"]
+    for mode, r in results.items():
+        print(
+            f"{shape} {mode:>12}: {r['tokens_per_s']:>10,.0f} tok/s ({r['tokens_per_s'] / base:.2f}x)"
+            f"  peak {r['peak_gib']:.1f} GiB"
+        )
+    return results
+
+
+def gpu_part(steps: int, tokens_per_batch: int) -> tuple[bool, dict]:
+    name = (
+        torch.cuda.get_device_name()
+        if DEVICE == "cuda"
+        else "CPU SMOKE RUN (code paths only, figures meaningless)"
+    )
+    print(f"\n== GPU part: {name}, bf16 autocast ==")
+    backends = [
+        b
+        for b, ok in (("flash_attn", flash_attn_available()), ("torch_varlen", torch_varlen_available()))
+        if ok
+    ]
+    missing = {"flash_attn", "torch_varlen"} - set(backends)
+    if DEVICE != "cuda":
+        backends = ["sdpa"]  # stands in for the fast kernels so that every loop below runs
+        print("smoke run: `sdpa` stands in for flash_attn and torch_varlen")
+    elif missing:
+        print(f"not run: {', '.join(sorted(missing))} (not installed in this environment)")
+    if not backends:
+        print("no fast varlen backend available; only the sdpa reference runs on this GPU")
+    lengths = doc_lengths(40, seed=0)
+    ok_agree, agree = agreement(backends, lengths)
+    ok_iso, iso = isolation(backends, lengths[:12])
+    report = {"agreement": agree, "isolation": iso, "throughput": {}}
+    all_lengths = doc_lengths(2000, seed=1)
+    for shape in SHAPES:
+        modes = [*dict.fromkeys([*backends, "sdpa"]), "padded"]
+        report["throughput"][shape] = throughput(shape, modes, all_lengths, steps, tokens_per_batch)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return ok_agree and ok_iso, report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--steps", type=int, default=10, help="timed optimizer steps per mode (after 2 warm-up)"
+    )
+    parser.add_argument("--tokens-per-batch", type=int, default=8192, help="tokens per varlen micro-batch")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="run the GPU part's code on the CPU with tiny shapes (catches breakage; figures meaningless)",
+    )
+    args = parser.parse_args()
+    if args.cpu_smoke:
+        global DEVICE, VOCAB
+        DEVICE, VOCAB = "cpu", 1000
+        tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        for name in SHAPES:
+            SHAPES[name] = tiny
+        args.steps, args.tokens_per_batch = 1, 512
+    report = {"torch": torch.__version__, "cpu_ok": cpu_part()}
+    ok = report["cpu_ok"]
+    if torch.cuda.is_available() or args.cpu_smoke:
+        gpu_ok, report["gpu"] = gpu_part(args.steps, args.tokens_per_batch)
+        ok &= gpu_ok
+    else:
+        print(
+            "\nGPU part: NOT RUN (no CUDA device). Not checked here: flash_attn and torch_varlen against"
+            " sdpa in bf16, their isolation, tokens/s and peak memory for the 0.5B/1.5B shapes."
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{'all correctness checks passed' if ok else 'A CORRECTNESS CHECK FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
