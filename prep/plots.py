@@ -20,6 +20,7 @@ from prep.stats import SplitStats, mask_cells  # noqa: E402
 from shared.reader import PackedRow  # noqa: E402
 
 MASK_PIXELS = 512
+MAX_BOUNDARY_LINES = 16
 _SEGMENT_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#8c564b")
 
 
@@ -81,9 +82,10 @@ def _mask_axes(ax: plt.Axes, row: PackedRow, row_index: int | None) -> None:
     ax.imshow(
         image, cmap=cmap, vmin=0, vmax=len(_SEGMENT_COLOURS), interpolation="nearest", extent=(0, n, n, 0)
     )
-    for b in row.cu_seqlens[1:-1].tolist():
-        ax.axhline(b, color="grey", linewidth=0.5)
-        ax.axvline(b, color="grey", linewidth=0.5)
+    if row.num_segments <= MAX_BOUNDARY_LINES:  # more lines would hide the blocks they mark
+        for b in row.cu_seqlens[1:-1].tolist():
+            ax.axhline(b, color="grey", linewidth=0.5)
+            ax.axvline(b, color="grey", linewidth=0.5)
     ax.set_xlabel("key token")
     ax.set_ylabel("query token")
     ax.set_title(f"row {row_index}: causal mask of {row.num_segments} segments, {n:,} tokens", fontsize=10)
