@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from prep import __version__
-from prep.card import write_card
+from prep.card import PLOT_NAME, write_card
 from prep.engine import TokenEngine
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, Pass1State, input_stats, kill_point
@@ -160,6 +160,7 @@ def _remove_dataset_files(out: Path) -> None:
     for path in out.glob("*.arrow"):
         path.unlink()
     (out / CARD_NAME).unlink(missing_ok=True)
+    (out / PLOT_NAME).unlink(missing_ok=True)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     _remove_temp_files(out)
 
