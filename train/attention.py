@@ -30,7 +30,9 @@ Our names are not registered as mask functions, so transformers builds no mask f
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -183,25 +185,49 @@ def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 
 def _torch_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from torch.nn.attention.varlen import varlen_attn
-
     cu_seqlens, max_seqlen = _boundaries(module, query, attention_mask, kwargs)
     _refuse_dropout(dropout)
-    q, k, v = _to_flat(query, key, value)
-    cu = cu_seqlens.to(torch.int32)
-    out = varlen_attn(
-        _half(q),
-        _half(k),
-        _half(v),
-        cu,
-        cu,
-        max_seqlen,
-        max_seqlen,
-        scale=scaling,
-        window_size=(-1, 0),  # (-1, 0) is how torch's varlen_attn spells "causal"
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
+    q, k, v = (_half(x) for x in _to_flat(query, key, value))
+    out = torch_varlen_call(q, k, v, cu_seqlens.to(torch.int32), max_seqlen, scaling)
     return out.to(query.dtype).unsqueeze(0), None
+
+
+@functools.cache
+def _varlen_attn_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def torch_varlen_call(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen: int, scale: float | None) -> torch.Tensor:
+    """Causal ``varlen_attn`` across the signatures torch has shipped it with.
+
+    torch 2.9/2.10 take ``is_causal`` and no ``scale``; 2.11 spells causal ``window_size=(-1, 0)`` and
+    adds ``scale``; 2.12+ add ``enable_gqa``. Without it, key/value heads are repeated for GQA.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _varlen_attn_params()
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    default_scale = q_THD.shape[-1] ** -0.5
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale is not None and abs(scale - default_scale) > 1e-12:
+        raise AttentionSetupError(
+            f"torch {torch.__version__}'s varlen_attn has no `scale`, and the model uses {scale} (not"
+            f" 1/sqrt(head_dim)); use `--attn flash_attn` or `--attn sdpa`, or a newer torch."
+        )
+    if q_THD.shape[1] != k_THD.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = q_THD.shape[1] // k_THD.shape[1]
+            k_THD, v_THD = k_THD.repeat_interleave(groups, dim=1), v_THD.repeat_interleave(groups, dim=1)
+    return varlen_attn(q_THD, k_THD, v_THD, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
 def _flash_attn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -195,3 +195,84 @@ def test_gpu_backends_match_the_reference(backend):
     with torch.no_grad():
         diff = (forward_hidden(fast, batch) - forward_hidden(ref, batch)).abs().max().item()
     assert diff < 5e-2
+
+
+# The CUDA backends cannot run here. Their plumbing (layouts, dtypes, GQA, the causal flag across torch's
+# varlen_attn signatures) is checked with stand-in kernels that compute the reference's result only when
+# called exactly as the real kernel's contract requires.
+
+
+def _varlen_attn_2_13(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+):
+    assert tuple(window_size) == (-1, 0), "not causal"
+    assert enable_gqa == (query.shape[1] != key.shape[1])
+    assert query.is_contiguous() and query.dtype in (torch.bfloat16, torch.float16)
+    assert max_q == max_k == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    return reference_varlen(query, key, value, cu_seq_q, scale)
+
+
+def _varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert is_causal
+    assert query.shape[1] == key.shape[1], "2.10 has no GQA: heads must have been repeated"
+    return reference_varlen(query, key, value, cu_seq_q, query.shape[-1] ** -0.5)
+
+
+@pytest.mark.parametrize("fake", [_varlen_attn_2_13, _varlen_attn_2_10])
+def test_torch_varlen_plumbing_with_a_stand_in_kernel(model, monkeypatch, fake):
+    import torch.nn.attention.varlen as varlen_module
+
+    from train import attention
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", fake)
+    attention._varlen_attn_params.cache_clear()
+    try:
+        _check_backend_matches_reference(model, attention.IMPLEMENTATION_NAMES["torch_varlen"])
+    finally:
+        attention._varlen_attn_params.cache_clear()
+
+
+def test_flash_attn_plumbing_with_a_stand_in_kernel(model, monkeypatch):
+    import sys
+    import types
+
+    from train import attention
+
+    def flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False
+    ):
+        assert causal and q.is_contiguous() and q.dtype == torch.bfloat16 and cu_q.dtype == torch.int32
+        return reference_varlen(q, k, v, cu_q, softmax_scale)
+
+    monkeypatch.setitem(
+        sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
+    )
+    _check_backend_matches_reference(model, attention.IMPLEMENTATION_NAMES["flash_attn"])
+
+
+def _check_backend_matches_reference(model, implementation: str) -> None:
+    from train.model import causal_lm
+
+    batch = make_batch(LENGTHS, VOCAB, seed=4)
+    base = causal_lm(model)
+    reference_name = base.config._attn_implementation
+    with torch.no_grad():
+        expected = forward_hidden(model, batch)
+        base.set_attn_implementation(implementation)
+        try:
+            got = forward_hidden(model, batch)
+        finally:
+            base.set_attn_implementation(reference_name)
+    # the stand-ins run in bf16, as the real kernels do
+    torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
