@@ -1,0 +1,107 @@
+"""Shared helpers of the benchmarks: paths, the machine's description, child processes with peak memory.
+
+Every benchmark that measures memory or a whole command runs it in a fresh child process, so that one
+measurement never inherits another's imports, caches or heap. The child prints one JSON object as its
+last stdout line; the parent samples the resident memory of the child *and its workers* every 20 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / "_work"
+DATA = ROOT.parent / "shared" / "data"
+TOKENIZER = DATA / "qwen2.5-tokenizer" / "tokenizer.json"
+CORPORA = {
+    "reuters": DATA / "corpus" / "reuters21578" / "reuters21578.jsonl",
+    "ectsum": DATA / "corpus" / "ectsum" / "ectsum.jsonl",
+}
+MIB = 1 << 20
+
+
+def machine() -> dict:
+    """What the figures were measured on, including how busy the machine was (others share it)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numpy
+    import tokenizers
+    import torch
+
+    try:
+        import tiktoken
+
+        tiktoken_version = tiktoken.__version__
+    except ImportError:
+        tiktoken_version = None
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "tokenizers": tokenizers.__version__,
+        "tiktoken": tiktoken_version,
+        "torch": torch.__version__,
+        "gpu": None,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def run_child(args: list[str], *, env: dict | None = None, timeout: float = 900) -> dict:
+    """Run ``python args...`` and return its JSON result plus ``wall_s`` and ``peak_rss_mib``.
+
+    ``peak_rss_mib`` is the largest sum of resident memory over the child and all its descendants seen
+    by sampling (forked workers share pages with their parent, so the sum is an upper bound).
+    """
+    child_env = {**os.environ, **(env or {})}
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env, text=True
+    )
+    peak = 0
+    ps = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [ps, *ps.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+        if time.perf_counter() - start > timeout:
+            proc.kill()
+            raise TimeoutError(f"{args} ran longer than {timeout}s")
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed ({proc.returncode}):\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result.update(wall_s=wall, peak_rss_mib=peak / MIB)
+    return result
+
+
+def emit(result: dict) -> None:
+    """A child's last stdout line: its result."""
+    print(json.dumps(result), flush=True)
+
+
+def self_peak_rss_mib() -> float:
+    """This process's own peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

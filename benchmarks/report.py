@@ -1,0 +1,243 @@
+"""Render the benchmark results (the dict run_all.py builds) as BENCHMARKS.md: targets first, then details."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NOTES = Path(__file__).with_name("NOTES.md")
+"""Hand-written analysis (why a target is missed, what would close it), appended to the generated report."""
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+def _targets(r: dict) -> list[tuple[str, str, str, str, bool | None]]:
+    """(figure, measured, target, ratio, met) rows for every result present."""
+    rows = []
+    for corpus in ("reuters", "ectsum"):
+        p = r.get(f"prep_{corpus}")
+        if not p:
+            continue
+        rows.append(
+            (
+                f"prep pack vs tokenizers alone, {corpus}",
+                f"{p['ours']['seconds']:.1f}s vs {p['reference_tokenizers']['seconds']:.1f}s",
+                ">= 2.5x",
+                _x(p["speedup_vs_tokenizers"]),
+                p["speedup_vs_tokenizers"] >= 2.5,
+            )
+        )
+        rows.append(
+            (
+                f"prep pack vs HF datasets+trl pipeline, {corpus}",
+                f"{p['ours']['seconds']:.1f}s vs {p['hf_pipeline']['seconds']:.1f}s",
+                ">= 4x",
+                _x(p["speedup_vs_hf"]),
+                p["speedup_vs_hf"] >= 4,
+            )
+        )
+        rows.append(
+            (
+                f"token ids identical to tokenizers, {corpus}",
+                "yes" if p["ids_identical"] else "NO",
+                "identical",
+                "",
+                p["ids_identical"],
+            )
+        )
+        rows.append(
+            (
+                f"share of wall time packing, {corpus}",
+                f"{p['packing_share']:.1%}",
+                "< 5%",
+                "",
+                p["packing_share"] < 0.05,
+            )
+        )
+    m = r.get("memory")
+    if m:
+        f = m["factor"]
+        rows.append(
+            (
+                f"peak RSS of prep pack, Reuters x{f} vs x1",
+                f"{m[f'{f}x']['peak_rss_mib']:.0f} vs {m['1x']['peak_rss_mib']:.0f} MiB",
+                "<= 1.5x",
+                _x(m["growth"]),
+                m["growth"] <= 1.5,
+            )
+        )
+    lo = r.get("loader")
+    if lo:
+        for label, v in lo.items():
+            rows.append(
+                (
+                    f"loader tokens/s ({label} dataset)",
+                    f"{v['loader_tokens_per_s'] / 1e6:.1f} M/s",
+                    ">= 50 M/s",
+                    "",
+                    v["loader_tokens_per_s"] >= 50e6,
+                )
+            )
+    t = r.get("train_step")
+    if t:
+        rows.append(
+            (
+                "train step real tokens/s, packed vs padded (Reuters, 1024)",
+                f"{t['packed_tokens_per_s']:,.0f} vs {t['padded_tokens_per_s']:,.0f}",
+                ">= 1.8x",
+                _x(t["speedup"]),
+                t["speedup"] >= 1.8,
+            )
+        )
+    lm = r.get("loss_memory")
+    if lm:
+        c = lm["chunked"][str(lm["target_tokens"])]["peak_added_mib"]
+        rows.append(
+            (
+                f"loss peak memory at {lm['target_tokens']:,} tokens, chunked vs naive ({lm['naive_at_target']})",
+                f"{c:,.0f} vs {lm['naive_at_target_mib']:,.0f} MiB",
+                "<= 0.25x",
+                _x(lm["ratio_at_target"]),
+                lm["ratio_at_target"] <= 0.25,
+            )
+        )
+    return rows
+
+
+def _machine(r: dict) -> list[str]:
+    m = r["machine"]
+    return [
+        f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB RAM, no GPU",
+        f"- {m['os']}; Python {m['python']}, numpy {m['numpy']}, tokenizers {m['tokenizers']},"
+        f" tiktoken {m['tiktoken']}, torch {m['torch']}",
+        f"- load average (1/5/15 min) at start {m['load_average_at_start']}, at end {r.get('load_average_at_end')}:"
+        " the box is shared with other engineers' jobs; anything above ~2 means the figures were measured"
+        " under contention (each side of a ratio ran in the same conditions, one after the other)",
+        f"- started {r['started']}, total {r['total_seconds'] / 60:.1f} min",
+    ]
+
+
+def _prep_section(p: dict) -> list[str]:
+    o, ref, hf = p["ours"], p["reference_tokenizers"], p["hf_pipeline"]
+    phases = ", ".join(f"{k} {v:.2f}s" for k, v in o["phases"].items())
+    hf_phases = ", ".join(f"{k} {v:.2f}s" for k, v in hf["phases"].items())
+    lines = [
+        f"### {p['corpus']}: {ref['num_docs']:,} documents, {ref['num_tokens']:,} tokens",
+        "",
+        "| run | seconds | tokens/s | peak RSS (MiB, process tree) |",
+        "| --- | ---: | ---: | ---: |",
+        f"| `prep pack` (read, tokenize, pack, write, manifest, card) | {o['seconds']:.2f} | {o['num_tokens'] / o['seconds']:,.0f} | {o['peak_rss_mib']:.0f} |",
+        f"| (a) `tokenizers` `encode_batch_fast` alone, texts in memory | {ref['seconds']:.2f} | {ref['num_tokens'] / ref['seconds']:,.0f} | {ref['peak_rss_mib']:.0f} |",
+        f"| (b) `datasets` map + `trl.pack_dataset(bfd_split)` + `save_to_disk` | {hf['seconds']:.2f} | {hf['num_tokens'] / hf['seconds']:,.0f} | {hf['peak_rss_mib']:.0f} |",
+        "",
+        f"`prep pack` phases: {phases}. Engine notices: {o['notices'] or 'none (the tiktoken engine ran, every batch checked)'}.",
+        f"HF pipeline phases: {hf_phases}.",
+        "",
+        "| packing | rows | lower bound | excess | planning time |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, q in p["packing"].items():
+        plan = f"{q['plan_seconds']:.2f}s" if "plan_seconds" in q else "(in the HF pack phase)"
+        lines.append(f"| {name} | {q['rows']:,} | {q['lower_bound']:,} | {q['excess']:.2%} | {plan} |")
+    lines += ["", "Lower bound = ceil(tokens / seq_len); trl's count has no EOS per document, ours has one."]
+    return lines + [""]
+
+
+def render(r: dict) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Produced by `{r['command']}` (one run; every ratio compares two measurements from that run).",
+        "Benchmarks are not tests: nothing here asserts on time. GPU figures are not measured here (no GPU"
+        " was lent to this task); `benchmarks/gpu_check.sh` measures them on a CUDA machine.",
+        "",
+        "## Machine",
+        "",
+        *_machine(r),
+        "",
+        "## Targets",
+        "",
+        "| figure | measured | target | ratio | met |",
+        "| --- | --- | --- | ---: | :---: |",
+    ]
+    for figure, measured, target, ratio, met in _targets(r):
+        lines.append(f"| {figure} | {measured} | {target} | {ratio} | {'yes' if met else '**no**'} |")
+    lines += ["", "## Prep throughput and packing", ""]
+    for corpus in ("reuters", "ectsum"):
+        if f"prep_{corpus}" in r:
+            lines += _prep_section(r[f"prep_{corpus}"])
+    if "memory" in r:
+        m, f = r["memory"], r["memory"]["factor"]
+        lines += [
+            "## Memory of `prep pack` as the corpus grows",
+            "",
+            "| corpus | input MiB | tokens | seconds | peak RSS, process tree (MiB) | peak RSS, main process (MiB) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for label in ("1x", f"{f}x"):
+            v = m[label]
+            lines.append(
+                f"| Reuters {label} | {m['input_bytes'][label] / 2**20:.0f} | {v['num_tokens']:,} | {v['seconds']:.1f} | {v['peak_rss_mib']:.0f} | {v['self_peak_rss_mib']:.0f} |"
+            )
+        lines += [
+            "",
+            f"Reuters x{f}: every document repeated {f} times with a copy tag, generated into benchmarks/_work.",
+            "",
+        ]
+    if "loader" in r:
+        lines += [
+            "## Loader (CPU, batch of 8 rows of up to 1024 tokens)",
+            "",
+            "| dataset | shards MiB | time to first batch | Loader tokens/s | assembly alone tokens/s | RSS after open / end (MiB) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for label, v in r["loader"].items():
+            lines.append(
+                f"| {label} | {v['dataset_mib']:.0f} | {v['time_to_first_batch_s']:.2f}s | {v['loader_tokens_per_s'] / 1e6:.1f} M | {v['assemble_tokens_per_s'] / 1e6:.1f} M | {v['rss_after_open_mib']:.0f} / {v['rss_end_mib']:.0f} |"
+            )
+        lines += [
+            "",
+            "On CPU there is nothing to pin (pinning needs CUDA); assembly alone is `batch_from_rows` into preallocated host buffers, the work the CUDA path does into pinned ones.",
+            "",
+        ]
+    if "train_step" in r:
+        t = r["train_step"]
+        lines += [
+            "## Training step on CPU, tiny Qwen2 (vocab 151,936), Reuters packed at 1024",
+            "",
+            "| run | real tokens | positions computed | seconds | real tokens/s |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| packed varlen (cu_seqlens, per-segment SDPA reference) | {t['real_tokens']:,} | {t['real_tokens']:,} | {t['packed_seconds']:.1f} | {t['packed_tokens_per_s']:,.0f} |",
+            f"| padded, one document per row, HF SDPA with padding mask | {t['real_tokens']:,} | {t['padded_positions']:,} | {t['padded_seconds']:.1f} | {t['padded_tokens_per_s']:,.0f} |",
+            "",
+            f"Same {t['num_docs']} documents (the segments of the packed micro-batches), same chunked loss,"
+            f" AdamW step included; padding is {t['padding_share']:.0%} of the padded positions.",
+            "",
+        ]
+    if "loss_memory" in r:
+        lm = r["loss_memory"]
+        lines += [
+            f"## Loss memory over a {lm['vocab']:,}-token vocabulary (fp32, forward + backward, peak RSS added)",
+            "",
+            "| tokens | chunked (MiB) | naive full logits (MiB) |",
+            "| ---: | ---: | ---: |",
+        ]
+        for t in sorted({*lm["chunked"], *lm["naive"]}, key=int):
+            c = lm["chunked"].get(t, {}).get("peak_added_mib")
+            n = lm["naive"].get(t, {}).get("peak_added_mib")
+            if int(t) == lm["target_tokens"] and n is None:
+                n_text = f"{lm['naive_at_target_mib']:,.0f} (extrapolated, linear in T)"
+            else:
+                n_text = f"{n:,.0f}" if n is not None else "-"
+            lines.append(f"| {int(t):,} | {f'{c:,.0f}' if c is not None else '-'} | {n_text} |")
+        lines += [""]
+    lines += [
+        "## GPU",
+        "",
+        "Not measured: no GPU was lent to this task. Run `benchmarks/gpu_check.sh` on a CUDA machine.",
+        "",
+    ]
+    if NOTES.exists():
+        lines += [NOTES.read_text(encoding="utf-8").rstrip(), ""]
+    return "\n".join(lines)
