@@ -56,8 +56,16 @@ class AttentionSetupError(UserError):
     """The requested attention backend cannot run here, or the model was called without boundaries."""
 
 
+@functools.cache
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """Whether `flash_attn` imports (installed is not enough: a build for another torch fails here)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception:  # ImportError, or an undefined-symbol OSError from a mismatched build
+        return False
+    return True
 
 
 def torch_varlen_available() -> bool:
