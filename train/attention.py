@@ -135,14 +135,17 @@ def _boundaries(module: torch.nn.Module, query: torch.Tensor, attention_mask, kw
         raise AttentionSetupError(
             f"varlen attention expects one flat [1, T] stream, got batch size {query.shape[0]}."
         )
-    if kwargs.get("sliding_window") is not None:
-        raise AttentionSetupError(
-            f"layer {getattr(module, 'layer_idx', '?')} uses sliding-window attention"
-            f" ({kwargs['sliding_window']}), which these backends do not implement."
-        )
     max_seqlen = kwargs.get("max_length_q")
     if max_seqlen is None:
         raise AttentionSetupError("varlen attention was called without `max_length_q`.")
+    window = kwargs.get("sliding_window")
+    # A window at least as long as the longest segment changes nothing; a shorter one we do not implement.
+    if window is not None and window < max_seqlen:
+        raise AttentionSetupError(
+            f"layer {getattr(module, 'layer_idx', '?')} uses sliding-window attention (window {window})"
+            f" and a segment has {max_seqlen} tokens; these backends do not implement windows. Pack with"
+            f" --seq-len <= {window}."
+        )
     return cu_q, int(max_seqlen)
 
 
