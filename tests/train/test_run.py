@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from shared.errors import DatasetError
 from shared.reader import PackedDataset
 from train.cli import app
 from train.config import ConfigError, RunConfig, build_run_config
@@ -262,3 +263,17 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batches(packed_sample, tm
     a, b = adapter_weights(tmp_path / "ddp"), adapter_weights(tmp_path / "one")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_eval_data_must_share_the_tokenizer(packed_sample, tmp_path):
+    from train.loop import open_data
+
+    same = tiny(packed_sample, tmp_path / "r", max_steps=1, eval_data=packed_sample)
+    assert open_data(same)[2].name == "val"
+    other = tmp_path / "other"
+    shutil.copytree(packed_sample, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="another tokenizer"):
+        open_data(tiny(packed_sample, tmp_path / "r", max_steps=1, eval_data=other))
