@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from shared.errors import UserError
 from shared.manifest import DocumentAccounting, InputInfo, Manifest, ShardInfo
 
 INSTALL_HINT = "pip install '.[ray]'"
+CONNECT_TIMEOUT_S = 5.0
 
 
 def import_ray() -> Any:
@@ -196,6 +198,7 @@ def _connect(ray: Any, address: str | None) -> bool:
     """Join the cluster (``address``, else RAY_ADDRESS, else a new local Ray); True if this call started Ray."""
     if ray.is_initialized():
         return False  # a notebook or a test joined one already: use it, and leave it running
+    _check_reachable(address or os.environ.get("RAY_ADDRESS"))
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     except (ConnectionError, ValueError, RuntimeError) as e:
@@ -205,6 +208,20 @@ def _connect(ray: Any, address: str | None) -> bool:
             " (`ray status` on the head node prints it), or leave both unset to run Ray on this machine."
         ) from None
     return True
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail fast on a ``host:port`` nobody listens on: `ray.init` would retry it for minutes."""
+    if address in (None, "", "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"no Ray cluster answers at {address!r} ({e}). Check `--ray-address` / RAY_ADDRESS: the head"
+            " node's GCS address (host:6379, as `ray status` prints it) or its client address (ray://host:10001)."
+        ) from None
 
 
 def _cpus_per_file(ray: Any, num_files: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -151,3 +152,15 @@ def test_ray_engine_refuses_resume_and_stray_address(sample, tmp_path):
         pipeline.PackConfig(**common, ray_address="ray://head:10001")
     with pytest.raises(UserError, match="--engine 'spark' is unknown"):
         pipeline.PackConfig(**common, engine="spark")
+
+
+def test_unreachable_ray_address_fails_fast():
+    """`ray.init` would retry a dead address for minutes; a listening port (the control) passes."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        engine_ray._check_reachable(f"127.0.0.1:{port}")
+        engine_ray._check_reachable(f"ray://127.0.0.1:{port}")
+    with pytest.raises(UserError, match="no Ray cluster answers at '127.0.0.1:.*--ray-address"):
+        engine_ray._check_reachable(f"127.0.0.1:{port}")  # closed now
