@@ -15,6 +15,7 @@ logs and writes files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -195,10 +196,17 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         max_row_tokens=manifest.seq_len,
     )
 
+    # The checkpoint's loader position means something only for the same rows in the same shards.
+    data_fingerprint = hashlib.sha256("".join(sh.sha256 for sh in info.shards).encode()).hexdigest()
     start_step = 0
     if cfg.resume:
         path = latest_checkpoint(cfg.out)
         state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+        if state.get("data_fingerprint") != data_fingerprint:
+            raise UserError(
+                f"checkpoint `{path}` was trained on other data (its train shards' checksums differ from"
+                f" those of --data `{cfg.data}`); resume with the same dataset, or start a new --out."
+            )
         if state["num_steps"] != plan.num_steps or state["num_warmup_steps"] != plan.num_warmup_steps:
             raise UserError(
                 f"checkpoint `{path}` belongs to a run of {state['num_steps']:,} steps"
@@ -226,6 +234,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
                 extra={
                     "num_steps": plan.num_steps,
                     "num_warmup_steps": plan.num_warmup_steps,
+                    "data_fingerprint": data_fingerprint,
                     "config": _jsonable(cfg),
                 },
             )

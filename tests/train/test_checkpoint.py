@@ -175,3 +175,21 @@ def test_sigkilled_run_resumes_from_its_last_complete_checkpoint(packed_sample, 
     result = train(config(packed_sample, out, max_steps=steps, resume=True), log=lambda _: None)
     assert sorted(result.losses) == list(range(done + 1, steps + 1))
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, steps + 1))
+
+
+def test_resume_on_other_data_is_refused(packed_sample, run_copy, tmp_path):
+    other = tmp_path / "other-data"
+    shutil.copytree(packed_sample, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["sha256"] = "f" * 64  # as if a shard had been re-packed
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    result = resume(other, run_copy)
+    assert result.exit_code == 1
+    assert "checksum mismatch" in result.output  # --verify checksum (default) catches it first
+    result = runner.invoke(
+        app,
+        ["run", "--data", str(other), "--out", str(run_copy), "--max-steps", "6", "--resume"]
+        + ["--verify", "size", *OPTIONS],
+    )
+    assert result.exit_code == 1
+    assert "was trained on other data" in result.output
