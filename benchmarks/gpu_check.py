@@ -8,8 +8,8 @@ against the sum of the documents' losses.
 GPU part (CUDA only), in bf16 autocast:
 
 1. Agreement: each available fast backend (``flash_attn``, ``torch_varlen``) against ``sdpa`` on the
-   same weights and batch (max |difference| of final hidden states and of logits), for a
-   Qwen2-0.5B-shaped random model.
+   same weights and batch, for a Qwen2-0.5B-shaped random model: max |difference| of final hidden
+   states and of logits, and the relative difference of the LoRA gradients of the loss.
 2. Isolation: ``train check``'s comparison (packed row vs each document alone) with each backend, and
    the naive negative control.
 3. Throughput: LoRA (r=32) training steps of Qwen2-0.5B- and 1.5B-shaped random models on the same
@@ -189,6 +189,39 @@ def agreement(backends: list[str], lengths: list[int]) -> tuple[bool, dict]:
     return ok, report
 
 
+GRAD_RELATIVE_TOLERANCE = 5e-2
+"""Allowed ||grad(fast) - grad(sdpa)|| / ||grad(sdpa)|| over the LoRA weights, in bf16."""
+
+
+def gradient_agreement(backends: list[str], lengths: list[int]) -> tuple[bool, dict]:
+    """LoRA gradients of the summed loss with each fast backend against the sdpa reference."""
+    model = model_from_config(
+        qwen2_shape("qwen2-0.5b-shape"), attn="sdpa", lora=LoraSettings(), device=DEVICE
+    )
+    # lora_B starts at zero, which would leave lora_A without gradient; give it values to compare.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = varlen_batch(lengths, VOCAB, seed=3, device=DEVICE)
+
+    def grads(backend: str) -> torch.Tensor:
+        causal_lm(model).set_attn_implementation(implementation_name(backend, DEVICE))
+        loss = micro_batch_loss_sum(model, batch) / batch.num_target_tokens
+        return torch.cat([g.float().flatten() for g in torch.autograd.grad(loss, params)])
+
+    ref = grads("sdpa")
+    ok, report = True, {}
+    for backend in backends:
+        rel = ((grads(backend) - ref).norm() / ref.norm()).item()
+        passed = rel <= GRAD_RELATIVE_TOLERANCE
+        ok &= passed
+        report[backend] = {"lora_grad_relative_diff": rel}
+        print(f"{backend} vs sdpa: LoRA gradients differ by {rel:.3g} (relative L2)  -> {_verdict(passed)}")
+    return ok, report
+
+
 @torch.no_grad()
 def isolation(backends: list[str], lengths: list[int]) -> tuple[bool, dict]:
     """`train check`'s comparison with each backend in bf16, and the naive control."""
@@ -296,15 +329,16 @@ def gpu_part(steps: int, tokens_per_batch: int) -> tuple[bool, dict]:
         print("no fast varlen backend available; only the sdpa reference runs on this GPU")
     lengths = doc_lengths(40, seed=0)
     ok_agree, agree = agreement(backends, lengths)
+    ok_grad, grad = gradient_agreement(backends, lengths)
     ok_iso, iso = isolation(backends, lengths[:12])
-    report = {"agreement": agree, "isolation": iso, "throughput": {}}
+    report = {"agreement": agree, "gradients": grad, "isolation": iso, "throughput": {}}
     all_lengths = doc_lengths(2000, seed=1)
     for shape in SHAPES:
         modes = [*dict.fromkeys([*backends, "sdpa"]), "padded"]
         report["throughput"][shape] = throughput(shape, modes, all_lengths, steps, tokens_per_batch)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    return ok_agree and ok_iso, report
+    return ok_agree and ok_grad and ok_iso, report
 
 
 def main() -> int:
