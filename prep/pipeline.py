@@ -149,7 +149,8 @@ def _check_output_folder(cfg: PackConfig) -> None:
                 " `--overwrite` to start again."
             )
         if not cfg.overwrite:
-            raise UserError(f"--out `{out}` already holds a dataset; pass `--overwrite` to replace it.")
+            done = " (it is complete: there is nothing to resume)" if cfg.resume else ""
+            raise UserError(f"--out `{out}` already holds a dataset{done}; pass `--overwrite` to replace it.")
         _remove_dataset_files(out)
     out.mkdir(parents=True, exist_ok=True)
 

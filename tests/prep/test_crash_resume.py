@@ -179,6 +179,21 @@ def test_interrupted_folder_needs_resume_or_overwrite(inputs, tmp_path):
     assert both.exit_code == 1 and "not both" in both.output
 
 
+def test_damaged_journal_and_finished_dataset(inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, data in reference.items():
+        (out / name).write_bytes(data)
+    done = CliRunner().invoke(app, pack_args(inputs, out, "--resume"))
+    assert done.exit_code == 1 and "it is complete: there is nothing to resume" in done.output
+    (out / "manifest.json").unlink()
+    (out / ".pack-work").mkdir()
+    (out / ".pack-work" / "journal.json").write_text('{"version": 1, "pass1": {')
+    damaged = CliRunner().invoke(app, pack_args(inputs, out, "--resume"))
+    assert damaged.exit_code == 1
+    assert "journal.json` cannot be read" in damaged.output and "--overwrite" in damaged.output
+
+
 def test_manifest_marked_incomplete_is_refused(inputs, reference, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
