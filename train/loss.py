@@ -55,7 +55,8 @@ def chunked_cross_entropy_sum(
     # Position t predicts labels[t + 1]; the last position predicts nothing.
     hidden_ND = hidden_TD[:-1]
     targets_N = labels_T[1:]
-    total = hidden_ND.new_zeros((), dtype=torch.float32)
+    # Zero that is still connected to the graph, so that backward() works even with no chunk at all.
+    total = hidden_ND[:0].sum(dtype=torch.float32)
     needs_grad = torch.is_grad_enabled() and (
         hidden_ND.requires_grad or any(p.requires_grad for p in head.parameters())
     )
