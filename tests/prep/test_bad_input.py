@@ -247,3 +247,26 @@ def test_output_folder_rules(sample, tmp_path):
     (other / "thesis.tex").write_text("x")
     failed_with(pack(tok, other, src, extra=("--overwrite",)), "non-empty folder that is not a dataset")
     failed_with(pack(tok, src, src), "is a file; pass a folder")
+
+
+def test_bad_parquet_and_json_array_files(sample, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, tok = sample
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": ["A board met.", None, "Prices rose."]}), nulls)
+    failed_with(pack(tok, tmp_path / "o", nulls), f"{nulls}:row 1: `text` is null", "--skip-invalid")
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), other)
+    failed_with(pack(tok, tmp_path / "o", other), "has no `text` column (columns: body); set `--text-field`")
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(nulls.read_bytes()[:-20])
+    failed_with(pack(tok, tmp_path / "o", cut), f"`{cut}` is not a readable Parquet file")
+    array = tmp_path / "docs.json"
+    array.write_text('[{"text": "a"}, {"text": ')
+    failed_with(pack(tok, tmp_path / "o", array), "is not valid JSON", "convert it to JSON lines")
+    ok = pack(tok, tmp_path / "o", nulls, extra=("--skip-invalid",))
+    assert ok.exit_code == 0, ok.output
+    docs = Manifest.load(tmp_path / "o").documents
+    assert (docs.docs_in, docs.packed, docs.skipped_missing_field) == (3, 2, 1)
