@@ -158,7 +158,7 @@ def pack(
     ray_address: Annotated[
         str | None,
         typer.Option(
-            help="Ray cluster to join with --engine ray, e.g. ray://head:10001; default RAY_ADDRESS, else a"
+            help="Ray cluster to join with --engine ray, e.g. head:6379; default RAY_ADDRESS, else a"
             " local Ray. --out and the inputs must be on storage every node sees."
         ),
     ] = None,

@@ -205,7 +205,9 @@ def _connect(ray: Any, address: str | None) -> bool:
         where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
         raise UserError(
             f"cannot start or join the Ray cluster at {where} ({e}). Check `--ray-address` / RAY_ADDRESS"
-            " (`ray status` on the head node prints it), or leave both unset to run Ray on this machine."
+            " (`ray status` on the head node prints it), or leave both unset to run Ray on this machine. A"
+            " cluster with token authentication (the default since Ray 2.59) also needs RAY_AUTH_MODE=token"
+            " and its token here (RAY_AUTH_TOKEN; `ray get-auth-token` on the head node prints it)."
         ) from None
     return True
 
