@@ -4,6 +4,7 @@ does not depend on how a step is split into micro-batches, and resumes to the sa
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -191,6 +192,11 @@ def test_config_file_with_flag_overrides(packed_sample, tmp_path):
     )
     cfg = build_run_config(toml, {"batch_size": 2, "lr": None})
     assert (cfg.batch_size, cfg.max_steps, cfg.lora, cfg.data) == (2, 9, False, packed_sample)
+    # through the CLI, as a user runs it: the flag wins over the file, the file over the defaults
+    result = runner.invoke(app, ["run", "--config", str(toml), "--max-steps", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "batch 4 rows" in result.output and re.search(r"^steps +1$", result.output, re.M)
+    assert (tmp_path / "model" / "model.safetensors").exists()  # no-lora: the whole model is exported
     toml.write_text(toml.read_text() + "bacth_size = 3\n")
     with pytest.raises(ConfigError, match="unknown option `bacth_size`"):
         build_run_config(toml, {})
