@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 
 from prep import engine_ray, pipeline
 from prep.cli import app
+from prep.readers import InputError, InputFile
+from prep.tokenizer import load_tokenizer
 from shared.errors import UserError
 from shared.manifest import Manifest
 
@@ -164,3 +166,18 @@ def test_unreachable_ray_address_fails_fast():
         engine_ray._check_reachable(f"ray://127.0.0.1:{port}")
     with pytest.raises(UserError, match="no Ray cluster answers at '127.0.0.1:.*--ray-address"):
         engine_ray._check_reachable(f"127.0.0.1:{port}")  # closed now
+
+
+def test_task_refuses_an_input_or_tokenizer_this_node_sees_differently(inputs, tmp_path):
+    """A node without the shared storage (other bytes at the same path) is named, not silently packed."""
+    paths, tokenizer = inputs
+    cfg = pipeline.PackConfig(inputs=tuple(paths), tokenizer=str(tokenizer), out=tmp_path, engine="ray")
+    source = InputFile(Path(paths[0]), "jsonl")
+    sha = load_tokenizer(str(tokenizer)).info.sha256
+    part = str(tmp_path / "part.bin")
+    good = engine_ray.tokenize_file(cfg, source, source.num_bytes, sha, part, 1)
+    assert isinstance(good, engine_ray.FilePart) and good.num_records == 101  # the control
+    other_size = engine_ray.tokenize_file(cfg, source, source.num_bytes + 1, sha, part, 1)
+    assert isinstance(other_size, InputError) and "on this node but" in str(other_size)
+    other_tokenizer = engine_ray.tokenize_file(cfg, source, source.num_bytes, "0" * 64, part, 1)
+    assert isinstance(other_tokenizer, UserError) and "differs on this node" in str(other_tokenizer)
