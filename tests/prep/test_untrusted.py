@@ -140,6 +140,7 @@ def test_pack_writes_nothing_outside_out(sample, tmp_path):
     # matplotlib (the card's plot) keeps an index of system fonts in the user's cache; seed the fake home
     # with this machine's copy so the run neither rebuilds it (seconds) nor has a reason to write there.
     import matplotlib
+    import matplotlib.font_manager  # noqa: F401  (builds the index in the real cache if it is missing)
 
     for cached in Path(matplotlib.get_cachedir()).glob("fontlist-*.json"):
         (home / ".cache" / "matplotlib").mkdir(parents=True, exist_ok=True)
