@@ -184,7 +184,7 @@ def test_unreadable_inputs(sample, tmp_path):
         # A real read failure that root cannot bypass: reading /proc/self/mem at offset 0 fails with EIO.
         link = tmp_path / "device.jsonl"
         link.symlink_to("/proc/self/mem")
-        failed_with(pack(tok, tmp_path / "out2", link), "cannot read", "device.jsonl", "Input/output error")
+        failed_with(pack(tok, tmp_path / "out2", link), "cannot read", "device.jsonl")
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
