@@ -296,6 +296,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
                         f" | tok/s {tok_per_s:>9,.0f} | mem {mem / 2**30:.2f} GiB"
                     )
             is_last = step == plan.num_steps
+            # Save before evaluating: a slow or failing eval never costs the steps since the last save.
+            if is_last or (cfg.save_every and step % cfg.save_every == 0):
+                checkpoint(step)
             if eval_split is not None and cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
                 eval_loss = evaluate(model, eval_split, batch_size=cfg.batch_size, device=device)
                 result.eval_losses[step] = eval_loss
@@ -305,8 +308,6 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
                     say(
                         f"eval step {step:,} | loss {eval_loss:.4f} ({eval_split.name}, {eval_split.num_rows:,} rows)"
                     )
-            if is_last or (cfg.save_every and step % cfg.save_every == 0):
-                checkpoint(step)
     finally:
         loader.close()
         if is_main:
