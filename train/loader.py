@@ -217,6 +217,8 @@ class Loader:
             batch = batch.to(self.device, non_blocking=True)
             buffers.copied = torch.cuda.Event()
             buffers.copied.record()
+        elif self.device.type != "cpu":  # another accelerator: a plain copy
+            batch = batch.to(self.device)
         self.epoch, self.batch_in_epoch = self._advance(epoch, index)
         return batch
 
