@@ -168,8 +168,10 @@ def test_unreachable_ray_address_fails_fast():
         engine_ray._check_reachable(f"127.0.0.1:{port}")  # closed now
 
 
-def test_task_refuses_an_input_or_tokenizer_this_node_sees_differently(inputs, tmp_path):
+def test_task_refuses_an_input_or_tokenizer_this_node_sees_differently(inputs, tmp_path, monkeypatch):
     """A node without the shared storage (other bytes at the same path) is named, not silently packed."""
+    # The task pins the Rust thread pool of its (Ray worker) process; keep this test process as it was.
+    monkeypatch.setenv("RAYON_NUM_THREADS", os.environ.get("RAYON_NUM_THREADS", str(os.cpu_count())))
     paths, tokenizer = inputs
     cfg = pipeline.PackConfig(inputs=tuple(paths), tokenizer=str(tokenizer), out=tmp_path, engine="ray")
     source = InputFile(Path(paths[0]), "jsonl")
