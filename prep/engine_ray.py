@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from prep.engine import TokenEngine
+from prep.packing import PackPlan
 from prep.pipeline import (
     WORK_DIR,
     PackConfig,
@@ -183,7 +184,7 @@ def tokenize_file(
 def write_shard_task(
     parts: list[tuple[str, int]],
     store_arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
-    plan: Any,
+    plan: PackPlan,
     rows: tuple[int, int],
     path: str,
     metadata: dict,
