@@ -115,22 +115,18 @@ def _ranks(model: dict) -> tuple[dict[bytes, int], np.ndarray]:
     # Byte-level text -> code points 0..255 -> latin-1 bytes: the raw bytes a token stands for.
     to_latin1 = str.maketrans({c: chr(b) for b, c in byte_chars.items()})
 
-    ranks: dict[bytes, int] = {}
-    rank_to_id = []
-    for b in range(256):
-        if byte_chars[b] not in vocab:
-            raise Unsupported(f"byte {b} has no token")
-        ranks[bytes([b])] = b
-        rank_to_id.append(vocab[byte_chars[b]])
-    for a, b in _merge_pairs(model.get("merges", [])):
-        merged = a + b
-        if merged not in vocab or a not in vocab or b not in vocab:
-            raise Unsupported(f"merge {a!r} + {b!r} names a token missing from the vocab")
-        key = merged.translate(to_latin1).encode("latin-1")
-        if key in ranks:
-            raise Unsupported(f"token {merged!r} is made by more than one merge")
-        ranks[key] = len(rank_to_id)
-        rank_to_id.append(vocab[merged])
+    missing = [b for b in range(256) if byte_chars[b] not in vocab]
+    if missing:
+        raise Unsupported(f"bytes {missing[:8]} have no token")
+    merged = [a + b for a, b in _merge_pairs(model.get("merges", []))]
+    merged_ids = [vocab.get(m) for m in merged]
+    if None in merged_ids:
+        raise Unsupported(f"merge result {merged[merged_ids.index(None)]!r} is missing from the vocab")
+    keys = [bytes([b]) for b in range(256)] + [m.translate(to_latin1).encode("latin-1") for m in merged]
+    ranks = dict(zip(keys, range(len(keys)), strict=True))
+    if len(ranks) != len(keys):
+        raise Unsupported("a token is made by more than one merge")
+    rank_to_id = [vocab[byte_chars[b]] for b in range(256)] + merged_ids
     return ranks, np.array(rank_to_id, dtype=np.int32)
 
 

@@ -12,6 +12,7 @@ Three passes, each bounded in memory:
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 from array import array
@@ -356,12 +357,21 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
             out_dir=cfg.out,
             metadata=split_metadata(cfg, tok, name),
             rows_per_shard=rows_per_shard,
-            on_rows=lambda n: progress.advance(n),
+            on_rows=lambda n, store=store: (progress.advance(n), _release_pages(store.tokens)),
             reuse=lambda file, split=name: journal.reusable_shard(split, file),
             on_shard=lambda info, split=name: journal.shard_done(split, info),
         )
     del tokens
     return finish(cfg, tok, tokenized.inputs, docs, splits)
+
+
+def _release_pages(tokens: np.ndarray) -> None:
+    """Unmap the token store's pages read so far: they stay in the page cache, but no longer count in
+    this process's resident memory, which therefore stays flat however large the corpus (bfd gathers
+    rows from all over the store, so without this every page of it ends up resident)."""
+    mapped = getattr(tokens, "_mmap", None)
+    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def require_documents(docs: DocumentAccounting) -> None:
