@@ -23,6 +23,7 @@ per-document arrays travel through Ray's object store. There is no journal: ``--
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import socket
@@ -86,6 +87,16 @@ class PartedTokens:
         if p not in self._maps:
             self._maps[p] = np.memmap(self.paths[p], dtype=np.int32, mode="r")
         return self._maps[p]
+
+    def release(self) -> None:
+        """Drop the pages read so far from this process's resident memory (they stay in the page cache).
+
+        bfd gathers rows from all over the store, so otherwise every page of every part ends up resident.
+        """
+        for part in self._maps.values():
+            mapped = getattr(part, "_mmap", None)
+            if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -191,8 +202,12 @@ def write_shard_task(
 ) -> ShardInfo:
     """Pass 3 for one shard (a Ray task): the plan's rows ``rows`` gathered from the part files."""
     doc_offset, doc_len, doc_id = store_arrays
-    store = TokenStore(tokens=PartedTokens(parts), doc_offset=doc_offset, doc_len=doc_len, doc_id=doc_id)
-    return write_shard(store, plan, rows=rows, path=Path(path), schema=schema_with_metadata(metadata))
+    tokens = PartedTokens(parts)
+    store = TokenStore(tokens=tokens, doc_offset=doc_offset, doc_len=doc_len, doc_id=doc_id)
+    schema = schema_with_metadata(metadata)
+    return write_shard(
+        store, plan, rows=rows, path=Path(path), schema=schema, on_rows=lambda n: tokens.release()
+    )
 
 
 def _connect(ray: Any, address: str | None) -> bool:
