@@ -68,11 +68,30 @@ class _PhaseTimer:
         self.notices.append(text)
 
 
+def _time_calls(module, name: str, label: str, into: dict[str, float]) -> None:
+    """Replace ``module.name`` by a wrapper that adds its run time to ``into[label]``."""
+    original = getattr(module, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            into[label] = into.get(label, 0.0) + time.perf_counter() - start
+
+    setattr(module, name, timed)
+
+
 def child_pack(corpus: str, out: str, seq_len: int, strategy: str) -> None:
     """`prep pack` as the library call the CLI makes, timed from the call (imports excluded)."""
+    import prep.engine
+    import prep.pipeline
     from prep.pipeline import PackConfig, pack
 
     timer = _PhaseTimer()
+    fixed: dict[str, float] = {}
+    _time_calls(prep.engine, "FastBPE", "engine build", fixed)
+    _time_calls(prep.pipeline, "write_card", "card", fixed)
     cfg = PackConfig(
         inputs=(corpus,),
         tokenizer=str(TOKENIZER),

@@ -27,7 +27,9 @@ difference (see :meth:`FastBPE.first_mismatch`).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -146,6 +148,56 @@ def _added_token_splitter(added: list[dict]) -> tuple[re.Pattern | None, dict[st
     return re.compile("|".join(re.escape(c) for c in contents)), keep
 
 
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where derived rank tables are kept, keyed by the sha256 of the tokenizer.json they came from."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "packed-shards" / f"fast-bpe-v{CACHE_VERSION}"
+
+
+def _tables(path: Path) -> tuple[bool, str, dict[bytes, int], np.ndarray, list[dict]]:
+    """(nfc, split pattern, ranks, rank -> id, added tokens) of ``path``, from the cache when possible.
+
+    Deriving the ranks of a 150k vocabulary costs about a second of Python; the cache, keyed by the
+    file's content hash, brings a repeated run down to reading one array. Any cache problem only costs
+    that second again.
+    """
+    raw = path.read_bytes()
+    cached = cache_dir() / f"{hashlib.sha256(raw).hexdigest()}.npz"
+    try:
+        with np.load(cached, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode("utf-8"))
+            blob, offsets = z["blob"].tobytes(), z["offsets"].tolist()
+            ranks = {blob[offsets[i] : offsets[i + 1]]: i for i in range(len(offsets) - 1)}
+            return meta["nfc"], meta["pattern"], ranks, z["rank_to_id"], meta["added"]
+    except (OSError, KeyError, ValueError):
+        pass
+    spec = json.loads(raw)
+    nfc = _check_normalizer(spec.get("normalizer"))
+    pattern = _pattern_of(spec.get("pre_tokenizer"))
+    ranks, rank_to_id = _ranks(spec.get("model", {}))
+    added = spec.get("added_tokens", [])
+    meta = json.dumps({"nfc": nfc, "pattern": pattern, "added": added}).encode("utf-8")
+    keys = list(ranks)  # in rank order: rank i is keys[i]
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                meta=np.frombuffer(meta, dtype=np.uint8),
+                blob=np.frombuffer(b"".join(keys), dtype=np.uint8),
+                offsets=np.cumsum([0] + [len(k) for k in keys]),
+                rank_to_id=rank_to_id,
+            )
+        os.replace(tmp, cached)
+    except OSError:
+        pass
+    return nfc, pattern, ranks, rank_to_id, added
+
+
 @dataclass(frozen=True, slots=True)
 class EncodedBatch:
     """Every document of a batch as one flat int32 array plus its per-document lengths."""
@@ -162,11 +214,8 @@ class FastBPE:
     def __init__(self, tokenizer_json: str | Path) -> None:
         import tiktoken  # optional dependency (the `fast` extra): a missing module means "unsupported"
 
-        spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
-        self.nfc = _check_normalizer(spec.get("normalizer"))
-        pattern = _pattern_of(spec.get("pre_tokenizer"))
-        ranks, self.rank_to_id = _ranks(spec.get("model", {}))
-        self.splitter, self.added_ids = _added_token_splitter(spec.get("added_tokens", []))
+        self.nfc, pattern, ranks, self.rank_to_id, added = _tables(Path(tokenizer_json))
+        self.splitter, self.added_ids = _added_token_splitter(added)
         self._first_chars = "".join(sorted({c[0] for c in self.added_ids}))
         # Added ids ride through the rank space on ranks past the last merge, so one table lookup maps all.
         self._added_rank = {i: len(self.rank_to_id) + k for k, i in enumerate(self.added_ids.values())}

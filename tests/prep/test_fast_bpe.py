@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer
 
 from prep.engine import FAST, REFERENCE, TokenEngine, first_mismatch, reference_encode
-from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported
+from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported, cache_dir
 from prep.tokenizer import load_tokenizer
 
 TRICKY = [
@@ -217,3 +217,13 @@ def test_engine_falls_back_for_unsupported_tokenizer(sample_tok, tmp_path):
     assert engine.name == REFERENCE and "does not support" in notes.lines[0]
     [(_, got)] = list(engine.map([(0, ["Hello World"])]))
     np.testing.assert_array_equal(got.ids, reference_encode(engine.tok.tokenizer, ["Hello World"]).ids)
+
+
+def test_cached_tables_give_the_same_engine(sample_tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    texts = TRICKY + ["The board reported steady demand."]
+    first = FastBPE(sample_tok)  # derives the tables and writes the cache
+    assert list(cache_dir().glob("*.npz"))
+    second = FastBPE(sample_tok)  # reads them back
+    np.testing.assert_array_equal(first.encode_batch(texts).ids, second.encode_batch(texts).ids)
+    assert first.encoding._mergeable_ranks == second.encoding._mergeable_ranks
