@@ -74,22 +74,25 @@ def child_loader(folder: str, batch_size: int, seconds: float) -> None:
     )
 
 
-def _segments(batch) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(input_ids, labels) of every segment of a varlen micro-batch, in stream order."""
-    cu = batch.cu_seqlens.tolist()
-    ids, labels = batch.input_ids[0].numpy(), batch.labels[0].numpy()
-    return [(ids[a:b], labels[a:b]) for a, b in zip(cu[:-1], cu[1:], strict=True)]
+def _segments(rows) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(doc id, input_ids, labels) of every segment of the packed rows."""
+    out = []
+    for row in rows:
+        cu = row.cu_seqlens.tolist()
+        for doc, a, b in zip(row.doc_ids.tolist(), cu[:-1], cu[1:], strict=True):
+            out.append((doc, row.input_ids[a:b], row.labels[a:b]))
+    return out
 
 
-def _padded(segments: list[tuple[np.ndarray, np.ndarray]], pad_id: int):
+def _padded(segments: list[tuple[int, np.ndarray, np.ndarray]], pad_id: int):
     """One document per row, right-padded to the longest in the batch (labels -100 on padding)."""
     import torch
 
-    longest = max(len(s[0]) for s in segments)
+    longest = max(len(s[1]) for s in segments)
     ids = torch.full((len(segments), longest), pad_id, dtype=torch.int64)
     labels = torch.full((len(segments), longest), -100, dtype=torch.int64)
     mask = torch.zeros((len(segments), longest), dtype=torch.int64)
-    for r, (i, lab) in enumerate(segments):
+    for r, (_, i, lab) in enumerate(segments):
         ids[r, : len(i)] = torch.from_numpy(i.astype(np.int64))
         labels[r, : len(i)] = torch.from_numpy(lab.astype(np.int64))
         mask[r, : len(i)] = 1
@@ -101,7 +104,7 @@ def child_train(folder: str, batch_size: int, steps: int, docs_per_padded_batch:
     import torch
 
     from shared.reader import PackedDataset
-    from train.loader import Loader
+    from train.loader import batch_from_rows
     from train.loss import chunked_cross_entropy_sum, micro_batch_loss_sum
     from train.model import causal_lm, load_model, output_head
 
@@ -111,8 +114,12 @@ def child_train(folder: str, batch_size: int, steps: int, docs_per_padded_batch:
     eos = ds.manifest.tokenizer.eos_id
     model = load_model("tiny-qwen2", vocab_size=VOCAB, device="cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    with Loader(split, batch_size=batch_size, seed=0) as loader:
-        batches = [next(loader) for _ in range(steps + 1)]
+    # Rows chosen at random, as the loader would; the first micro-batch is a warm-up.
+    order = np.random.default_rng(0).permutation(split.num_rows)[: (steps + 1) * batch_size]
+    row_groups = [
+        [split.row(int(i)) for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)
+    ]
+    batches = [batch_from_rows(rows) for rows in row_groups]
 
     def packed_step(batch) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -129,7 +136,9 @@ def child_train(folder: str, batch_size: int, steps: int, docs_per_padded_batch:
     # Same documents, one per row: HF's own sdpa attention with a padding mask, same chunked loss.
     lm = causal_lm(model)
     lm.set_attn_implementation("sdpa")
-    segments = [s for b in batches[1:] for s in _segments(b)]
+    # A padded pipeline batches documents in corpus order, so lengths mix (taking them row by row from
+    # the bfd plan would group similar lengths and flatter the baseline).
+    segments = sorted((s for rows in row_groups[1:] for s in _segments(rows)), key=lambda s: s[0])
     groups = [segments[i : i + docs_per_padded_batch] for i in range(0, len(segments), docs_per_padded_batch)]
 
     def padded_step(group) -> int:
@@ -141,7 +150,7 @@ def child_train(folder: str, batch_size: int, steps: int, docs_per_padded_batch:
         optimizer.step()
         return ids.numel()
 
-    padded_step(groups[0])  # warm-up (the sdpa path)
+    padded_step(_segments(row_groups[0])[:2])  # warm-up (the sdpa path), on two documents of the warm-up rows
     start, positions = time.perf_counter(), 0
     for group in groups:
         positions += padded_step(group)
@@ -193,7 +202,7 @@ def loader(folders: dict[str, Path], batch_size: int = 8, seconds: float = 3.0) 
     }
 
 
-def train_step(folder: Path, batch_size: int = 2, steps: int = 2, docs_per_padded_batch: int = 8) -> dict:
+def train_step(folder: Path, batch_size: int = 1, steps: int = 2, docs_per_padded_batch: int = 8) -> dict:
     return run_child([SCRIPT, "train", str(folder), str(batch_size), str(steps), str(docs_per_padded_batch)])
 
 
@@ -203,7 +212,7 @@ def loss_memory(
     """Chunked versus naive peak at ``target`` tokens. Full logits at 8,192 x 151,936 need ~15 GB (logits,
     log-softmax and gradient); on a shared 23 GB box the naive peak is measured at smaller T and
     extrapolated linearly (it is linear in T) unless ``measure_naive_target``."""
-    chunked = {t: run_child([SCRIPT, "loss", str(t), "chunked"]) for t in (*naive_tokens, target)}
+    chunked = {t: run_child([SCRIPT, "loss", str(t), "chunked"]) for t in (naive_tokens[-1], target)}
     sizes = (*naive_tokens, target) if measure_naive_target else naive_tokens
     naive = {t: run_child([SCRIPT, "loss", str(t), "naive"]) for t in sizes}
     if target in naive:
@@ -221,7 +230,9 @@ def loss_memory(
         "naive_at_target": how,
         "ratio_at_target": chunked[target]["peak_added_mib"] / naive_target,
         "ratio_measured": {
-            str(t): chunked[t]["peak_added_mib"] / naive[t]["peak_added_mib"] for t in naive_tokens
+            str(t): chunked[t]["peak_added_mib"] / naive[t]["peak_added_mib"]
+            for t in naive_tokens
+            if t in chunked
         },
     }
 

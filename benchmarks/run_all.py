@@ -53,7 +53,11 @@ def main() -> None:
 
     def step(name: str, fn, *a, **kw):
         print(f"[{time.perf_counter() - start:6.0f}s] {name} ...", flush=True)
-        results[name] = fn(*a, **kw)
+        try:
+            results[name] = fn(*a, **kw)
+        except Exception as e:  # one broken benchmark must not cost the others' figures
+            results.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[-2000:]
+            print(f"  {name} failed: {e}", flush=True)
 
     if "prep" in groups:
         for corpus in ("reuters", "ectsum"):
