@@ -109,6 +109,7 @@ def child_pack(corpus: str, out: str, seq_len: int, strategy: str) -> None:
         key = name.split()[0]  # "pack train" and "pack val" count together
         phases[key] = phases.get(key, 0.0) + t1 - t0
     train = manifest.splits["train"]
+    phases.update({f"of which {k}": v for k, v in fixed.items()})
     emit(
         {
             "seconds": end - start,
