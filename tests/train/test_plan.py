@@ -90,3 +90,10 @@ def test_lr_schedule_warms_up_then_decays_by_cosine():
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * int(mid - 10) / 89))
     )
     assert lr_factor(0, num_steps=5, num_warmup_steps=0, min_lr_ratio=0.0) == 1.0
+
+
+@pytest.mark.parametrize("command", ["plan", "run", "check"])
+def test_every_command_help_has_an_example(command):
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "Example: train " + command in result.output
