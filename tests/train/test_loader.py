@@ -159,3 +159,42 @@ def test_resident_memory_does_not_grow_with_the_data(split):
     grown = anonymous() - start
     assert total > 20 << 20  # the loop handed out > 20 MB of int64 tensors ...
     assert grown < 4 << 20  # ... without holding on to them
+
+
+def test_pinned_ring_path_waits_for_each_copy_before_refilling(split, monkeypatch):
+    """The CUDA staging logic, run on CPU: buffers rotate through a ring, and a buffer is refilled only
+    after the event recorded after its copy has been waited on. (No GPU here: the event is a fake and
+    the 'copy' to the CPU device is the buffer itself, so the test clones each batch at once.)"""
+    from train import loader as loader_module
+
+    log: list[tuple[str, int]] = []
+
+    class FakeEvent:
+        def __init__(self):
+            self.id = len(log)
+
+        def record(self):
+            log.append(("record", self.id))
+
+        def synchronize(self):
+            log.append(("wait", self.id))
+
+    monkeypatch.setattr(loader_module.torch.cuda, "Event", FakeEvent)
+    with Loader(split, batch_size=3, seed=2) as loader:
+        loader._staged = True
+        ring_size = loader_module.PREFETCH + 2
+        loader._ring = [_HostBuffers.allocate(3 * 128, pin=False) for _ in range(ring_size)]
+        num = 3 * ring_size
+        for k in range(num):
+            got = next(loader)
+            expected = batch_from_rows([split.row(int(i)) for i in loader.batch_rows(0, k)])
+            assert got.input_ids.data_ptr() == loader._ring[k % ring_size].input_ids.data_ptr()
+            assert torch.equal(got.input_ids.clone(), expected.input_ids)
+            assert torch.equal(got.cu_seqlens.clone(), expected.cu_seqlens)
+    records = [i for kind, i in log if kind == "record"]
+    waits = [i for kind, i in log if kind == "wait"]
+    assert len(records) == num
+    # every refill of a buffer waited on that buffer's latest copy event, in order
+    assert waits[: num - ring_size] == records[: num - ring_size]
+    for i in waits:
+        assert log.index(("record", i)) < log.index(("wait", i))
