@@ -199,12 +199,16 @@ def demo(
     ] = Path("demo"),
     seq_len: Annotated[int, typer.Option(help="Maximum tokens per packed row.")] = 1024,
 ) -> None:
-    """Generate the bundled sample corpus and tokenizer (offline) and pack them into FOLDER/packed.
+    """Generate the bundled sample corpus and tokenizer (offline), pack them into FOLDER/packed, and verify
+    every row against the contract and the re-tokenized sources.
 
     Example: prep demo demo/
     """
     from prep.sample import write_sample
+    from prep.show import print_verify_report
+    from prep.verify import VerifyConfig, verify_dataset
 
+    packed = folder / "packed"
     try:
         corpus, tok_dir = write_sample(folder)
         out.print(f"wrote sample corpus {corpus} and tokenizer {tok_dir}", highlight=False)
@@ -212,14 +216,21 @@ def demo(
             pipeline.PackConfig(
                 inputs=(str(corpus),),
                 tokenizer=str(tok_dir),
-                out=folder / "packed",
+                out=packed,
                 seq_len=seq_len,
                 val_fraction=0.05,
                 overwrite=True,
             )
         )
+        report = verify_dataset(VerifyConfig(root=packed, tokenizer=str(tok_dir), sources=(str(corpus),)))
     except UserError as e:
         raise fail(e) from None
+    print_verify_report(report, out)
+    out.print(
+        f"next: prep inspect {packed} --row 0    |    train run --data {packed} --model tiny-qwen2"
+        f" --out {folder / 'run'} --max-steps 30 --batch-size 2 --lr 1e-2",
+        highlight=False,
+    )
 
 
 @app.command()
