@@ -202,7 +202,7 @@ def loader(folders: dict[str, Path], batch_size: int = 8, seconds: float = 3.0) 
     }
 
 
-def train_step(folder: Path, batch_size: int = 1, steps: int = 2, docs_per_padded_batch: int = 8) -> dict:
+def train_step(folder: Path, batch_size: int = 1, steps: int = 4, docs_per_padded_batch: int = 8) -> dict:
     return run_child([SCRIPT, "train", str(folder), str(batch_size), str(steps), str(docs_per_padded_batch)])
 
 
