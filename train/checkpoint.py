@@ -4,8 +4,10 @@ A checkpoint is a folder ``checkpoints/step-00000100/``::
 
     adapter/                  LoRA runs: peft ``save_pretrained`` (adapter_model.safetensors + config),
                               so ``PeftModel.from_pretrained(base, adapter/)`` loads it as it is
-    model.safetensors         full fine-tuning: every weight
-    optimizer.pt              AdamW state (tensors and numbers only; read with ``weights_only=True``)
+    model.safetensors         full fine-tuning: every weight, unsharded (one copy of tied weights)
+    optimizer.pt              AdamW state (tensors and numbers only; read with ``weights_only=True``);
+                              keyed by parameter name for full fine-tuning, so that a run saved with
+                              FSDP on N ranks resumes on M ranks, with or without FSDP
     rng.safetensors           torch CPU (and CUDA) generator states
     state.json                step, loader position, scheduler, Python/numpy RNG, run options
     checkpoint.json           written last: sha256 and size of every file above
@@ -69,8 +71,13 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loader_state: dict[str, int],
     extra: dict[str, Any] | None = None,
+    full: tuple[dict, dict] | None = None,
 ) -> Path:
-    """Write the checkpoint of ``step`` under ``out/checkpoints``; return its folder."""
+    """Write the checkpoint of ``step`` under ``out/checkpoints``; return its folder.
+
+    ``full`` is (model, optimizer) state gathered by `train.parallel.full_state` for full fine-tuning
+    (required when the model is sharded: this rank alone cannot read the other shards).
+    """
     final = step_dir(out, step)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -79,8 +86,12 @@ def save_checkpoint(
     tmp = parent / f".{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write_weights(tmp, model)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if full is not None:
+            safetensors.torch.save_file(full[0], tmp / "model.safetensors")
+            torch.save(full[1], tmp / "optimizer.pt")
+        else:
+            _write_weights(tmp, model)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         safetensors.torch.save_file(_torch_rng_state(), tmp / "rng.safetensors")
         state = {
             "step": step,
@@ -206,33 +217,67 @@ def load_checkpoint(
     device = next(model.parameters()).device
     if is_peft(model):
         _load_adapter(path, model)
+        optimizer.load_state_dict(_read_optimizer(path, device))
     else:
-        if not (path / "model.safetensors").is_file():
-            raise CheckpointError(
-                f"checkpoint `{path}` holds a LoRA adapter; this run trains every weight (--no-lora). Resume with LoRA, or start a new --out."
-            )
-        missing, unexpected = safetensors.torch.load_model(
-            model, str(path / "model.safetensors"), strict=False, device=str(device)
-        )
-        if missing or unexpected:
-            raise CheckpointError(
-                f"checkpoint `{path}` does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same --model."
-            )
-    try:
-        # weights_only: tensors and plain containers only; never run code from a file we did not check.
-        optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"checkpoint `{path}`: optimizer.pt holds objects other than tensors and numbers; refusing to"
-            f" unpickle it ({str(e).splitlines()[0]}). Was it written by this trainer?"
-        ) from None
-    optimizer.load_state_dict(optimizer_state)
+        _load_full(path, model, optimizer, _read_optimizer(path, torch.device("cpu")), device)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     scheduler.load_state_dict(state["scheduler"])
     _restore_torch_rng(safetensors.torch.load_file(path / "rng.safetensors"))
     random.setstate(_tuples(state["python_rng"]))
     np.random.set_state(_numpy_from_json(state["numpy_rng"]))
     return state
+
+
+def _read_optimizer(path: Path, device: torch.device) -> dict[str, Any]:
+    try:
+        # weights_only: tensors and plain containers only; never run code from a file we did not check.
+        return torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint `{path}`: optimizer.pt holds objects other than tensors and numbers; refusing to"
+            f" unpickle it ({str(e).splitlines()[0]}). Was it written by this trainer?"
+        ) from None
+
+
+def _load_full(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: dict, device
+) -> None:
+    """Every weight and the optimizer, into a plain or an FSDP-sharded model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from train.parallel import set_full_state
+
+    if not (path / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"checkpoint `{path}` holds a LoRA adapter; this run trains every weight (--no-lora). Resume"
+            " with LoRA, or start a new --out."
+        )
+    sharded = any(isinstance(m, FSDPModule) for m in model.modules())
+    by_name = all(isinstance(k, str) for k in optimizer_state.get("state", {}))
+    if by_name:  # written through train.parallel.full_state: any number of ranks, FSDP or not
+        weights = safetensors.torch.load_file(path / "model.safetensors")
+        try:
+            set_full_state(model, optimizer, weights, optimizer_state)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint `{path}` does not fit this model ({str(e).splitlines()[0][:300]}); resume"
+                " with the same --model."
+            ) from None
+        return
+    if sharded:
+        raise CheckpointError(
+            f"checkpoint `{path}` keeps its optimizer state by position (an older format); resume it"
+            " without --fsdp, or start a new --out."
+        )
+    missing, unexpected = safetensors.torch.load_model(
+        model, str(path / "model.safetensors"), strict=False, device=str(device)
+    )
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint `{path}` does not fit this model (missing {missing[:3]}, unexpected"
+            f" {unexpected[:3]}); resume with the same --model."
+        )
+    optimizer.load_state_dict(optimizer_state)
 
 
 def _load_adapter(path: Path, model: nn.Module) -> None:

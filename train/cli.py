@@ -136,6 +136,13 @@ def run(
         bool | None,
         typer.Option("--lora/--no-lora", help="Train a LoRA adapter, or every weight (default lora)."),
     ] = None,
+    fsdp: Annotated[
+        bool | None,
+        typer.Option(
+            "--fsdp/--no-fsdp",
+            help="Under torchrun: shard the model over ranks (FSDP2); needs --no-lora (default off).",
+        ),
+    ] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank (default 32).")] = None,
     lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default 64).")] = None,
     seed: Annotated[

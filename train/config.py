@@ -64,6 +64,8 @@ class RunConfig:
     """Attention kernel: auto, flash_attn, torch_varlen or sdpa."""
     lora: bool = True
     """Train a LoRA adapter (peft); False trains every weight."""
+    fsdp: bool = False
+    """Shard weights, gradients and optimizer state over the torchrun ranks (FSDP2); full fine-tuning only."""
     lora_r: int = 32
     """LoRA rank."""
     lora_alpha: int = 64
@@ -104,6 +106,11 @@ class RunConfig:
             raise ConfigError(
                 f"--eval-every {self.eval_every} and --save-every {self.save_every} must not be negative"
                 " (0 turns them off)."
+            )
+        if self.fsdp and self.lora:
+            raise ConfigError(
+                "--fsdp shards full fine-tuning; add --no-lora (LoRA runs keep a replica of the frozen"
+                " model on every rank and sum only the adapter's gradients), or drop --fsdp."
             )
         if self.attn not in ATTN_CHOICES:
             raise ConfigError(f"--attn {self.attn!r} is unknown; choose one of {', '.join(ATTN_CHOICES)}.")

@@ -16,6 +16,14 @@ An epoch is a whole number of optimizer steps: the last ``len(share) % (batch_si
 each rank's share are left out of that epoch (a different, random set each epoch; ``train plan`` prints
 the count). The position ``(epoch, batch_in_epoch)`` of the next micro-batch is the loader's whole state.
 
+Resuming on another number of ranks. Step ``s`` of an epoch trains on exactly the rows
+``perm[s*G : (s+1)*G]`` with ``G = batch_size * grad_accum * world_size`` rows per step, however those
+rows are dealt to ranks and micro-batches (rank r's micro-batch k holds ``perm[r + W*(k*B + j)]``), and
+an epoch has ``floor(num_rows / G)`` steps. So the saved position is world-size free: global rows
+consumed in the epoch. A run may resume with another ``world_size`` (or ``batch_size``/``grad_accum``)
+as long as ``G`` stays the same (2 ranks x grad_accum 1 -> 1 rank x grad_accum 2); the losses are then
+the same up to summation order.
+
 On CUDA, rows are gathered into a small ring of pinned host buffers by a background thread while the
 current step runs, then copied to the GPU with ``non_blocking=True``; a CUDA event per buffer keeps a
 buffer from being refilled before its copy has finished. On CPU the assembled tensors are the batch.
@@ -175,10 +183,21 @@ class Loader:
 
     # -- position ----------------------------------------------------------------------------------
 
+    @property
+    def rows_per_step(self) -> int:
+        """Rows of one optimizer step over all ranks: what an epoch's order is cut into."""
+        return self.batch_size * self.grad_accum * self.world_size
+
     def state_dict(self) -> dict[str, int]:
-        """Position of the next micro-batch to be handed out, and what it is relative to."""
+        """Position of the next micro-batch to be handed out, and what it is relative to.
+
+        ``rows_in_epoch`` (global rows consumed in the epoch) is the world-size-free position that
+        :meth:`load_state_dict` reads; ``batch_in_epoch`` is this rank's count, kept for inspection.
+        """
         return {
             "epoch": self.epoch,
+            "rows_in_epoch": self.batch_in_epoch * self.batch_size * self.world_size,
+            "rows_per_step": self.rows_per_step,
             "batch_in_epoch": self.batch_in_epoch,
             "seed": self.seed,
             "batch_size": self.batch_size,
@@ -188,16 +207,38 @@ class Loader:
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "batch_size", "grad_accum", "world_size", "num_rows"):
-            mine = self.state_dict()[key]
-            if state.get(key) != mine:
+        """Continue from ``state``, saved by a loader with the same seed, rows and rows per step (its
+        world size, batch size and grad accumulation may differ; see the module docstring)."""
+        for key in ("seed", "num_rows"):
+            if state.get(key) != self.state_dict()[key]:
                 raise UserError(
                     f"the checkpoint's data position was taken with {key}={state.get(key)!r}, this run has"
-                    f" {key}={mine!r}; resume with the same --seed/--batch-size/--grad-accum, world size"
-                    " and dataset, or start a new --out."
+                    f" {key}={self.state_dict()[key]!r}; resume with the same --seed and dataset, or start"
+                    " a new --out."
                 )
+        if "rows_in_epoch" in state:
+            rows_in_epoch, rows_per_step = int(state["rows_in_epoch"]), int(state["rows_per_step"])
+        else:  # written before positions were world-size free
+            rows_in_epoch = int(state["batch_in_epoch"]) * state["batch_size"] * state["world_size"]
+            rows_per_step = state["batch_size"] * state["grad_accum"] * state["world_size"]
+        rows_per_batch = self.batch_size * self.world_size
+        if rows_per_step != self.rows_per_step or rows_in_epoch % rows_per_batch:
+            saved = (
+                f"batch_size {state.get('batch_size')} x grad_accum {state.get('grad_accum')}"
+                f" x {state.get('world_size')} ranks = {rows_per_step} rows per step"
+            )
+            mine = (
+                f"batch_size {self.batch_size} x grad_accum {self.grad_accum} x {self.world_size} ranks"
+                f" = {self.rows_per_step}"
+            )
+            raise UserError(
+                f"the checkpoint was trained with {saved}; this run has {mine}. A run resumes only with"
+                " the same rows per step: set --batch-size and --grad-accum so that batch_size x"
+                " grad_accum x ranks (torchrun --nnodes x --nproc-per-node) is the same, e.g. 2 ranks"
+                " x --grad-accum 1 -> 1 rank x --grad-accum 2; or start a new --out."
+            )
         self._shutdown()
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), rows_in_epoch // rows_per_batch
 
     # -- iteration ---------------------------------------------------------------------------------
 

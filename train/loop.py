@@ -8,9 +8,9 @@ The count is known on the host before the forward pass (the loader counts labels
 loss sum is scaled by ``1 / num_step_targets`` and backpropagated at once.
 
 Distributed (``torchrun``, any backend): each rank reads its own share of the rows, the target count
-is all-reduced before the step, and the gradients are summed across ranks after it (a flat all-reduce;
-the model is called through our varlen functions, not through a DDP wrapper's forward). Only rank 0
-logs and writes files.
+is all-reduced before the step, and the gradients are summed across ranks after it: by bucketed
+all-reduces of the trainable gradients (replicated model, LoRA), or by FSDP2's reduce-scatter
+(``--fsdp``, full fine-tuning); see `train.parallel`. Only rank 0 logs and writes files.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 import psutil
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from shared.errors import DatasetError, UserError
 from shared.fileio import atomic_write_text
@@ -38,6 +38,14 @@ from train.config import RunConfig
 from train.loader import Loader, sequential_batches
 from train.loss import micro_batch_loss_sum
 from train.model import LoraSettings, input_embeddings, load_model, resolve_device
+from train.parallel import (  # noqa: F401  (init_distributed_from_env: `train.cli` imports it here)
+    all_reduce_grads,
+    all_reduce_sum,
+    dist_info,
+    full_state,
+    init_distributed_from_env,
+    shard_fsdp,
+)
 from train.plan import DataShape, RunPlan, describe, lr_factor, make_plan
 
 METRICS = "metrics.jsonl"
@@ -53,45 +61,6 @@ class RunResult:
     last_checkpoint: Path | None = None
     export: Path | None = None
     """The final adapter (peft ``save_pretrained``) or model folder."""
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) of the process group, or (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed_from_env() -> bool:
-    """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR);
-    do nothing for a single process. NCCL with one GPU per rank when CUDA is available, else gloo."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return True
-
-
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
-
-
-def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum every gradient over ranks in one flat buffer (one collective per step)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, Split | None]:
@@ -129,13 +98,25 @@ def build_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> torch.
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, *, batch_size: int, device: torch.device) -> float:
-    """Mean cross-entropy over every target token of the split (all ranks), the training normalisation."""
+def evaluate(
+    model: torch.nn.Module,
+    split: Split,
+    *,
+    batch_size: int,
+    device: torch.device,
+    loss_fn: Callable[[VarlenBatch], torch.Tensor] | None = None,
+) -> float:
+    """Mean cross-entropy over every target token of the split (all ranks), the training normalisation.
+
+    ``loss_fn`` computes a micro-batch's loss sum (the FSDP root under --fsdp); default: ``model``'s.
+    """
     rank, world_size = dist_info()
+    loss_fn = loss_fn or partial(micro_batch_loss_sum, model)
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in sequential_batches(split, batch_size=batch_size, rank=rank, world_size=world_size):
-        totals[0] += micro_batch_loss_sum(model, batch.to(device)).double()
+        # Every rank runs the same number of forwards: FSDP gathers parameters collectively.
+        totals[0] += loss_fn(batch.to(device)).double()
         totals[1] += batch.num_target_tokens
     model.train()
     all_reduce_sum(totals)
@@ -170,6 +151,15 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         say(line)
 
     model = build_model(cfg, manifest.tokenizer.vocab_size, device)
+    if cfg.fsdp and world_size == 1:
+        raise UserError(
+            "--fsdp shards the model over ranks, but this is a single process; start it with torchrun"
+            " --nproc-per-node N (N > 1), or drop --fsdp."
+        )
+    # The loss goes through the FSDP root's forward (its hooks gather the shards), or straight to model.
+    loss_fn = shard_fsdp(model, device) if cfg.fsdp else partial(micro_batch_loss_sum, model)
+    # FSDP averages gradients over ranks; our loss is already divided by the targets of ALL ranks.
+    loss_scale = world_size if cfg.fsdp else 1
     params = [p for p in model.parameters() if p.requires_grad]
     num_trainable = sum(p.numel() for p in params)
     say(
@@ -223,6 +213,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         metrics = open_metrics(cfg.out / METRICS, keep_through=start_step)
 
     def checkpoint(step: int) -> None:
+        # Full fine-tuning saves by parameter name (resumable on any number of ranks, FSDP or not);
+        # under FSDP every rank takes part in gathering the shards.
+        full = None if cfg.lora else full_state(model, optimizer)
         if is_main:
             result.last_checkpoint = save_checkpoint(
                 cfg.out,
@@ -236,7 +229,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
                     "num_warmup_steps": plan.num_warmup_steps,
                     "data_fingerprint": data_fingerprint,
                     "config": _jsonable(cfg),
+                    "world_size": world_size,
                 },
+                full=full,
             )
         if world_size > 1:
             dist.barrier()
@@ -253,15 +248,20 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
             )
             num_step_targets, num_step_tokens = (int(v) for v in all_reduce_sum(counts).tolist())
             step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for batch in micro_batches:
-                loss_sum = micro_batch_loss_sum(model, batch)
+            for i, batch in enumerate(micro_batches):
+                if cfg.fsdp:  # reduce-scatter once per step, after the last micro-batch
+                    loss_fn.set_requires_gradient_sync(i == len(micro_batches) - 1)
+                loss_sum = loss_fn(batch)
                 # Each rank's sum over its targets / the step's targets on ALL ranks; summing the
-                # gradients over ranks below then gives the gradient of the global mean.
-                (loss_sum / max(num_step_targets, 1)).backward()
+                # gradients over ranks then gives the gradient of the global mean.
+                (loss_sum * (loss_scale / max(num_step_targets, 1))).backward()
                 step_loss_sum += loss_sum.detach().double()
-            all_reduce_grads(params)
+            if not cfg.fsdp:
+                all_reduce_grads(params)
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -300,7 +300,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
             if is_last or (cfg.save_every and step % cfg.save_every == 0):
                 checkpoint(step)
             if eval_split is not None and cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
-                eval_loss = evaluate(model, eval_split, batch_size=cfg.batch_size, device=device)
+                eval_loss = evaluate(
+                    model, eval_split, batch_size=cfg.batch_size, device=device, loss_fn=loss_fn
+                )
                 result.eval_losses[step] = eval_loss
                 if is_main:
                     metrics.write(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
@@ -313,8 +315,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         if is_main:
             metrics.close()
 
+    # Under FSDP the exported weights are gathered from every rank first.
+    export_state = full_state(model, optimizer)[0] if cfg.fsdp else None
     if is_main:
-        result.export = export_weights(model, cfg.out)
+        result.export = export_weights(model, cfg.out, state_dict=export_state)
         plot_losses(cfg.out / METRICS, cfg.out / LOSS_PLOT)
         say(f"wrote {result.export}, {cfg.out / METRICS}, {cfg.out / LOSS_PLOT}")
     return result
@@ -340,11 +344,12 @@ def memory_bytes(device: torch.device) -> int:
     return psutil.Process().memory_info().rss
 
 
-def export_weights(model: torch.nn.Module, out: Path) -> Path:
-    """The trained adapter via peft ``save_pretrained`` (or the whole model) under ``out``."""
+def export_weights(model: torch.nn.Module, out: Path, state_dict: dict | None = None) -> Path:
+    """The trained adapter via peft ``save_pretrained`` (or the whole model) under ``out``;
+    ``state_dict`` holds the unsharded weights of an FSDP model."""
     model = unwrap(model)
     target = out / ("adapter" if hasattr(model, "peft_config") else "model")
-    model.save_pretrained(target, safe_serialization=True)
+    model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
     return target
 
 

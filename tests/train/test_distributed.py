@@ -1,0 +1,144 @@
+"""`train run` on several ranks (gloo on CPU, forked processes): resume on another number of ranks,
+FSDP2 full fine-tuning against one process, and the bucketed gradient all-reduce."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from shared.errors import UserError
+from shared.reader import PackedDataset
+from tests.train.test_run import _rank_main, quiet, tiny
+from train.config import ConfigError
+from train.loop import read_metrics, train
+from train.model import load_model
+from train.parallel import all_reduce_grads
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(cfg, world_size: int, tmp_path: Path) -> dict:
+    """``train(cfg)`` on ``world_size`` forked gloo ranks; rank 0's losses (keys are step strings)."""
+    result_file = tmp_path / f"{cfg.out.name}.json"
+    # fork: the children inherit the imported modules (spawn would re-import torch and transformers)
+    mp.start_processes(
+        _rank_main, args=(world_size, free_port(), cfg, result_file), nprocs=world_size, start_method="fork"
+    )
+    return json.loads(result_file.read_text())
+
+
+def grad_norms(out: Path) -> list[float]:
+    return [r["grad_norm"] for r in read_metrics(out / "metrics.jsonl") if "grad_norm" in r]
+
+
+def keep_through(out: Path, step: int) -> None:
+    """Make ``out`` look like the run was killed right after its step-``step`` checkpoint."""
+    for ckpt in (out / "checkpoints").iterdir():
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    for export in ("adapter", "model"):
+        shutil.rmtree(out / export, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_losses(packed_sample, tmp_path):
+    """A 2-rank x grad_accum 1 run, resumed on 1 rank x grad_accum 2 from its step-2 checkpoint, goes
+    on with the uninterrupted 2-rank losses: the loader position is global rows, not per-rank batches."""
+    options = {"max_steps": 4, "save_every": 2, "batch_size": 2}
+    two = run_ranks(tiny(packed_sample, tmp_path / "two", **options), 2, tmp_path)
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "two", killed)
+    keep_through(killed, 2)
+    state = json.loads((killed / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["loader"]["rows_in_epoch"] == 2 * 4 and state["world_size"] == 2
+
+    # negative control: another number of rows per step is refused, naming the flags to change
+    with pytest.raises(UserError, match="--grad-accum") as refused:
+        train(tiny(packed_sample, killed, resume=True, **options), log=quiet)
+    assert "4 rows per step" in str(refused.value) and "= 2" in str(refused.value)
+
+    resumed = train(tiny(packed_sample, killed, resume=True, grad_accum=2, **options), log=quiet)
+    assert sorted(resumed.losses) == [3, 4]
+    for step in (3, 4):
+        assert resumed.losses[step] == pytest.approx(two["losses"][str(step)], rel=1e-5, abs=1e-6)
+    assert grad_norms(killed) == pytest.approx(grad_norms(tmp_path / "two"), rel=1e-5)
+    a = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_equal_one_rank_full_finetune_and_resume_without_fsdp(packed_sample, tmp_path):
+    """FSDP2 (gloo, CPU) on 2 ranks == one process with twice the micro-batches, every weight trained;
+    its gathered checkpoint resumes on one process without FSDP."""
+    options = {"max_steps": 3, "save_every": 2, "batch_size": 1, "lora": False, "lr": 1e-3}
+    sharded = run_ranks(tiny(packed_sample, tmp_path / "fsdp", fsdp=True, **options), 2, tmp_path)
+    single = train(tiny(packed_sample, tmp_path / "one", grad_accum=2, **options), log=quiet)
+    for step in (1, 2, 3):
+        assert sharded["losses"][str(step)] == pytest.approx(single.losses[step], rel=1e-5, abs=1e-6)
+    # AdamW hides a constant gradient factor from the losses; the logged gradient norm does not
+    norms = [grad_norms(tmp_path / name) for name in ("fsdp", "one")]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    a = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    # negative control: the exported weights are the trained ones, not the initial ones
+    vocab_size = PackedDataset(packed_sample).manifest.tokenizer.vocab_size
+    initial = load_model("tiny-qwen2", vocab_size=vocab_size, attn="sdpa", seed=0).state_dict()
+    assert not torch.allclose(
+        a["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"]
+    )
+
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "fsdp", killed)
+    keep_through(killed, 2)
+    resumed = train(tiny(packed_sample, killed, resume=True, grad_accum=2, **options), log=quiet)
+    assert resumed.losses[3] == pytest.approx(sharded["losses"]["3"], rel=1e-5, abs=1e-6)
+
+
+def _grad_rank(rank: int, world_size: int, port: int, out: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        params = [
+            torch.nn.Parameter(torch.zeros(n, dtype=d))
+            for n, d in ((3, torch.float32), (4, torch.float32), (2, torch.float64), (5, torch.float32))
+        ]
+        for i, p in enumerate(params[:3]):  # the last one has no gradient on either rank
+            p.grad = torch.full_like(p, float(10 * rank + i + 1))
+        all_reduce_grads(params, bucket_elements=5)  # several buckets, split by size and by dtype
+        if rank == 0:
+            torch.save([p.grad for p in params], out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_grads_sums_every_bucket(tmp_path):
+    out = tmp_path / "grads.pt"
+    mp.start_processes(_grad_rank, args=(2, free_port(), out), nprocs=2, start_method="fork")
+    grads = torch.load(out)
+    # rank 0 holds i + 1, rank 1 holds 10 + i + 1: the sum is 2i + 12
+    for i, g in enumerate(grads[:3]):
+        assert torch.equal(g, torch.full_like(g, float(2 * i + 12))), (i, g)
+    assert torch.equal(grads[3], torch.zeros(5)) and grads[2].dtype == torch.float64
+
+
+def test_fsdp_needs_full_finetuning_and_several_ranks(packed_sample, tmp_path):
+    with pytest.raises(ConfigError, match="--fsdp shards full fine-tuning; add --no-lora"):
+        tiny(packed_sample, tmp_path, max_steps=1, fsdp=True)
+    with pytest.raises(UserError, match="torchrun --nproc-per-node"):
+        train(tiny(packed_sample, tmp_path, max_steps=1, fsdp=True, lora=False), log=quiet)
