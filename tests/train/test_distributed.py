@@ -109,6 +109,11 @@ def test_fsdp_two_ranks_equal_one_rank_full_finetune_and_resume_without_fsdp(pac
     keep_through(killed, 2)
     resumed = train(tiny(packed_sample, killed, resume=True, grad_accum=2, **options), log=quiet)
     assert resumed.losses[3] == pytest.approx(sharded["losses"]["3"], rel=1e-5, abs=1e-6)
+    # and on 2 ranks with FSDP again: the gathered state is set back into the shards
+    keep_through(killed, 2)
+    again = run_ranks(tiny(packed_sample, killed, resume=True, fsdp=True, **options), 2, tmp_path)
+    assert list(again["losses"]) == ["3"]
+    assert again["losses"]["3"] == pytest.approx(sharded["losses"]["3"], rel=1e-6, abs=1e-6)
 
 
 def _grad_rank(rank: int, world_size: int, port: int, out: Path) -> None:

@@ -117,6 +117,39 @@ def test_state_dict_resumes_the_same_stream(split):
         other.load_state_dict(state)
 
 
+def step_rows(loader: Loader, epoch: int, step: int) -> set[int]:
+    first = step * loader.grad_accum
+    return {int(i) for k in range(first, first + loader.grad_accum) for i in loader.batch_rows(epoch, k)}
+
+
+def test_position_is_world_size_free_at_equal_rows_per_step(split):
+    """2 ranks x grad_accum 1 and 1 rank x grad_accum 2 train every step on the same rows, and a
+    position saved by the first resumes the second at the same step (also across an epoch)."""
+    ranks = [Loader(split, batch_size=2, seed=5, rank=r, world_size=2) for r in range(2)]
+    single = Loader(split, batch_size=2, grad_accum=2, seed=5)
+    steps_per_epoch = single.batches_per_epoch // 2
+    assert ranks[0].batches_per_epoch == steps_per_epoch
+    for epoch, step in ((0, 0), (0, 7), (1, steps_per_epoch - 1)):
+        assert step_rows(single, epoch, step) == step_rows(ranks[0], epoch, step) | step_rows(
+            ranks[1], epoch, step
+        )
+    for _ in range(steps_per_epoch + 3):  # into the second epoch
+        next(ranks[1])
+    state = ranks[1].state_dict()
+    ranks[1].close()
+    assert (state["epoch"], state["rows_in_epoch"]) == (1, 3 * 4)
+    with Loader(split, batch_size=2, grad_accum=2, seed=5) as resumed:
+        resumed.load_state_dict(state)
+        assert (resumed.epoch, resumed.batch_in_epoch) == (1, 6)
+        # a position written before rows_in_epoch existed is read the same way
+        legacy = {k: v for k, v in state.items() if k not in ("rows_in_epoch", "rows_per_step")}
+        resumed.load_state_dict(legacy)
+        assert (resumed.epoch, resumed.batch_in_epoch) == (1, 6)
+    # negative control: another number of rows per step is refused with the flags to change
+    with Loader(split, batch_size=2, seed=5) as other, pytest.raises(UserError, match="--grad-accum"):
+        other.load_state_dict(state)
+
+
 def test_too_few_rows_for_a_step_is_a_clear_error(split):
     with pytest.raises(UserError, match="too few for one step"):
         Loader(split, batch_size=split.num_rows, grad_accum=2, seed=0)
