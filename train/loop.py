@@ -35,7 +35,7 @@ from shared.reader import PackedDataset, Split
 from train.batch import VarlenBatch
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
 from train.config import RunConfig
-from train.loader import Loader, sequential_batches
+from train.loader import Loader, batch_from_rows, sequential_batches
 from train.loss import micro_batch_loss_sum
 from train.model import LoraSettings, input_embeddings, load_model, resolve_device
 from train.parallel import (  # noqa: F401  (init_distributed_from_env: `train.cli` imports it here)
@@ -105,19 +105,31 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     loss_fn: Callable[[VarlenBatch], torch.Tensor] | None = None,
+    lockstep: bool = False,
 ) -> float:
     """Mean cross-entropy over every target token of the split (all ranks), the training normalisation.
 
     ``loss_fn`` computes a micro-batch's loss sum (the FSDP root under --fsdp); default: ``model``'s.
+    ``lockstep``: every rank runs as many forwards as the busiest one (FSDP gathers parameters with
+    collectives, so a rank with one batch fewer would leave the others waiting forever); the extra
+    forwards are not counted.
     """
     rank, world_size = dist_info()
     loss_fn = loss_fn or partial(micro_batch_loss_sum, model)
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
+    num_batches = math.ceil(len(range(rank, split.num_rows, world_size)) / batch_size)
+    num_extra = 0
+    if lockstep and world_size > 1:
+        # Agreed before the first forward: collectives must pair up in the same order on every rank.
+        most = torch.tensor([num_batches], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        num_extra = int(most) - num_batches
     for batch in sequential_batches(split, batch_size=batch_size, rank=rank, world_size=world_size):
-        # Every rank runs the same number of forwards: FSDP gathers parameters collectively.
         totals[0] += loss_fn(batch.to(device)).double()
         totals[1] += batch.num_target_tokens
+    for _ in range(num_extra):
+        loss_fn(batch_from_rows([split.row(0)]).to(device))
     model.train()
     all_reduce_sum(totals)
     return float(totals[0] / totals[1].clamp(min=1))
@@ -301,7 +313,12 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
                 checkpoint(step)
             if eval_split is not None and cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
                 eval_loss = evaluate(
-                    model, eval_split, batch_size=cfg.batch_size, device=device, loss_fn=loss_fn
+                    model,
+                    eval_split,
+                    batch_size=cfg.batch_size,
+                    device=device,
+                    loss_fn=loss_fn,
+                    lockstep=cfg.fsdp,
                 )
                 result.eval_losses[step] = eval_loss
                 if is_main:

@@ -147,3 +147,63 @@ def test_fsdp_needs_full_finetuning_and_several_ranks(packed_sample, tmp_path):
         tiny(packed_sample, tmp_path, max_steps=1, fsdp=True)
     with pytest.raises(UserError, match="torchrun --nproc-per-node"):
         train(tiny(packed_sample, tmp_path, max_steps=1, fsdp=True, lora=False), log=quiet)
+
+
+class FirstRows:
+    """The first ``num_rows`` rows of a split: an odd count, so that 2 ranks get unequal shares."""
+
+    def __init__(self, split, num_rows: int) -> None:
+        self.split, self.num_rows, self.name = split, num_rows, split.name
+
+    def row(self, index: int):
+        assert index < self.num_rows
+        return self.split.row(index)
+
+
+def _eval_rank(rank: int, world_size: int, port: int, data: Path, lockstep: bool, out: Path) -> None:
+    from datetime import timedelta
+
+    from train.loop import evaluate
+    from train.parallel import shard_fsdp
+
+    torch.set_num_threads(1)
+    # A short timeout: a rank left waiting in a collective fails the test instead of hanging it.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=10),
+    )
+    try:
+        dataset = PackedDataset(data)
+        model = load_model("tiny-qwen2", vocab_size=dataset.manifest.tokenizer.vocab_size, attn="sdpa")
+        root = shard_fsdp(model, torch.device("cpu"))
+        split = FirstRows(dataset.split("val"), 5)
+        loss = evaluate(
+            model, split, batch_size=1, device=torch.device("cpu"), loss_fn=root, lockstep=lockstep
+        )
+        if rank == 0:
+            out.write_text(json.dumps(loss))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_eval_keeps_ranks_in_lockstep_over_unequal_shares(packed_sample, tmp_path):
+    """5 rows on 2 ranks: rank 0 evaluates 3, rank 1 only 2; rank 1 must still join the third gather."""
+    from train.loop import evaluate
+
+    out = tmp_path / "eval.json"
+    mp.start_processes(
+        _eval_rank, args=(2, free_port(), packed_sample, True, out), nprocs=2, start_method="fork"
+    )
+    dataset = PackedDataset(packed_sample)
+    model = load_model("tiny-qwen2", vocab_size=dataset.manifest.tokenizer.vocab_size, attn="sdpa")
+    reference = evaluate(model, FirstRows(dataset.split("val"), 5), batch_size=1, device=torch.device("cpu"))
+    assert json.loads(out.read_text()) == pytest.approx(reference, rel=1e-6)
+    # negative control: without lockstep the ranks fall out of step and the run fails (gloo timeout)
+    with pytest.raises(Exception, match="[Tt]imed out"):
+        mp.start_processes(
+            _eval_rank, args=(2, free_port(), packed_sample, False, out), nprocs=2, start_method="fork"
+        )
