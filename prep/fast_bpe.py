@@ -151,29 +151,38 @@ def _added_token_splitter(added: list[dict]) -> tuple[re.Pattern | None, dict[st
 CACHE_VERSION = 1
 
 
-def cache_dir() -> Path:
-    """Where derived rank tables are kept, keyed by the sha256 of the tokenizer.json they came from."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "packed-shards" / f"fast-bpe-v{CACHE_VERSION}"
+CACHE_ENV = "PREP_FAST_BPE_CACHE"
+
+
+def cache_dir() -> Path | None:
+    """Where derived rank tables are kept (keyed by the sha256 of their tokenizer.json), if anywhere.
+
+    Off unless ``PREP_FAST_BPE_CACHE`` names a folder: `prep pack` writes nothing outside ``--out`` by
+    default, and a cache in the home folder would break that promise.
+    """
+    folder = os.environ.get(CACHE_ENV)
+    return Path(folder) / f"fast-bpe-v{CACHE_VERSION}" if folder else None
 
 
 def _tables(path: Path) -> tuple[bool, str, dict[bytes, int], np.ndarray, list[dict]]:
     """(nfc, split pattern, ranks, rank -> id, added tokens) of ``path``, from the cache when possible.
 
-    Deriving the ranks of a 150k vocabulary costs about a second of Python; the cache, keyed by the
-    file's content hash, brings a repeated run down to reading one array. Any cache problem only costs
-    that second again.
+    Deriving the ranks of a 150k vocabulary costs about half a second of Python; the opt-in cache, keyed
+    by the file's content hash, brings a repeated run down to reading one array. Any cache problem only
+    costs that time again.
     """
     raw = path.read_bytes()
-    cached = cache_dir() / f"{hashlib.sha256(raw).hexdigest()}.npz"
-    try:
-        with np.load(cached, allow_pickle=False) as z:
-            meta = json.loads(z["meta"].tobytes().decode("utf-8"))
-            blob, offsets = z["blob"].tobytes(), z["offsets"].tolist()
-            ranks = {blob[offsets[i] : offsets[i + 1]]: i for i in range(len(offsets) - 1)}
-            return meta["nfc"], meta["pattern"], ranks, z["rank_to_id"], meta["added"]
-    except (OSError, KeyError, ValueError):
-        pass
+    folder = cache_dir()
+    cached = folder / f"{hashlib.sha256(raw).hexdigest()}.npz" if folder else None
+    if cached is not None and cached.is_file():
+        try:
+            with np.load(cached, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes().decode("utf-8"))
+                blob, offsets = z["blob"].tobytes(), z["offsets"].tolist()
+                ranks = {blob[offsets[i] : offsets[i + 1]]: i for i in range(len(offsets) - 1)}
+                return meta["nfc"], meta["pattern"], ranks, z["rank_to_id"], meta["added"]
+        except (OSError, KeyError, ValueError):
+            pass  # a damaged cache file: derive the tables again and overwrite it
     spec = json.loads(raw)
     nfc = _check_normalizer(spec.get("normalizer"))
     pattern = _pattern_of(spec.get("pre_tokenizer"))
@@ -181,6 +190,8 @@ def _tables(path: Path) -> tuple[bool, str, dict[bytes, int], np.ndarray, list[d
     added = spec.get("added_tokens", [])
     meta = json.dumps({"nfc": nfc, "pattern": pattern, "added": added}).encode("utf-8")
     keys = list(ranks)  # in rank order: rank i is keys[i]
+    if cached is None:
+        return nfc, pattern, ranks, rank_to_id, added
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")

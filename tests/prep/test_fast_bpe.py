@@ -220,7 +220,7 @@ def test_engine_falls_back_for_unsupported_tokenizer(sample_tok, tmp_path):
 
 
 def test_cached_tables_give_the_same_engine(sample_tok, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("PREP_FAST_BPE_CACHE", str(tmp_path))
     texts = TRICKY + ["The board reported steady demand."]
     first = FastBPE(sample_tok)  # derives the tables and writes the cache
     assert list(cache_dir().glob("*.npz"))
