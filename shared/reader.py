@@ -6,6 +6,8 @@ page cache, so opening a dataset costs neither memory nor time in proportion to 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +51,45 @@ class PackedRow:
         return len(self.doc_ids)
 
 
-@dataclass(frozen=True, slots=True)
-class _Column:
-    offsets: np.ndarray
-    values: np.ndarray
+class _BatchRows:
+    """Row access into one record batch: numpy views of its value buffers and two offset arrays.
+
+    The three token columns share one offsets array and `doc_ids`/`cu_seqlens` another; both facts are
+    checked here, once per batch, so a row is five slices with no per-column bookkeeping.
+    """
+
+    __slots__ = ("tok", "seg", "input_ids", "labels", "position_ids", "cu_seqlens", "doc_ids")
+
+    def __init__(self, batch: pa.RecordBatch, path: Path) -> None:
+        columns = {name: batch.column(name) for name in _COLUMNS}
+        tok = columns[INPUT_IDS].offsets.to_numpy()
+        seg = columns[DOC_IDS].offsets.to_numpy()
+        for name in (LABELS, POSITION_IDS):
+            if not np.array_equal(columns[name].offsets.to_numpy(), tok):
+                raise ShardIntegrityError(
+                    f"shard `{path}`: `{name}` and `input_ids` differ in length in some row; every token column"
+                    " has one value per token. The file is damaged; re-run `prep pack`."
+                )
+        if not np.array_equal(columns[CU_SEQLENS].offsets.to_numpy(), seg + np.arange(len(seg))):
+            raise ShardIntegrityError(
+                f"shard `{path}`: some row's `cu_seqlens` does not have one entry per segment plus one."
+                " The file is damaged; re-run `prep pack`."
+            )
+        # Views of the mapped file, not lists: resident memory must not grow with the number of rows.
+        self.tok, self.seg = tok, seg
+        for name, column in columns.items():
+            setattr(self, name, column.values.to_numpy(zero_copy_only=True))
+
+    def row(self, local: int) -> PackedRow:
+        t0, t1 = self.tok[local], self.tok[local + 1]
+        s0, s1 = self.seg[local], self.seg[local + 1]
+        return PackedRow(
+            self.input_ids[t0:t1],
+            self.labels[t0:t1],
+            self.position_ids[t0:t1],
+            self.cu_seqlens[s0 + local : s1 + local + 1],
+            self.doc_ids[s0:s1],
+        )
 
 
 class Shard:
@@ -94,9 +131,8 @@ class Shard:
                     f"shard `{self.path}` has an invalid record batch ({e}); it is damaged. Re-run `prep pack`."
                 ) from e
         self._batches = batches
-        sizes = np.array([b.num_rows for b in batches], dtype=np.int64)
-        self._batch_starts = np.concatenate([[0], np.cumsum(sizes)])
-        self._columns = [{name: _list_column(b.column(name)) for name in _COLUMNS} for b in batches]
+        self._batch_starts = [0, *itertools.accumulate(b.num_rows for b in batches)]
+        self._rows = [_BatchRows(b, self.path) for b in batches]
         if info is not None and self.num_rows != info.num_rows:
             raise ShardIntegrityError(
                 f"shard `{self.path.name}` has {self.num_rows:,} rows but the manifest says {info.num_rows:,};"
@@ -105,15 +141,15 @@ class Shard:
 
     @property
     def num_rows(self) -> int:
-        return int(self._batch_starts[-1])
+        return self._batch_starts[-1]
 
     def row(self, index: int) -> PackedRow:
         if not 0 <= index < self.num_rows:
             raise IndexError(f"row {index} out of range for `{self.path.name}` with {self.num_rows} rows")
-        b = int(np.searchsorted(self._batch_starts, index, side="right")) - 1
-        local = index - int(self._batch_starts[b])
-        cols = self._columns[b]
-        return PackedRow(**{name: _slice(cols[name], local) for name in _COLUMNS})
+        # bisect on a list, not np.searchsorted: the loader calls this per row, and numpy's per-call
+        # overhead was most of the time.
+        b = bisect.bisect_right(self._batch_starts, index) - 1
+        return self._rows[b].row(index - self._batch_starts[b])
 
     def __iter__(self) -> Iterator[PackedRow]:
         for i in range(self.num_rows):
@@ -122,8 +158,8 @@ class Shard:
     def row_lengths(self) -> np.ndarray:
         """Tokens per row, for every row, without touching the token pages."""
         return np.concatenate(
-            [np.diff(cols[INPUT_IDS].offsets) for cols in self._columns] or [np.zeros(0, np.int64)]
-        ).astype(np.int64)
+            [np.diff(rows.tok).astype(np.int64) for rows in self._rows] or [np.zeros(0, np.int64)]
+        )
 
     def batches(self) -> list[pa.RecordBatch]:
         return list(self._batches)
@@ -146,29 +182,25 @@ def _schema_difference(schema: pa.Schema) -> str:
     return "; ".join(diffs[:4])
 
 
-def _list_column(array: pa.ListArray) -> _Column:
-    return _Column(offsets=array.offsets.to_numpy(), values=array.values.to_numpy(zero_copy_only=True))
-
-
-def _slice(col: _Column, local: int) -> np.ndarray:
-    return col.values[col.offsets[local] : col.offsets[local + 1]]
-
-
 class Split:
     """The shards of one split (``train`` or ``val``) in manifest order, addressed as one row range."""
 
     def __init__(self, name: str, shards: list[Shard]) -> None:
         self.name = name
         self.shards = shards
-        self._starts = np.concatenate([[0], np.cumsum([s.num_rows for s in shards])]).astype(np.int64)
+        self._starts = [0, *itertools.accumulate(s.num_rows for s in shards)]
 
     @property
     def num_rows(self) -> int:
-        return int(self._starts[-1])
+        return self._starts[-1]
 
     def locate(self, index: int) -> tuple[Shard, int]:
-        s = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return self.shards[s], index - int(self._starts[s])
+        if not 0 <= index < self.num_rows:
+            raise IndexError(
+                f"row {index} out of range for the `{self.name}` split with {self.num_rows} rows"
+            )
+        s = bisect.bisect_right(self._starts, index) - 1
+        return self.shards[s], index - self._starts[s]
 
     def row(self, index: int) -> PackedRow:
         shard, local = self.locate(index)

@@ -82,17 +82,22 @@ def batch_from_rows(rows: Sequence[PackedRow], out: _HostBuffers | None = None) 
     """
     if not rows:
         raise ValueError("a micro-batch needs at least one row")
-    row_len = np.array([r.num_tokens for r in rows], dtype=np.int64)
-    row_start = np.concatenate([[0], np.cumsum(row_len)])
-    num_tokens = int(row_start[-1])
-    num_segments = sum(r.num_segments for r in rows)
-    for i, r in enumerate(rows):
-        cu = r.cu_seqlens
-        if len(cu) != r.num_segments + 1 or cu[0] != 0 or cu[-1] != r.num_tokens:
-            raise InvariantError(
-                f"row {i} of the micro-batch has cu_seqlens {cu[:4].tolist()}...{cu[-1:].tolist()} for"
-                f" {r.num_tokens} tokens and {r.num_segments} segments; run `prep verify` on the dataset."
-            )
+    ids = [r.input_ids for r in rows]
+    cus = [r.cu_seqlens for r in rows]
+    row_len = np.fromiter(map(len, ids), dtype=np.int64, count=len(rows))
+    row_segs = np.fromiter(map(len, cus), dtype=np.int64, count=len(rows)) - 1
+    num_tokens = int(row_len.sum())
+    num_segments = int(row_segs.sum())
+    cu_all = np.concatenate(cus)
+    # Every row's cu_seqlens must run from 0 to its length; the shard reader already checked the counts.
+    last = np.cumsum(row_segs + 1) - 1
+    first = last - row_segs
+    if (cu_all[first] != 0).any() or (cu_all[last] != row_len).any() or (row_segs < 1).any():
+        i = int(np.flatnonzero((cu_all[first] != 0) | (cu_all[last] != row_len) | (row_segs < 1))[0])
+        raise InvariantError(
+            f"row {i} of the micro-batch has cu_seqlens {cus[i][:4].tolist()}...{cus[i][-1:].tolist()} for"
+            f" {row_len[i]} tokens; run `prep verify` on the dataset."
+        )
     if out is None:
         out = _HostBuffers.allocate(num_tokens, pin=False)
     elif out.input_ids.numel() < num_tokens:
@@ -101,14 +106,16 @@ def batch_from_rows(rows: Sequence[PackedRow], out: _HostBuffers | None = None) 
     labels = out.labels[:num_tokens]
     position_ids = out.position_ids[:num_tokens]
     cu_seqlens = out.cu_seqlens[: num_segments + 1]
-    np.concatenate([r.input_ids for r in rows], out=input_ids.numpy())
-    np.concatenate([r.labels for r in rows], out=labels.numpy())
+    labels_np = labels.numpy()
+    np.concatenate(ids, out=input_ids.numpy())
+    np.concatenate([r.labels for r in rows], out=labels_np)
     np.concatenate([r.position_ids for r in rows], out=position_ids.numpy())
     # Each row's segment starts, shifted by where the row begins in the stream, then the stream's end.
-    starts = np.concatenate([r.cu_seqlens[:-1] for r in rows]).astype(np.int64)
-    starts += np.repeat(row_start[:-1], [r.num_segments for r in rows])
+    row_start = np.cumsum(row_len) - row_len
     cu_np = cu_seqlens.numpy()
-    cu_np[:-1] = starts
+    keep = np.ones(len(cu_all), dtype=bool)
+    keep[last] = False
+    cu_np[:-1] = cu_all[keep] + np.repeat(row_start, row_segs)
     cu_np[-1] = num_tokens
     return VarlenBatch(
         input_ids=input_ids.view(1, num_tokens),
@@ -116,7 +123,7 @@ def batch_from_rows(rows: Sequence[PackedRow], out: _HostBuffers | None = None) 
         position_ids=position_ids.view(1, num_tokens),
         cu_seqlens=cu_seqlens,
         max_seqlen=int(np.diff(cu_np).max()),
-        num_target_tokens=int(np.count_nonzero(labels.numpy() != IGNORE_INDEX)),
+        num_target_tokens=num_tokens - int(np.count_nonzero(labels_np == IGNORE_INDEX)),
     )
 
 

@@ -202,3 +202,45 @@ def test_damaged_manifest(dataset):
     path.unlink()
     with pytest.raises(IncompleteDatasetError, match=r"no manifest.json.*--out .*packed --resume"):
         PackedDataset(dataset)
+
+
+def _replace_list(batch: pa.RecordBatch, name: str, array: pa.ListArray) -> pa.RecordBatch:
+    columns = [array if n == name else batch.column(n) for n in batch.schema.names]
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
+
+
+def test_token_columns_of_unequal_length_are_refused(dataset):
+    """Rows are sliced with input_ids' offsets for all three token columns: a shard where labels are
+    shorter in one row (still valid Arrow) must be refused, not read misaligned."""
+    shard = first_shard(dataset)
+
+    def shorten_first_label_row(batch):
+        labels = batch.column("labels")
+        offsets = labels.offsets.to_numpy().copy()
+        values = labels.values.to_numpy()
+        offsets[1:] -= 1  # row 0 loses its last label
+        values = np.delete(values, offsets[1])
+        return _replace_list(batch, "labels", pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)))
+
+    rewrite_shard(shard, with_metadata(shard), shorten_first_label_row)
+    sync_manifest(dataset, shard)
+    with pytest.raises(ShardIntegrityError, match="`labels` and `input_ids` differ in length"):
+        open_all(dataset, "checksum")
+
+
+def test_cu_seqlens_without_one_entry_per_segment_plus_one_is_refused(dataset):
+    shard = first_shard(dataset)
+
+    def drop_last_boundary_of_row_0(batch):
+        cu = batch.column("cu_seqlens")
+        offsets = cu.offsets.to_numpy().copy()
+        values = np.delete(cu.values.to_numpy(), offsets[1] - 1)
+        offsets[1:] -= 1
+        return _replace_list(
+            batch, "cu_seqlens", pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+        )
+
+    rewrite_shard(shard, with_metadata(shard), drop_last_boundary_of_row_0)
+    sync_manifest(dataset, shard)
+    with pytest.raises(ShardIntegrityError, match="one entry per segment plus one"):
+        open_all(dataset, "checksum")
