@@ -209,3 +209,48 @@ def test_fsdp_eval_keeps_ranks_in_lockstep_over_unequal_shares(packed_sample, tm
         mp.start_processes(
             _eval_rank, args=(2, free_port(), packed_sample, False, out), nprocs=2, start_method="fork"
         )
+
+
+def _load_old_format_rank(rank: int, world_size: int, port: int, data: Path, ckpt: Path, out: Path) -> None:
+    from train.checkpoint import CheckpointError, load_checkpoint
+    from train.parallel import shard_fsdp
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        vocab_size = PackedDataset(data).manifest.tokenizer.vocab_size
+        model = load_model("tiny-qwen2", vocab_size=vocab_size, attn="sdpa")
+        shard_fsdp(model, torch.device("cpu"))
+        optimizer = torch.optim.AdamW(model.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        try:
+            load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+            out.write_text("loaded")
+        except CheckpointError as e:
+            out.write_text(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_refuses_a_checkpoint_with_positional_optimizer_state(packed_sample, tmp_path):
+    """Full fine-tuning checkpoints written before they were keyed by parameter name cannot be set
+    into shards; the message says to resume without --fsdp."""
+    from train.checkpoint import save_checkpoint
+
+    vocab_size = PackedDataset(packed_sample).manifest.tokenizer.vocab_size
+    model = load_model("tiny-qwen2", vocab_size=vocab_size, attn="sdpa")
+    optimizer = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    ckpt = save_checkpoint(
+        tmp_path / "old", step=1, model=model, optimizer=optimizer, scheduler=scheduler, loader_state={}
+    )
+    out = tmp_path / "result.txt"
+    args = (1, free_port(), packed_sample, ckpt, out)
+    mp.start_processes(_load_old_format_rank, args=args, nprocs=1, start_method="fork")
+    assert "by position (an older format); resume it without --fsdp" in out.read_text()
+    # the same checkpoint still resumes a plain (unsharded) model
+    from train.checkpoint import load_checkpoint
+
+    load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
