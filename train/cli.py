@@ -167,7 +167,7 @@ def run(
 
     try:
         cfg = build_run_config(config, flags)
-        joined = init_distributed_from_env()
+        joined = init_distributed_from_env(cfg.device)
         try:
             train(cfg, log=lambda line: out.print(line, highlight=False, soft_wrap=True))
         finally:

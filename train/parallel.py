@@ -42,12 +42,13 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed_from_env() -> bool:
+def init_distributed_from_env(device: str = "auto") -> bool:
     """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR);
-    do nothing for a single process. NCCL with one GPU per rank when CUDA is available, else gloo."""
+    do nothing for a single process. NCCL with one GPU per rank (LOCAL_RANK) when the run's ``device``
+    is CUDA (``auto`` with a GPU), else gloo: NCCL cannot reduce the CPU tensors of a ``--device cpu`` run."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    if torch.cuda.is_available():
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:
