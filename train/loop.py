@@ -42,6 +42,7 @@ from train.parallel import (  # noqa: F401  (init_distributed_from_env: `train.c
     all_reduce_grads,
     all_reduce_sum,
     dist_info,
+    full_model_state,
     full_state,
     init_distributed_from_env,
     shard_fsdp,
@@ -333,7 +334,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
             metrics.close()
 
     # Under FSDP the exported weights are gathered from every rank first.
-    export_state = full_state(model, optimizer)[0] if cfg.fsdp else None
+    export_state = full_model_state(model) if cfg.fsdp else None
     if is_main:
         result.export = export_weights(model, cfg.out, state_dict=export_state)
         plot_losses(cfg.out / METRICS, cfg.out / LOSS_PLOT)

@@ -135,23 +135,26 @@ def tied_names(model: nn.Module) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state dicts (keyed by parameter name) on rank 0, on the CPU;
-    ``({}, {})`` on the other ranks. Every rank must call it (it gathers the shards)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+def full_model_state(model: nn.Module) -> dict:
+    """Unsharded weights (keyed by parameter name, one copy of tied ones) on rank 0, on the CPU; ``{}``
+    on the other ranks. Every rank must call it (it gathers the shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     # One copy of a tied tensor: safetensors refuses two names for one storage.
     for names in tied_names(model):
         for name in names[1:]:
             model_state.pop(name, None)
-    return model_state, optimizer_state
+    return model_state
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """:func:`full_model_state` and the optimizer's unsharded state, keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return full_model_state(model), get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def set_full_state(
