@@ -85,8 +85,11 @@ def test_fsdp_two_ranks_equal_one_rank_full_finetune_and_resume_without_fsdp(pac
     """FSDP2 (gloo, CPU) on 2 ranks == one process with twice the micro-batches, every weight trained;
     its gathered checkpoint resumes on one process without FSDP."""
     options = {"max_steps": 3, "save_every": 2, "batch_size": 1, "lora": False, "lr": 1e-3}
-    sharded = run_ranks(tiny(packed_sample, tmp_path / "fsdp", fsdp=True, **options), 2, tmp_path)
-    single = train(tiny(packed_sample, tmp_path / "one", grad_accum=2, **options), log=quiet)
+    # grad_accum 2 on each rank: gradients are reduce-scattered after the second micro-batch only
+    sharded = run_ranks(
+        tiny(packed_sample, tmp_path / "fsdp", fsdp=True, grad_accum=2, **options), 2, tmp_path
+    )
+    single = train(tiny(packed_sample, tmp_path / "one", grad_accum=4, **options), log=quiet)
     for step in (1, 2, 3):
         assert sharded["losses"][str(step)] == pytest.approx(single.losses[step], rel=1e-5, abs=1e-6)
     # AdamW hides a constant gradient factor from the losses; the logged gradient norm does not
@@ -107,11 +110,13 @@ def test_fsdp_two_ranks_equal_one_rank_full_finetune_and_resume_without_fsdp(pac
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "fsdp", killed)
     keep_through(killed, 2)
-    resumed = train(tiny(packed_sample, killed, resume=True, grad_accum=2, **options), log=quiet)
+    resumed = train(tiny(packed_sample, killed, resume=True, grad_accum=4, **options), log=quiet)
     assert resumed.losses[3] == pytest.approx(sharded["losses"]["3"], rel=1e-5, abs=1e-6)
     # and on 2 ranks with FSDP again: the gathered state is set back into the shards
     keep_through(killed, 2)
-    again = run_ranks(tiny(packed_sample, killed, resume=True, fsdp=True, **options), 2, tmp_path)
+    again = run_ranks(
+        tiny(packed_sample, killed, resume=True, fsdp=True, grad_accum=2, **options), 2, tmp_path
+    )
     assert list(again["losses"]) == ["3"]
     assert again["losses"]["3"] == pytest.approx(sharded["losses"]["3"], rel=1e-6, abs=1e-6)
 
