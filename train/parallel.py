@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shared.errors import UserError
 from train.batch import VarlenBatch
 from train.loss import micro_batch_loss_sum
 from train.model import causal_lm
@@ -48,6 +49,11 @@ def init_distributed_from_env(device: str = "auto") -> bool:
     is CUDA (``auto`` with a GPU), else gloo: NCCL cannot reduce the CPU tensors of a ``--device cpu`` run."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
+    if device.startswith("cuda:"):
+        raise UserError(
+            f"--device {device} under torchrun would put every rank on one GPU; pass `--device cuda` (or"
+            " `auto`): each rank then uses the GPU of its LOCAL_RANK."
+        )
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")

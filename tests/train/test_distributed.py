@@ -259,3 +259,12 @@ def test_fsdp_refuses_a_checkpoint_with_positional_optimizer_state(packed_sample
     from train.checkpoint import load_checkpoint
 
     load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def test_explicit_cuda_index_under_torchrun_is_refused(monkeypatch):
+    from shared.errors import UserError
+    from train.parallel import init_distributed_from_env
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="every rank on one GPU"):
+        init_distributed_from_env("cuda:1")
