@@ -218,7 +218,7 @@ class PackedDataset:
     """A packed dataset folder: its manifest and its memory-mapped splits.
 
     ``verify`` chooses what is checked on open: ``"size"`` (default: every shard exists with the size the
-    manifest records, cheap), ``"checksum"`` (also sha256 of every byte, about a second per GB), or ``"none"``.
+    manifest records, cheap), ``"checksum"`` (also sha256 of every byte: 1.9 to 5.8 s per GiB measured on a loaded 2-core machine), or ``"none"``.
     """
 
     def __init__(self, root: str | Path, *, verify: str = "size") -> None:

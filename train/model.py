@@ -224,10 +224,6 @@ def input_embeddings(model: nn.Module) -> nn.Module:
     return causal_lm(model).get_input_embeddings()
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on GPU; nothing on CPU (fp32 there, so CPU results are exact references)."""
     if device.type == "cuda":
