@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 from string import Template
 
+from prep.card_plot import card_figure
 from prep.stats import SplitStats, dataset_stats, summary
 from shared.contract import CARD_NAME
 from shared.fileio import atomic_write_text, atomic_writer
@@ -205,8 +206,6 @@ def render_card(m: Manifest, stats: dict[str, SplitStats], folder: str = "DIR") 
 
 def write_card(folder: str | Path, manifest: Manifest | None = None) -> Path:
     """Write ``README.md`` and ``card_lengths.png`` into the dataset ``folder``; return the card's path."""
-    from prep.plots import card_figure  # matplotlib only when a card is written
-
     ds = PackedDataset(folder)
     manifest = manifest or ds.manifest
     stats = dataset_stats(ds)

@@ -1,7 +1,7 @@
-"""PNG pictures of a packed dataset (matplotlib, Agg backend): attention mask of a row and length histograms.
+"""`prep inspect --png` pictures (matplotlib, Agg backend): a row's attention mask and length histograms.
 
-Files are byte-for-byte deterministic for a given matplotlib version (no timestamp, no software tag), so
-repacking the same data gives the same data-card images.
+Files are byte-for-byte deterministic for a given matplotlib version (no timestamp, no software tag). The
+data card's picture, which every `prep pack` draws, does without matplotlib: see :mod:`prep.card_plot`.
 """
 
 from __future__ import annotations
@@ -70,23 +70,6 @@ def _segments_axes(ax: plt.Axes, stats: dict[str, SplitStats]) -> None:
     ax.legend(fontsize=8)
 
 
-def _fill_axes(ax: plt.Axes, stats: dict[str, SplitStats]) -> None:
-    bins = np.linspace(0, 1, 41)
-    for s in stats.values():
-        ax.hist(
-            s.row_len / s.seq_len,
-            bins=bins,
-            histtype=_HISTTYPE,
-            alpha=0.6,
-            label=f"{s.name} (mean {s.fill:.2%})",
-        )
-    ax.set_xlabel("row fill (tokens / seq_len)")
-    ax.set_ylabel("rows")
-    ax.set_yscale("log")
-    ax.set_title("row fill")
-    ax.legend(fontsize=8)
-
-
 def _mask_axes(ax: plt.Axes, row: PackedRow, row_index: int | None) -> None:
     frac, seg = mask_cells(row.cu_seqlens, MASK_PIXELS)
     n = row.num_tokens
@@ -116,15 +99,4 @@ def inspect_figure(
         _mask_axes(axes[0], row, row_index)
     _doc_length_axes(axes[-2], stats)
     _segments_axes(axes[-1], stats)
-    return _save(fig, path)
-
-
-def card_figure(stats: dict[str, SplitStats], path: Path | BinaryIO) -> Path | BinaryIO:
-    """Document length, segments per row and row fill: the pictures the data card shows."""
-    # A fixed layout: constrained layout would double the cost of a card, which every `prep pack` pays.
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.92, wspace=0.22)
-    _doc_length_axes(axes[0], stats)
-    _segments_axes(axes[1], stats)
-    _fill_axes(axes[2], stats)
     return _save(fig, path)
