@@ -23,9 +23,11 @@ correctness check fails, else 0. Usage: ``benchmarks/gpu_check.sh [--steps N] [-
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,56 @@ def qwen2_shape(name: str) -> Qwen2Config:
         use_cache=False,
         **SHAPES[name],
     )
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+"""Dense bf16 tensor-core peaks from the vendors' datasheets, by a substring of the device name."""
+
+
+def forward_flops_per_token(config: Qwen2Config, mean_context: float) -> float:
+    """Matmul FLOPs of one token's forward pass: projections, MLP, attention scores and the output head.
+
+    ``mean_context`` is the average number of keys a query attends to: (n + 1) / 2 for a causal
+    document of n tokens, averaged over tokens. Padding is not counted: these are the useful FLOPs.
+    """
+    d, f, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    per_layer = 2 * (2 * d * d + 2 * d * kv + 3 * d * f) + 2 * 2 * d * mean_context
+    return L * per_layer + 2 * d * config.vocab_size
+
+
+def lora_train_flops_per_token(config: Qwen2Config, mean_context: float) -> float:
+    """A LoRA step: the forward, and a backward that computes input gradients only (frozen weights).
+
+    That is 2x the forward; the usual 6N convention (3x) assumes every weight gets a gradient, which
+    LoRA's frozen base does not. The adapters' own FLOPs (rank 32) are under 1% and left out.
+    """
+    return 2 * forward_flops_per_token(config, mean_context)
+
+
+def mean_causal_context(lengths: list[int]) -> float:
+    total = sum(lengths)
+    return sum(n * (n + 1) / 2 for n in lengths) / total
+
+
+def peak_tflops() -> tuple[float | None, float | None]:
+    """(datasheet dense bf16 peak, measured 8192^3 bf16 matmul rate) in TFLOP/s; None off CUDA."""
+    if DEVICE != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name()
+    sheet = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    _sync()
+    measured = 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+    del a, b
+    return sheet, measured
 
 
 def doc_lengths(num_docs: int, seed: int, max_len: int = 1024) -> list[int]:
@@ -268,13 +320,44 @@ def _train_step(model, optimizer, mode: str, lengths: list[int], batch: VarlenBa
     return batch.num_tokens
 
 
-def throughput(shape: str, modes: list[str], lengths: list[int], steps: int, tokens_per_batch: int) -> dict:
-    """Tokens/s and peak memory of LoRA training steps for each mode, on the same micro-batches."""
-    model = model_from_config(qwen2_shape(shape), attn="sdpa", lora=LoraSettings(), device=DEVICE)
+def _time_steps(step, steps: int, flops_per_token: float, peak: float | None) -> dict:
+    """Two warm-up steps (kernels, allocator, autotuning), then ``steps`` timed ones."""
+    for i in range(2):
+        step(i)
+    _sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start, num_tokens = time.perf_counter(), 0
+    for i in range(steps):
+        num_tokens += step(i)
+    _sync()
+    seconds = time.perf_counter() - start
+    tokens_per_s = num_tokens / seconds
+    return {
+        "tokens_per_s": tokens_per_s,
+        "step_ms": 1000 * seconds / steps,
+        "tflops": tokens_per_s * flops_per_token / 1e12,
+        "mfu": tokens_per_s * flops_per_token / 1e12 / peak if peak else None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan"),
+    }
+
+
+def throughput(
+    shape: str, modes: list[str], lengths: list[int], steps: int, tokens_per_batch: int, peak: float | None
+) -> dict:
+    """Tokens/s, MFU and peak memory of LoRA training steps for each mode, on the same micro-batches.
+
+    MFU counts the useful FLOPs of the real tokens (`lora_train_flops_per_token`) against ``peak``
+    TFLOP/s, so padded rows score lower for the work they waste.
+    """
+    config = qwen2_shape(shape)
+    model = model_from_config(config, attn="sdpa", lora=LoraSettings(), device=DEVICE)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     groups = micro_batches(lengths, tokens_per_batch)
     batches = [varlen_batch(g, VOCAB, seed=i, device=DEVICE) for i, g in enumerate(groups)]
+    used = [groups[i % len(groups)] for i in range(steps)]
+    flops_per_token = lora_train_flops_per_token(config, mean_causal_context([n for g in used for n in g]))
     results = {}
     for mode in modes:
         causal_lm(model).set_attn_implementation(
@@ -284,30 +367,42 @@ def throughput(shape: str, modes: list[str], lengths: list[int], steps: int, tok
         def step(i: int, mode: str = mode) -> int:
             return _train_step(model, optimizer, mode, groups[i % len(groups)], batches[i % len(batches)])
 
-        for i in range(2):  # warm-up: kernels, allocator, autotuning
-            step(i)
-        _sync()
-        if DEVICE == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        start, num_tokens = time.perf_counter(), 0
-        for i in range(steps):
-            num_tokens += step(i)
-        _sync()
-        seconds = time.perf_counter() - start
-        results[mode] = {
-            "tokens_per_s": num_tokens / seconds,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan"),
-        }
-    base = results[modes[0]]["tokens_per_s"]
+        try:
+            results[mode] = _time_steps(step, steps, flops_per_token, peak)
+        except torch.OutOfMemoryError:  # padding can need several times the memory: say so, go on
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            results[mode] = {"out_of_memory": True}
+            print(f"{shape} @{tokens_per_batch} tok/batch {mode:>12}: out of GPU memory")
+    base = next((r["tokens_per_s"] for r in results.values() if "tokens_per_s" in r), None)
     for mode, r in results.items():
+        if "tokens_per_s" not in r:
+            continue
+        mfu = f"MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "MFU n/a"
         print(
-            f"{shape} {mode:>12}: {r['tokens_per_s']:>10,.0f} tok/s ({r['tokens_per_s'] / base:.2f}x)"
-            f"  peak {r['peak_gib']:.1f} GiB"
+            f"{shape} @{tokens_per_batch} tok/batch {mode:>12}: {r['tokens_per_s']:>10,.0f} tok/s"
+            f" ({r['tokens_per_s'] / base:.2f}x), {r['step_ms']:.0f} ms/step, {r['tflops']:.0f} TFLOP/s,"
+            f" {mfu}, peak {r['peak_gib']:.1f} GiB"
         )
     return results
 
 
-def gpu_part(steps: int, tokens_per_batch: int) -> tuple[bool, dict]:
+def _section(report: dict, key: str, fn, *args) -> bool:
+    """Run one part; a crash is recorded and counted as a failed check, and the next part still runs."""
+    try:
+        ok, report[key] = fn(*args)
+        return ok
+    except Exception as error:  # a broken backend must not hide the figures of the others
+        traceback.print_exc()
+        report[key] = {"error": f"{type(error).__name__}: {error}"}
+        print(f"{key}: CRASHED ({type(error).__name__}: {error})")
+        return False
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+
+def gpu_part(steps: int, batch_sizes: list[int], shapes: list[str]) -> tuple[bool, dict]:
     name = (
         torch.cuda.get_device_name()
         if DEVICE == "cuda"
@@ -327,18 +422,27 @@ def gpu_part(steps: int, tokens_per_batch: int) -> tuple[bool, dict]:
         print(f"not run: {', '.join(sorted(missing))} (not installed in this environment)")
     if not backends:
         print("no fast varlen backend available; only the sdpa reference runs on this GPU")
+    sheet, measured = peak_tflops()
+    report = {"device": name, "backends": backends, "not_installed": sorted(missing)}
+    report["peak_tflops"] = {"datasheet_dense_bf16": sheet, "measured_matmul_8192_bf16": measured}
+    if measured:
+        print(f"bf16 peak: datasheet {sheet} TFLOP/s, measured 8192^3 matmul {measured:.0f} TFLOP/s")
     lengths = doc_lengths(40, seed=0)
-    ok_agree, agree = agreement(backends, lengths)
-    ok_grad, grad = gradient_agreement(backends, lengths)
-    ok_iso, iso = isolation(backends, lengths[:12])
-    report = {"agreement": agree, "gradients": grad, "isolation": iso, "throughput": {}}
-    all_lengths = doc_lengths(2000, seed=1)
-    for shape in SHAPES:
-        modes = [*dict.fromkeys([*backends, "sdpa"]), "padded"]
-        report["throughput"][shape] = throughput(shape, modes, all_lengths, steps, tokens_per_batch)
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-    return ok_agree and ok_grad and ok_iso, report
+    ok = _section(report, "agreement", agreement, backends, lengths)
+    ok &= _section(report, "gradients", gradient_agreement, backends, lengths)
+    ok &= _section(report, "isolation", isolation, backends, lengths[:12])
+    report["throughput"] = {}
+    all_lengths = doc_lengths(4000, seed=1)
+    modes = [*dict.fromkeys([*backends, "sdpa"]), "padded"]
+    for shape in shapes:
+        for size in batch_sizes:
+            key = f"{shape}@{size}"
+            _section(
+                report["throughput"],
+                key,
+                lambda s=shape, n=size: (True, throughput(s, modes, all_lengths, steps, n, sheet)),
+            )
+    return ok, report
 
 
 def main() -> int:
@@ -346,7 +450,14 @@ def main() -> int:
     parser.add_argument(
         "--steps", type=int, default=10, help="timed optimizer steps per mode (after 2 warm-up)"
     )
-    parser.add_argument("--tokens-per-batch", type=int, default=8192, help="tokens per varlen micro-batch")
+    parser.add_argument(
+        "--tokens-per-batch",
+        default="8192",
+        help="tokens per varlen micro-batch; a comma-separated list measures each (default 8192)",
+    )
+    parser.add_argument(
+        "--shapes", default=",".join(SHAPES), help=f"model shapes to time (default {','.join(SHAPES)})"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument(
         "--cpu-smoke",
@@ -354,27 +465,42 @@ def main() -> int:
         help="run the GPU part's code on the CPU with tiny shapes (catches breakage; figures meaningless)",
     )
     args = parser.parse_args()
+    batch_sizes = [int(n) for n in args.tokens_per_batch.split(",")]
+    shapes = args.shapes.split(",")
     if args.cpu_smoke:
         global DEVICE, VOCAB
         DEVICE, VOCAB = "cpu", 1000
         tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
         for name in SHAPES:
             SHAPES[name] = tiny
-        args.steps, args.tokens_per_batch = 1, 512
-    report = {"torch": torch.__version__, "cpu_ok": cpu_part()}
+        args.steps, batch_sizes = 1, [512]
+    report = {"versions": versions(), "cpu_ok": cpu_part()}
     ok = report["cpu_ok"]
     if torch.cuda.is_available() or args.cpu_smoke:
-        gpu_ok, report["gpu"] = gpu_part(args.steps, args.tokens_per_batch)
+        gpu_ok, report["gpu"] = gpu_part(args.steps, batch_sizes, shapes)
         ok &= gpu_ok
     else:
         print(
             "\nGPU part: NOT RUN (no CUDA device). Not checked here: flash_attn and torch_varlen against"
             " sdpa in bf16, their isolation, tokens/s and peak memory for the 0.5B/1.5B shapes."
         )
+    report["all_checks_passed"] = bool(ok)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{'all correctness checks passed' if ok else 'A CORRECTNESS CHECK FAILED'}")
     return 0 if ok else 1
+
+
+def versions() -> dict:
+    """The library versions this run used (the GPU machine's image may differ from the project's pins)."""
+    found = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("transformers", "peft", "flash_attn", "numpy", "pyarrow"):
+        try:
+            found[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items()))
+    return found
 
 
 if __name__ == "__main__":
