@@ -26,13 +26,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from itertools import chain
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported
-from prep.tokenizer import LoadedTokenizer, resolve_tokenizer_file
+from prep.fast_bpe import EncodedBatch, FastBPE, Tables, Unsupported, derive_tables
+from prep.tokenizer import LoadedTokenizer, TokenizerError, resolve_tokenizer_file
 
 CHECK_FRACTION = 0.01
 """Share of each batch's characters (at least one document) re-encoded with `tokenizers` and compared."""
@@ -131,6 +133,76 @@ def _fast_job(texts: list[str]) -> tuple[EncodedBatch, str | None]:
     return got, first_mismatch(fast, reference, texts, got)
 
 
+def _derive_in_child(path: Path, conn: Connection) -> None:
+    _worker_init()
+    try:
+        conn.send(("ok", derive_tables(path)))
+    except Unsupported as e:
+        conn.send(("unsupported", str(e)))
+    except Exception:  # the parent derives the tables itself and meets the same error there
+        conn.send(("failed", None))
+    finally:
+        conn.close()
+
+
+class PendingTables:
+    """The fast engine's tables (:func:`derive_tables`), derived in a forked process meanwhile.
+
+    Deriving them (parsing tokenizer.json, 150k merges to ranks: ~0.8 s) and loading the reference
+    `tokenizers` model (~0.7-1 s) used to run one after the other on one core before the first batch;
+    `prep pack` now starts this process, loads the reference, then calls :meth:`collect`. The child only
+    runs Python on data it already holds (no imports, no threads), and sends the tables back pickled.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._outcome: tuple[str, object] | None = None
+        context = multiprocessing.get_context("fork")
+        self._conn, child_end = context.Pipe(duplex=False)
+        self._process = context.Process(target=_derive_in_child, args=(path, child_end), daemon=True)
+        self._process.start()
+        child_end.close()
+
+    def collect(self) -> None:
+        """Receive the child's outcome and reap it (it cannot finish before the parent reads: the pipe)."""
+        if self._outcome is not None:
+            return
+        try:
+            self._outcome = self._conn.recv()
+        except (EOFError, OSError):  # the child died (killed, out of memory): derive here instead
+            self._outcome = ("failed", None)
+        finally:
+            self._conn.close()
+            self._process.join()
+
+    def result(self) -> Tables:
+        """The tables; :class:`Unsupported` as the child met it; derived here if the child failed."""
+        self.collect()
+        assert self._outcome is not None
+        status, value = self._outcome
+        if status == "ok":
+            return value  # type: ignore[return-value]
+        if status == "unsupported":
+            raise Unsupported(value)
+        return derive_tables(self.path)
+
+
+def prefetch_tables(tokenizer: str | Path, workers: int | None = None) -> PendingTables | None:
+    """Start deriving the fast engine's tables on another core; ``None`` where that would not help.
+
+    Not when the reference engine is forced, on one worker (the user asked for one core), without fork,
+    or for a path that does not resolve (loading the tokenizer reports that).
+    """
+    if os.environ.get(ENGINE_ENV) == REFERENCE or (workers or os.cpu_count() or 1) < 2:
+        return None
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    try:
+        return PendingTables(resolve_tokenizer_file(tokenizer))
+    except TokenizerError:
+        return None
+
+
 class TokenEngine:
     """Encodes text batches in order with the fastest exact engine; see the module docstring."""
 
@@ -141,6 +213,7 @@ class TokenEngine:
         workers: int | None = None,
         use_fast: bool = True,
         notice: Callable[[str], None] = lambda text: None,
+        tables: PendingTables | None = None,
     ) -> None:
         self.tok = tok
         self.workers = workers or os.cpu_count() or 1
@@ -149,10 +222,13 @@ class TokenEngine:
         self.fast: FastBPE | None = None
         self.num_checked_batches = 0
         self._pool: ProcessPoolExecutor | None = None
+        if tables is not None:
+            tables.collect()  # never leave the child waiting on its pipe, whatever happens below
         if not use_fast or os.environ.get(ENGINE_ENV) == REFERENCE:
             return
         try:
-            self.fast = FastBPE(resolve_tokenizer_file(tok.info.path))
+            path = resolve_tokenizer_file(tok.info.path)
+            self.fast = FastBPE(path, tables.result() if tables is not None and tables.path == path else None)
         except (Unsupported, ImportError) as e:
             notice(f"tokenizing with `tokenizers` (the fast engine does not support this tokenizer: {e})")
             return

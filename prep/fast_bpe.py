@@ -164,7 +164,11 @@ def cache_dir() -> Path | None:
     return Path(folder) / f"fast-bpe-v{CACHE_VERSION}" if folder else None
 
 
-def _tables(path: Path) -> tuple[bool, str, dict[bytes, int], np.ndarray, list[dict]]:
+Tables = tuple[bool, str, dict[bytes, int], np.ndarray, list[dict]]
+"""What :class:`FastBPE` derives from a tokenizer.json: (nfc, split pattern, ranks, rank -> id, added tokens)."""
+
+
+def derive_tables(path: Path) -> Tables:
     """(nfc, split pattern, ranks, rank -> id, added tokens) of ``path``, from the cache when possible.
 
     Deriving the ranks of a 150k vocabulary costs about half a second of Python; the opt-in cache, keyed
@@ -222,10 +226,13 @@ class EncodedBatch:
 class FastBPE:
     """Encodes text as the `tokenizers` model it was built from would, with `tiktoken` doing the BPE."""
 
-    def __init__(self, tokenizer_json: str | Path) -> None:
+    def __init__(self, tokenizer_json: str | Path, tables: Tables | None = None) -> None:
+        """``tables``: :func:`derive_tables` of the same file, when derived elsewhere (on another core, say)."""
         import tiktoken  # optional dependency (the `fast` extra): a missing module means "unsupported"
 
-        self.nfc, pattern, ranks, self.rank_to_id, added = _tables(Path(tokenizer_json))
+        self.nfc, pattern, ranks, self.rank_to_id, added = (
+            tables if tables is not None else derive_tables(Path(tokenizer_json))
+        )
         self.splitter, self.added_ids = _added_token_splitter(added)
         self._first_chars = "".join(sorted({c[0] for c in self.added_ids}))
         # Added ids ride through the rank space on ranks past the last merge, so one table lookup maps all.

@@ -25,7 +25,7 @@ import numpy as np
 
 from prep import __version__
 from prep.card import PLOT_NAME, write_card
-from prep.engine import TokenEngine
+from prep.engine import PendingTables, TokenEngine, prefetch_tables
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, Pass1State, input_stats, kill_point
 from prep.packing import STRATEGIES, PackPlan, make_plan
@@ -251,7 +251,12 @@ def batch_streams(
 
 
 def _tokenize_inputs(
-    cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile], journal: Journal, progress: Progress
+    cfg: PackConfig,
+    tok: LoadedTokenizer,
+    sources: list[InputFile],
+    journal: Journal,
+    progress: Progress,
+    tables: PendingTables | None = None,
 ) -> _Tokenized:
     """Pass 1: every input record to a token stream on disk (or a counted skip), committed batch by batch.
 
@@ -261,7 +266,7 @@ def _tokenize_inputs(
     state = journal.pass1
     counts = state.counts
     progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
-    engine = TokenEngine(tok, workers=cfg.workers, notice=progress.message)
+    engine = TokenEngine(tok, workers=cfg.workers, notice=progress.message, tables=tables)
     with journal.open_tokens() as out:
         for (index, batch, last), encoded in engine.map(_text_batches(cfg, sources, state, progress)):
             streams, doc_ids, flags = batch_streams(cfg, tok, batch, encoded, state.next_id, counts)
@@ -314,7 +319,13 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
         from prep.engine_ray import pack_with_ray  # Ray is an optional extra: import it only when asked for
 
         return pack_with_ray(cfg, progress)
-    tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
+    # The fast engine's tables are derived on another core while this one loads the reference tokenizer.
+    tables = prefetch_tables(cfg.tokenizer, cfg.workers)
+    try:
+        tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
+    finally:
+        if tables is not None:
+            tables.collect()
     sources = expand_inputs(list(cfg.inputs))
     if cfg.workers is not None:
         # The Rust thread pool reads this once, on first use; later calls in the same process keep it.
@@ -329,7 +340,7 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     tokens_path = journal.tokens_path
 
     try:
-        tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress)
+        tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress, tables)
         docs = tokenized.accounting
         require_documents(docs)
     except UserError:

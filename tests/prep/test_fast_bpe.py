@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -12,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer
 
-from prep.engine import FAST, REFERENCE, TokenEngine, first_mismatch, reference_encode
-from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported, cache_dir
+import prep.engine as engine_module
+from prep.engine import FAST, REFERENCE, TokenEngine, first_mismatch, prefetch_tables, reference_encode
+from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported, cache_dir, derive_tables
 from prep.tokenizer import load_tokenizer
 
 TRICKY = [
@@ -227,3 +231,44 @@ def test_cached_tables_give_the_same_engine(sample_tok, tmp_path, monkeypatch):
     second = FastBPE(sample_tok)  # reads them back
     np.testing.assert_array_equal(first.encode_batch(texts).ids, second.encode_batch(texts).ids)
     assert first.encoding._mergeable_ranks == second.encoding._mergeable_ranks
+
+
+def test_prefetched_tables_equal_tables_derived_here(sample_tok):
+    pending = prefetch_tables(sample_tok, workers=2)
+    assert pending is not None
+    engine = TokenEngine(load_tokenizer(sample_tok, eos_token="<|endoftext|>"), tables=pending)
+    assert engine.name == FAST and not pending._process.is_alive()
+    here = derive_tables(sample_tok)
+    got = pending.result()
+    assert got[:2] == here[:2] and got[2] == here[2] and got[4] == here[4]
+    np.testing.assert_array_equal(got[3], here[3])
+
+
+def test_prefetch_reports_an_unsupported_tokenizer_as_a_notice(sample_tok, tmp_path):
+    path = _edited(sample_tok, tmp_path, lambda s: s.update(normalizer={"type": "Lowercase"}))
+    notes = _Notes()
+    pending = prefetch_tables(path, workers=2)
+    engine = TokenEngine(load_tokenizer(path, eos_token="<|endoftext|>"), notice=notes, tables=pending)
+    assert engine.name == REFERENCE and "normalizer 'Lowercase'" in notes.lines[0]
+
+
+def test_prefetch_child_killed_means_tables_derived_here(sample_tok, monkeypatch):
+    """Negative control: a child that dies without an answer costs time, never a wrong or missing engine."""
+    parent, original = os.getpid(), engine_module.derive_tables
+    # The child hangs (so that it surely dies before answering); the parent derives normally.
+    monkeypatch.setattr(
+        engine_module, "derive_tables", lambda p: time.sleep(60) if os.getpid() != parent else original(p)
+    )
+    pending = prefetch_tables(sample_tok, workers=2)
+    os.kill(pending._process.pid, signal.SIGKILL)
+    pending._process.join()
+    engine = TokenEngine(load_tokenizer(sample_tok, eos_token="<|endoftext|>"), tables=pending)
+    assert pending._outcome == ("failed", None) and engine.name == FAST
+    _assert_same(engine.fast, _reference(sample_tok), TRICKY)
+
+
+def test_no_prefetch_where_it_cannot_help(sample_tok, tmp_path, monkeypatch):
+    assert prefetch_tables(sample_tok, workers=1) is None
+    assert prefetch_tables(tmp_path / "missing.json", workers=2) is None
+    monkeypatch.setenv("PREP_ENGINE", REFERENCE)
+    assert prefetch_tables(sample_tok, workers=2) is None
