@@ -42,6 +42,16 @@ def default_rows_per_shard(seq_len: int) -> int:
     return max(1, TARGET_SHARD_BYTES // bytes_per_row)
 
 
+def _arrow(values: np.ndarray) -> pa.Array:
+    """A zero-copy Arrow array of a contiguous int32/int64 numpy array (no nulls).
+
+    Not ``pa.array``: its first call imports pandas (about half a second), which `prep pack` never needs.
+    """
+    values = np.ascontiguousarray(values)
+    kind = {np.dtype(np.int32): pa.int32(), np.dtype(np.int64): pa.int64()}[values.dtype]
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])
+
+
 def build_batch(store: TokenStore, plan: PackPlan, row_lo: int, row_hi: int) -> pa.RecordBatch:
     """Rows ``row_lo:row_hi`` of the plan as one record batch (no padding, one list per row)."""
     s_lo, s_hi = int(plan.row_ptr[row_lo]), int(plan.row_ptr[row_hi])
@@ -68,14 +78,14 @@ def build_batch(store: TokenStore, plan: PackPlan, row_lo: int, row_hi: int) -> 
     cu_values = np.insert(seg_rel, row_seg_ptr[1:], np.diff(row_tok_ptr)).astype(np.int32)
     cu_offsets = (row_seg_ptr + np.arange(row_hi - row_lo + 1)).astype(np.int32)
 
-    tok_offsets = pa.array(row_tok_ptr.astype(np.int32))
-    seg_offsets = pa.array(row_seg_ptr.astype(np.int32))
+    tok_offsets = _arrow(row_tok_ptr.astype(np.int32))
+    seg_offsets = _arrow(row_seg_ptr.astype(np.int32))
     columns = [
-        pa.ListArray.from_arrays(tok_offsets, pa.array(input_ids)),
-        pa.ListArray.from_arrays(tok_offsets, pa.array(labels)),
-        pa.ListArray.from_arrays(tok_offsets, pa.array(position_ids)),
-        pa.ListArray.from_arrays(pa.array(cu_offsets), pa.array(cu_values)),
-        pa.ListArray.from_arrays(seg_offsets, pa.array(store.doc_id[seg_doc].astype(np.int64))),
+        pa.ListArray.from_arrays(tok_offsets, _arrow(input_ids)),
+        pa.ListArray.from_arrays(tok_offsets, _arrow(labels)),
+        pa.ListArray.from_arrays(tok_offsets, _arrow(position_ids)),
+        pa.ListArray.from_arrays(_arrow(cu_offsets), _arrow(cu_values)),
+        pa.ListArray.from_arrays(seg_offsets, _arrow(store.doc_id[seg_doc].astype(np.int64))),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=SHARD_SCHEMA)
 
