@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,32 @@ class PackedRow:
         return len(self.doc_ids)
 
 
+@dataclass(frozen=True, slots=True)
+class RowViews:
+    """Zero-copy views of many rows, one list per column (``Split.row`` without doc_ids or a per-row
+    object): what the loader concatenates into micro-batches."""
+
+    input_ids: list[np.ndarray]
+    labels: list[np.ndarray]
+    position_ids: list[np.ndarray]
+    cu_seqlens: list[np.ndarray]
+    num_tokens: list[int]
+    num_segments: list[int]
+
+
+def _numpy_view(array: pa.Array) -> np.ndarray:
+    """A zero-copy numpy view of a primitive Arrow array without nulls.
+
+    Not ``Array.to_numpy``: its first call imports pandas, which was most of a dataset's opening time
+    (0.4 s of 0.5 s measured to the first micro-batch).
+    """
+    assert pa.types.is_signed_integer(array.type) and array.null_count == 0, array.type
+    dtype = np.dtype(f"int{array.type.bit_width}")
+    return np.frombuffer(
+        array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize
+    )
+
+
 class _BatchRows:
     """Row access into one record batch: numpy views of its value buffers and two offset arrays.
 
@@ -58,27 +84,45 @@ class _BatchRows:
     checked here, once per batch, so a row is five slices with no per-column bookkeeping.
     """
 
-    __slots__ = ("tok", "seg", "input_ids", "labels", "position_ids", "cu_seqlens", "doc_ids")
+    __slots__ = (
+        "tok",
+        "seg",
+        "input_ids",
+        "labels",
+        "position_ids",
+        "cu_seqlens",
+        "doc_ids",
+        "tok_ints",
+        "seg_ints",
+        "cu_ints",
+    )
 
     def __init__(self, batch: pa.RecordBatch, path: Path) -> None:
         columns = {name: batch.column(name) for name in _COLUMNS}
-        tok = columns[INPUT_IDS].offsets.to_numpy()
-        seg = columns[DOC_IDS].offsets.to_numpy()
+        tok = _numpy_view(columns[INPUT_IDS].offsets)
+        seg = _numpy_view(columns[DOC_IDS].offsets)
         for name in (LABELS, POSITION_IDS):
-            if not np.array_equal(columns[name].offsets.to_numpy(), tok):
+            if not np.array_equal(_numpy_view(columns[name].offsets), tok):
                 raise ShardIntegrityError(
                     f"shard `{path}`: `{name}` and `input_ids` differ in length in some row; every token column"
                     " has one value per token. The file is damaged; re-run `prep pack`."
                 )
-        if not np.array_equal(columns[CU_SEQLENS].offsets.to_numpy(), seg + np.arange(len(seg))):
+        if not np.array_equal(_numpy_view(columns[CU_SEQLENS].offsets), seg + np.arange(len(seg))):
             raise ShardIntegrityError(
                 f"shard `{path}`: some row's `cu_seqlens` does not have one entry per segment plus one."
                 " The file is damaged; re-run `prep pack`."
             )
         # Views of the mapped file, not lists: resident memory must not grow with the number of rows.
         self.tok, self.seg = tok, seg
+        # The same offsets read as Python ints (memoryview indexing): no numpy scalar per row.
+        self.tok_ints, self.seg_ints = memoryview(tok), memoryview(seg)
         for name, column in columns.items():
-            setattr(self, name, column.values.to_numpy(zero_copy_only=True))
+            setattr(self, name, _numpy_view(column.values))
+        self.cu_ints = memoryview(self.cu_seqlens)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.tok) - 1
 
     def row(self, local: int) -> PackedRow:
         t0, t1 = self.tok[local], self.tok[local + 1]
@@ -189,6 +233,9 @@ class Split:
         self.name = name
         self.shards = shards
         self._starts = [0, *itertools.accumulate(s.num_rows for s in shards)]
+        # Every record batch of every shard and the split row it starts at: one bisect locates a row.
+        self._chunks = [rows for shard in shards for rows in shard._rows]
+        self._chunk_starts = [0, *itertools.accumulate(c.num_rows for c in self._chunks)]
 
     @property
     def num_rows(self) -> int:
@@ -205,6 +252,37 @@ class Split:
     def row(self, index: int) -> PackedRow:
         shard, local = self.locate(index)
         return shard.row(local)
+
+    def views(self, indices: Iterable[int]) -> RowViews:
+        """The rows ``indices`` (Python ints), as :meth:`row` gives them but column by column.
+
+        The loader's hot path: offsets are read as Python ints and no object is built per row (a third
+        of :meth:`row`'s time, measured). Also checks that each row's cu_seqlens runs from 0 to its
+        length (two ints per row), which the offsets checked on open do not cover.
+        """
+        views = RowViews([], [], [], [], [], [])
+        starts, chunks, num_rows = self._chunk_starts, self._chunks, self.num_rows
+        for index in indices:
+            if not 0 <= index < num_rows:
+                raise IndexError(f"row {index} out of range for the `{self.name}` split with {num_rows} rows")
+            k = bisect.bisect_right(starts, index) - 1
+            c, local = chunks[k], index - starts[k]
+            t0, t1 = c.tok_ints[local], c.tok_ints[local + 1]
+            # cu_seqlens has one entry more per row than doc_ids: row `local` starts `local` entries later
+            c0, c1 = c.seg_ints[local] + local, c.seg_ints[local + 1] + local
+            if t1 <= t0 or c1 <= c0 or c.cu_ints[c0] != 0 or c.cu_ints[c1] != t1 - t0:
+                raise ShardIntegrityError(
+                    f"row {index} of the `{self.name}` split has {t1 - t0} tokens and cu_seqlens from"
+                    f" {c.cu_ints[c0]} to {c.cu_ints[c1]}; expected at least one token and cu_seqlens from 0"
+                    " to the row's length. The shard is damaged; run `prep verify` and re-run `prep pack`."
+                )
+            views.input_ids.append(c.input_ids[t0:t1])
+            views.labels.append(c.labels[t0:t1])
+            views.position_ids.append(c.position_ids[t0:t1])
+            views.cu_seqlens.append(c.cu_seqlens[c0 : c1 + 1])
+            views.num_tokens.append(t1 - t0)
+            views.num_segments.append(c1 - c0)
+        return views
 
     def row_lengths(self) -> np.ndarray:
         return np.concatenate([s.row_lengths() for s in self.shards] or [np.zeros(0, np.int64)])
