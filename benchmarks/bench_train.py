@@ -34,7 +34,7 @@ def _rss_mib() -> float:
 def child_loader(folder: str, batch_size: int, seconds: float) -> None:
     """Micro-batches from memory-mapped shards: time to first, tokens/s, resident memory."""
     from shared.reader import PackedDataset
-    from train.loader import Loader, _HostBuffers, batch_from_rows
+    from train.loader import Loader, _HostBuffers, _stage
 
     rss_start = _rss_mib()
     t0 = time.perf_counter()
@@ -50,14 +50,16 @@ def child_loader(folder: str, batch_size: int, seconds: float) -> None:
         num_batches += 1
     loader_s = time.perf_counter() - start
     loader.close()
-    # The assembly alone, into one preallocated buffer set (what the CUDA path pins; CPU cannot pin).
-    rows = [
-        split.row(int(i)) for i in np.random.default_rng(0).permutation(split.num_rows)[: 64 * batch_size]
-    ]
-    buffers = _HostBuffers.allocate(batch_size * int(split.row_lengths().max()), pin=False)
+    # The assembly alone, into one preallocated buffer set (what the CUDA path pins; CPU cannot pin):
+    # the rows' views and the staging, without the prefetch thread's hand-over.
+    group = loader.group_size
+    order = np.random.default_rng(0).permutation(split.num_rows)[: 64 * group * batch_size].tolist()
+    capacity = group * batch_size * int(split.row_lengths().max())
+    buffers = _HostBuffers.allocate(capacity, group, pin=False)
     start, assembled = time.perf_counter(), 0
-    for lo in range(0, len(rows), batch_size):
-        assembled += batch_from_rows(rows[lo : lo + batch_size], buffers).num_tokens
+    for lo in range(0, len(order), group * batch_size):
+        views = split.views(order[lo : lo + group * batch_size])
+        assembled += _stage(views, batch_size, buffers).layout.num_tokens
     assemble_s = time.perf_counter() - start
     dataset_bytes = sum(p.stat().st_size for p in Path(folder).glob("*.arrow"))
     emit(

@@ -198,7 +198,7 @@ def render(r: dict) -> str:
             )
         lines += [
             "",
-            "On CPU there is nothing to pin (pinning needs CUDA); assembly alone is `batch_from_rows` into preallocated host buffers, the work the CUDA path does into pinned ones.",
+            "On CPU there is nothing to pin (pinning needs CUDA); assembly alone is the loader's own gather (`Split.views` + `_stage`) into one preallocated int32 host buffer set without the prefetch thread, the work the CUDA path does into pinned ones.",
             "",
         ]
     if "train_step" in r:

@@ -9,8 +9,9 @@ and one step of W ranks x 1 micro-batch trains on the same rows as 1 rank x W mi
 
 Each micro-batch is ``batch_size`` rows concatenated into one flat ``[1, T]`` stream (a
 :class:`~train.batch.VarlenBatch`): per-row ``cu_seqlens`` are shifted by the row's offset and joined
-into one global ``cu_seqlens``, so attention stays inside each document. Assembling a micro-batch is the
-only copy: the rows' tokens (int32, from the page cache) into int64 tensors of ``T`` entries.
+into one global ``cu_seqlens``, so attention stays inside each document. Assembling is the only copy of
+the tokens (int32, from the page cache), and it is done for a few micro-batches at once
+(``train.gather``: a fixed handful of numpy calls per group, whatever its rows).
 
 An epoch is a whole number of optimizer steps: the last ``len(share) % (batch_size * grad_accum)`` rows of
 each rank's share are left out of that epoch (a different, random set each epoch; ``train plan`` prints
@@ -24,107 +25,87 @@ consumed in the epoch. A run may resume with another ``world_size`` (or ``batch_
 as long as ``G`` stays the same (2 ranks x grad_accum 1 -> 1 rank x grad_accum 2); the losses are then
 the same up to summation order.
 
-On CUDA, rows are gathered into a small ring of pinned host buffers by a background thread while the
-current step runs, then copied to the GPU with ``non_blocking=True``; a CUDA event per buffer keeps a
-buffer from being refilled before its copy has finished. On CPU the assembled tensors are the batch.
+A background thread assembles groups of micro-batches (about ``HANDOFF_TOKENS`` tokens each) ahead of
+the training step and hands each group over at once: a hand-over wakes a sleeping thread, which cost
+about as much as assembling a micro-batch of 8k tokens on the 2-core machine measured. On CPU a group's
+buffer comes from a pool and is refilled only once no batch of it is referenced (the caller may keep
+batches). On CUDA, groups are staged int32 into a small ring of pinned host buffers, each copied to the
+GPU in one ``non_blocking`` transfer and cast to int64 there; a CUDA event per buffer keeps a buffer
+from being refilled before its copy has finished.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from shared.contract import IGNORE_INDEX
-from shared.errors import InvariantError, UserError
-from shared.reader import PackedRow, Split
+from shared.errors import UserError
+from shared.reader import RowViews, Split
 from train.batch import VarlenBatch
+from train.gather import Layout, TokenPool, batch_from_rows, cpu_batches, fill, group_sizes, split_batches
+
+__all__ = ["Loader", "batch_from_rows", "sequential_batches"]
 
 PREFETCH = 2
-"""Micro-batches assembled ahead of the one being trained on."""
+"""Groups of micro-batches assembled ahead of the one being trained on."""
+HANDOFF_TOKENS = 32_768
+"""Tokens (at the longest rows) per group handed over by the prefetch thread; 1 to MAX_GROUP batches."""
+MAX_GROUP = 8
 
 
 @dataclass(slots=True)
 class _HostBuffers:
-    """Preallocated (pinned on CUDA) host tensors a micro-batch is assembled into, reused round-robin."""
+    """Preallocated (pinned on CUDA) int32 host memory a group is staged in, reused round-robin: its
+    ``3 x TT`` tokens, then its cu_seqlens right behind them, so that one copy moves the group."""
 
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
+    data: torch.Tensor
+    array: np.ndarray
+    """``data`` seen by numpy (made once: ``Tensor.numpy`` costs microseconds per call)."""
+    num_tokens: int
+    """Capacity in tokens; the cu_seqlens of a group have at most tokens + batches entries."""
     copied: Any = None
     """CUDA event recorded after this buffer's copy to the GPU; wait on it before refilling."""
 
     @classmethod
-    def allocate(cls, num_tokens: int, pin: bool) -> _HostBuffers:
-        def empty(n: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.empty(n, dtype=dtype, pin_memory=pin)
-
-        return cls(
-            input_ids=empty(num_tokens, torch.int64),
-            labels=empty(num_tokens, torch.int64),
-            position_ids=empty(num_tokens, torch.int64),
-            # a segment holds at least one token, so a micro-batch has at most num_tokens segments
-            cu_seqlens=empty(num_tokens + 1, torch.int32),
-        )
+    def allocate(cls, num_tokens: int, num_batches: int, pin: bool) -> _HostBuffers:
+        data = torch.empty(4 * num_tokens + num_batches, dtype=torch.int32, pin_memory=pin)
+        return cls(data=data, array=data.numpy(), num_tokens=num_tokens)
 
 
-def batch_from_rows(rows: Sequence[PackedRow], out: _HostBuffers | None = None) -> VarlenBatch:
-    """Concatenate packed rows into one varlen micro-batch (on the CPU).
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """A group staged in ``buffers``, waiting for its copy to the device."""
 
-    With ``out``, the tensors are views of those preallocated buffers (valid until they are refilled);
-    without, they are freshly allocated.
-    """
-    if not rows:
-        raise ValueError("a micro-batch needs at least one row")
-    ids = [r.input_ids for r in rows]
-    cus = [r.cu_seqlens for r in rows]
-    row_len = np.fromiter(map(len, ids), dtype=np.int64, count=len(rows))
-    row_segs = np.fromiter(map(len, cus), dtype=np.int64, count=len(rows)) - 1
-    num_tokens = int(row_len.sum())
-    num_segments = int(row_segs.sum())
-    cu_all = np.concatenate(cus)
-    # Every row's cu_seqlens must run from 0 to its length; the shard reader already checked the counts.
-    last = np.cumsum(row_segs + 1) - 1
-    first = last - row_segs
-    if (cu_all[first] != 0).any() or (cu_all[last] != row_len).any() or (row_segs < 1).any():
-        i = int(np.flatnonzero((cu_all[first] != 0) | (cu_all[last] != row_len) | (row_segs < 1))[0])
-        raise InvariantError(
-            f"row {i} of the micro-batch has cu_seqlens {cus[i][:4].tolist()}...{cus[i][-1:].tolist()} for"
-            f" {row_len[i]} tokens; run `prep verify` on the dataset."
-        )
-    if out is None:
-        out = _HostBuffers.allocate(num_tokens, pin=False)
-    elif out.input_ids.numel() < num_tokens:
-        raise ValueError(f"buffers hold {out.input_ids.numel()} tokens, the rows need {num_tokens}")
-    input_ids = out.input_ids[:num_tokens]
-    labels = out.labels[:num_tokens]
-    position_ids = out.position_ids[:num_tokens]
-    cu_seqlens = out.cu_seqlens[: num_segments + 1]
-    labels_np = labels.numpy()
-    np.concatenate(ids, out=input_ids.numpy())
-    np.concatenate([r.labels for r in rows], out=labels_np)
-    np.concatenate([r.position_ids for r in rows], out=position_ids.numpy())
-    # Each row's segment starts, shifted by where the row begins in the stream, then the stream's end.
-    row_start = np.cumsum(row_len) - row_len
-    cu_np = cu_seqlens.numpy()
-    keep = np.ones(len(cu_all), dtype=bool)
-    keep[last] = False
-    cu_np[:-1] = cu_all[keep] + np.repeat(row_start, row_segs)
-    cu_np[-1] = num_tokens
-    return VarlenBatch(
-        input_ids=input_ids.view(1, num_tokens),
-        labels=labels.view(1, num_tokens),
-        position_ids=position_ids.view(1, num_tokens),
-        cu_seqlens=cu_seqlens,
-        max_seqlen=int(np.diff(cu_np).max()),
-        num_target_tokens=num_tokens - int(np.count_nonzero(labels_np == IGNORE_INDEX)),
-    )
+    buffers: _HostBuffers
+    layout: Layout
+
+
+def _stage(views: RowViews, batch_size: int, out: _HostBuffers) -> _Staged:
+    """The group's rows into ``out``, int32 as stored: the host half of the CUDA path."""
+    starts = group_sizes(views, batch_size)
+    num_tokens, num_cu = starts[0][-1], starts[1][-1]
+    if num_tokens > out.num_tokens:
+        raise ValueError(f"buffers hold {out.num_tokens} tokens, the rows need {num_tokens}")
+    tokens = out.array[: 3 * num_tokens]
+    cu_seqlens = out.array[3 * num_tokens : 3 * num_tokens + num_cu]
+    return _Staged(out, fill(views, batch_size, starts, tokens, cu_seqlens))
+
+
+def _unstage(staged: _Staged, device: torch.device) -> list[VarlenBatch]:
+    """Copy a staged group to ``device`` in one transfer, cast its tokens to int64 there, split it."""
+    layout, buffers = staged.layout, staged.buffers
+    num_tokens = layout.num_tokens
+    data = buffers.data[: 3 * num_tokens + layout.num_cu].to(device, non_blocking=True)
+    buffers.copied = torch.cuda.Event()
+    buffers.copied.record()
+    return split_batches(data[: 3 * num_tokens].to(torch.int64), data[3 * num_tokens :], layout)
 
 
 class Loader:
@@ -165,11 +146,24 @@ class Loader:
         self.epoch = 0
         self.batch_in_epoch = 0
         self._staged = self.device.type == "cuda"
+        batch_tokens = batch_size * (max_row_tokens or int(split.row_lengths().max()))
+        self.group_size = max(1, min(MAX_GROUP, HANDOFF_TOKENS // batch_tokens))
+        """Micro-batches assembled and handed over together."""
         self._ring: list[_HostBuffers] = []
+        # Groups not yet handed out at most: queued, the producer's next, the consumer's current; plus
+        # a few whose batches the caller keeps (gradient accumulation, say) before a fresh buffer is made.
+        self._pool = TokenPool(PREFETCH + 4)
         if self._staged:
-            capacity = batch_size * (max_row_tokens or int(split.row_lengths().max()))
-            self._ring = [_HostBuffers.allocate(capacity, pin=True) for _ in range(PREFETCH + 2)]
+            # Groups staged but not yet copied at most: queued, and the one the producer waits to put.
+            # A ring one longer never refills an uncopied buffer (and waits for the copy of the one it
+            # refills).
+            self._ring = [
+                _HostBuffers.allocate(self.group_size * batch_tokens, self.group_size, pin=True)
+                for _ in range(PREFETCH + 2)
+            ]
         self._queue: queue.Queue | None = None
+        self._ready: collections.deque = collections.deque()
+        """Micro-batches of the last hand-over not yet given out."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -255,18 +249,19 @@ class Loader:
     def __next__(self) -> VarlenBatch:
         if self._thread is None:
             self._start()
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self._shutdown()
-            raise item
-        (epoch, index), batch, buffers = item
+        if not self._ready:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._shutdown()
+                raise item
+            positions, batches = item
+            if isinstance(batches, _Staged):
+                batches = _unstage(batches, self.device)
+            elif self.device.type != "cpu":  # another accelerator: a plain copy
+                batches = [b.to(self.device) for b in batches]
+            self._ready.extend(zip(positions, batches, strict=True))
+        (epoch, index), batch = self._ready.popleft()
         assert (epoch, index) == (self.epoch, self.batch_in_epoch), "prefetch out of order"
-        if buffers is not None:
-            batch = batch.to(self.device, non_blocking=True)
-            buffers.copied = torch.cuda.Event()
-            buffers.copied.record()
-        elif self.device.type != "cpu":  # another accelerator: a plain copy
-            batch = batch.to(self.device)
         self.epoch, self.batch_in_epoch = self._advance(epoch, index)
         return batch
 
@@ -277,6 +272,7 @@ class Loader:
     def _start(self) -> None:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=PREFETCH)
+        self._ready.clear()
         self._thread = threading.Thread(target=self._produce, name="loader-prefetch", daemon=True)
         self._thread.start()
 
@@ -286,20 +282,26 @@ class Loader:
         count = 0
         try:
             while not self._stop.is_set():
-                if order_epoch != epoch:
-                    order, order_epoch = self.rank_rows(epoch), epoch
-                lo = index * self.batch_size
-                rows = [self.split.row(int(i)) for i in order[lo : lo + self.batch_size]]
-                buffers = None
+                positions, indices = [], []
+                for _ in range(self.group_size):
+                    if order_epoch != epoch:
+                        order, order_epoch = self.rank_rows(epoch), epoch
+                    lo = index * self.batch_size
+                    indices += order[lo : lo + self.batch_size].tolist()
+                    positions.append((epoch, index))
+                    epoch, index = self._advance(epoch, index)
+                views = self.split.views(indices)
                 if self._staged:
                     buffers = self._ring[count % len(self._ring)]
                     if buffers.copied is not None:
                         buffers.copied.synchronize()
-                batch = batch_from_rows(rows, buffers)
+                    batches = _stage(views, self.batch_size, buffers)
+                else:
+                    batches = cpu_batches(views, self.batch_size, self._pool)
                 count += 1
-                if not self._put(((epoch, index), batch, buffers)):
+                if not self._put((positions, batches)):
                     return
-                epoch, index = self._advance(epoch, index)
+                del batches  # so that the pool sees the group's buffer free once the caller drops it
         except BaseException as e:  # handed to the consumer, which re-raises it in the training thread
             self._put(e)
 

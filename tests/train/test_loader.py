@@ -11,7 +11,7 @@ import torch
 from shared.contract import IGNORE_INDEX
 from shared.errors import InvariantError, UserError
 from shared.reader import PackedDataset, PackedRow
-from train.loader import Loader, _HostBuffers, batch_from_rows, sequential_batches
+from train.loader import Loader, _HostBuffers, _stage, _unstage, batch_from_rows, sequential_batches
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +64,30 @@ def test_batch_matches_its_rows_exactly(split):
     assert (batch.labels[0, starts] == IGNORE_INDEX).all()
 
 
-def test_batch_into_reused_buffers_equals_fresh(split):
-    buffers = _HostBuffers.allocate(4 * 128, pin=False)
-    for idx in ([0, 1, 2, 3], [9], [4, 8]):
-        rows = [split.row(i) for i in idx]
-        fresh, staged = batch_from_rows(rows), batch_from_rows(rows, buffers)
-        assert staged.input_ids.data_ptr() == buffers.input_ids.data_ptr()
-        for name in ("input_ids", "labels", "position_ids", "cu_seqlens"):
-            assert torch.equal(getattr(fresh, name), getattr(staged, name)), name
-        assert (fresh.max_seqlen, fresh.num_target_tokens) == (staged.max_seqlen, staged.num_target_tokens)
+def test_batch_into_reused_buffers_equals_fresh(split, monkeypatch):
+    """The CUDA path's staging, run on CPU: groups staged int32 into one reused buffer set, then
+    'copied' (to the CPU) and cast, equal fresh batches of the same rows."""
+    from train import loader as loader_module
+
+    monkeypatch.setattr(loader_module.torch.cuda, "Event", FakeEvent)
+    buffers = _HostBuffers.allocate(4 * 128, 2, pin=False)
+    for idx, batch_size in (([0, 1, 2, 3], 2), ([9], 1), ([4, 8], 1)):
+        staged = _stage(split.views(idx), batch_size, buffers)
+        for k, got in enumerate(_unstage(staged, torch.device("cpu"))):
+            fresh = batch_from_rows([split.row(i) for i in idx[k * batch_size : (k + 1) * batch_size]])
+            for name in ("input_ids", "labels", "position_ids", "cu_seqlens"):
+                assert torch.equal(getattr(fresh, name), getattr(got, name)), name
+            assert (fresh.max_seqlen, fresh.num_target_tokens) == (got.max_seqlen, got.num_target_tokens)
+
+
+class FakeEvent:
+    """Stands in for ``torch.cuda.Event`` on a machine without CUDA."""
+
+    def record(self):
+        pass
+
+    def synchronize(self):
+        pass
 
 
 def test_broken_row_boundaries_are_refused(split):
@@ -215,13 +230,18 @@ def test_pinned_ring_path_waits_for_each_copy_before_refilling(split, monkeypatc
     monkeypatch.setattr(loader_module.torch.cuda, "Event", FakeEvent)
     with Loader(split, batch_size=3, seed=2) as loader:
         loader._staged = True
-        ring_size = loader_module.PREFETCH + 2
-        loader._ring = [_HostBuffers.allocate(3 * 128, pin=False) for _ in range(ring_size)]
-        num = 3 * ring_size
-        for k in range(num):
+        ring_size, group = loader_module.PREFETCH + 2, loader.group_size
+        loader._ring = [_HostBuffers.allocate(group * 3 * 128, group, pin=False) for _ in range(ring_size)]
+        num = 3 * ring_size  # groups
+        start = 0
+        for k in range(num * group):
             got = next(loader)
             expected = batch_from_rows([split.row(int(i)) for i in loader.batch_rows(0, k)])
-            assert got.input_ids.data_ptr() == loader._ring[k % ring_size].input_ids.data_ptr()
+            # the batch crossed over in its group's buffer: its input_ids (int32) follow the group's earlier ones
+            staged = loader._ring[(k // group) % ring_size].array
+            start = 0 if k % group == 0 else start
+            assert np.array_equal(staged[start : start + got.num_tokens], expected.input_ids[0].numpy())
+            start += got.num_tokens
             assert torch.equal(got.input_ids.clone(), expected.input_ids)
             assert torch.equal(got.cu_seqlens.clone(), expected.cu_seqlens)
     records = [i for kind, i in log if kind == "record"]
