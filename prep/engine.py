@@ -60,7 +60,7 @@ def reference_encode(tokenizer: Tokenizer, texts: list[str]) -> EncodedBatch:
     return EncodedBatch(ids=ids, lengths=lengths)
 
 
-def _check_indices(fast: FastBPE, texts: list[str]) -> list[int]:
+def _check_indices(fast: FastBPE, texts: list[str], added_docs: list[int] | None = None) -> list[int]:
     """Which documents of a batch to compare: the leading ~1% of characters, then added-token holders.
 
     Documents over ``MAX_CHECK_CHARS`` are left out: `tokenizers` needs about 100 bytes per character to
@@ -76,17 +76,24 @@ def _check_indices(fast: FastBPE, texts: list[str]) -> list[int]:
             picked.append(i)
             chars += len(text)
     after = picked[-1] + 1 if picked else len(texts)
-    risky = [
-        i
-        for i in range(after, len(texts))
-        if len(texts[i]) <= MAX_CHECK_CHARS and fast.has_added_token(texts[i])
-    ]
+    if added_docs is None:  # which documents hold an added token, unless the encoder already said
+        added_docs = [i for i in range(after, len(texts)) if fast.has_added_token(texts[i])]
+    risky = [i for i in added_docs if i >= after and len(texts[i]) <= MAX_CHECK_CHARS]
     return picked + risky[:MAX_ADDED_TOKEN_CHECKS]
 
 
-def first_mismatch(fast: FastBPE, reference: Tokenizer, texts: list[str], got: EncodedBatch) -> str | None:
-    """``None`` when the checked documents' ids equal `tokenizers`'; otherwise what differed, for the notice."""
-    picked = _check_indices(fast, texts)
+def first_mismatch(
+    fast: FastBPE,
+    reference: Tokenizer,
+    texts: list[str],
+    got: EncodedBatch,
+    added_docs: list[int] | None = None,
+) -> str | None:
+    """``None`` when the checked documents' ids equal `tokenizers`'; otherwise what differed, for the notice.
+
+    ``added_docs``: the documents holding an added token, as :meth:`FastBPE.encode_batch` reported them.
+    """
+    picked = _check_indices(fast, texts, added_docs)
     want = reference_encode(reference, [texts[i] for i in picked])
     starts = np.concatenate([[0], np.cumsum(got.lengths)])
     offset = 0
@@ -129,8 +136,9 @@ def _die_with_parent() -> None:
 def _fast_job(texts: list[str]) -> tuple[EncodedBatch, str | None]:
     assert _WORKER is not None, "worker forked without the engine"
     fast, reference = _WORKER
-    got = fast.encode_batch(texts)
-    return got, first_mismatch(fast, reference, texts, got)
+    added_docs: list[int] = []
+    got = fast.encode_batch(texts, added_docs)
+    return got, first_mismatch(fast, reference, texts, got, added_docs)
 
 
 def _derive_in_child(path: Path, conn: Connection) -> None:

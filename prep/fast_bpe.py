@@ -274,15 +274,22 @@ class FastBPE:
         """Whether ``text`` holds a non-special added token (the riskiest case: always worth a check)."""
         return any(isinstance(piece, int) for piece in self._pieces(text))
 
-    def encode_batch(self, texts: list[str]) -> EncodedBatch:
-        """Ids of each text alone (no BOS/EOS), identical to `tokenizers` with encode_special_tokens."""
+    def encode_batch(self, texts: list[str], added_docs: list[int] | None = None) -> EncodedBatch:
+        """Ids of each text alone (no BOS/EOS), identical to `tokenizers` with encode_special_tokens.
+
+        ``added_docs``, when given, receives the index of every text holding a non-special added token
+        (what :meth:`has_added_token` says, without splitting the text a second time).
+        """
         encode = self.encoding._core_bpe.encode_ordinary
         added_rank = self._added_rank
         lengths = np.empty(len(texts), dtype=np.int64)
         ranks: list[int] = []
         for i, text in enumerate(texts):
             before = len(ranks)
-            for piece in self._pieces(text):
+            pieces = self._pieces(text)
+            if added_docs is not None and any(isinstance(piece, int) for piece in pieces):
+                added_docs.append(i)
+            for piece in pieces:
                 if isinstance(piece, int):
                     ranks.append(added_rank[piece])
                 else:

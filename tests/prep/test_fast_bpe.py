@@ -157,12 +157,16 @@ def test_check_catches_a_wrong_id(sample_tok):
     """Negative control for the per-batch check: one flipped id in a checked document is reported."""
     fast, reference = FastBPE(sample_tok), _reference(sample_tok)
     texts = ["The board reported steady demand.", "plain", "a <tool_call> in the tail"]
-    good = fast.encode_batch(texts)
-    assert first_mismatch(fast, reference, texts, good) is None
-    for doc in (0, 2):  # the leading sample, and a document checked because it holds an added token
-        ids = good.ids.copy()
-        ids[int(np.cumsum(good.lengths)[doc]) - 1] += 1
-        assert "document" in first_mismatch(fast, reference, texts, EncodedBatch(ids, good.lengths))
+    added_docs: list[int] = []
+    good = fast.encode_batch(texts, added_docs)
+    assert added_docs == [i for i, t in enumerate(texts) if fast.has_added_token(t)] == [2]
+    for reported in (None, added_docs):  # found by the check itself, or as the encoder reported them
+        assert first_mismatch(fast, reference, texts, good, reported) is None
+        for doc in (0, 2):  # the leading sample, and a document checked because it holds an added token
+            ids = good.ids.copy()
+            ids[int(np.cumsum(good.lengths)[doc]) - 1] += 1
+            bad = EncodedBatch(ids, good.lengths)
+            assert "document" in first_mismatch(fast, reference, texts, bad, reported)
 
 
 class _Notes:
@@ -198,8 +202,8 @@ def test_engine_matches_reference_in_order(sample, sample_tok, workers):
 def test_engine_falls_back_when_ids_differ(sample, sample_tok, workers, monkeypatch):
     original = FastBPE.encode_batch
 
-    def off_by_one(self, texts):
-        got = original(self, texts)
+    def off_by_one(self, texts, added_docs=None):
+        got = original(self, texts, added_docs)
         return EncodedBatch(got.ids + 1, got.lengths)
 
     monkeypatch.setattr(FastBPE, "encode_batch", off_by_one)
