@@ -1,4 +1,4 @@
-"""The card's PNG: a valid file any reader opens, bars as tall as their counts, and no matplotlib in `prep pack`."""
+"""The card's PNG: a valid file any reader opens, bars as tall as their counts; no matplotlib or pandas in `prep pack`."""
 
 from __future__ import annotations
 
@@ -119,12 +119,14 @@ def test_encoder_refuses_a_pixel_outside_the_palette():
         encode_png(np.full((2, 2), 3, np.uint8), [(0, 0, 0)])
 
 
-def test_pack_does_not_import_matplotlib(sample, tmp_path):
+def test_pack_imports_neither_matplotlib_nor_pandas(sample, tmp_path):
+    """Their imports alone cost more than packing a small corpus (pyarrow's `pa.array` and `to_numpy`
+    import pandas on first use)."""
     corpus, tok = sample
     code = (
         "import sys; from pathlib import Path; from prep.pipeline import PackConfig, pack;"
         f" pack(PackConfig(inputs=({str(corpus)!r},), tokenizer={str(tok)!r}, out=Path({str(tmp_path / 'o')!r}),"
-        " val_fraction=0.1)); print(sorted(m for m in ('matplotlib', 'PIL') if m in sys.modules))"
+        " val_fraction=0.1)); print(sorted(m for m in ('matplotlib', 'PIL', 'pandas') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
