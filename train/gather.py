@@ -3,7 +3,7 @@
 Why it is shaped this way. A micro-batch of 8 rows x 1024 tokens is 8k tokens: copying them takes
 ~10 us, but each numpy or torch call costs 1-5 us on the 2-core machine measured, and per-row Python
 (an object per row, a dozen small calls per batch, three concatenations with a cast) held the first
-loader at 16-19 M tokens/s. So a *group* of micro-batches is assembled in one go, with a number of
+loader at 16-19 M tokens/s (BENCHMARKS.md). So a *group* of micro-batches is assembled in one go, with a number of
 calls that grows with neither rows nor batches:
 
 - the rows are zero-copy slices of the mapped shards (``Split.views``: offsets read as Python ints);
