@@ -93,9 +93,10 @@ def fill(
     # Between two batches the difference is 0 - T < 0: never a batch's maximum.
     lengths = np.subtract(cu_seqlens[1:], cu_seqlens[:-1])
     max_seqlen = np.maximum.reduceat(lengths, cu_starts[:-1]).tolist()
-    ignored = np.add.reduceat(tokens[total : 2 * total] == IGNORE_INDEX, token_starts[:-1], dtype=np.int64)
+    # One comparison, then a count per batch (count_nonzero on bools beat reduceat's cast, measured).
+    targets = tokens[total : 2 * total] != IGNORE_INDEX
     num_targets = [
-        b - a - n for a, b, n in zip(token_starts[:-1], token_starts[1:], ignored.tolist(), strict=True)
+        np.count_nonzero(targets[a:b]) for a, b in zip(token_starts[:-1], token_starts[1:], strict=True)
     ]
     return Layout(token_starts, cu_starts, max_seqlen, num_targets)
 
