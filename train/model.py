@@ -205,7 +205,23 @@ def _apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
     with warnings.catch_warnings():
         # peft 0.21 calls a transformers 5 property that warns of its own deprecation: not ours to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+    if model.dtype in (torch.bfloat16, torch.float16):
+        _skip_adapter_input_casts(peft_model)
+    return peft_model
+
+
+def _skip_adapter_input_casts(model: nn.Module) -> None:
+    """Stop peft from casting each adapter's input to the adapter's fp32 dtype.
+
+    A half-precision base runs under autocast, which casts that fp32 copy straight back to bf16 for the
+    matmul: the values are the same either way (bf16 -> fp32 -> bf16 is exact), but each LoRA layer
+    paid two full-size copies of its input, forward and backward. On an H200 those copies took about a
+    quarter of a Qwen2-0.5B-shaped step (benchmarks/gpu_profile.py). The adapters stay fp32 master weights.
+    """
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
 
 
 def causal_lm(model: nn.Module) -> nn.Module:

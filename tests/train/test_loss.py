@@ -124,3 +124,34 @@ def test_micro_batch_loss_backpropagates_into_lora_only():
     assert grads and all(g is not None for g in grads.values())
     # lora_B starts at zero, so at step 0 only lora_B receives a gradient (lora_A's is B^T-weighted)
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+def test_skipping_adapter_input_casts_changes_nothing_under_autocast():
+    """A bf16 base with fp32 adapters (the GPU LoRA setup), run under bf16 autocast as on a GPU:
+    peft's cast of each adapter input to fp32, which we turn off, must not change loss or gradients."""
+    from train.model import LoraSettings, model_from_config, tiny_qwen2_config
+
+    batch = make_batch([30, 50], vocab_size=256)
+    results = []
+    for cast in (True, False):
+        model = model_from_config(
+            tiny_qwen2_config(256), attn="sdpa", lora=LoraSettings(), dtype=torch.bfloat16, seed=0
+        )
+        layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert layers and all(not m.cast_input_dtype_enabled for m in layers)  # what load_model does
+        adapters = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 for p in adapters)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # lora_B starts at zero; give both adapter matrices a gradient path
+            for p in adapters:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        for m in layers:
+            m.cast_input_dtype_enabled = cast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = micro_batch_loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in adapters]))
+    (loss_on, grads_on), (loss_off, grads_off) = results
+    assert torch.equal(loss_on, loss_off)
+    assert all(torch.equal(a, b) for a, b in zip(grads_on, grads_off, strict=True))
+    assert any(g.abs().sum() > 0 for g in grads_off)
