@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from report_gpu import render_gpu
+
 NOTES = Path(__file__).with_name("NOTES.md")
 """Hand-written analysis (why a target is missed, what would close it), appended to the generated report."""
 
@@ -149,8 +151,9 @@ def render(r: dict) -> str:
         "# Benchmarks",
         "",
         f"Produced by `{r['command']}` (one run; every ratio compares two measurements from that run).",
-        "Benchmarks are not tests: nothing here asserts on time. GPU figures are not measured here (no GPU"
-        " was lent to this task); `benchmarks/gpu_check.sh` measures them on a CUDA machine.",
+        "Benchmarks are not tests: nothing here asserts on time. This machine has no GPU: the GPU figures"
+        " (last section) come from `benchmarks/gpu_check.sh` runs on a lent GPU machine, kept in"
+        " `benchmarks/gpu/`.",
         "",
         "## Machine",
         "",
@@ -232,12 +235,7 @@ def render(r: dict) -> str:
                 n_text = f"{n:,.0f}" if n is not None else "-"
             lines.append(f"| {int(t):,} | {f'{c:,.0f}' if c is not None else '-'} | {n_text} |")
         lines += [""]
-    lines += [
-        "## GPU",
-        "",
-        "Not measured: no GPU was lent to this task. Run `benchmarks/gpu_check.sh` on a CUDA machine.",
-        "",
-    ]
+    lines += render_gpu()
     if NOTES.exists():
         lines += [NOTES.read_text(encoding="utf-8").rstrip(), ""]
     return "\n".join(lines)

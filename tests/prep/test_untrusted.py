@@ -12,7 +12,6 @@ import ast
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,14 +136,7 @@ def test_pack_writes_nothing_outside_out(sample, tmp_path):
     home, tmp, cwd = tmp_path / "home", tmp_path / "tmp", tmp_path / "cwd"
     for d in (home, tmp, cwd):
         d.mkdir()
-    # matplotlib (the card's plot) keeps an index of system fonts in the user's cache; seed the fake home
-    # with this machine's copy so the run neither rebuilds it (seconds) nor has a reason to write there.
-    import matplotlib
-    import matplotlib.font_manager  # noqa: F401  (builds the index in the real cache if it is missing)
-
-    for cached in Path(matplotlib.get_cachedir()).glob("fontlist-*.json"):
-        (home / ".cache" / "matplotlib").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(cached, home / ".cache" / "matplotlib" / cached.name)
+    # The fake home starts empty: pack imports no matplotlib (its font cache would be written there).
     before_inputs, before_tok, before_home = snapshot(inputs), snapshot(tok), snapshot(home)
     env = {
         **os.environ,
