@@ -14,10 +14,15 @@ GPU part (CUDA only), in bf16 autocast:
    the naive negative control.
 3. Throughput: LoRA (r=32) training steps of Qwen2-0.5B- and 1.5B-shaped random models on the same
    documents, run varlen (each backend) and padded (one document per row, HF ``sdpa`` with a 2D
-   padding mask). Real (non-padding) tokens per second and peak memory, side by side.
+   padding mask), at each ``--tokens-per-batch``. Real (non-padding) tokens per second, MFU (useful
+   LoRA FLOPs against the datasheet bf16 peak; the measured matmul peak is printed beside it) and peak
+   memory, side by side; a mode that runs out of memory is recorded as such.
 
+A part that crashes is recorded and counted as a failed check; the parts after it still run.
 Benchmarks are not tests: timings are printed, never asserted. The exit status is 1 when a
-correctness check fails, else 0. Usage: ``benchmarks/gpu_check.sh [--steps N] [--json out.json]``.
+correctness check fails, else 0. Usage: ``python benchmarks/gpu_check.py [--steps N]
+[--tokens-per-batch 8192,16384] [--json out.json]``; ``benchmarks/gpu_check.sh`` runs it and then the
+CLI end to end.
 """
 
 from __future__ import annotations
