@@ -1,0 +1,65 @@
+"""The GPU check script runs only when a device is lent, so its code is exercised here on the CPU.
+
+``--cpu-smoke`` runs every part with tiny shapes (sdpa standing in for the fast kernels): a script that
+broke against a library update would otherwise be found only on a scarce GPU machine. The MFU
+denominator is checked against the FLOPs of the model's own Linear layers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import gpu_check  # noqa: E402
+
+
+def test_cpu_smoke_runs_every_part(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["cpu_ok"] and report["all_checks_passed"]
+    gpu = report["gpu"]
+    for part in ("agreement", "gradients", "isolation"):
+        assert "error" not in gpu[part], gpu[part]
+    # The naive forward must have been caught, or the isolation figures mean nothing.
+    assert gpu["isolation"]["sdpa"]["naive_control"] > 1.0
+    assert gpu["isolation"]["sdpa"]["packed_vs_alone"] == 0.0
+    runs = gpu["throughput"]
+    assert set(runs) == {f"{shape}@512" for shape in gpu_check.SHAPES}
+    for modes in runs.values():
+        assert set(modes) == {"sdpa", "padded"}
+        assert all(m["tokens_per_s"] > 0 and m["tflops"] >= 0 for m in modes.values())
+
+
+def test_flops_per_token_counts_the_models_own_linear_layers():
+    config = gpu_check.qwen2_shape("qwen2-0.5b-shape")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    context = 100.0
+    attention = 2 * 2 * config.hidden_size * context * config.num_hidden_layers
+    # lm_head is tied to the embedding but still one matmul per token: it is among the Linear layers.
+    assert gpu_check.forward_flops_per_token(config, context) == 2 * linear + attention
+    assert gpu_check.lora_train_flops_per_token(config, context) == 2 * (2 * linear + attention)
+
+
+def test_mean_causal_context():
+    # A document of n tokens: query t attends to t + 1 keys, (n + 1) / 2 on average.
+    assert gpu_check.mean_causal_context([1]) == 1.0
+    assert gpu_check.mean_causal_context([3]) == 2.0
+    assert gpu_check.mean_causal_context([3, 1]) == (1 + 2 + 3 + 1) / 4
