@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -21,23 +19,11 @@ from rich.progress import (
 from rich.table import Table
 
 from prep import pipeline
+from shared.cli import console, fail, out, typer_app
 from shared.errors import UserError
 from shared.manifest import Manifest
 
-app = typer.Typer(
-    name="prep",
-    help="Turn documents into packed, verified Arrow shards for varlen causal-LM training.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console(stderr=True)
-out = Console()
-
-
-def fail(error: Exception, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+app = typer_app("prep", "Turn documents into packed, verified Arrow shards for varlen causal-LM training.")
 
 
 class RichProgress(pipeline.Progress):

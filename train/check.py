@@ -21,6 +21,8 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from shared.cli import console as err
+from shared.cli import fail, out
 from shared.errors import UserError
 from shared.reader import PackedDataset, Split
 
@@ -205,9 +207,6 @@ def check_command(
 
     Example: train check data/packed --model tiny-qwen2
     """
-    from rich.console import Console
-
-    out, err = Console(), Console(stderr=True)
     try:
         cfg = CheckConfig(
             data=Path(data),
@@ -222,8 +221,7 @@ def check_command(
         )
         result = run_check(cfg)
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise fail(e) from None
     print_result(result, out)
     if not result.rows:
         err.print(

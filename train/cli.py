@@ -7,25 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from shared.cli import fail, out, typer_app
 from shared.errors import UserError
 
-app = typer.Typer(
-    name="train",
-    help="Plan, run and check LoRA training on packed varlen shards.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console(stderr=True)
-out = Console()
-
-
-def fail(error: Exception, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+app = typer_app("train", "Plan, run and check LoRA training on packed varlen shards.")
 
 
 @app.command()

@@ -94,3 +94,11 @@ def test_check_on_reuters_packed_at_1024(reuters, qwen_tokenizer, tmp_path):
     assert all(r.num_tokens > 512 and r.num_segments >= 2 for r in ok.rows)
     leaky = run_check(CheckConfig(data=out, attn="sdpa", device="cpu", num_rows=1, negative_control=True))
     assert not leaky.passed
+
+
+def test_check_errors_print_brackets_as_text(tmp_path):
+    """A path like `runs/[a]` is text, not rich markup (markup would swallow `[a]`)."""
+    missing = tmp_path / "[a]" / "packed"
+    result = _invoke(missing, "--model", "tiny-qwen2")
+    assert result.exit_code == 1
+    assert "[a]" in " ".join(result.output.split())
