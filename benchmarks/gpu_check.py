@@ -237,6 +237,8 @@ def agreement(backends: list[str], lengths: list[int]) -> tuple[bool, dict]:
             "hidden_max_abs_diff": hidden_diff,
             "logit_max_abs_diff": logit_diff,
             "logit_scale": scale,
+            "relative_tolerance": RELATIVE_TOLERANCE["bfloat16"],
+            "passed": passed,
         }
         print(
             f"{backend} vs sdpa: max |dhidden| {hidden_diff:.3g}, max |dlogit| {logit_diff:.3g}"
@@ -274,7 +276,11 @@ def gradient_agreement(backends: list[str], lengths: list[int]) -> tuple[bool, d
         rel = ((grads(backend) - ref).norm() / ref.norm()).item()
         passed = rel <= GRAD_RELATIVE_TOLERANCE
         ok &= passed
-        report[backend] = {"lora_grad_relative_diff": rel}
+        report[backend] = {
+            "lora_grad_relative_diff": rel,
+            "tolerance": GRAD_RELATIVE_TOLERANCE,
+            "passed": passed,
+        }
         print(f"{backend} vs sdpa: LoRA gradients differ by {rel:.3g} (relative L2)  -> {_verdict(passed)}")
     return ok, report
 
@@ -292,7 +298,13 @@ def isolation(backends: list[str], lengths: list[int]) -> tuple[bool, dict]:
         naive, naive_scale = compare_row(model, batch, naive=True)
         passed, caught = diff <= tol * max(1.0, scale), naive > tol * max(1.0, naive_scale)
         ok &= passed and caught
-        report[backend] = {"packed_vs_alone": diff, "naive_control": naive}
+        report[backend] = {
+            "packed_vs_alone": diff,
+            "naive_control": naive,
+            "relative_tolerance": tol,
+            "passed": passed,
+            "naive_rejected": caught,
+        }
         print(
             f"isolation {backend}: packed vs alone {diff:.3g} -> {_verdict(passed)}; naive control {naive:.3g}"
             f" -> {'rejected' if caught else 'NOT REJECTED'}"

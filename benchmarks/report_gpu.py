@@ -19,22 +19,29 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
+def _verdict(entry: dict, key: str = "passed") -> str:
+    return {True: "ok", False: "**FAIL**"}.get(entry.get(key), "not recorded")
+
+
 def _checks(g: dict) -> list[str]:
     lines = ["| check | backend | figure | result |", "| --- | --- | --- | :---: |"]
     for backend, a in g.get("agreement", {}).items():
         lines.append(
             f"| logits vs the sdpa reference, same weights, bf16 | {backend} | max abs diff"
-            f" {a['logit_max_abs_diff']:.3g} (logits up to {a['logit_scale']:.3g}) | ok |"
+            f" {a['logit_max_abs_diff']:.3g} (logits up to {a['logit_scale']:.3g}; tolerance"
+            f" {a['relative_tolerance']} x that) | {_verdict(a)} |"
         )
     for backend, a in g.get("gradients", {}).items():
         lines.append(
             f"| LoRA gradients vs the sdpa reference | {backend} | relative L2 diff"
-            f" {a['lora_grad_relative_diff']:.3g} (tolerance 0.05) | ok |"
+            f" {a['lora_grad_relative_diff']:.3g} (tolerance {a['tolerance']}) | {_verdict(a)} |"
         )
     for backend, a in g.get("isolation", {}).items():
+        caught = {True: "rejected", False: "**NOT rejected**"}.get(a.get("naive_rejected"), "not recorded")
         lines.append(
             f"| packed row vs each document alone | {backend} | max abs logit diff"
-            f" {a['packed_vs_alone']:.3g}; naive causal mask: {a['naive_control']:.3g} (rejected) | ok |"
+            f" {a['packed_vs_alone']:.3g}; naive causal mask: {a['naive_control']:.3g} ({caught}) |"
+            f" {_verdict(a)} |"
         )
     return lines
 

@@ -36,6 +36,8 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     gpu = report["gpu"]
     for part in ("agreement", "gradients", "isolation"):
         assert "error" not in gpu[part], gpu[part]
+        assert all(entry["passed"] is True for entry in gpu[part].values()), gpu[part]
+    assert gpu["isolation"]["sdpa"]["naive_rejected"] is True
     # The naive forward must have been caught, or the isolation figures mean nothing.
     assert gpu["isolation"]["sdpa"]["naive_control"] > 1.0
     assert gpu["isolation"]["sdpa"]["packed_vs_alone"] == 0.0
@@ -63,3 +65,19 @@ def test_mean_causal_context():
     assert gpu_check.mean_causal_context([1]) == 1.0
     assert gpu_check.mean_causal_context([3]) == 2.0
     assert gpu_check.mean_causal_context([3, 1]) == (1 + 2 + 3 + 1) / 4
+
+
+def test_report_shows_each_recorded_verdict(tmp_path, monkeypatch):
+    import report_gpu
+
+    recorded = json.loads(report_gpu.LATEST.read_text())
+    recorded["gpu"]["gradients"] = {
+        "torch_varlen": {"lora_grad_relative_diff": 0.2, "tolerance": 0.05, "passed": False}
+    }
+    recorded["gpu"]["isolation"]["sdpa"]["naive_rejected"] = False
+    latest = tmp_path / "gpu_check.json"
+    latest.write_text(json.dumps(recorded))
+    monkeypatch.setattr(report_gpu, "LATEST", latest)
+    text = "\n".join(report_gpu.render_gpu())
+    assert "relative L2 diff 0.2 (tolerance 0.05) | **FAIL** |" in text
+    assert "(**NOT rejected**)" in text
