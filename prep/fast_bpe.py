@@ -41,6 +41,30 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 """The pattern `tokenizers`' ``ByteLevel(use_regex=True)`` splits with (GPT-2's)."""
 
 
+WHITESPACE_TAIL = r"|\s+(?!\S)|\s+"
+"""How GPT-2, Qwen2 and Llama 3 split patterns end: the only alternative with a look-around comes last but one."""
+
+
+def fast_pattern(pattern: str) -> str:
+    """``pattern`` with every alternative before :data:`WHITESPACE_TAIL` in one group: the same splits, faster.
+
+    tiktoken's regex engine (`fancy_regex`) runs a pattern with a look-around in a backtracking VM and
+    hands each part without one to the `regex` crate. Written flat, the leading alternatives are tried one
+    after the other, one DFA search each, at every piece; grouped, they are one search. Alternation is
+    associative under leftmost-first matching and nothing follows it, so every split is unchanged (25%
+    faster on Reuters; the tests compare both forms, and the per-batch check compares ids with
+    `tokenizers`). Patterns that do not end that way, or whose last ``|`` might be escaped or commented
+    out, are returned as they are.
+    """
+    head = pattern[: -len(WHITESPACE_TAIL)]
+    if not pattern.endswith(WHITESPACE_TAIL) or not head:
+        return pattern
+    backslashes = len(head) - len(head.rstrip("\\"))
+    if backslashes % 2 or "#" in head or re.search(r"\(\?[a-zA-Z-]*x", head):  # `\|`, or verbose mode
+        return pattern
+    return f"(?:{head}){WHITESPACE_TAIL}"
+
+
 class Unsupported(Exception):
     """The tokenizer is not one this engine reproduces exactly; the reason is the message."""
 
@@ -242,7 +266,7 @@ class FastBPE:
         )
         try:
             self.encoding = tiktoken.Encoding(
-                "fast-bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={}
+                "fast-bpe", pat_str=fast_pattern(pattern), mergeable_ranks=ranks, special_tokens={}
             )
         except Exception as e:  # the Rust regex engine rejects some patterns `tokenizers` accepts
             raise Unsupported(f"tiktoken cannot compile the split pattern ({e})") from e

@@ -17,7 +17,15 @@ from tokenizers import AddedToken, Tokenizer
 
 import prep.engine as engine_module
 from prep.engine import FAST, REFERENCE, TokenEngine, first_mismatch, prefetch_tables, reference_encode
-from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported, cache_dir, derive_tables
+from prep.fast_bpe import (
+    GPT2_PATTERN,
+    EncodedBatch,
+    FastBPE,
+    Unsupported,
+    cache_dir,
+    derive_tables,
+    fast_pattern,
+)
 from prep.tokenizer import load_tokenizer
 
 TRICKY = [
@@ -102,6 +110,75 @@ _PIECES = [
 @given(text=st.lists(st.sampled_from(_PIECES), max_size=40).map("".join))
 def test_sample_tokenizer_ids_identical_on_generated_text(sample_pair, text):
     _assert_same(*sample_pair, [text])
+
+
+QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def test_fast_pattern_groups_the_alternatives_before_the_whitespace_tail():
+    assert fast_pattern(GPT2_PATTERN) == (
+        r"(?:'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+)|\s+(?!\S)|\s+"
+    )
+    assert fast_pattern(QWEN2_PATTERN).startswith("(?:(?i:'s|")
+    # Left as they are: another ending, an escaped `|` (odd backslashes), verbose mode, nothing before.
+    for pattern in (
+        r"\p{L}+|\s+",
+        r"a\|\s+(?!\S)|\s+",
+        r"a\\\|\s+(?!\S)|\s+",
+        r"(?x)a # note|\s+(?!\S)|\s+",
+        r"(?ix:a)|\s+(?!\S)|\s+",
+        r"|\s+(?!\S)|\s+",
+    ):
+        assert fast_pattern(pattern) == pattern
+    assert fast_pattern(r"a\\|\s+(?!\S)|\s+") == r"(?:a\\)|\s+(?!\S)|\s+"  # `\\` is a backslash
+
+
+@pytest.fixture(scope="module")
+def flat_and_grouped(sample_tok) -> dict[str, tuple]:
+    """tiktoken with each pattern as written and as :func:`fast_pattern` rewrites it, same ranks."""
+    import tiktoken
+
+    _, _, ranks, _, _ = derive_tables(sample_tok)
+    return {
+        name: tuple(
+            tiktoken.Encoding(name, pat_str=p, mergeable_ranks=ranks, special_tokens={})
+            for p in (pattern, fast_pattern(pattern))
+        )
+        for name, pattern in (("gpt2", GPT2_PATTERN), ("qwen2", QWEN2_PATTERN))
+    }
+
+
+_SPACING = [
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\u00a0",
+    "\u3000",
+    "a",
+    "Z",
+    "\u00e9",
+    "7",
+    "42",
+    ".",
+    "!?",
+    "'s",
+    "'LL",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.sampled_from(_SPACING), max_size=30).map("".join))
+def test_grouped_pattern_splits_as_written(flat_and_grouped, text):
+    for flat, grouped in flat_and_grouped.values():
+        assert grouped.encode_ordinary(text) == flat.encode_ordinary(text)
+
+
+def test_grouped_pattern_splits_as_written_on_tricky_text(flat_and_grouped):
+    for flat, grouped in flat_and_grouped.values():
+        for text in TRICKY:
+            assert grouped.encode_ordinary(text) == flat.encode_ordinary(text)
 
 
 @pytest.fixture(scope="module")
