@@ -270,3 +270,17 @@ def test_bad_parquet_and_json_array_files(sample, tmp_path):
     assert ok.exit_code == 0, ok.output
     docs = Manifest.load(tmp_path / "o").documents
     assert (docs.docs_in, docs.packed, docs.skipped_missing_field) == (3, 2, 1)
+
+
+def test_jsonl_progress_counts_every_byte_in_few_updates(tmp_path, monkeypatch):
+    import prep.readers as readers
+
+    monkeypatch.setattr(readers, "PROGRESS_BYTES", 1000)
+    path = tmp_path / "many.jsonl"
+    lines = [json.dumps({"text": f"document {i} " + "x" * (i % 50)}) for i in range(500)]
+    path.write_text("\n".join(lines[:250]) + "\n\n" + "\n".join(lines[250:]), encoding="utf-8")  # a blank line
+    reported: list[int] = []
+    records = list(read_records(InputFile(path, "jsonl"), "text", reported.append))
+    assert len(records) == 500
+    assert sum(reported) == path.stat().st_size  # blank lines and the unterminated last line included
+    assert len(reported) <= path.stat().st_size // 1000 + 1  # one update per ~1000 bytes, not one per line
