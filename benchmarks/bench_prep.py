@@ -217,16 +217,40 @@ def packing_quality(folder: Path) -> dict:
 # -- parent -------------------------------------------------------------------------------------------
 
 
-def throughput(name: str) -> dict:
-    """Ours versus (a) tokenizers alone and (b) the HF pipeline on one corpus, plus packing quality."""
+REPEATS = 3
+"""Runs of each side per corpus. The box is shared: one run of `prep pack` on Reuters took 2.9-4.8 s
+in the same hour, so every ratio compares medians of interleaved runs rather than two single shots."""
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median time (the lower middle one for an even count), with every run's time."""
+    ranked = sorted(runs, key=lambda run: run["seconds"])
+    return {**ranked[(len(ranked) - 1) // 2], "runs_seconds": [run["seconds"] for run in runs]}
+
+
+def throughput(name: str, repeats: int = REPEATS) -> dict:
+    """Ours versus (a) tokenizers alone and (b) the HF pipeline on one corpus, plus packing quality.
+
+    Each round runs the three sides one after the other, in an order rotated by one every round (so no
+    side always runs first, on a cooler or a busier box); each side's median run is compared.
+    """
     corpus = str(CORPORA[name])
     work = WORK / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ref_ids = work / "reference-ids.npy"
-    reference = run_child([SCRIPT, "reference", corpus, str(ref_ids)])
-    ours = run_child([SCRIPT, "pack", corpus, str(work / "packed"), "1024", "bfd"])
-    hf = run_child([SCRIPT, "hf", corpus, str(work / "hf")])
+    sides = {
+        "reference": [SCRIPT, "reference", corpus, str(ref_ids)],
+        "ours": [SCRIPT, "pack", corpus, str(work / "packed"), "1024", "bfd"],
+        "hf": [SCRIPT, "hf", corpus, str(work / "hf")],
+    }
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    order = list(sides)
+    for k in range(repeats):
+        for side in order[k % 3 :] + order[: k % 3]:
+            shutil.rmtree(work / "hf", ignore_errors=True)  # every HF run starts from an empty cache
+            runs[side].append(run_child(sides[side]))
+    reference, ours, hf = (_median_run(runs[side]) for side in sides)
     quality = packing_quality(work / "packed")
     for seq_len in SEQ_LENS:
         lower = -(-hf["num_tokens"] // seq_len)
@@ -234,6 +258,7 @@ def throughput(name: str) -> dict:
         quality[f"trl bfd_split@{seq_len}"] = {"rows": rows, "lower_bound": lower, "excess": rows / lower - 1}
     result = {
         "corpus": name,
+        "repeats": repeats,
         "reference_tokenizers": reference,
         "ours": ours,
         "hf_pipeline": hf,

@@ -120,6 +120,21 @@ def _machine(r: dict) -> list[str]:
     ]
 
 
+def _runs_line(p: dict) -> list[str]:
+    """Every run's time, where a side ran more than once (the table shows each side's median run)."""
+    if p.get("repeats", 1) < 2:
+        return []
+    sides = (("`prep pack`", "ours"), ("(a)", "reference_tokenizers"), ("(b)", "hf_pipeline"))
+    times = "; ".join(
+        f"{label} " + ", ".join(f"{t:.2f}" for t in p[key]["runs_seconds"]) for label, key in sides
+    )
+    return [
+        f"Each side ran {p['repeats']} times, interleaved, in a rotating order; the table shows each side's"
+        f" median run, and the ratios compare medians. All runs (s): {times}.",
+        "",
+    ]
+
+
 def _prep_section(p: dict) -> list[str]:
     o, ref, hf = p["ours"], p["reference_tokenizers"], p["hf_pipeline"]
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in o["phases"].items())
@@ -133,6 +148,7 @@ def _prep_section(p: dict) -> list[str]:
         f"| (a) `tokenizers` `encode_batch_fast` alone, texts in memory | {ref['seconds']:.2f} | {ref['num_tokens'] / ref['seconds']:,.0f} | {ref['peak_rss_mib']:.0f} |",
         f"| (b) `datasets` map + `trl.pack_dataset(bfd_split)` + `save_to_disk` | {hf['seconds']:.2f} | {hf['num_tokens'] / hf['seconds']:,.0f} | {hf['peak_rss_mib']:.0f} |",
         "",
+        *_runs_line(p),
         f"`prep pack` phases: {phases}. Engine notices: {o['notices'] or 'none (the tiktoken engine ran, every batch checked)'}.",
         f"HF pipeline phases: {hf_phases}.",
         "",
@@ -150,7 +166,8 @@ def render(r: dict) -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Produced by `{r['command']}` (one run; every ratio compares two measurements from that run).",
+        f"Produced by `{r['command']}` (one invocation; every ratio compares measurements from it, and the"
+        " prep ratios compare the medians of interleaved repeated runs).",
         "Benchmarks are not tests: nothing here asserts on time. This machine has no GPU: the GPU figures"
         " (last section) come from `benchmarks/gpu_check.sh` runs on a lent GPU machine, kept in"
         " `benchmarks/gpu/`.",

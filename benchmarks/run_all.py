@@ -1,8 +1,10 @@
-"""Run every benchmark once, side by side with its reference, and write BENCHMARKS.md and results.json.
+"""Run every benchmark side by side with its reference and write BENCHMARKS.md and results.json.
+
+The prep throughput sides run three times each, interleaved, and the ratios compare their medians.
 
 Usage (from the repository root, with the `bench` extra installed)::
 
-    python benchmarks/run_all.py                 # everything: about 10 minutes on an idle 2-core box
+    python benchmarks/run_all.py                 # everything: about 12 minutes on an idle 2-core box
     python benchmarks/run_all.py --only prep     # one group: prep, memory, loader, train, loss
 
 Needs the real corpora and the Qwen2.5 tokenizer in ../shared/data (see benchmarks/common.py). Scratch
