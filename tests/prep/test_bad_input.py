@@ -278,7 +278,9 @@ def test_jsonl_progress_counts_every_byte_in_few_updates(tmp_path, monkeypatch):
     monkeypatch.setattr(readers, "PROGRESS_BYTES", 1000)
     path = tmp_path / "many.jsonl"
     lines = [json.dumps({"text": f"document {i} " + "x" * (i % 50)}) for i in range(500)]
-    path.write_text("\n".join(lines[:250]) + "\n\n" + "\n".join(lines[250:]), encoding="utf-8")  # a blank line
+    path.write_text(
+        "\n".join(lines[:250]) + "\n\n" + "\n".join(lines[250:]), encoding="utf-8"
+    )  # a blank line
     reported: list[int] = []
     records = list(read_records(InputFile(path, "jsonl"), "text", reported.append))
     assert len(records) == 500
