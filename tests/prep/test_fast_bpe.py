@@ -122,6 +122,7 @@ def test_sample_tokenizer_ids_identical_on_generated_text(sample_pair, text):
 
 
 QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_PATTERN = QWEN2_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 
 
 def test_fast_pattern_groups_the_alternatives_before_the_whitespace_tail():
@@ -129,6 +130,7 @@ def test_fast_pattern_groups_the_alternatives_before_the_whitespace_tail():
         r"(?:'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+)|\s+(?!\S)|\s+"
     )
     assert fast_pattern(QWEN2_PATTERN).startswith("(?:(?i:'s|")
+    assert LLAMA3_PATTERN != QWEN2_PATTERN and fast_pattern(LLAMA3_PATTERN).startswith("(?:(?i:'s|")
     # Left as they are: another ending, an escaped `|` (odd backslashes), verbose mode, nothing before.
     for pattern in (
         r"\p{L}+|\s+",
@@ -153,7 +155,7 @@ def flat_and_grouped(sample_tok) -> dict[str, tuple]:
             tiktoken.Encoding(name, pat_str=p, mergeable_ranks=ranks, special_tokens={})
             for p in (pattern, fast_pattern(pattern))
         )
-        for name, pattern in (("gpt2", GPT2_PATTERN), ("qwen2", QWEN2_PATTERN))
+        for name, pattern in (("gpt2", GPT2_PATTERN), ("qwen2", QWEN2_PATTERN), ("llama3", LLAMA3_PATTERN))
     }
 
 
