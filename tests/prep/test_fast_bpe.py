@@ -138,6 +138,8 @@ def test_fast_pattern_groups_the_alternatives_before_the_whitespace_tail():
         r"a\\\|\s+(?!\S)|\s+",
         r"(?x)a # note|\s+(?!\S)|\s+",
         r"(?ix:a)|\s+(?!\S)|\s+",
+        r"(?-u)a|\s+(?!\S)|\s+",
+        r"(?i)a|\s+(?!\S)|\s+",
         r"|\s+(?!\S)|\s+",
     ):
         assert fast_pattern(pattern) == pattern
