@@ -124,7 +124,10 @@ def pack(
     val_fraction: Annotated[
         float, typer.Option(help="Share of documents for the `val` split, chosen by content hash.")
     ] = 0.0,
-    workers: Annotated[int | None, typer.Option(help="Tokenizer threads; default every core.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Tokenizing processes (threads with PREP_ENGINE=tokenizers); default every core."),
+    ] = None,
     rows_per_shard: Annotated[
         int | None, typer.Option(help="Rows per shard file; default about 256 MB per shard.")
     ] = None,

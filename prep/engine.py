@@ -241,8 +241,14 @@ class TokenEngine:
         try:
             path = resolve_tokenizer_file(tok.info.path)
             self.fast = FastBPE(path, tables.result() if tables is not None and tables.path == path else None)
-        except (Unsupported, ImportError) as e:
+        except Unsupported as e:
             notice(f"tokenizing with `tokenizers` (the fast engine does not support this tokenizer: {e})")
+            return
+        except ImportError:
+            notice(
+                "tokenizing with `tokenizers`: the fast engine needs tiktoken"
+                " (`pip install 'packed-shards[fast]'`, or `pip install tiktoken`)"
+            )
             return
         self.name = FAST
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from itertools import islice
 from pathlib import Path
@@ -293,6 +294,15 @@ def test_engine_falls_back_for_unsupported_tokenizer(sample_tok, tmp_path):
     notes = _Notes()
     engine = TokenEngine(load_tokenizer(path, eos_token="<|endoftext|>"), notice=notes)
     assert engine.name == REFERENCE and "does not support" in notes.lines[0]
+    [(_, got)] = list(engine.map([(0, ["Hello World"])]))
+    np.testing.assert_array_equal(got.ids, reference_encode(engine.tok.tokenizer, ["Hello World"]).ids)
+
+
+def test_engine_without_tiktoken_says_how_to_get_it(sample_tok, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` now raises ImportError
+    notes = _Notes()
+    engine = TokenEngine(load_tokenizer(sample_tok, eos_token="<|endoftext|>"), notice=notes)
+    assert engine.name == REFERENCE and "packed-shards[fast]" in notes.lines[0]
     [(_, got)] = list(engine.map([(0, ["Hello World"])]))
     np.testing.assert_array_equal(got.ids, reference_encode(engine.tok.tokenizer, ["Hello World"]).ids)
 
