@@ -9,6 +9,10 @@ int32 array plus per-document lengths), in input order. Two engines can do the w
   characters, plus every document holding a non-special added token) and reports the first difference.
 - ``tokenizers``: ``encode_batch_fast`` in this process (its own Rust thread pool), the reference.
 
+A job is a batch of texts, or a batch of undecoded JSONL lines (:class:`JsonlLines`): those are decoded by
+the worker that tokenizes them, since decoding JSON costs the reading process more than everything else
+it does per record, and one reading process feeds every worker.
+
 The first difference, or a tokenizer the fast engine does not support, switches the run to `tokenizers`
 for good, with a one-line notice; a batch whose sample differed is re-encoded by `tokenizers`, so every
 checked id is exactly what `tokenizers` gives. ``PREP_ENGINE=tokenizers`` in the environment forces the
@@ -26,6 +30,7 @@ import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from itertools import chain
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -35,6 +40,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from prep.fast_bpe import EncodedBatch, FastBPE, Tables, Unsupported, derive_tables
+from prep.readers import Record, jsonl_record
 from prep.tokenizer import LoadedTokenizer, TokenizerError, resolve_tokenizer_file
 
 CHECK_FRACTION = 0.01
@@ -134,12 +140,57 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _fast_job(texts: list[str]) -> tuple[EncodedBatch, str | None]:
+@dataclass(slots=True)
+class JsonlLines:
+    """Undecoded JSONL records (:func:`prep.readers.jsonl_lines`) as one job, decoded where they are tokenized.
+
+    :meth:`TokenEngine.map` sets :attr:`records` (what :func:`prep.readers.jsonl_record` makes of each line)
+    before it yields the job's ids.
+    """
+
+    path: str
+    text_field: str
+    lines: list[tuple[int, bytes]]
+    records: list[Record] | None = None
+
+    def decode(self) -> list[Record]:
+        return [jsonl_record(self.path, n, raw, self.text_field) for n, raw in self.lines]
+
+    def keep(self, texts: list[str | None], problems: list[str | None], details: list[str]) -> list[Record]:
+        """Set :attr:`records` from a worker's compact form of them (see :func:`_fast_job`); return them."""
+        self.records = [
+            Record(t, p, f"{self.path}:{n}", d)
+            for (n, _), t, p, d in zip(self.lines, texts, problems, details, strict=True)
+        ]
+        return self.records
+
+
+Job = list[str] | JsonlLines
+"""What :meth:`TokenEngine.map` tokenizes: texts, or JSONL lines to decode first."""
+
+
+def _texts(records: list[Record]) -> list[str]:
+    return [r.text for r in records if r.text is not None]
+
+
+def _fast_job(job: Job) -> tuple[EncodedBatch, str | None, tuple | None]:
+    """Ids, the first difference from the reference in the checked sample, and decoded JSONL records.
+
+    The records travel back as three lists (texts, problems, details): their locations are known to the
+    parent, and pickling ``Record`` objects costs about five times as much.
+    """
     assert _WORKER is not None, "worker forked without the engine"
     fast, reference = _WORKER
+    compact = None
+    if isinstance(job, JsonlLines):
+        records = job.decode()
+        compact = ([r.text for r in records], [r.problem for r in records], [r.detail for r in records])
+        texts = _texts(records)
+    else:
+        texts = job
     added_docs: list[int] = []
     got = fast.encode_batch(texts, added_docs)
-    return got, first_mismatch(fast, reference, texts, got, added_docs)
+    return got, first_mismatch(fast, reference, texts, got, added_docs), compact
 
 
 def _derive_in_child(path: Path, conn: Connection) -> None:
@@ -276,21 +327,24 @@ class TokenEngine:
         context = multiprocessing.get_context("fork")
         return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_init)
 
-    def map(self, items: Iterable[tuple[T, list[str]]]) -> Iterator[tuple[T, EncodedBatch]]:
-        """``(payload, ids)`` for each ``(payload, texts)``, in order; reads at most two jobs per worker ahead."""
+    def map(self, items: Iterable[tuple[T, Job]]) -> Iterator[tuple[T, EncodedBatch]]:
+        """``(payload, ids)`` for each ``(payload, job)``, in order; reads at most two jobs per worker ahead.
+
+        A :class:`JsonlLines` job has its :attr:`~JsonlLines.records` set when its ids are yielded.
+        """
         global _WORKER
         if self.name == FAST:
             self._pool = self._start_pool()
             _WORKER = (self.fast, self.tok.tokenizer)
-        pending: deque[tuple[T, list[str], Future | tuple]] = deque()
+        pending: deque[tuple[T, Job, Future | tuple]] = deque()
         try:
-            for payload, texts in items:
+            for payload, job in items:
                 if self.name == REFERENCE:
                     yield from self._drain(pending)
-                    yield payload, reference_encode(self.tok.tokenizer, texts)
+                    yield payload, self._reference(job)
                     continue
-                job = _fast_job(texts) if self._pool is None else self._pool.submit(_fast_job, texts)
-                pending.append((payload, texts, job))
+                done = _fast_job(job) if self._pool is None else self._pool.submit(_fast_job, job)
+                pending.append((payload, job, done))
                 while len(pending) > (2 * self.workers if self._pool else 0):
                     yield self._finish(*pending.popleft())
             yield from self._drain(pending)
@@ -302,12 +356,22 @@ class TokenEngine:
         while pending:
             yield self._finish(*pending.popleft())
 
-    def _finish(self, payload: T, texts: list[str], job: Future | tuple) -> tuple[T, EncodedBatch]:
+    def _reference(self, job: Job) -> EncodedBatch:
+        """`tokenizers`' ids for a job, decoding its JSONL lines here unless a worker already did."""
+        if isinstance(job, JsonlLines):
+            if job.records is None:
+                job.records = job.decode()
+            job = _texts(job.records)
+        return reference_encode(self.tok.tokenizer, job)
+
+    def _finish(self, payload: T, job: Job, done: Future | tuple) -> tuple[T, EncodedBatch]:
         if self.name == REFERENCE:  # submitted before a switch; perhaps cancelled
-            return payload, reference_encode(self.tok.tokenizer, texts)
-        got, mismatch = job.result() if isinstance(job, Future) else job
+            return payload, self._reference(job)
+        got, mismatch, compact = done.result() if isinstance(done, Future) else done
+        if compact is not None:
+            job.keep(*compact)
         if mismatch is not None:
             self._fall_back(mismatch)
-            return payload, reference_encode(self.tok.tokenizer, texts)
+            return payload, self._reference(job)
         self.num_checked_batches += 1
         return payload, got

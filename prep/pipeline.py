@@ -25,11 +25,20 @@ import numpy as np
 
 from prep import __version__
 from prep.card import PLOT_NAME, write_card
-from prep.engine import PendingTables, TokenEngine, prefetch_tables
+from prep.engine import Job, JsonlLines, PendingTables, TokenEngine, prefetch_tables
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, Pass1State, input_stats, kill_point
 from prep.packing import STRATEGIES, PackPlan, make_plan
-from prep.readers import EMPTY, MISSING_FIELD, InputError, InputFile, Record, expand_inputs, read_records
+from prep.readers import (
+    EMPTY,
+    MISSING_FIELD,
+    InputError,
+    InputFile,
+    Record,
+    expand_inputs,
+    read_jsonl_lines,
+    read_records,
+)
 from prep.streams import BatchStreams, build_streams
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, write_split
@@ -186,6 +195,20 @@ def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
         yield batch
 
 
+def _line_batches(lines: Iterator[tuple[int, bytes]]) -> Iterator[list[tuple[int, bytes]]]:
+    """Undecoded JSONL records in batches of about ``BATCH_CHARS`` bytes (a character is at least one)."""
+    batch: list[tuple[int, bytes]] = []
+    size = 0
+    for line in lines:
+        batch.append(line)
+        size += len(line[1])
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 @dataclass(slots=True)
 class _Tokenized:
     doc_id: array
@@ -195,20 +218,36 @@ class _Tokenized:
     inputs: tuple[InputInfo, ...]
 
 
-def _text_batches(
+def _jobs(
     cfg: PackConfig, sources: list[InputFile], state: Pass1State, progress: Progress
-) -> Iterator[tuple[tuple[int, list[Record], bool], list[str]]]:
-    """``((source index, records, last batch of the source?), texts)`` from the journal's position on."""
+) -> Iterator[tuple[tuple[int, list[Record] | JsonlLines, bool], Job]]:
+    """``((source index, records, last batch of the source?), job)`` from the journal's position on.
+
+    JSONL inputs go to the engine undecoded (:class:`JsonlLines`: its workers decode them, and the engine
+    fills in the records); other inputs as records read here, and their texts.
+    """
     for index in range(state.source_index, len(sources)):
-        records = read_records(sources[index], cfg.text_field, lambda n: progress.advance(n))
+        source = sources[index]
         skip = state.records_done if index == state.source_index else 0
+        batches: Iterator[list[Record] | JsonlLines]
+        if source.format == "jsonl":  # one undecoded line per record, so skipping lines skips records
+            lines = read_jsonl_lines(source, lambda n: progress.advance(n))
+            name = str(source.path)
+            batches = (JsonlLines(name, cfg.text_field, b) for b in _line_batches(islice(lines, skip, None)))
+        else:
+            records = read_records(source, cfg.text_field, lambda n: progress.advance(n))
+            batches = _batches(islice(records, skip, None))
         batch = None
-        for upcoming in _batches(islice(records, skip, None)):
+        for upcoming in batches:
             if batch is not None:
-                yield (index, batch, False), [r.text for r in batch if r.text is not None]
+                yield (index, batch, False), _job(batch)
             batch = upcoming
-        batch = batch or []
-        yield (index, batch, True), [r.text for r in batch if r.text is not None]
+        batch = batch if batch is not None else []
+        yield (index, batch, True), _job(batch)
+
+
+def _job(batch: list[Record] | JsonlLines) -> Job:
+    return batch if isinstance(batch, JsonlLines) else [r.text for r in batch if r.text is not None]
 
 
 def _count_problems(cfg: PackConfig, batch: list[Record], counts: dict[str, int]) -> None:
@@ -268,7 +307,10 @@ def _tokenize_inputs(
     progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
     engine = TokenEngine(tok, workers=cfg.workers, notice=progress.message, tables=tables)
     with journal.open_tokens() as out:
-        for (index, batch, last), encoded in engine.map(_text_batches(cfg, sources, state, progress)):
+        for (index, batch, last), encoded in engine.map(_jobs(cfg, sources, state, progress)):
+            if isinstance(batch, JsonlLines):
+                assert batch.records is not None, "the engine decodes every JSONL job it tokenizes"
+                batch = batch.records
             streams, doc_ids, flags = batch_streams(cfg, tok, batch, encoded, state.next_id, counts)
             state.doc_id.frombytes(doc_ids.tobytes())
             state.doc_len.frombytes(streams.doc_len.tobytes())

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from shared.errors import UserError
 
@@ -26,6 +27,9 @@ SUPPORTED = JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
 EMPTY = "empty"
 MISSING_FIELD = "missing_field"
 INVALID = "invalid"
+
+
+T = TypeVar("T")
 
 
 class InputError(UserError):
@@ -124,8 +128,19 @@ def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], N
         "text": _read_text,
         "arrow-dataset": _read_saved_dataset,
     }
+    yield from _named_errors(source, readers[source.format](source.path, text_field, on_bytes))
+
+
+def read_jsonl_lines(source: InputFile, on_bytes: Callable[[int], None]) -> Iterator[tuple[int, bytes]]:
+    """:func:`jsonl_lines` of a ``jsonl`` input, its read errors reported as :func:`read_records` does."""
+    assert source.format == "jsonl", source
+    yield from _named_errors(source, jsonl_lines(source.path, on_bytes))
+
+
+def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
+    """``items``, with an OS error while reading them turned into an :class:`InputError` naming the file."""
     try:
-        yield from readers[source.format](source.path, text_field, on_bytes)
+        yield from items
     except PermissionError as e:
         raise InputError(f"cannot read `{source.path}`: permission denied. Fix its permissions.") from e
     except IsADirectoryError as e:
@@ -182,7 +197,12 @@ PROGRESS_BYTES = 1 << 20
 """Line-based readers report bytes read in steps of about this much (a progress bar update costs ~5 us)."""
 
 
-def _read_jsonl(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+def jsonl_lines(path: Path, on_bytes: Callable[[int], None]) -> Iterator[tuple[int, bytes]]:
+    """``(line number, bytes)`` of every record of a JSONL file, undecoded: its lines that are not blank.
+
+    What :func:`jsonl_record` turns into records, one each, wherever that runs (``prep pack`` decodes in
+    the worker processes that tokenize, so that reading stays cheap for the process that feeds them).
+    """
     unreported = 0
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -192,26 +212,33 @@ def _read_jsonl(path: Path, text_field: str, on_bytes: Callable[[int], None]) ->
                 unreported = 0
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first record
-            if not raw.strip():
-                continue  # blank lines are not records
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(raw)
-            except UnicodeDecodeError as e:
-                yield Record(None, INVALID, where, f"invalid UTF-8 at byte {e.start} of the line")
-                continue
-            except json.JSONDecodeError as e:
-                yield Record(None, INVALID, where, f"malformed JSON ({e.msg}, column {e.colno})")
-                continue
-            except (ValueError, RecursionError) as e:  # e.g. a 5,000-digit number, arrays nested 100,000 deep
-                yield Record(None, INVALID, where, f"JSON that cannot be decoded ({str(e)[:120]})")
-                continue
-            record = _from_value(obj, text_field, where)
-            if record.text is not None and b"\\u" in raw and (problem := _lone_surrogate(record.text)):
-                record = Record(None, INVALID, where, problem)
-            yield record
+            if raw.strip():  # blank lines are not records
+                yield line_no, raw
     if unreported:
         on_bytes(unreported)
+
+
+def jsonl_record(path: str, line_no: int, raw: bytes, text_field: str) -> Record:
+    """The record on line ``line_no`` of the JSONL file ``path``, whose bytes are ``raw``."""
+    where = f"{path}:{line_no}"
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError as e:
+        return Record(None, INVALID, where, f"invalid UTF-8 at byte {e.start} of the line")
+    except json.JSONDecodeError as e:
+        return Record(None, INVALID, where, f"malformed JSON ({e.msg}, column {e.colno})")
+    except (ValueError, RecursionError) as e:  # e.g. a 5,000-digit number, arrays nested 100,000 deep
+        return Record(None, INVALID, where, f"JSON that cannot be decoded ({str(e)[:120]})")
+    record = _from_value(obj, text_field, where)
+    if record.text is not None and b"\\u" in raw and (problem := _lone_surrogate(record.text)):
+        return Record(None, INVALID, where, problem)
+    return record
+
+
+def _read_jsonl(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+    name = str(path)
+    for line_no, raw in jsonl_lines(path, on_bytes):
+        yield jsonl_record(name, line_no, raw, text_field)
 
 
 def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:

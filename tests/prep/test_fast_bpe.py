@@ -17,7 +17,15 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer
 
 import prep.engine as engine_module
-from prep.engine import FAST, REFERENCE, TokenEngine, first_mismatch, prefetch_tables, reference_encode
+from prep.engine import (
+    FAST,
+    REFERENCE,
+    JsonlLines,
+    TokenEngine,
+    first_mismatch,
+    prefetch_tables,
+    reference_encode,
+)
 from prep.fast_bpe import (
     GPT2_PATTERN,
     EncodedBatch,
@@ -27,6 +35,7 @@ from prep.fast_bpe import (
     derive_tables,
     fast_pattern,
 )
+from prep.readers import InputFile, Record, read_jsonl_lines, read_records
 from prep.tokenizer import load_tokenizer
 
 TRICKY = [
@@ -356,3 +365,71 @@ def test_no_prefetch_where_it_cannot_help(sample_tok, tmp_path, monkeypatch):
     assert prefetch_tables(tmp_path / "missing.json", workers=2) is None
     monkeypatch.setenv("PREP_ENGINE", REFERENCE)
     assert prefetch_tables(sample_tok, workers=2) is None
+
+
+def _jsonl_jobs(sample, tmp_path) -> tuple[list[JsonlLines], list[list[Record]]]:
+    """The sample corpus plus lines of every kind a record can be, as JSONL jobs and as read_records reads them."""
+    corpus, _ = sample
+    extra = [
+        b"not json",
+        b'{"text": ""}',
+        b'{"title": "no text"}',
+        b'{"text": 7}',
+        b'{"text": "\\ud800 lone"}',
+        b"\xff\xfe",
+        b"",
+        b'{"text": "a literal <|endoftext|> stays text"}',
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(corpus.read_bytes().splitlines()[:120] + extra) + b"\n")
+    source = InputFile(path, "jsonl")
+    lines = list(read_jsonl_lines(source, lambda n: None))
+    jobs = [JsonlLines(str(path), "text", lines[i : i + 40]) for i in range(0, len(lines), 40)]
+    records = list(read_records(source, "text", lambda n: None))
+    return jobs, [records[i : i + 40] for i in range(0, len(records), 40)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jsonl_jobs_decode_as_read_records_and_encode_as_texts(sample, sample_tok, tmp_path, workers):
+    tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
+    jobs, want = _jsonl_jobs(sample, tmp_path)
+    engine = TokenEngine(tok, workers=workers)
+    out = list(engine.map((i, job) for i, job in enumerate(jobs)))
+    assert [i for i, _ in out] == list(range(len(jobs))) and engine.name == FAST
+    for (i, got), records in zip(out, want, strict=True):
+        assert jobs[i].records == records  # decoded by the worker, rebuilt here: every field equal
+        texts = [r.text for r in records if r.text is not None]
+        np.testing.assert_array_equal(got.ids, reference_encode(tok.tokenizer, texts).ids)
+        np.testing.assert_array_equal(got.lengths, reference_encode(tok.tokenizer, texts).lengths)
+    assert {r.problem for batch in want for r in batch} >= {None, "empty", "missing_field", "invalid"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jsonl_jobs_with_the_reference_engine(sample, sample_tok, tmp_path, workers, monkeypatch):
+    """Forced reference, and a fall-back mid-run: either way this process decodes what no worker did."""
+    jobs, want = _jsonl_jobs(sample, tmp_path)
+    original = FastBPE.encode_batch
+    monkeypatch.setattr(
+        FastBPE,
+        "encode_batch",
+        lambda self, texts, added=None: EncodedBatch(*_shifted(original(self, texts, added))),
+    )
+    tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
+    for forced in (True, False):
+        if forced:
+            monkeypatch.setenv("PREP_ENGINE", REFERENCE)
+        else:
+            monkeypatch.delenv("PREP_ENGINE")
+        fresh = [JsonlLines(j.path, j.text_field, j.lines) for j in jobs]
+        notes = _Notes()
+        engine = TokenEngine(tok, workers=workers, notice=notes)
+        out = list(engine.map((i, job) for i, job in enumerate(fresh)))
+        assert engine.name == REFERENCE and len(notes.lines) == (0 if forced else 1)
+        for (i, got), records in zip(out, want, strict=True):
+            assert fresh[i].records == records
+            texts = [r.text for r in records if r.text is not None]
+            np.testing.assert_array_equal(got.ids, reference_encode(tok.tokenizer, texts).ids)
+
+
+def _shifted(got: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
+    return got.ids + 1, got.lengths
