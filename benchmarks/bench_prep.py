@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CORPORA, TOKENIZER, WORK, emit, run_child, self_peak_rss_mib  # noqa: E402
+from common import CORPORA, TOKENIZER, WORK, emit, median_run, run_child, self_peak_rss_mib  # noqa: E402
 
 SEQ_LENS = (1024, 4096)
 SCRIPT = str(Path(__file__).resolve())
@@ -222,12 +222,6 @@ REPEATS = 3
 in the same hour, so every ratio compares medians of interleaved runs rather than two single shots."""
 
 
-def _median_run(runs: list[dict]) -> dict:
-    """The run with the median time (the lower middle one for an even count), with every run's time."""
-    ranked = sorted(runs, key=lambda run: run["seconds"])
-    return {**ranked[(len(ranked) - 1) // 2], "runs_seconds": [run["seconds"] for run in runs]}
-
-
 def throughput(name: str, repeats: int = REPEATS) -> dict:
     """Ours versus (a) tokenizers alone and (b) the HF pipeline on one corpus, plus packing quality.
 
@@ -250,7 +244,7 @@ def throughput(name: str, repeats: int = REPEATS) -> dict:
         for side in order[k % 3 :] + order[: k % 3]:
             shutil.rmtree(work / "hf", ignore_errors=True)  # every HF run starts from an empty cache
             runs[side].append(run_child(sides[side]))
-    reference, ours, hf = (_median_run(runs[side]) for side in sides)
+    reference, ours, hf = (median_run(runs[side], "seconds") for side in sides)
     quality = packing_quality(work / "packed")
     for seq_len in SEQ_LENS:
         lower = -(-hf["num_tokens"] // seq_len)

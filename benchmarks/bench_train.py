@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, run_child, self_peak_rss_mib  # noqa: E402
+from common import emit, median_run, run_child, self_peak_rss_mib  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())
 VOCAB = 151_936
@@ -197,11 +197,13 @@ def child_loss(num_tokens: int, mode: str) -> None:
 # -- parent -------------------------------------------------------------------------------------------
 
 
-def loader(folders: dict[str, Path], batch_size: int = 8, seconds: float = 3.0) -> dict:
-    return {
-        label: run_child([SCRIPT, "loader", str(folder), str(batch_size), str(seconds)])
-        for label, folder in folders.items()
-    }
+def loader(folders: dict[str, Path], batch_size: int = 8, seconds: float = 3.0, repeats: int = 3) -> dict:
+    """Each dataset's median run by loader tokens/s, of ``repeats`` runs interleaved across the datasets."""
+    runs: dict[str, list[dict]] = {label: [] for label in folders}
+    for _ in range(repeats):
+        for label, folder in folders.items():
+            runs[label].append(run_child([SCRIPT, "loader", str(folder), str(batch_size), str(seconds)]))
+    return {label: median_run(r, "loader_tokens_per_s") for label, r in runs.items()}
 
 
 def train_step(folder: Path, batch_size: int = 1, steps: int = 4, docs_per_padded_batch: int = 8) -> dict:

@@ -105,3 +105,13 @@ def self_peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_run(runs: list[dict], key: str) -> dict:
+    """The run with the median ``key`` (the lower middle one for an even count), plus every run's ``key``.
+
+    The box is shared: a figure from one run moves by tens of percent with other jobs, so benchmarks that
+    set a verdict run a few times, interleaved with their reference, and report the median run.
+    """
+    ranked = sorted(runs, key=lambda run: run[key])
+    return {**ranked[(len(ranked) - 1) // 2], f"runs_{key}": [run[key] for run in runs]}

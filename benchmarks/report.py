@@ -216,6 +216,16 @@ def render(r: dict) -> str:
             lines.append(
                 f"| {label} | {v['dataset_mib']:.0f} | {v['time_to_first_batch_s']:.2f}s | {v['loader_tokens_per_s'] / 1e6:.1f} M | {v['assemble_tokens_per_s'] / 1e6:.1f} M | {v['rss_after_open_mib']:.0f} / {v['rss_end_mib']:.0f} |"
             )
+        runs = {label: v.get("runs_loader_tokens_per_s", []) for label, v in r["loader"].items()}
+        if all(len(x) > 1 for x in runs.values()):
+            listed = "; ".join(
+                f"{label} " + ", ".join(f"{t / 1e6:.1f}" for t in x) for label, x in runs.items()
+            )
+            lines += [
+                "",
+                f"Each dataset's median run of {len(next(iter(runs.values())))}, interleaved; loader M tokens/s"
+                f" of all runs: {listed}.",
+            ]
         lines += [
             "",
             "On CPU there is nothing to pin (pinning needs CUDA); assembly alone is the loader's own gather (`Split.views` + `_stage`) into one preallocated int32 host buffer set without the prefetch thread, the work the CUDA path does into pinned ones.",
