@@ -177,7 +177,7 @@ def _fast_job(job: Job) -> tuple[EncodedBatch, str | None, tuple | None]:
     """Ids, the first difference from the reference in the checked sample, and decoded JSONL records.
 
     The records travel back as three lists (texts, problems, details): their locations are known to the
-    parent, and pickling ``Record`` objects costs about five times as much.
+    parent, and pickling ``Record`` objects both ways costs about three times as much.
     """
     assert _WORKER is not None, "worker forked without the engine"
     fast, reference = _WORKER
