@@ -15,20 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from prep.pipeline import PackConfig, pack
 from shared.contract import SCHEMA_METADATA_KEY, read_schema_metadata
 from shared.errors import IncompleteDatasetError, ManifestError, ShardIntegrityError
 from shared.fileio import sha256_file
 from shared.manifest import Manifest
 from shared.reader import PackedDataset, Shard
-
-
-@pytest.fixture(scope="module")
-def packed(sample, tmp_path_factory) -> Path:
-    corpus, tok = sample
-    out = tmp_path_factory.mktemp("reader") / "packed"
-    pack(PackConfig(inputs=(str(corpus),), tokenizer=str(tok), out=out, seq_len=128, rows_per_shard=200))
-    return out
 
 
 @pytest.fixture

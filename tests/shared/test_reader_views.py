@@ -6,24 +6,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from prep.pipeline import PackConfig, pack
 from shared.errors import ShardIntegrityError
 from shared.manifest import Manifest
 from shared.reader import PackedDataset
-
-
-@pytest.fixture(scope="module")
-def packed(sample, tmp_path_factory) -> Path:
-    corpus, tok = sample
-    out = tmp_path_factory.mktemp("views") / "packed"
-    pack(PackConfig(inputs=(str(corpus),), tokenizer=str(tok), out=out, seq_len=128, rows_per_shard=150))
-    return out
 
 
 def test_views_are_the_rows_slices(packed):
