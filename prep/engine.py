@@ -156,13 +156,12 @@ class JsonlLines:
     def decode(self) -> list[Record]:
         return [jsonl_record(self.path, n, raw, self.text_field) for n, raw in self.lines]
 
-    def keep(self, texts: list[str | None], problems: list[str | None], details: list[str]) -> list[Record]:
-        """Set :attr:`records` from a worker's compact form of them (see :func:`_fast_job`); return them."""
+    def keep(self, texts: list[str | None], problems: list[str | None], details: list[str]) -> None:
+        """Set :attr:`records` from a worker's compact form of them (see :func:`_fast_job`)."""
         self.records = [
             Record(t, p, f"{self.path}:{n}", d)
             for (n, _), t, p, d in zip(self.lines, texts, problems, details, strict=True)
         ]
-        return self.records
 
 
 Job = list[str] | JsonlLines
@@ -183,7 +182,7 @@ def _fast_job(job: Job) -> tuple[EncodedBatch, str | None, tuple | None]:
     fast, reference = _WORKER
     compact = None
     if isinstance(job, JsonlLines):
-        records = job.decode()
+        job.records = records = job.decode()  # in this process, the parent's job itself: nothing to rebuild
         compact = ([r.text for r in records], [r.problem for r in records], [r.detail for r in records])
         texts = _texts(records)
     else:
@@ -368,7 +367,7 @@ class TokenEngine:
         if self.name == REFERENCE:  # submitted before a switch; perhaps cancelled
             return payload, self._reference(job)
         got, mismatch, compact = done.result() if isinstance(done, Future) else done
-        if compact is not None:
+        if compact is not None and job.records is None:  # decoded in a worker: rebuild the records here
             job.keep(*compact)
         if mismatch is not None:
             self._fall_back(mismatch)

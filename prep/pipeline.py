@@ -16,10 +16,11 @@ import mmap
 import os
 import shutil
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -182,29 +183,24 @@ def _remove_temp_files(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
-    batch: list[Record] = []
-    chars = 0
-    for record in records:
-        batch.append(record)
-        chars += len(record.text) if record.text else 0
-        if chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+T = TypeVar("T")
 
 
-def _line_batches(lines: Iterator[tuple[int, bytes]]) -> Iterator[list[tuple[int, bytes]]]:
-    """Undecoded JSONL records in batches of about ``BATCH_CHARS`` bytes (a character is at least one)."""
-    batch: list[tuple[int, bytes]] = []
-    size = 0
-    for line in lines:
-        batch.append(line)
-        size += len(line[1])
-        if size >= BATCH_CHARS:
+def _text_chars(record: Record) -> int:
+    return len(record.text) if record.text else 0
+
+
+def _batches(items: Iterable[T], size: Callable[[T], int] = _text_chars) -> Iterator[list[T]]:
+    """``items`` in batches of about ``BATCH_CHARS`` by ``size``: a record's characters of text by default,
+    or an undecoded JSONL line's bytes (a character is at least one byte)."""
+    batch: list[T] = []
+    total = 0
+    for item in items:
+        batch.append(item)
+        total += size(item)
+        if total >= BATCH_CHARS:
             yield batch
-            batch, size = [], 0
+            batch, total = [], 0
     if batch:
         yield batch
 
@@ -233,7 +229,8 @@ def _jobs(
         if source.format == "jsonl":  # one undecoded line per record, so skipping lines skips records
             lines = read_jsonl_lines(source, lambda n: progress.advance(n))
             name = str(source.path)
-            batches = (JsonlLines(name, cfg.text_field, b) for b in _line_batches(islice(lines, skip, None)))
+            line_batches = _batches(islice(lines, skip, None), size=lambda line: len(line[1]))
+            batches = (JsonlLines(name, cfg.text_field, b) for b in line_batches)
         else:
             records = read_records(source, cfg.text_field, lambda n: progress.advance(n))
             batches = _batches(islice(records, skip, None))
