@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from shared.contract import CU_SEQLENS, DOC_IDS
-from shared.reader import PackedDataset, Split
+from shared.reader import PackedDataset, Split, numpy_view
 
 PERCENTILES = (50, 90, 99)
 
@@ -54,27 +53,14 @@ class SplitStats:
         return self.num_tokens / max(1, self.num_rows * self.seq_len)
 
 
-def _ints(array: pa.Array) -> np.ndarray:
-    """A zero-copy numpy view of an Arrow signed-integer array without nulls.
-
-    Not ``Array.to_numpy``: its first call imports pandas (0.6 s measured), which the card of every
-    `prep pack` would pay for a few offsets.
-    """
-    assert pa.types.is_signed_integer(array.type) and array.null_count == 0, array.type
-    dtype = np.dtype(f"int{array.type.bit_width}")
-    return np.frombuffer(
-        array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize
-    )
-
-
 def _batch_segments(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(segments per row, segment lengths, segment doc ids) over every batch of the split."""
     per_row, lengths, docs = [], [], []
     for shard in split.shards:
         for batch in shard.batches():
             cu = batch.column(CU_SEQLENS)
-            offsets = _ints(cu.offsets).astype(np.int64)
-            values = _ints(cu.values)[offsets[0] : offsets[-1]].astype(np.int64)
+            offsets = numpy_view(cu.offsets).astype(np.int64)
+            values = numpy_view(cu.values)[offsets[0] : offsets[-1]].astype(np.int64)
             offsets -= offsets[0]
             step = np.diff(values)
             inside = np.ones(len(step), dtype=bool)
@@ -82,8 +68,8 @@ def _batch_segments(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             per_row.append(np.diff(offsets) - 1)
             lengths.append(step[inside])
             d = batch.column(DOC_IDS)
-            d_off = _ints(d.offsets)
-            docs.append(_ints(d.values)[d_off[0] : d_off[-1]].astype(np.int64))
+            d_off = numpy_view(d.offsets)
+            docs.append(numpy_view(d.values)[d_off[0] : d_off[-1]].astype(np.int64))
     empty = np.zeros(0, np.int64)
     return (
         np.concatenate(per_row or [empty]),
