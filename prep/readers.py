@@ -218,11 +218,18 @@ def jsonl_lines(path: Path, on_bytes: Callable[[int], None]) -> Iterator[tuple[i
         on_bytes(unreported)
 
 
+_decode_json = json.JSONDecoder().decode
+
+
 def jsonl_record(path: str, line_no: int, raw: bytes, text_field: str) -> Record:
-    """The record on line ``line_no`` of the JSONL file ``path``, whose bytes are ``raw``."""
+    """The record on line ``line_no`` of the JSONL file ``path``, whose bytes are ``raw``.
+
+    The bytes must be strict UTF-8: ``json.loads`` on bytes would also accept an encoded surrogate
+    (``ED A0 80``) and hand the tokenizer a lone surrogate, which no tokenizer takes.
+    """
     where = f"{path}:{line_no}"
     try:
-        obj = json.loads(raw)
+        obj = _decode_json(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         return Record(None, INVALID, where, f"invalid UTF-8 at byte {e.start} of the line")
     except json.JSONDecodeError as e:
