@@ -9,9 +9,9 @@ int32 array plus per-document lengths), in input order. Two engines can do the w
   characters, plus every document holding a non-special added token) and reports the first difference.
 - ``tokenizers``: ``encode_batch_fast`` in this process (its own Rust thread pool), the reference.
 
-A job is a batch of texts, or a batch of undecoded JSONL lines (:class:`JsonlLines`): those are decoded by
-the worker that tokenizes them, since decoding JSON costs the reading process more than everything else
-it does per record, and one reading process feeds every worker.
+A job is a batch of texts, or a chunk of whole JSONL lines (:class:`JsonlChunk`), which the worker that
+tokenizes it splits and decodes, sending back what packing needs of its records instead of their texts:
+one process reads the input for every worker, so it does no work per record.
 
 The first difference, or a tokenizer the fast engine does not support, switches the run to `tokenizers`
 for good, with a one-line notice; a batch whose sample differed is re-encoded by `tokenizers`, so every
@@ -40,7 +40,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from prep.fast_bpe import EncodedBatch, FastBPE, Tables, Unsupported, derive_tables
-from prep.readers import Record, jsonl_record
+from prep.readers import BatchRecords, Record, jsonl_chunk_lines, jsonl_record, summarize
 from prep.tokenizer import LoadedTokenizer, TokenizerError, resolve_tokenizer_file
 
 CHECK_FRACTION = 0.01
@@ -141,55 +141,47 @@ def _die_with_parent() -> None:
 
 
 @dataclass(slots=True)
-class JsonlLines:
-    """Undecoded JSONL records (:func:`prep.readers.jsonl_lines`) as one job, decoded where they are tokenized.
+class JsonlChunk:
+    """Whole lines of a JSONL file (:func:`prep.readers.jsonl_chunks`) as one job, decoded where they are tokenized.
 
-    :meth:`TokenEngine.map` sets :attr:`records` (what :func:`prep.readers.jsonl_record` makes of each line)
+    :meth:`TokenEngine.map` sets :attr:`records` (what packing needs of the chunk's records, not their texts)
     before it yields the job's ids.
     """
 
     path: str
     text_field: str
-    lines: list[tuple[int, bytes]]
-    records: list[Record] | None = None
+    val_fraction: float
+    first_line: int
+    data: bytes
+    records: BatchRecords | None = None
 
     def decode(self) -> list[Record]:
-        return [jsonl_record(self.path, n, raw, self.text_field) for n, raw in self.lines]
+        lines = jsonl_chunk_lines(self.first_line, self.data)
+        return [jsonl_record(self.path, n, raw, self.text_field) for n, raw in lines]
 
-    def keep(self, texts: list[str | None], problems: list[str | None], details: list[str]) -> None:
-        """Set :attr:`records` from a worker's compact form of them (see :func:`_fast_job`)."""
-        self.records = [
-            Record(t, p, f"{self.path}:{n}", d)
-            for (n, _), t, p, d in zip(self.lines, texts, problems, details, strict=True)
-        ]
+    def texts(self) -> list[str]:
+        """The texts to tokenize; sets :attr:`records`."""
+        records = self.decode()
+        self.records = summarize(records, self.val_fraction)
+        return [r.text for r in records if r.text is not None]
 
 
-Job = list[str] | JsonlLines
+Job = list[str] | JsonlChunk
 """What :meth:`TokenEngine.map` tokenizes: texts, or JSONL lines to decode first."""
 
 
-def _texts(records: list[Record]) -> list[str]:
-    return [r.text for r in records if r.text is not None]
+def _fast_job(job: Job) -> tuple[EncodedBatch, str | None, BatchRecords | None]:
+    """Ids, the first difference from the reference in the checked sample, and a JSONL chunk's records.
 
-
-def _fast_job(job: Job) -> tuple[EncodedBatch, str | None, tuple | None]:
-    """Ids, the first difference from the reference in the checked sample, and decoded JSONL records.
-
-    The records travel back as three lists (texts, problems, details): their locations are known to the
-    parent, and pickling ``Record`` objects both ways costs about three times as much.
+    The records travel back as :class:`BatchRecords`: their texts are of no more use to the parent.
     """
     assert _WORKER is not None, "worker forked without the engine"
     fast, reference = _WORKER
-    compact = None
-    if isinstance(job, JsonlLines):
-        job.records = records = job.decode()  # in this process, the parent's job itself: nothing to rebuild
-        compact = ([r.text for r in records], [r.problem for r in records], [r.detail for r in records])
-        texts = _texts(records)
-    else:
-        texts = job
+    texts = job.texts() if isinstance(job, JsonlChunk) else job
     added_docs: list[int] = []
     got = fast.encode_batch(texts, added_docs)
-    return got, first_mismatch(fast, reference, texts, got, added_docs), compact
+    records = job.records if isinstance(job, JsonlChunk) else None
+    return got, first_mismatch(fast, reference, texts, got, added_docs), records
 
 
 def _derive_in_child(path: Path, conn: Connection) -> None:
@@ -329,7 +321,7 @@ class TokenEngine:
     def map(self, items: Iterable[tuple[T, Job]]) -> Iterator[tuple[T, EncodedBatch]]:
         """``(payload, ids)`` for each ``(payload, job)``, in order; reads at most two jobs per worker ahead.
 
-        A :class:`JsonlLines` job has its :attr:`~JsonlLines.records` set when its ids are yielded.
+        A :class:`JsonlChunk` job has its :attr:`~JsonlChunk.records` set when its ids are yielded.
         """
         global _WORKER
         if self.name == FAST:
@@ -356,19 +348,15 @@ class TokenEngine:
             yield self._finish(*pending.popleft())
 
     def _reference(self, job: Job) -> EncodedBatch:
-        """`tokenizers`' ids for a job, decoding its JSONL lines here unless a worker already did."""
-        if isinstance(job, JsonlLines):
-            if job.records is None:
-                job.records = job.decode()
-            job = _texts(job.records)
-        return reference_encode(self.tok.tokenizer, job)
+        """`tokenizers`' ids for a job, decoding a JSONL chunk here (a worker that did kept the texts)."""
+        return reference_encode(self.tok.tokenizer, job.texts() if isinstance(job, JsonlChunk) else job)
 
     def _finish(self, payload: T, job: Job, done: Future | tuple) -> tuple[T, EncodedBatch]:
         if self.name == REFERENCE:  # submitted before a switch; perhaps cancelled
             return payload, self._reference(job)
-        got, mismatch, compact = done.result() if isinstance(done, Future) else done
-        if compact is not None and job.records is None:  # decoded in a worker: rebuild the records here
-            job.keep(*compact)
+        got, mismatch, records = done.result() if isinstance(done, Future) else done
+        if records is not None:  # decoded in a worker
+            job.records = records
         if mismatch is not None:
             self._fall_back(mismatch)
             return payload, self._reference(job)

@@ -47,7 +47,7 @@ from prep.pipeline import (
     require_documents,
     split_metadata,
 )
-from prep.readers import InputError, InputFile, expand_inputs, read_records
+from prep.readers import InputError, InputFile, expand_inputs, read_records, summarize
 from prep.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, shard_ranges, split_info, write_shard
 from shared.contract import schema_with_metadata, shard_file_name
@@ -166,7 +166,8 @@ def tokenize_file(
         batches = _batches(read_records(source, cfg.text_field, lambda n: None))
         with open(part, "wb") as out:
             for batch, encoded in engine.map((b, [r.text for r in b if r.text is not None]) for b in batches):
-                streams, doc_ids, val = batch_streams(cfg, tok, batch, encoded, next_id, counts)
+                records = summarize(batch, cfg.val_fraction)
+                streams, doc_ids, val = batch_streams(cfg, tok, records, encoded, next_id, counts)
                 ids.append(doc_ids)
                 lens.append(streams.doc_len)
                 flags.append(val)

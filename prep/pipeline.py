@@ -11,34 +11,34 @@ Three passes, each bounded in memory:
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import shutil
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
 from prep import __version__
 from prep.card import PLOT_NAME, write_card
-from prep.engine import Job, JsonlLines, PendingTables, TokenEngine, prefetch_tables
+from prep.engine import Job, JsonlChunk, PendingTables, TokenEngine, prefetch_tables
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, Pass1State, input_stats, kill_point
 from prep.packing import STRATEGIES, PackPlan, make_plan
 from prep.readers import (
     EMPTY,
     MISSING_FIELD,
+    BatchRecords,
     InputError,
     InputFile,
     Record,
     expand_inputs,
-    read_jsonl_lines,
+    read_jsonl_chunks,
     read_records,
+    summarize,
 )
 from prep.streams import BatchStreams, build_streams
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
@@ -133,14 +133,6 @@ class Progress:
     def message(self, text: str) -> None: ...
 
 
-def is_val(text: str, val_fraction: float) -> bool:
-    """Whether a document belongs to `val`: a function of its content alone, independent of order and runs."""
-    if val_fraction <= 0.0:
-        return False
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < val_fraction * 2.0**64
-
-
 def _check_output_folder(cfg: PackConfig) -> None:
     out = cfg.out
     if out.exists() and not out.is_dir():
@@ -183,21 +175,13 @@ def _remove_temp_files(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-T = TypeVar("T")
-
-
-def _text_chars(record: Record) -> int:
-    return len(record.text) if record.text else 0
-
-
-def _batches(items: Iterable[T], size: Callable[[T], int] = _text_chars) -> Iterator[list[T]]:
-    """``items`` in batches of about ``BATCH_CHARS`` by ``size``: a record's characters of text by default,
-    or an undecoded JSONL line's bytes (a character is at least one byte)."""
-    batch: list[T] = []
+def _batches(records: Iterable[Record]) -> Iterator[list[Record]]:
+    """``records`` in batches of about ``BATCH_CHARS`` characters of text."""
+    batch: list[Record] = []
     total = 0
-    for item in items:
-        batch.append(item)
-        total += size(item)
+    for record in records:
+        batch.append(record)
+        total += len(record.text) if record.text else 0
         if total >= BATCH_CHARS:
             yield batch
             batch, total = [], 0
@@ -216,44 +200,42 @@ class _Tokenized:
 
 def _jobs(
     cfg: PackConfig, sources: list[InputFile], state: Pass1State, progress: Progress
-) -> Iterator[tuple[tuple[int, list[Record] | JsonlLines, bool], Job]]:
-    """``((source index, records, last batch of the source?), job)`` from the journal's position on.
+) -> Iterator[tuple[tuple[int, BatchRecords | JsonlChunk, bool], Job]]:
+    """``((source index, its records, last batch of the source?), job)`` from the journal's position on.
 
-    JSONL inputs go to the engine undecoded (:class:`JsonlLines`: its workers decode them, and the engine
-    fills in the records); other inputs as records read here, and their texts.
+    JSONL inputs go to the engine as chunks of whole lines (:class:`JsonlChunk`: its workers decode them,
+    and the engine fills in their records); other inputs as records read here, and their texts.
     """
     for index in range(state.source_index, len(sources)):
         source = sources[index]
         skip = state.records_done if index == state.source_index else 0
-        batches: Iterator[list[Record] | JsonlLines]
-        if source.format == "jsonl":  # one undecoded line per record, so skipping lines skips records
-            lines = read_jsonl_lines(source, lambda n: progress.advance(n))
+        batches: Iterator[BatchRecords | JsonlChunk]
+        if source.format == "jsonl":
+            chunks = read_jsonl_chunks(source, progress.advance, size=BATCH_CHARS, skip=skip)
             name = str(source.path)
-            line_batches = _batches(islice(lines, skip, None), size=lambda line: len(line[1]))
-            batches = (JsonlLines(name, cfg.text_field, b) for b in line_batches)
+            batches = (JsonlChunk(name, cfg.text_field, cfg.val_fraction, *chunk) for chunk in chunks)
+            jobs = ((chunk, chunk) for chunk in batches)
         else:
             records = read_records(source, cfg.text_field, lambda n: progress.advance(n))
-            batches = _batches(islice(records, skip, None))
-        batch = None
-        for upcoming in batches:
-            if batch is not None:
-                yield (index, batch, False), _job(batch)
-            batch = upcoming
-        batch = batch if batch is not None else []
-        yield (index, batch, True), _job(batch)
+            jobs = (
+                (summarize(batch, cfg.val_fraction), [r.text for r in batch if r.text is not None])
+                for batch in _batches(islice(records, skip, None))
+            )
+        done = None
+        for upcoming in jobs:
+            if done is not None:
+                yield (index, done[0], False), done[1]
+            done = upcoming
+        if done is None:
+            done = (summarize([], cfg.val_fraction), [])
+        yield (index, done[0], True), done[1]
 
 
-def _job(batch: list[Record] | JsonlLines) -> Job:
-    return batch if isinstance(batch, JsonlLines) else [r.text for r in batch if r.text is not None]
-
-
-def _count_problems(cfg: PackConfig, batch: list[Record], counts: dict[str, int]) -> None:
+def _count_problems(cfg: PackConfig, records: BatchRecords, counts: dict[str, int]) -> None:
     """Count the records without text, or stop at the first invalid one unless --skip-invalid."""
     skip_key = {EMPTY: "skipped_empty", MISSING_FIELD: "skipped_missing_field"}
-    counts["docs_in"] += len(batch)
-    for record in batch:
-        if record.problem is None:
-            continue
+    counts["docs_in"] += records.num_records
+    for _, record in records.problems:
         if record.problem != EMPTY and not cfg.skip_invalid:
             raise InputError(
                 f"{record.where}: {record.detail or record.problem}. Fix the record, or pass"
@@ -265,7 +247,7 @@ def _count_problems(cfg: PackConfig, batch: list[Record], counts: dict[str, int]
 def batch_streams(
     cfg: PackConfig,
     tok: LoadedTokenizer,
-    batch: list[Record],
+    records: BatchRecords,
     encoded: EncodedBatch,
     first_id: int,
     counts: dict[str, int],
@@ -274,16 +256,13 @@ def batch_streams(
 
     ``first_id`` is the doc id of the batch's first record. Both engines call this, so they agree by construction.
     """
-    _count_problems(cfg, batch, counts)
-    texts = [r.text for r in batch if r.text is not None]
-    text_ids = first_id + np.array([i for i, r in enumerate(batch) if r.text is not None], np.int64)
+    _count_problems(cfg, records, counts)
     streams = build_streams(
         encoded, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=cfg.seq_len, long_docs=cfg.long_docs
     )
     for key, value in streams.counts.items():
         counts[key] += value
-    flags = [is_val(texts[i], cfg.val_fraction) for i in streams.kept.tolist()]
-    return streams, text_ids[streams.kept], np.array(flags, dtype=np.int8)
+    return streams, first_id + records.text_index()[streams.kept], records.is_val[streams.kept]
 
 
 def _tokenize_inputs(
@@ -304,17 +283,17 @@ def _tokenize_inputs(
     progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
     engine = TokenEngine(tok, workers=cfg.workers, notice=progress.message, tables=tables)
     with journal.open_tokens() as out:
-        for (index, batch, last), encoded in engine.map(_jobs(cfg, sources, state, progress)):
-            if isinstance(batch, JsonlLines):
-                assert batch.records is not None, "the engine decodes every JSONL job it tokenizes"
-                batch = batch.records
-            streams, doc_ids, flags = batch_streams(cfg, tok, batch, encoded, state.next_id, counts)
+        for (index, records, last), encoded in engine.map(_jobs(cfg, sources, state, progress)):
+            if isinstance(records, JsonlChunk):
+                assert records.records is not None, "the engine decodes every JSONL chunk it tokenizes"
+                records = records.records
+            streams, doc_ids, flags = batch_streams(cfg, tok, records, encoded, state.next_id, counts)
             state.doc_id.frombytes(doc_ids.tobytes())
             state.doc_len.frombytes(streams.doc_len.tobytes())
             state.is_val.frombytes(flags.tobytes())
             out.write(memoryview(streams.tokens))
-            state.next_id += len(batch)
-            journal.commit_batch(out, len(batch))
+            state.next_id += records.num_records
+            journal.commit_batch(out, records.num_records)
             progress.advance(0, docs=counts["docs_in"], tokens=counts["tokens_packed"])
             if last:
                 info = InputInfo(

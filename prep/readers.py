@@ -9,11 +9,14 @@ dropped silently: every record read becomes a document id.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+import numpy as np
 
 from shared.errors import UserError
 
@@ -44,6 +47,44 @@ class Record:
     where: str
     """`file:line` (or `file:row N`) for messages."""
     detail: str = ""
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """Whether a document belongs to `val`: a function of its content alone, independent of order and runs."""
+    if val_fraction <= 0.0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2.0**64
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecords:
+    """What packing needs of a batch of records once their texts are tokenized: everything but the texts.
+
+    Made where the records are (:func:`summarize`): in the reading process, or in the worker that decoded
+    and tokenized a JSONL chunk, which then sends back this instead of every text.
+    """
+
+    num_records: int
+    problems: tuple[tuple[int, Record], ...]
+    """``(index in the batch, record)`` of each record without text, in order."""
+    is_val: np.ndarray
+    """int8, for each record with text in order: 1 if it belongs to the `val` split."""
+
+    def text_index(self) -> np.ndarray:
+        """int64, index in the batch of each record with text (the texts the tokenizer saw, in order)."""
+        return np.delete(np.arange(self.num_records, dtype=np.int64), [i for i, _ in self.problems])
+
+
+def summarize(records: list[Record], val_fraction: float) -> BatchRecords:
+    """The :class:`BatchRecords` of ``records``."""
+    texts = [r.text for r in records if r.text is not None]
+    flags = [is_val(t, val_fraction) for t in texts] if val_fraction > 0 else [False] * len(texts)
+    return BatchRecords(
+        num_records=len(records),
+        problems=tuple((i, r) for i, r in enumerate(records) if r.text is None),
+        is_val=np.array(flags, dtype=np.int8),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,10 +172,12 @@ def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], N
     yield from _named_errors(source, readers[source.format](source.path, text_field, on_bytes))
 
 
-def read_jsonl_lines(source: InputFile, on_bytes: Callable[[int], None]) -> Iterator[tuple[int, bytes]]:
-    """:func:`jsonl_lines` of a ``jsonl`` input, its read errors reported as :func:`read_records` does."""
+def read_jsonl_chunks(
+    source: InputFile, on_bytes: Callable[[int], None], *, size: int, skip: int = 0
+) -> Iterator[tuple[int, bytes]]:
+    """:func:`jsonl_chunks` of a ``jsonl`` input, its read errors reported as :func:`read_records` does."""
     assert source.format == "jsonl", source
-    yield from _named_errors(source, jsonl_lines(source.path, on_bytes))
+    yield from _named_errors(source, jsonl_chunks(source.path, on_bytes, size=size, skip=skip))
 
 
 def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
@@ -193,29 +236,53 @@ def _text_record(text: str, where: str) -> Record:
     return Record(text, None, where)
 
 
-PROGRESS_BYTES = 1 << 20
-"""Line-based readers report bytes read in steps of about this much (a progress bar update costs ~5 us)."""
+BOM = b"\xef\xbb\xbf"
+"""A UTF-8 byte-order mark: not part of a file's first record."""
 
 
-def jsonl_lines(path: Path, on_bytes: Callable[[int], None]) -> Iterator[tuple[int, bytes]]:
-    """``(line number, bytes)`` of every record of a JSONL file, undecoded: its lines that are not blank.
+def jsonl_chunks(
+    path: Path, on_bytes: Callable[[int], None], *, size: int = 4 << 20, skip: int = 0
+) -> Iterator[tuple[int, bytes]]:
+    """``(number of its first line, bytes)`` of whole lines of a JSONL file, about ``size`` bytes at a time.
 
-    What :func:`jsonl_record` turns into records, one each, wherever that runs (``prep pack`` decodes in
-    the worker processes that tokenize, so that reading stays cheap for the process that feeds them).
+    :func:`jsonl_chunk_lines` splits a chunk into records and :func:`jsonl_record` decodes each one,
+    wherever that runs: ``prep pack`` hands the chunks to the worker processes that tokenize them, so
+    that the one process reading the input does no work per record. ``skip`` records (lines that are
+    not blank) are passed over first, to resume after them.
     """
-    unreported = 0
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            unreported += len(raw)
-            if unreported >= PROGRESS_BYTES:
-                on_bytes(unreported)
-                unreported = 0
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first record
-            if raw.strip():  # blank lines are not records
-                yield line_no, raw
-    if unreported:
-        on_bytes(unreported)
+        line_no = 1
+        while skip:  # resuming: the records already done, line by line (a rare, one-off cost)
+            raw = f.readline()
+            if not raw:
+                break
+            on_bytes(len(raw))
+            skip -= bool((raw[3:] if line_no == 1 and raw.startswith(BOM) else raw).strip())
+            line_no += raw.endswith(b"\n")
+        pieces: list[bytes] = []  # a line longer than `size` arrives in several reads
+        while data := f.read(size):
+            end = data.rfind(b"\n") + 1
+            if not end:
+                pieces.append(data)
+                continue
+            chunk = b"".join([*pieces, data[:end]])
+            pieces = [data[end:]] if end < len(data) else []
+            on_bytes(len(chunk))
+            yield line_no, chunk
+            line_no += chunk.count(b"\n")
+        if pieces:
+            chunk = b"".join(pieces)
+            on_bytes(len(chunk))
+            yield line_no, chunk
+
+
+def jsonl_chunk_lines(first_line: int, chunk: bytes) -> Iterator[tuple[int, bytes]]:
+    """``(line number, bytes)`` of every record in a chunk of :func:`jsonl_chunks`: its lines that are not blank."""
+    if first_line == 1 and chunk.startswith(BOM):
+        chunk = chunk[len(BOM) :]
+    for line_no, raw in enumerate(chunk.split(b"\n"), start=first_line):
+        if raw.strip():
+            yield line_no, raw
 
 
 _decode_json = json.JSONDecoder().decode
@@ -244,8 +311,9 @@ def jsonl_record(path: str, line_no: int, raw: bytes, text_field: str) -> Record
 
 def _read_jsonl(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
     name = str(path)
-    for line_no, raw in jsonl_lines(path, on_bytes):
-        yield jsonl_record(name, line_no, raw, text_field)
+    for first_line, chunk in jsonl_chunks(path, on_bytes):
+        for line_no, raw in jsonl_chunk_lines(first_line, chunk):
+            yield jsonl_record(name, line_no, raw, text_field)
 
 
 def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:

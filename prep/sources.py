@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from prep.pipeline import is_val
-from prep.readers import expand_inputs, read_records
+from prep.readers import expand_inputs, is_val, read_records
 from prep.tokenizer import LoadedTokenizer
 from shared.checks import RowCheckError, SplitSegments
 from shared.manifest import Manifest

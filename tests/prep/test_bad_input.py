@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from prep.cli import app
-from prep.readers import InputFile, read_records
+from prep.readers import InputFile, jsonl_chunk_lines, jsonl_chunks, read_records
 from shared.manifest import Manifest
 
 GOOD = json.dumps({"text": "A small trader reported higher cocoa arrivals this week."})
@@ -273,17 +273,41 @@ def test_bad_parquet_and_json_array_files(sample, tmp_path):
     assert (docs.docs_in, docs.packed, docs.skipped_missing_field) == (3, 2, 1)
 
 
-def test_jsonl_progress_counts_every_byte_in_few_updates(tmp_path, monkeypatch):
-    import prep.readers as readers
-
-    monkeypatch.setattr(readers, "PROGRESS_BYTES", 1000)
+def test_jsonl_progress_counts_every_byte_in_few_updates(tmp_path):
     path = tmp_path / "many.jsonl"
     lines = [json.dumps({"text": f"document {i} " + "x" * (i % 50)}) for i in range(500)]
     path.write_text(
         "\n".join(lines[:250]) + "\n\n" + "\n".join(lines[250:]), encoding="utf-8"
     )  # a blank line
     reported: list[int] = []
-    records = list(read_records(InputFile(path, "jsonl"), "text", reported.append))
-    assert len(records) == 500
+    chunks = list(jsonl_chunks(path, reported.append, size=1000))
+    assert sum(len(list(jsonl_chunk_lines(*c))) for c in chunks) == 500
     assert sum(reported) == path.stat().st_size  # blank lines and the unterminated last line included
-    assert len(reported) <= path.stat().st_size // 1000 + 1  # one update per ~1000 bytes, not one per line
+    assert len(reported) <= 2 * (
+        path.stat().st_size // 1000 + 1
+    )  # one per chunk of ~1000 bytes, not per line
+
+
+# A BOM, CRLF, blank and whitespace-only lines, a line longer than a chunk, no newline at the end.
+AWKWARD = (
+    b"\xef\xbb\xbf"
+    + b'{"text": "first"}\r\n\n   \n{"text": "second"}\n'
+    + b'{"text": "'
+    + b"long " * 60
+    + b'"}\n\t\n{"text": "\xc3\xa9t\xc3\xa9"}\nnot json\n{"text": "last"}'
+)
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 1 << 20])
+@pytest.mark.parametrize("skip", [0, 1, 3, 9])
+@pytest.mark.parametrize("head", [b"", b"\n"], ids=["bom-record", "bom-blank"])
+def test_jsonl_chunks_hold_every_record_once_with_its_line_number(tmp_path, size, skip, head):
+    data = AWKWARD[:3] + head + AWKWARD[3:]
+    path = tmp_path / "awkward.jsonl"
+    path.write_bytes(data)
+    want = [(n, raw) for n, raw in enumerate(data[3:].split(b"\n"), start=1) if raw.strip()][skip:]
+    reported: list[int] = []
+    chunks = list(jsonl_chunks(path, reported.append, size=size, skip=skip))
+    assert [line for c in chunks for line in jsonl_chunk_lines(*c)] == want
+    assert all(chunk.endswith(b"\n") for _, chunk in chunks[:-1])  # whole lines only
+    assert sum(reported) == len(data) and len(want) == max(0, 6 - skip)

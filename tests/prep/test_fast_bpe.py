@@ -20,7 +20,7 @@ import prep.engine as engine_module
 from prep.engine import (
     FAST,
     REFERENCE,
-    JsonlLines,
+    JsonlChunk,
     TokenEngine,
     first_mismatch,
     prefetch_tables,
@@ -35,7 +35,7 @@ from prep.fast_bpe import (
     derive_tables,
     fast_pattern,
 )
-from prep.readers import InputFile, Record, read_jsonl_lines, read_records
+from prep.readers import InputFile, Record, read_jsonl_chunks, read_records, summarize
 from prep.tokenizer import load_tokenizer
 
 TRICKY = [
@@ -367,8 +367,9 @@ def test_no_prefetch_where_it_cannot_help(sample_tok, tmp_path, monkeypatch):
     assert prefetch_tables(sample_tok, workers=2) is None
 
 
-def _jsonl_jobs(sample, tmp_path) -> tuple[list[JsonlLines], list[list[Record]]]:
-    """The sample corpus plus lines of every kind a record can be, as JSONL jobs and as read_records reads them."""
+def _jsonl_jobs(sample, tmp_path) -> tuple[list[JsonlChunk], list[list[Record]]]:
+    """The sample corpus plus lines of every kind a record can be, as JSONL chunks and as read_records reads
+    them (in the same batches: the records of each chunk)."""
     corpus, _ = sample
     extra = [
         b"not json",
@@ -383,21 +384,31 @@ def _jsonl_jobs(sample, tmp_path) -> tuple[list[JsonlLines], list[list[Record]]]
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"\n".join(corpus.read_bytes().splitlines()[:120] + extra) + b"\n")
     source = InputFile(path, "jsonl")
-    lines = list(read_jsonl_lines(source, lambda n: None))
-    jobs = [JsonlLines(str(path), "text", lines[i : i + 40]) for i in range(0, len(lines), 40)]
-    records = list(read_records(source, "text", lambda n: None))
-    return jobs, [records[i : i + 40] for i in range(0, len(records), 40)]
+    chunks = read_jsonl_chunks(source, lambda n: None, size=path.stat().st_size // 4)
+    jobs = [JsonlChunk(str(path), "text", 0.3, *chunk) for chunk in chunks]
+    records = iter(read_records(source, "text", lambda n: None))
+    batches = [list(islice(records, len(job.decode()))) for job in jobs]
+    assert len(jobs) >= 4 and next(records, None) is None
+    return jobs, batches
+
+
+def _assert_records(got, records: list[Record]) -> None:
+    """``got`` (BatchRecords) is what summarize makes of ``records``."""
+    want = summarize(records, 0.3)
+    assert (got.num_records, got.problems) == (want.num_records, want.problems)
+    np.testing.assert_array_equal(got.is_val, want.is_val)
+    assert 0 < want.is_val.sum() < len(want.is_val) or len(want.is_val) < 10
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_jsonl_jobs_decode_as_read_records_and_encode_as_texts(sample, sample_tok, tmp_path, workers):
+def test_jsonl_chunks_decode_as_read_records_and_encode_as_texts(sample, sample_tok, tmp_path, workers):
     tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
     jobs, want = _jsonl_jobs(sample, tmp_path)
     engine = TokenEngine(tok, workers=workers)
     out = list(engine.map((i, job) for i, job in enumerate(jobs)))
     assert [i for i, _ in out] == list(range(len(jobs))) and engine.name == FAST
     for (i, got), records in zip(out, want, strict=True):
-        assert jobs[i].records == records  # decoded by the worker, rebuilt here: every field equal
+        _assert_records(jobs[i].records, records)  # made in the worker from what it decoded
         texts = [r.text for r in records if r.text is not None]
         np.testing.assert_array_equal(got.ids, reference_encode(tok.tokenizer, texts).ids)
         np.testing.assert_array_equal(got.lengths, reference_encode(tok.tokenizer, texts).lengths)
@@ -405,8 +416,8 @@ def test_jsonl_jobs_decode_as_read_records_and_encode_as_texts(sample, sample_to
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_jsonl_jobs_with_the_reference_engine(sample, sample_tok, tmp_path, workers, monkeypatch):
-    """Forced reference, and a fall-back mid-run: either way this process decodes what no worker did."""
+def test_jsonl_chunks_with_the_reference_engine(sample, sample_tok, tmp_path, workers, monkeypatch):
+    """Forced reference, and a fall-back mid-run: either way this process decodes the chunks again."""
     jobs, want = _jsonl_jobs(sample, tmp_path)
     original = FastBPE.encode_batch
     monkeypatch.setattr(
@@ -420,13 +431,13 @@ def test_jsonl_jobs_with_the_reference_engine(sample, sample_tok, tmp_path, work
             monkeypatch.setenv("PREP_ENGINE", REFERENCE)
         else:
             monkeypatch.delenv("PREP_ENGINE")
-        fresh = [JsonlLines(j.path, j.text_field, j.lines) for j in jobs]
+        fresh = [JsonlChunk(j.path, j.text_field, j.val_fraction, j.first_line, j.data) for j in jobs]
         notes = _Notes()
         engine = TokenEngine(tok, workers=workers, notice=notes)
         out = list(engine.map((i, job) for i, job in enumerate(fresh)))
         assert engine.name == REFERENCE and len(notes.lines) == (0 if forced else 1)
         for (i, got), records in zip(out, want, strict=True):
-            assert fresh[i].records == records
+            _assert_records(fresh[i].records, records)
             texts = [r.text for r in records if r.text is not None]
             np.testing.assert_array_equal(got.ids, reference_encode(tok.tokenizer, texts).ids)
 

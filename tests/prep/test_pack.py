@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from prep.cli import app
-from prep.pipeline import PackConfig, is_val, pack
+from prep.pipeline import PackConfig, pack
+from prep.readers import is_val
 from prep.tokenizer import load_tokenizer
 from shared.contract import SHARD_SCHEMA
 from shared.reader import PackedDataset
