@@ -75,6 +75,12 @@ def _assert_same(fast: FastBPE, reference: Tokenizer, texts: list[str]) -> None:
     np.testing.assert_array_equal(got.ids, want.ids)
 
 
+@pytest.fixture(autouse=True)
+def no_engine_kept(monkeypatch):
+    """Each test builds its own engine: none kept from an earlier test (see test_the_last_engine_is_kept)."""
+    monkeypatch.setattr(engine_module, "_last_built", None)
+
+
 @pytest.fixture(scope="module")
 def sample_tok(sample) -> Path:
     """The sample tokenizer plus a non-special added token, as Qwen has (``<tool_call>``)."""
@@ -358,6 +364,18 @@ def test_prefetch_child_killed_means_tables_derived_here(sample_tok, monkeypatch
     engine = TokenEngine(load_tokenizer(sample_tok, eos_token="<|endoftext|>"), tables=pending)
     assert pending._outcome == ("failed", None) and engine.name == FAST
     _assert_same(engine.fast, _reference(sample_tok), TRICKY)
+
+
+def test_the_last_engine_is_kept_for_the_same_tokenizer_only(sample_tok, tmp_path):
+    tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
+    first = TokenEngine(tok, tables=prefetch_tables(sample_tok, workers=2))
+    assert prefetch_tables(sample_tok, workers=2) is None  # nothing to derive: it is built
+    assert TokenEngine(tok).fast is first.fast
+    edited = _edited(sample_tok, tmp_path, lambda s: s["model"]["merges"].pop())
+    other = TokenEngine(load_tokenizer(edited, eos_token="<|endoftext|>"))
+    assert other.fast is not first.fast and other.name == FAST
+    assert TokenEngine(tok).fast is not first.fast  # one engine kept: the last one built
+    _assert_same(other.fast, _reference(edited), TRICKY)
 
 
 def test_no_prefetch_where_it_cannot_help(sample_tok, tmp_path, monkeypatch):
