@@ -4,9 +4,10 @@
 int32 array plus per-document lengths), in input order. Two engines can do the work:
 
 - ``tiktoken``: :class:`prep.fast_bpe.FastBPE`, rebuilt from the same ``tokenizer.json``, run in a pool of
-  forked worker processes (the parent builds it once; children inherit it). Each job also re-encodes a
-  sample of its batch with `tokenizers` (the first documents, about ``CHECK_FRACTION`` of the batch's
-  characters, plus every document holding a non-special added token) and reports the first difference.
+  forked worker processes (the parent builds it once; children inherit it). Each job also picks a sample
+  of its batch (the first documents, about ``CHECK_FRACTION`` of the batch's characters, plus every
+  document holding a non-special added token), which `tokenizers` re-encodes before the batch is
+  accepted: in a :class:`ReferenceProcess` during `prep pack`, else in this process.
 - ``tokenizers``: ``encode_batch_fast`` in this process (its own Rust thread pool), the reference.
 
 A job is a batch of texts, or a chunk of whole JSONL lines (:class:`JsonlChunk`), which the worker that
@@ -16,12 +17,13 @@ one process reads the input for every worker, so it does no work per record.
 The first difference, or a tokenizer the fast engine does not support, switches the run to `tokenizers`
 for good, with a one-line notice; a batch whose sample differed is re-encoded by `tokenizers`, so every
 checked id is exactly what `tokenizers` gives. ``PREP_ENGINE=tokenizers`` in the environment forces the
-reference engine (to rule the fast one out when debugging, and for the benchmarks' side-by-side runs). Jobs in flight are bounded (two per worker), so memory is
-a few batches whatever the corpus size.
+reference engine (to rule the fast one out when debugging, and for the benchmarks' side-by-side runs).
+Jobs in flight are bounded (two per worker), so memory is a few batches whatever the corpus size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import multiprocessing
@@ -39,9 +41,9 @@ from typing import TypeVar
 import numpy as np
 from tokenizers import Tokenizer
 
-from prep.fast_bpe import EncodedBatch, FastBPE, Tables, Unsupported, derive_tables
+from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported
 from prep.readers import BatchRecords, Record, jsonl_chunk_lines, jsonl_record, summarize
-from prep.tokenizer import LoadedTokenizer, TokenizerError, resolve_tokenizer_file
+from prep.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer, resolve_tokenizer_file
 from shared.fileio import sha256_file
 
 CHECK_FRACTION = 0.01
@@ -56,8 +58,8 @@ ENGINE_ENV = "PREP_ENGINE"
 T = TypeVar("T")
 _PR_SET_PDEATHSIG = 1
 
-# Set in the parent before the pool forks, so that workers inherit the engines without rebuilding them.
-_WORKER: tuple[FastBPE, Tokenizer] | None = None
+# Set in the parent before the pool forks, so that workers inherit the engine without rebuilding it.
+_WORKER: FastBPE | None = None
 
 
 def reference_encode(tokenizer: Tokenizer, texts: list[str]) -> EncodedBatch:
@@ -90,25 +92,38 @@ def _check_indices(fast: FastBPE, texts: list[str], added_docs: list[int] | None
     return picked + risky[:MAX_ADDED_TOKEN_CHECKS]
 
 
-def first_mismatch(
-    fast: FastBPE,
-    reference: Tokenizer,
-    texts: list[str],
-    got: EncodedBatch,
-    added_docs: list[int] | None = None,
-) -> str | None:
-    """``None`` when the checked documents' ids equal `tokenizers`'; otherwise what differed, for the notice.
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """The documents of a batch whose ids are compared with `tokenizers`' (see :func:`_check_indices`)."""
 
-    ``added_docs``: the documents holding an added token, as :meth:`FastBPE.encode_batch` reported them.
+    index: list[int]
+    """Each document's index in its batch."""
+    texts: list[str]
+
+    def ids(self, got: EncodedBatch) -> list[np.ndarray]:
+        """The fast engine's ids of each sampled document, from the batch's ``got``."""
+        starts = np.concatenate([[0], np.cumsum(got.lengths)])
+        return [got.ids[starts[i] : starts[i + 1]] for i in self.index]
+
+
+def check_sample(fast: FastBPE, texts: list[str], added_docs: list[int] | None = None) -> Sample:
+    """The :class:`Sample` of a batch; ``added_docs`` as :meth:`FastBPE.encode_batch` reported them."""
+    index = _check_indices(fast, texts, added_docs)
+    return Sample(index, [texts[i] for i in index])
+
+
+def first_difference(
+    reference: Tokenizer, texts: list[str], ids: list[np.ndarray], index: list[int]
+) -> str | None:
+    """``None`` when `tokenizers` gives each of ``texts`` its ``ids``; otherwise what differed, for the notice.
+
+    ``index``: each text's index in its batch, which the message names.
     """
-    picked = _check_indices(fast, texts, added_docs)
-    want = reference_encode(reference, [texts[i] for i in picked])
-    starts = np.concatenate([[0], np.cumsum(got.lengths)])
+    want = reference_encode(reference, texts)
     offset = 0
-    for k, i in enumerate(picked):
+    for k, (i, actual) in enumerate(zip(index, ids, strict=True)):
         expected = want.ids[offset : offset + want.lengths[k]]
         offset += int(want.lengths[k])
-        actual = got.ids[starts[i] : starts[i + 1]]
         if not np.array_equal(expected, actual):
             n = min(len(expected), len(actual))
             pos = (
@@ -120,6 +135,18 @@ def first_mismatch(
                 f"document {i} of the batch differs at token {pos} ({len(actual)} vs {len(expected)} tokens)"
             )
     return None
+
+
+def first_mismatch(
+    fast: FastBPE,
+    reference: Tokenizer,
+    texts: list[str],
+    got: EncodedBatch,
+    added_docs: list[int] | None = None,
+) -> str | None:
+    """:func:`first_difference` of a batch's :class:`Sample`, in this process."""
+    sample = check_sample(fast, texts, added_docs)
+    return first_difference(reference, sample.texts, sample.ids(got), sample.index)
 
 
 def _worker_init() -> None:
@@ -171,95 +198,106 @@ Job = list[str] | JsonlChunk
 """What :meth:`TokenEngine.map` tokenizes: texts, or JSONL lines to decode first."""
 
 
-def _fast_job(job: Job) -> tuple[EncodedBatch, str | None, BatchRecords | None]:
-    """Ids, the first difference from the reference in the checked sample, and a JSONL chunk's records.
+def _fast_job(job: Job) -> tuple[EncodedBatch, Sample, BatchRecords | None]:
+    """Ids, the sample to check against `tokenizers`, and a JSONL chunk's records.
 
     The records travel back as :class:`BatchRecords`: their texts are of no more use to the parent.
     """
     assert _WORKER is not None, "worker forked without the engine"
-    fast, reference = _WORKER
     texts = job.texts() if isinstance(job, JsonlChunk) else job
     added_docs: list[int] = []
-    got = fast.encode_batch(texts, added_docs)
+    got = _WORKER.encode_batch(texts, added_docs)
     records = job.records if isinstance(job, JsonlChunk) else None
-    return got, first_mismatch(fast, reference, texts, got, added_docs), records
+    return got, check_sample(_WORKER, texts, added_docs), records
 
 
-def _derive_in_child(path: Path, conn: Connection) -> None:
+def _serve_reference(tokenizer: str, eos_token: str | None, bos_token: str | None, conn: Connection) -> None:
+    """The body of :class:`ReferenceProcess`: load the tokenizer, send its info, then answer checks."""
     # A collection would write to the header of every object inherited from the parent, copying each
-    # page (140 MB measured); this short-lived child makes no cycles worth collecting.
+    # page; this process makes no cycles worth collecting.
     gc.disable()
     _worker_init()
     try:
-        conn.send(("ok", derive_tables(path)))
-    except Unsupported as e:
-        conn.send(("unsupported", str(e)))
-    except Exception:  # the parent derives the tables itself and meets the same error there
-        conn.send(("failed", None))
+        try:
+            tok = load_tokenizer(tokenizer, eos_token=eos_token, bos_token=bos_token)
+        except TokenizerError as e:
+            conn.send(("error", e))
+            return
+        except Exception:  # the parent loads the tokenizer itself and meets the same error there
+            conn.send(("failed", None))
+            return
+        conn.send(("ok", tok.info))
+        reference = tok.tokenizer
+        while (request := conn.recv()) is not None:
+            conn.send(first_difference(reference, *request))
+    except (EOFError, OSError):
+        pass  # the parent is gone
     finally:
         conn.close()
 
 
-class PendingTables:
-    """The fast engine's tables (:func:`derive_tables`), derived in a forked process meanwhile.
+class ReferenceProcess:
+    """`tokenizers` in a forked process: it loads the tokenizer, resolves its info, then checks samples.
 
-    Deriving them (parsing tokenizer.json, 150k merges to ranks: ~0.8 s) and loading the reference
-    `tokenizers` model (~0.7-1 s) used to run one after the other on one core before the first batch;
-    `prep pack` now starts this process, loads the reference, then calls :meth:`collect`. The child only
-    runs Python on data it already holds (no imports, no threads), and sends the tables back pickled.
+    Loading the reference model (~0.8 s for Qwen2.5) and building the fast engine (~0.9 s) used to take
+    turns before the first batch. `prep pack` now starts this process first and builds the fast engine
+    meanwhile; this process then answers every batch's check, so the packing process never loads the
+    reference model unless the run falls back to it.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._outcome: tuple[str, object] | None = None
+    def __init__(self, tokenizer: str | Path, eos_token: str | None, bos_token: str | None) -> None:
+        self._args = (str(tokenizer), eos_token, bos_token)
         context = multiprocessing.get_context("fork")
-        self._conn, child_end = context.Pipe(duplex=False)
-        self._process = context.Process(target=_derive_in_child, args=(path, child_end), daemon=True)
+        self._conn, child_end = context.Pipe()
+        self._process: multiprocessing.process.BaseProcess | None = context.Process(
+            target=_serve_reference, args=(*self._args, child_end), daemon=True
+        )
         self._process.start()
         child_end.close()
 
-    def collect(self) -> None:
-        """Receive the child's outcome and reap it (it cannot finish before the parent reads: the pipe)."""
-        if self._outcome is not None:
-            return
+    def loaded(self) -> LoadedTokenizer:
+        """The tokenizer as :func:`load_tokenizer` gives it, its model not loaded here; raises what that raises."""
         try:
-            self._outcome = self._conn.recv()
-        except (EOFError, OSError):  # the child died (killed, out of memory): derive here instead
-            self._outcome = ("failed", None)
-        finally:
-            self._conn.close()
-            self._process.join()
-
-    def result(self) -> Tables:
-        """The tables; :class:`Unsupported` as the child met it; derived here if the child failed."""
-        self.collect()
-        assert self._outcome is not None
-        status, value = self._outcome
+            status, value = self._conn.recv()
+        except (EOFError, OSError):  # the process died (killed, out of memory)
+            status, value = "failed", None
         if status == "ok":
-            return value  # type: ignore[return-value]
-        if status == "unsupported":
-            raise Unsupported(value)
-        return derive_tables(self.path)
+            return LoadedTokenizer(value)
+        self.close()
+        if status == "error":
+            raise value
+        path, eos_token, bos_token = self._args
+        return load_tokenizer(path, eos_token=eos_token, bos_token=bos_token)
+
+    def first_difference(self, sample: Sample, got: EncodedBatch) -> str | None:
+        """:func:`first_difference` of ``sample``, computed there; EOFError or OSError if the process died."""
+        if self._process is None:
+            raise EOFError("the reference process is closed")
+        self._conn.send((sample.texts, sample.ids(got), sample.index))
+        return self._conn.recv()
+
+    def close(self) -> None:
+        if self._process is None:
+            return
+        with contextlib.suppress(OSError):  # it died already
+            self._conn.send(None)
+        self._conn.close()
+        self._process.join()
+        self._process = None
 
 
-def prefetch_tables(tokenizer: str | Path, workers: int | None = None) -> PendingTables | None:
-    """Start deriving the fast engine's tables on another core; ``None`` where that would not help.
+def start_reference(
+    tokenizer: str | Path, *, eos_token: str | None, bos_token: str | None, workers: int | None
+) -> ReferenceProcess | None:
+    """A :class:`ReferenceProcess` for a pack, or ``None`` where it cannot help.
 
-    Not when the reference engine is forced, on one worker (the user asked for one core), without fork,
-    for a path that does not resolve (loading the tokenizer reports that), or when this process has
-    the engine of that tokenizer built already.
+    Not when the reference engine is forced, on one worker (the user asked for one core), or without fork.
     """
     if os.environ.get(ENGINE_ENV) == REFERENCE or (workers or os.cpu_count() or 1) < 2:
         return None
     if "fork" not in multiprocessing.get_all_start_methods():
         return None
-    try:
-        path = resolve_tokenizer_file(tokenizer)
-    except TokenizerError:
-        return None
-    if _last_built is not None and path.is_file() and _last_built[0] == sha256_file(path):
-        return None
-    return PendingTables(path)
+    return ReferenceProcess(tokenizer, eos_token, bos_token)
 
 
 _last_built: tuple[str, FastBPE] | None = None
@@ -271,14 +309,21 @@ One engine at most: about 100 MB.
 """
 
 
-def _fast_engine(path: Path, sha256: str, tables: PendingTables | None) -> FastBPE:
-    """The fast engine of the tokenizer ``path`` (whose sha256 is given): the last one built, or a new one."""
+def build_fast(tokenizer: str | Path, sha256: str | None = None) -> FastBPE | Exception:
+    """The fast engine of ``tokenizer`` (the one built last, for the same file), or why there is none.
+
+    The reason is returned, not raised: :class:`TokenEngine` turns :class:`Unsupported` and a missing
+    tiktoken into a notice, and a file `tokenizers` cannot load either fails there with its own message.
+    """
     global _last_built
-    if _last_built is not None and _last_built[0] == sha256:
+    try:
+        path = resolve_tokenizer_file(tokenizer)
+        sha256 = sha256 or sha256_file(path)
+        if _last_built is None or _last_built[0] != sha256:
+            _last_built = (sha256, FastBPE(path))
         return _last_built[1]
-    fast = FastBPE(path, tables.result() if tables is not None and tables.path == path else None)
-    _last_built = (sha256, fast)
-    return fast
+    except Exception as e:
+        return e
 
 
 class TokenEngine:
@@ -291,8 +336,11 @@ class TokenEngine:
         workers: int | None = None,
         use_fast: bool = True,
         notice: Callable[[str], None] = lambda text: None,
-        tables: PendingTables | None = None,
+        fast: FastBPE | Exception | None = None,
+        reference: ReferenceProcess | None = None,
     ) -> None:
+        """``fast``: what :func:`build_fast` gave (built here if not given); ``reference``: where to check
+        samples (this process if not given). The engine closes ``reference`` when it closes."""
         self.tok = tok
         self.workers = workers or os.cpu_count() or 1
         self.notice = notice
@@ -300,21 +348,22 @@ class TokenEngine:
         self.fast: FastBPE | None = None
         self.num_checked_batches = 0
         self._pool: ProcessPoolExecutor | None = None
-        if tables is not None:
-            tables.collect()  # never leave the child waiting on its pipe, whatever happens below
+        self._reference_process = reference
         if not use_fast or os.environ.get(ENGINE_ENV) == REFERENCE:
             return
-        try:
-            self.fast = _fast_engine(resolve_tokenizer_file(tok.info.path), tok.info.sha256, tables)
-        except Unsupported as e:
-            notice(f"tokenizing with `tokenizers` (the fast engine does not support this tokenizer: {e})")
+        fast = build_fast(tok.info.path, tok.info.sha256) if fast is None else fast
+        if isinstance(fast, Unsupported):
+            notice(f"tokenizing with `tokenizers` (the fast engine does not support this tokenizer: {fast})")
             return
-        except ImportError:
+        if isinstance(fast, ImportError):
             notice(
                 "tokenizing with `tokenizers`: the fast engine needs tiktoken"
                 " (`pip install 'packed-shards[fast]'`, or `pip install tiktoken`)"
             )
             return
+        if isinstance(fast, Exception):  # the reference loaded this tokenizer, so this is a bug here
+            raise fast
+        self.fast = fast
         self.name = FAST
 
     def __enter__(self) -> TokenEngine:
@@ -327,6 +376,9 @@ class TokenEngine:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._reference_process is not None:
+            self._reference_process.close()
+            self._reference_process = None
 
     def _fall_back(self, reason: str) -> None:
         self.notice(f"tokenizing with `tokenizers` from here on: the fast engine disagreed ({reason})")
@@ -337,7 +389,7 @@ class TokenEngine:
         global _WORKER
         if self.workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
             return None
-        _WORKER = (self.fast, self.tok.tokenizer)
+        _WORKER = self.fast
         context = multiprocessing.get_context("fork")
         return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_init)
 
@@ -349,7 +401,7 @@ class TokenEngine:
         global _WORKER
         if self.name == FAST:
             self._pool = self._start_pool()
-            _WORKER = (self.fast, self.tok.tokenizer)
+            _WORKER = self.fast
         pending: deque[tuple[T, Job, Future | tuple]] = deque()
         try:
             for payload, job in items:
@@ -370,6 +422,16 @@ class TokenEngine:
         while pending:
             yield self._finish(*pending.popleft())
 
+    def _check(self, sample: Sample, got: EncodedBatch) -> str | None:
+        """The first difference between ``got`` and `tokenizers` in ``sample``, wherever the reference runs."""
+        if self._reference_process is not None:
+            try:
+                return self._reference_process.first_difference(sample, got)
+            except (EOFError, OSError):  # it died (killed, out of memory): check in this process from now on
+                self._reference_process.close()
+                self._reference_process = None
+        return first_difference(self.tok.tokenizer, sample.texts, sample.ids(got), sample.index)
+
     def _reference(self, job: Job) -> EncodedBatch:
         """`tokenizers`' ids for a job, decoding a JSONL chunk here (a worker that did kept the texts)."""
         return reference_encode(self.tok.tokenizer, job.texts() if isinstance(job, JsonlChunk) else job)
@@ -377,9 +439,10 @@ class TokenEngine:
     def _finish(self, payload: T, job: Job, done: Future | tuple) -> tuple[T, EncodedBatch]:
         if self.name == REFERENCE:  # submitted before a switch; perhaps cancelled
             return payload, self._reference(job)
-        got, mismatch, records = done.result() if isinstance(done, Future) else done
+        got, sample, records = done.result() if isinstance(done, Future) else done
         if records is not None:  # decoded in a worker
             job.records = records
+        mismatch = self._check(sample, got)
         if mismatch is not None:
             self._fall_back(mismatch)
             return payload, self._reference(job)

@@ -24,7 +24,7 @@ import numpy as np
 
 from prep import __version__
 from prep.card import PLOT_NAME, write_card
-from prep.engine import Job, JsonlChunk, PendingTables, TokenEngine, prefetch_tables
+from prep.engine import Job, JsonlChunk, TokenEngine, build_fast, start_reference
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, Pass1State, input_stats, kill_point
 from prep.packing import STRATEGIES, PackPlan, make_plan
@@ -271,7 +271,7 @@ def _tokenize_inputs(
     sources: list[InputFile],
     journal: Journal,
     progress: Progress,
-    tables: PendingTables | None = None,
+    engine: TokenEngine,
 ) -> _Tokenized:
     """Pass 1: every input record to a token stream on disk (or a counted skip), committed batch by batch.
 
@@ -281,7 +281,6 @@ def _tokenize_inputs(
     state = journal.pass1
     counts = state.counts
     progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
-    engine = TokenEngine(tok, workers=cfg.workers, notice=progress.message, tables=tables)
     with journal.open_tokens() as out:
         for (index, records, last), encoded in engine.map(_jobs(cfg, sources, state, progress)):
             if isinstance(records, JsonlChunk):
@@ -337,13 +336,29 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
         from prep.engine_ray import pack_with_ray  # Ray is an optional extra: import it only when asked for
 
         return pack_with_ray(cfg, progress)
-    # The fast engine's tables are derived on another core while this one loads the reference tokenizer.
-    tables = prefetch_tables(cfg.tokenizer, cfg.workers)
+    reference = start_reference(
+        cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token, workers=cfg.workers
+    )
     try:
-        tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
-    finally:
-        if tables is not None:
-            tables.collect()
+        # The reference process loads `tokenizers` on another core while this one builds the fast engine.
+        fast = build_fast(cfg.tokenizer) if reference is not None else None
+        tok = (
+            reference.loaded()
+            if reference is not None
+            else load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
+        )
+        engine = TokenEngine(
+            tok, workers=cfg.workers, notice=progress.message, fast=fast, reference=reference
+        )
+    except BaseException:
+        if reference is not None:
+            reference.close()
+        raise
+    with engine:
+        return _pack(cfg, tok, engine, progress)
+
+
+def _pack(cfg: PackConfig, tok: LoadedTokenizer, engine: TokenEngine, progress: Progress) -> Manifest:
     sources = expand_inputs(list(cfg.inputs))
     if cfg.workers is not None:
         # The Rust thread pool reads this once, on first use; later calls in the same process keep it.
@@ -358,7 +373,7 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     tokens_path = journal.tokens_path
 
     try:
-        tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress, tables)
+        tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress, engine)
         docs = tokenized.accounting
         require_documents(docs)
     except UserError:

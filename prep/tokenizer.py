@@ -9,7 +9,6 @@ special ids in a packed row are the BOS/EOS that `prep pack` itself places.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +58,24 @@ def _default_eos(tokenizer_file: Path) -> str | None:
 _COMMON_EOS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 
 
-@dataclass(frozen=True, slots=True)
 class LoadedTokenizer:
-    tokenizer: Tokenizer
-    info: TokenizerInfo
+    """A tokenizer's :class:`TokenizerInfo`, and its `tokenizers` model, loaded on first use if not given.
+
+    ``prep pack`` resolves the info in another process (see :class:`prep.engine.ReferenceProcess`) and
+    then seldom needs the model in its own: loading Qwen2.5's takes ~0.8 s.
+    """
+
+    __slots__ = ("info", "_tokenizer")
+
+    def __init__(self, info: TokenizerInfo, tokenizer: Tokenizer | None = None) -> None:
+        self.info = info
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = _load(resolve_tokenizer_file(self.info.path))
+        return self._tokenizer
 
     @property
     def eos_id(self) -> int:
@@ -89,15 +102,7 @@ def load_tokenizer(
     path: str | Path, *, eos_token: str | None = None, bos_token: str | None = None
 ) -> LoadedTokenizer:
     file = resolve_tokenizer_file(path)
-    try:
-        tokenizer = Tokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception for every parse failure
-        raise TokenizerError(
-            f"`{file}` is not a Hugging Face tokenizer.json ({e}). Pass the tokenizer.json of a fast tokenizer."
-        ) from e
-    tokenizer.encode_special_tokens = True
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
+    tokenizer = _load(file)
 
     if eos_token is None:
         eos_token = _default_eos(file) or next(
@@ -122,6 +127,20 @@ def load_tokenizer(
         bos_id=bos_id,
     )
     return LoadedTokenizer(tokenizer=tokenizer, info=info)
+
+
+def _load(file: Path) -> Tokenizer:
+    """The `tokenizers` model of ``file``, set to keep special-token text as text, without padding or truncation."""
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for every parse failure
+        raise TokenizerError(
+            f"`{file}` is not a Hugging Face tokenizer.json ({e}). Pass the tokenizer.json of a fast tokenizer."
+        ) from e
+    tokenizer.encode_special_tokens = True
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 def _token_id(tokenizer: Tokenizer, token: str, flag: str, file: Path) -> int:

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import sys
-import time
 from itertools import islice
 from pathlib import Path
 
@@ -21,10 +20,12 @@ from prep.engine import (
     FAST,
     REFERENCE,
     JsonlChunk,
+    ReferenceProcess,
     TokenEngine,
+    build_fast,
     first_mismatch,
-    prefetch_tables,
     reference_encode,
+    start_reference,
 )
 from prep.fast_bpe import (
     GPT2_PATTERN,
@@ -36,7 +37,7 @@ from prep.fast_bpe import (
     fast_pattern,
 )
 from prep.readers import InputFile, Record, read_jsonl_chunks, read_records, summarize
-from prep.tokenizer import load_tokenizer
+from prep.tokenizer import TokenizerError, load_tokenizer
 
 TRICKY = [
     "",
@@ -332,45 +333,74 @@ def test_cached_tables_give_the_same_engine(sample_tok, tmp_path, monkeypatch):
     assert first.encoding._mergeable_ranks == second.encoding._mergeable_ranks
 
 
-def test_prefetched_tables_equal_tables_derived_here(sample_tok):
-    pending = prefetch_tables(sample_tok, workers=2)
-    assert pending is not None
-    engine = TokenEngine(load_tokenizer(sample_tok, eos_token="<|endoftext|>"), tables=pending)
-    assert engine.name == FAST and not pending._process.is_alive()
-    here = derive_tables(sample_tok)
-    got = pending.result()
-    assert got[:2] == here[:2] and got[2] == here[2] and got[4] == here[4]
-    np.testing.assert_array_equal(got[3], here[3])
+def _reference_process(path: Path, **kw) -> ReferenceProcess:
+    process = start_reference(path, eos_token=kw.get("eos_token", "<|endoftext|>"), bos_token=None, workers=2)
+    assert process is not None
+    return process
 
 
-def test_prefetch_reports_an_unsupported_tokenizer_as_a_notice(sample_tok, tmp_path):
+def test_the_reference_process_loads_the_tokenizer_and_checks_every_batch(sample_tok, monkeypatch):
+    process = _reference_process(sample_tok)
+    tok = process.loaded()
+    assert tok.info == load_tokenizer(sample_tok, eos_token="<|endoftext|>").info
+    engine = TokenEngine(tok, workers=2, fast=build_fast(sample_tok), reference=process)
+    batches = [TRICKY[i : i + 5] for i in range(0, len(TRICKY), 5)]
+    out = list(engine.map(enumerate(batches)))
+    assert engine.name == FAST and engine.num_checked_batches == len(batches)
+    assert tok._tokenizer is None  # this process never loaded the `tokenizers` model
+    for (_, got), texts in zip(out, batches, strict=True):
+        np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), texts).ids)
+    # Negative control: a wrong fast engine is caught by the reference process's check.
+    original = FastBPE.encode_batch
+    monkeypatch.setattr(
+        FastBPE, "encode_batch", lambda self, t, a=None: EncodedBatch(*_shifted(original(self, t, a)))
+    )
+    notes = _Notes()
+    process = _reference_process(sample_tok)
+    engine = TokenEngine(process.loaded(), workers=2, notice=notes, reference=process)
+    [(_, got)] = list(engine.map([(0, TRICKY)]))
+    assert engine.name == REFERENCE and "disagreed (document 1 of the batch" in notes.lines[0]
+    np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), TRICKY).ids)
+
+
+def test_the_reference_process_raises_what_load_tokenizer_raises(sample_tok, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json", encoding="utf-8")
+    cases = [(tmp_path / "missing.json", {}), (broken, {}), (sample_tok, {"eos_token": "<|nope|>"})]
+    for path, kw in cases:
+        with pytest.raises(TokenizerError) as here:
+            load_tokenizer(path, eos_token=kw.get("eos_token", "<|endoftext|>"))
+        assert isinstance(build_fast(path), Exception) or kw
+        with pytest.raises(TokenizerError) as there:
+            _reference_process(path, **kw).loaded()
+        assert str(there.value) == str(here.value)
+
+
+def test_a_killed_reference_process_costs_time_never_a_check(sample_tok):
+    """Negative control: killed before or after loading, the checks still run (in this process)."""
+    process = _reference_process(sample_tok)
+    os.kill(process._process.pid, signal.SIGKILL)
+    assert process.loaded().info == load_tokenizer(sample_tok, eos_token="<|endoftext|>").info
+    process = _reference_process(sample_tok)
+    tok = process.loaded()
+    os.kill(process._process.pid, signal.SIGKILL)
+    engine = TokenEngine(tok, workers=2, reference=process)
+    [(_, got)] = list(engine.map([(0, TRICKY)]))
+    assert engine.name == FAST and engine.num_checked_batches == 1 and tok._tokenizer is not None
+    np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), TRICKY).ids)
+
+
+def test_an_unsupported_tokenizer_is_a_notice(sample_tok, tmp_path):
     path = _edited(sample_tok, tmp_path, lambda s: s.update(normalizer={"type": "Lowercase"}))
     notes = _Notes()
-    pending = prefetch_tables(path, workers=2)
-    engine = TokenEngine(load_tokenizer(path, eos_token="<|endoftext|>"), notice=notes, tables=pending)
+    engine = TokenEngine(load_tokenizer(path, eos_token="<|endoftext|>"), notice=notes, fast=build_fast(path))
     assert engine.name == REFERENCE and "normalizer 'Lowercase'" in notes.lines[0]
-
-
-def test_prefetch_child_killed_means_tables_derived_here(sample_tok, monkeypatch):
-    """Negative control: a child that dies without an answer costs time, never a wrong or missing engine."""
-    parent, original = os.getpid(), engine_module.derive_tables
-    # The child hangs (so that it surely dies before answering); the parent derives normally.
-    monkeypatch.setattr(
-        engine_module, "derive_tables", lambda p: time.sleep(60) if os.getpid() != parent else original(p)
-    )
-    pending = prefetch_tables(sample_tok, workers=2)
-    os.kill(pending._process.pid, signal.SIGKILL)
-    pending._process.join()
-    engine = TokenEngine(load_tokenizer(sample_tok, eos_token="<|endoftext|>"), tables=pending)
-    assert pending._outcome == ("failed", None) and engine.name == FAST
-    _assert_same(engine.fast, _reference(sample_tok), TRICKY)
 
 
 def test_the_last_engine_is_kept_for_the_same_tokenizer_only(sample_tok, tmp_path):
     tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
-    first = TokenEngine(tok, tables=prefetch_tables(sample_tok, workers=2))
-    assert prefetch_tables(sample_tok, workers=2) is None  # nothing to derive: it is built
-    assert TokenEngine(tok).fast is first.fast
+    first = TokenEngine(tok, fast=build_fast(sample_tok))
+    assert TokenEngine(tok).fast is first.fast is build_fast(sample_tok)
     edited = _edited(sample_tok, tmp_path, lambda s: s["model"]["merges"].pop())
     other = TokenEngine(load_tokenizer(edited, eos_token="<|endoftext|>"))
     assert other.fast is not first.fast and other.name == FAST
@@ -378,11 +408,10 @@ def test_the_last_engine_is_kept_for_the_same_tokenizer_only(sample_tok, tmp_pat
     _assert_same(other.fast, _reference(edited), TRICKY)
 
 
-def test_no_prefetch_where_it_cannot_help(sample_tok, tmp_path, monkeypatch):
-    assert prefetch_tables(sample_tok, workers=1) is None
-    assert prefetch_tables(tmp_path / "missing.json", workers=2) is None
+def test_no_reference_process_where_it_cannot_help(sample_tok, monkeypatch):
+    assert start_reference(sample_tok, eos_token=None, bos_token=None, workers=1) is None
     monkeypatch.setenv("PREP_ENGINE", REFERENCE)
-    assert prefetch_tables(sample_tok, workers=2) is None
+    assert start_reference(sample_tok, eos_token=None, bos_token=None, workers=2) is None
 
 
 def _jsonl_jobs(sample, tmp_path) -> tuple[list[JsonlChunk], list[list[Record]]]:
