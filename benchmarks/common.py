@@ -7,6 +7,7 @@ last stdout line; the parent samples the resident memory of the child *and its w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -63,6 +64,32 @@ def machine() -> dict:
     }
 
 
+def tree_rss(ps: psutil.Process) -> int:
+    """Resident bytes of ``ps`` and all its descendants.
+
+    Read from ``/proc/PID/task/TID/children`` and ``/proc/PID/statm`` where the kernel has them: 0.1 ms a
+    sample, where psutil's ``children(recursive=True)`` scans every process on the machine (2.3 ms
+    measured here), which at 50 samples a second took ~10% of a core from the run being measured.
+    """
+    if not os.path.exists(f"/proc/{ps.pid}/task/{ps.pid}/children"):  # another kernel, or it exited
+        return sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)])
+    pids, i = [ps.pid], 0
+    while i < len(pids):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # exited meanwhile
+            for task in os.listdir(f"/proc/{pids[i]}/task"):
+                with open(f"/proc/{pids[i]}/task/{task}/children") as f:
+                    pids.extend(int(pid) for pid in f.read().split())
+        i += 1
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError), open(f"/proc/{pid}/statm") as f:
+            total += int(f.read().split()[1]) * PAGE
+    return total
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
 def run_child(args: list[str], *, env: dict | None = None, timeout: float = 900) -> dict:
     """Run ``python args...`` and return its JSON result plus ``wall_s`` and ``peak_rss_mib``.
 
@@ -77,11 +104,8 @@ def run_child(args: list[str], *, env: dict | None = None, timeout: float = 900)
     peak = 0
     ps = psutil.Process(proc.pid)
     while proc.poll() is None:
-        try:
-            tree = [ps, *ps.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree))
-        except psutil.Error:
-            pass
+        with contextlib.suppress(psutil.Error, OSError, ValueError):  # it is exiting
+            peak = max(peak, tree_rss(ps))
         time.sleep(0.02)
         if time.perf_counter() - start > timeout:
             proc.kill()
