@@ -211,7 +211,13 @@ def _jobs(
         skip = state.records_done if index == state.source_index else 0
         batches: Iterator[BatchRecords | JsonlChunk]
         if source.format == "jsonl":
-            chunks = read_jsonl_chunks(source, progress.advance, size=BATCH_CHARS, skip=skip)
+            chunks = read_jsonl_chunks(
+                source,
+                progress.advance,
+                size=BATCH_CHARS,
+                skip=skip,
+                spread=cfg.workers or os.cpu_count() or 1,
+            )
             name = str(source.path)
             batches = (JsonlChunk(name, cfg.text_field, cfg.val_fraction, *chunk) for chunk in chunks)
             jobs = ((chunk, chunk) for chunk in batches)

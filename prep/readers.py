@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,11 +174,11 @@ def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], N
 
 
 def read_jsonl_chunks(
-    source: InputFile, on_bytes: Callable[[int], None], *, size: int, skip: int = 0
+    source: InputFile, on_bytes: Callable[[int], None], *, size: int, skip: int = 0, spread: int = 1
 ) -> Iterator[tuple[int, bytes]]:
     """:func:`jsonl_chunks` of a ``jsonl`` input, its read errors reported as :func:`read_records` does."""
     assert source.format == "jsonl", source
-    yield from _named_errors(source, jsonl_chunks(source.path, on_bytes, size=size, skip=skip))
+    yield from _named_errors(source, jsonl_chunks(source.path, on_bytes, size=size, skip=skip, spread=spread))
 
 
 def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
@@ -241,16 +242,19 @@ BOM = b"\xef\xbb\xbf"
 
 
 def jsonl_chunks(
-    path: Path, on_bytes: Callable[[int], None], *, size: int = 4 << 20, skip: int = 0
+    path: Path, on_bytes: Callable[[int], None], *, size: int = 4 << 20, skip: int = 0, spread: int = 1
 ) -> Iterator[tuple[int, bytes]]:
     """``(number of its first line, bytes)`` of whole lines of a JSONL file, about ``size`` bytes at a time.
 
     :func:`jsonl_chunk_lines` splits a chunk into records and :func:`jsonl_record` decodes each one,
     wherever that runs: ``prep pack`` hands the chunks to the worker processes that tokenize them, so
     that the one process reading the input does no work per record. ``skip`` records (lines that are
-    not blank) are passed over first, to resume after them.
+    not blank) are passed over first, to resume after them. With ``spread`` workers, chunks shrink
+    near the end of the file (to a ``2 * spread``-th of what is left, down to ``size / 8``), so that
+    the workers finish together rather than one after the other on the last big chunks.
     """
     with open(path, "rb") as f:
+        end_of_file = os.fstat(f.fileno()).st_size
         line_no = 1
         while skip:  # resuming: the records already done, line by line (a rare, one-off cost)
             raw = f.readline()
@@ -260,7 +264,7 @@ def jsonl_chunks(
             skip -= bool((raw[3:] if line_no == 1 and raw.startswith(BOM) else raw).strip())
             line_no += raw.endswith(b"\n")
         pieces: list[bytes] = []  # a line longer than `size` arrives in several reads
-        while data := f.read(size):
+        while data := f.read(max(1, size // 8, min(size, (end_of_file - f.tell()) // (2 * spread)))):
             end = data.rfind(b"\n") + 1
             if not end:
                 pieces.append(data)

@@ -311,3 +311,19 @@ def test_jsonl_chunks_hold_every_record_once_with_its_line_number(tmp_path, size
     assert [line for c in chunks for line in jsonl_chunk_lines(*c)] == want
     assert all(chunk.endswith(b"\n") for _, chunk in chunks[:-1])  # whole lines only
     assert sum(reported) == len(data) and len(want) == max(0, 6 - skip)
+
+
+def test_jsonl_chunks_shrink_toward_the_end_with_spread(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(4000)), encoding="utf-8"
+    )
+    plain = list(jsonl_chunks(path, lambda n: None, size=16384))
+    spread = list(jsonl_chunks(path, lambda n: None, size=16384, spread=2))
+    assert b"".join(c for _, c in spread) == path.read_bytes()
+    assert [line for c in spread for line in jsonl_chunk_lines(*c)] == [
+        line for c in plain for line in jsonl_chunk_lines(*c)
+    ]
+    sizes = [len(c) for _, c in spread]
+    assert sizes[0] > 16384 - 64 and max(sizes[-4:]) <= 16384 // 8 + 64  # whole lines: one more or less
+    assert len(spread) > len(plain)
