@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
@@ -59,7 +59,7 @@ ENGINE_ENV = "PREP_ENGINE"
 T = TypeVar("T")
 _PR_SET_PDEATHSIG = 1
 
-# Set in the parent before the pool forks, so that workers inherit the engine without rebuilding it.
+# A pool worker's engine: inherited through fork from the parent (no copy, no rebuild), set by _pool_worker_init.
 _WORKER: FastBPE | None = None
 
 
@@ -199,17 +199,24 @@ Job = list[str] | JsonlChunk
 """What :meth:`TokenEngine.map` tokenizes: texts, or JSONL lines to decode first."""
 
 
-def _fast_job(job: Job) -> tuple[EncodedBatch, Sample, BatchRecords | None]:
+def _pool_worker_init(fast: FastBPE) -> None:
+    global _WORKER
+    _WORKER = fast
+    _worker_init()
+
+
+def _fast_job(job: Job, fast: FastBPE | None = None) -> tuple[EncodedBatch, Sample, BatchRecords | None]:
     """Ids, the sample to check against `tokenizers`, and a JSONL chunk's records.
 
     The records travel back as :class:`BatchRecords`: their texts are of no more use to the parent.
     """
-    assert _WORKER is not None, "worker forked without the engine"
+    fast = fast or _WORKER
+    assert fast is not None, "worker forked without the engine"
     texts = job.texts() if isinstance(job, JsonlChunk) else job
     added_docs: list[int] = []
-    got = _WORKER.encode_batch(texts, added_docs)
+    got = fast.encode_batch(texts, added_docs)
     records = job.records if isinstance(job, JsonlChunk) else None
-    return got, check_sample(_WORKER, texts, added_docs), records
+    return got, check_sample(fast, texts, added_docs), records
 
 
 def _serve_reference(tokenizer: str, eos_token: str | None, bos_token: str | None, conn: Connection) -> None:
@@ -254,6 +261,7 @@ class ReferenceProcess:
 
     def __init__(self, tokenizer: str | Path, eos_token: str | None, bos_token: str | None) -> None:
         self._args = (str(tokenizer), eos_token, bos_token)
+        self._loaded: LoadedTokenizer | None = None
         context = multiprocessing.get_context("fork")
         self._conn, child_end = context.Pipe()
         self._process: multiprocessing.process.BaseProcess | None = context.Process(
@@ -264,17 +272,22 @@ class ReferenceProcess:
 
     def loaded(self) -> LoadedTokenizer:
         """The tokenizer as :func:`load_tokenizer` gives it, its model not loaded here; raises what that raises."""
-        try:
-            status, value = self._conn.recv()
-        except (EOFError, OSError):  # the process died (killed, out of memory)
-            status, value = "failed", None
-        if status == "ok":
-            return LoadedTokenizer(value)
-        self.close()
-        if status == "error":
-            raise value
-        path, eos_token, bos_token = self._args
-        return load_tokenizer(path, eos_token=eos_token, bos_token=bos_token)
+        if self._loaded is None:
+            try:
+                status, value = self._conn.recv()
+            except (EOFError, OSError):  # the process died (killed, out of memory)
+                status, value = "failed", None
+            if status != "ok":
+                self.close()
+            if status == "error":
+                raise value
+            path, eos_token, bos_token = self._args
+            self._loaded = (
+                LoadedTokenizer(value)
+                if status == "ok"
+                else load_tokenizer(path, eos_token=eos_token, bos_token=bos_token)
+            )
+        return self._loaded
 
     def first_difference(self, sample: Sample, got: EncodedBatch) -> str | None:
         """:func:`first_difference` of ``sample``, computed there; EOFError or OSError if the process died."""
@@ -338,7 +351,7 @@ class TokenEngine:
 
     def __init__(
         self,
-        tok: LoadedTokenizer,
+        tok: LoadedTokenizer | None = None,
         *,
         workers: int | None = None,
         use_fast: bool = True,
@@ -347,8 +360,12 @@ class TokenEngine:
         reference: ReferenceProcess | None = None,
     ) -> None:
         """``fast``: what :func:`build_fast` gave (built here if not given); ``reference``: where to check
-        samples (this process if not given). The engine closes ``reference`` when it closes."""
-        self.tok = tok
+        samples (this process if not given). Without ``tok``, :attr:`tok` is the reference process's,
+        resolved on first use, so that tokenizing can start before it is known; ``fast`` must be given.
+        The engine closes ``reference`` when it closes."""
+        if tok is None and (reference is None or fast is None):
+            raise ValueError("TokenEngine needs a tokenizer, or a reference process and a fast engine")
+        self._tok = tok
         self.workers = workers or os.cpu_count() or 1
         self.notice = notice
         self.name = REFERENCE
@@ -358,7 +375,7 @@ class TokenEngine:
         self._reference_process = reference
         if not use_fast or os.environ.get(ENGINE_ENV) == REFERENCE:
             return
-        fast = build_fast(tok.info.path, tok.info.sha256) if fast is None else fast
+        fast = build_fast(self.tok.info.path, self.tok.info.sha256) if fast is None else fast
         if isinstance(fast, Unsupported):
             notice(f"tokenizing with `tokenizers` (the fast engine does not support this tokenizer: {fast})")
             return
@@ -368,10 +385,20 @@ class TokenEngine:
                 " (`pip install 'packed-shards[fast]'`, or `pip install tiktoken`)"
             )
             return
-        if isinstance(fast, Exception):  # the reference loaded this tokenizer, so this is a bug here
-            raise fast
+        if isinstance(fast, Exception):
+            self.tok  # noqa: B018 - a file `tokenizers` cannot load either fails here, with its message
+            raise fast  # `tokenizers` loads it: a bug in the fast engine
         self.fast = fast
         self.name = FAST
+
+    @property
+    def tok(self) -> LoadedTokenizer:
+        """The tokenizer; raises what :func:`load_tokenizer` raises, when the reference process resolves it."""
+        if self._tok is None:
+            if self._reference_process is None:
+                raise RuntimeError("the engine was closed before its tokenizer was resolved")
+            self._tok = self._reference_process.loaded()
+        return self._tok
 
     def __enter__(self) -> TokenEngine:
         return self
@@ -380,49 +407,58 @@ class TokenEngine:
         self.close()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._close_pool()
         if self._reference_process is not None:
             self._reference_process.close()
             self._reference_process = None
 
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def _fall_back(self, reason: str) -> None:
         self.notice(f"tokenizing with `tokenizers` from here on: the fast engine disagreed ({reason})")
         self.name = REFERENCE
-        self.close()
+        self._close_pool()
 
     def _start_pool(self) -> ProcessPoolExecutor | None:
-        global _WORKER
         if self.workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
             return None
-        _WORKER = self.fast
         context = multiprocessing.get_context("fork")
-        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_init)
+        return ProcessPoolExecutor(
+            self.workers, mp_context=context, initializer=_pool_worker_init, initargs=(self.fast,)
+        )
 
     def map(self, items: Iterable[tuple[T, Job]]) -> Iterator[tuple[T, EncodedBatch]]:
         """``(payload, ids)`` for each ``(payload, job)``, in order; reads at most two jobs per worker ahead.
 
-        A :class:`JsonlChunk` job has its :attr:`~JsonlChunk.records` set when its ids are yielded.
+        The fast engine's workers get their first jobs before this returns, so they start at once (before
+        :attr:`tok` is known, say). A :class:`JsonlChunk` job has its :attr:`~JsonlChunk.records` set when
+        its ids are yielded.
         """
-        global _WORKER
+        items = iter(items)
+        pending: deque[tuple[T, Job, Future | tuple]] = deque()
         if self.name == FAST:
             self._pool = self._start_pool()
-            _WORKER = self.fast
-        pending: deque[tuple[T, Job, Future | tuple]] = deque()
+            if self._pool is not None:
+                for payload, job in islice(items, 2 * self.workers):
+                    pending.append((payload, job, self._pool.submit(_fast_job, job)))
+        return self._results(items, pending)
+
+    def _results(self, items: Iterator[tuple[T, Job]], pending: deque) -> Iterator[tuple[T, EncodedBatch]]:
         try:
             for payload, job in items:
                 if self.name == REFERENCE:
                     yield from self._drain(pending)
                     yield payload, self._reference(job)
                     continue
-                done = _fast_job(job) if self._pool is None else self._pool.submit(_fast_job, job)
+                done = _fast_job(job, self.fast) if self._pool is None else self._pool.submit(_fast_job, job)
                 pending.append((payload, job, done))
                 while len(pending) > (2 * self.workers if self._pool else 0):
                     yield self._finish(*pending.popleft())
             yield from self._drain(pending)
         finally:
-            _WORKER = None
             self.close()
 
     def _drain(self, pending: deque) -> Iterator[tuple[T, EncodedBatch]]:

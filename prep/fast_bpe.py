@@ -27,6 +27,7 @@ difference (see :meth:`FastBPE.first_mismatch`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -177,16 +178,23 @@ CACHE_VERSION = 1
 
 
 CACHE_ENV = "PREP_FAST_BPE_CACHE"
+CACHE_OFF = ("", "0", "off", "false", "no")
 
 
 def cache_dir() -> Path | None:
-    """Where derived rank tables are kept (keyed by the sha256 of their tokenizer.json), if anywhere.
+    """Where derived rank tables are kept (one file per tokenizer.json, by its sha256), or None when off.
 
-    Off unless ``PREP_FAST_BPE_CACHE`` names a folder: `prep pack` writes nothing outside ``--out`` by
-    default, and a cache in the home folder would break that promise.
+    ``PREP_FAST_BPE_CACHE`` names the folder, or turns the cache off (``off``); by default it is
+    ``$XDG_CACHE_HOME/packed-shards`` (``~/.cache/packed-shards``). Deriving the tables of a 150k
+    vocabulary costs ~0.7 s of Python before the first batch; reading them back, ~0.08 s.
     """
     folder = os.environ.get(CACHE_ENV)
-    return Path(folder) / f"fast-bpe-v{CACHE_VERSION}" if folder else None
+    if folder is not None and folder.strip().lower() in CACHE_OFF:
+        return None
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(base, "packed-shards")
+    return Path(folder) / f"fast-bpe-v{CACHE_VERSION}"
 
 
 Tables = tuple[bool, str, dict[bytes, int], np.ndarray, list[dict]]
@@ -196,46 +204,55 @@ Tables = tuple[bool, str, dict[bytes, int], np.ndarray, list[dict]]
 def derive_tables(path: Path) -> Tables:
     """(nfc, split pattern, ranks, rank -> id, added tokens) of ``path``, from the cache when possible.
 
-    Deriving the ranks of a 150k vocabulary costs about half a second of Python; the opt-in cache, keyed
-    by the file's content hash, brings a repeated run down to reading one array. Any cache problem only
-    costs that time again.
+    The cache holds derived data only: a damaged (zip CRC-32), stale-format or unwritable cache costs
+    the derivation again, never a wrong table; and the per-batch check compares ids with `tokenizers`.
     """
     raw = path.read_bytes()
     folder = cache_dir()
     cached = folder / f"{hashlib.sha256(raw).hexdigest()}.npz" if folder else None
     if cached is not None and cached.is_file():
         try:
-            with np.load(cached, allow_pickle=False) as z:
-                meta = json.loads(z["meta"].tobytes().decode("utf-8"))
-                blob, offsets = z["blob"].tobytes(), z["offsets"].tolist()
-                ranks = {blob[offsets[i] : offsets[i + 1]]: i for i in range(len(offsets) - 1)}
-                return meta["nfc"], meta["pattern"], ranks, z["rank_to_id"], meta["added"]
-        except (OSError, KeyError, ValueError):
-            pass  # a damaged cache file: derive the tables again and overwrite it
+            with np.load(cached, allow_pickle=False) as z:  # zipfile checks each member's CRC-32
+                meta, blob = z["meta"].tobytes(), z["blob"].tobytes()
+                offsets, rank_to_id = z["offsets"], z["rank_to_id"]
+            info = json.loads(meta.decode("utf-8"))
+            ends = offsets.tolist()
+            ranks = {blob[ends[i] : ends[i + 1]]: i for i in range(len(ends) - 1)}
+            return info["nfc"], info["pattern"], ranks, rank_to_id, info["added"]
+        except Exception:  # any damage at all: derive the tables again, and overwrite them
+            pass
     spec = json.loads(raw)
     nfc = _check_normalizer(spec.get("normalizer"))
     pattern = _pattern_of(spec.get("pre_tokenizer"))
     ranks, rank_to_id = _ranks(spec.get("model", {}))
     added = spec.get("added_tokens", [])
+    if cached is not None:
+        _write_cache(cached, nfc, pattern, ranks, rank_to_id, added)
+    return nfc, pattern, ranks, rank_to_id, added
+
+
+def _write_cache(
+    cached: Path, nfc: bool, pattern: str, ranks: dict[bytes, int], rank_to_id: np.ndarray, added: list
+) -> None:
     meta = json.dumps({"nfc": nfc, "pattern": pattern, "added": added}).encode("utf-8")
     keys = list(ranks)  # in rank order: rank i is keys[i]
-    if cached is None:
-        return nfc, pattern, ranks, rank_to_id, added
+    blob = b"".join(keys)
+    offsets = np.cumsum([0] + [len(k) for k in keys]).astype(np.int64)
+    tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
             np.savez(
                 f,
                 meta=np.frombuffer(meta, dtype=np.uint8),
-                blob=np.frombuffer(b"".join(keys), dtype=np.uint8),
-                offsets=np.cumsum([0] + [len(k) for k in keys]),
+                blob=np.frombuffer(blob, dtype=np.uint8),
+                offsets=offsets,
                 rank_to_id=rank_to_id,
             )
         os.replace(tmp, cached)
     except OSError:
-        pass
-    return nfc, pattern, ranks, rank_to_id, added
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from prep import __version__
 from prep.card import PLOT_NAME, write_card
 from prep.engine import Job, JsonlChunk, TokenEngine, build_fast, start_reference
 from prep.fast_bpe import EncodedBatch
-from prep.journal import Journal, Pass1State, input_stats, kill_point
+from prep.journal import Journal, input_stats, kill_point
 from prep.packing import STRATEGIES, PackPlan, make_plan
 from prep.readers import (
     EMPTY,
@@ -199,16 +199,18 @@ class _Tokenized:
 
 
 def _jobs(
-    cfg: PackConfig, sources: list[InputFile], state: Pass1State, progress: Progress
+    cfg: PackConfig, sources: list[InputFile], start: tuple[int, int], progress: Progress
 ) -> Iterator[tuple[tuple[int, BatchRecords | JsonlChunk, bool], Job]]:
-    """``((source index, its records, last batch of the source?), job)`` from the journal's position on.
+    """``((source index, its records, last batch of the source?), job)`` from ``start`` on.
+
+    ``start``: (source index, records of it done), the journal's position.
 
     JSONL inputs go to the engine as chunks of whole lines (:class:`JsonlChunk`: its workers decode them,
     and the engine fills in their records); other inputs as records read here, and their texts.
     """
-    for index in range(state.source_index, len(sources)):
+    for index in range(start[0], len(sources)):
         source = sources[index]
-        skip = state.records_done if index == state.source_index else 0
+        skip = start[1] if index == start[0] else 0
         batches: Iterator[BatchRecords | JsonlChunk]
         if source.format == "jsonl":
             chunks = read_jsonl_chunks(
@@ -277,18 +279,18 @@ def _tokenize_inputs(
     sources: list[InputFile],
     journal: Journal,
     progress: Progress,
-    engine: TokenEngine,
+    encoded_batches: Iterator[tuple[tuple[int, BatchRecords | JsonlChunk, bool], EncodedBatch]],
 ) -> _Tokenized:
     """Pass 1: every input record to a token stream on disk (or a counted skip), committed batch by batch.
 
-    The loop starts where the journal's last commit left off: the beginning, unless resuming. The
-    engine reads a few batches ahead on other cores; commits still happen in input order.
+    ``encoded_batches``: the engine's output for :func:`_jobs` from where the journal's last commit left
+    off (the beginning, unless resuming). The engine reads a few batches ahead on other cores; commits
+    still happen in input order.
     """
     state = journal.pass1
     counts = state.counts
-    progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
     with journal.open_tokens() as out:
-        for (index, records, last), encoded in engine.map(_jobs(cfg, sources, state, progress)):
+        for (index, records, last), encoded in encoded_batches:
             if isinstance(records, JsonlChunk):
                 assert records.records is not None, "the engine decodes every JSONL chunk it tokenizes"
                 records = records.records
@@ -346,26 +348,34 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
         cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token, workers=cfg.workers
     )
     try:
-        # The reference process loads `tokenizers` on another core while this one builds the fast engine.
-        fast = build_fast(cfg.tokenizer) if reference is not None else None
-        tok = (
-            reference.loaded()
-            if reference is not None
-            else load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
-        )
-        engine = TokenEngine(
-            tok, workers=cfg.workers, notice=progress.message, fast=fast, reference=reference
-        )
+        if reference is not None:
+            # The reference process loads `tokenizers` on another core while this one builds the fast
+            # engine and starts tokenizing; `engine.tok` waits for it.
+            engine = TokenEngine(
+                workers=cfg.workers,
+                notice=progress.message,
+                fast=build_fast(cfg.tokenizer),
+                reference=reference,
+            )
+        else:
+            tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
+            engine = TokenEngine(tok, workers=cfg.workers, notice=progress.message)
     except BaseException:
         if reference is not None:
             reference.close()
         raise
     with engine:
-        return _pack(cfg, tok, engine, progress)
+        return _pack(cfg, engine, progress)
 
 
-def _pack(cfg: PackConfig, tok: LoadedTokenizer, engine: TokenEngine, progress: Progress) -> Manifest:
+def _pack(cfg: PackConfig, engine: TokenEngine, progress: Progress) -> Manifest:
     sources = expand_inputs(list(cfg.inputs))
+    progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
+    # A new run starts at the first record: hand the workers their first jobs now, while the tokenizer's
+    # details (EOS, BOS: for the journal and the streams) are still being resolved. A resumed run first
+    # reads where to start from the journal, which needs them.
+    encoded = None if cfg.resume else engine.map(_jobs(cfg, sources, (0, 0), progress))
+    tok = engine.tok
     if cfg.workers is not None:
         # The Rust thread pool reads this once, on first use; later calls in the same process keep it.
         os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
@@ -379,7 +389,10 @@ def _pack(cfg: PackConfig, tok: LoadedTokenizer, engine: TokenEngine, progress: 
     tokens_path = journal.tokens_path
 
     try:
-        tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress, engine)
+        if encoded is None:
+            start = (journal.pass1.source_index, journal.pass1.records_done)
+            encoded = engine.map(_jobs(cfg, sources, start, progress))
+        tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress, encoded)
         docs = tokenized.accounting
         require_documents(docs)
     except UserError:

@@ -24,6 +24,19 @@ def _require(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fast_bpe_cache(tmp_path_factory) -> Path:
+    """The fast engine's table cache in a folder of this session, not the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("fast-bpe-cache")
+    before = os.environ.get("PREP_FAST_BPE_CACHE")
+    os.environ["PREP_FAST_BPE_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["PREP_FAST_BPE_CACHE"]
+    else:
+        os.environ["PREP_FAST_BPE_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer() -> Path:
     return _require(QWEN_TOKENIZER)

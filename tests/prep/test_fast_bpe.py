@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -323,6 +324,35 @@ def test_engine_without_tiktoken_says_how_to_get_it(sample_tok, monkeypatch):
     np.testing.assert_array_equal(got.ids, reference_encode(engine.tok.tokenizer, ["Hello World"]).ids)
 
 
+def test_the_cache_is_on_by_default_in_the_user_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREP_FAST_BPE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "packed-shards" / "fast-bpe-v1"
+    for off in ("off", "0", ""):
+        monkeypatch.setenv("PREP_FAST_BPE_CACHE", off)
+        assert cache_dir() is None
+    monkeypatch.setenv("PREP_FAST_BPE_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine" / "fast-bpe-v1"
+
+
+def test_a_damaged_or_unwritable_cache_costs_time_never_a_wrong_table(sample_tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREP_FAST_BPE_CACHE", str(tmp_path / "cache"))
+    fresh = derive_tables(sample_tok)
+    [cached] = cache_dir().glob("*.npz")
+    good = cached.read_bytes()
+    blob_at = good.index(b"blob.npy") + 400  # inside the token bytes (np.savez does not compress)
+    flipped = good[:blob_at] + bytes([good[blob_at] ^ 1]) + good[blob_at + 1 :]
+    for damage in (lambda b: b[: len(b) // 2], lambda b: flipped):
+        cached.write_bytes(damage(good))
+        assert cached.read_bytes() != good
+        again = derive_tables(sample_tok)
+        assert again[2] == fresh[2] and again[:2] == fresh[:2] and again[4] == fresh[4]
+        np.testing.assert_array_equal(again[3], fresh[3])
+        assert cached.read_bytes() == good  # rewritten
+    monkeypatch.setenv("PREP_FAST_BPE_CACHE", str(cached))  # a file where the folder should be
+    assert derive_tables(sample_tok)[2] == fresh[2]
+
+
 def test_cached_tables_give_the_same_engine(sample_tok, tmp_path, monkeypatch):
     monkeypatch.setenv("PREP_FAST_BPE_CACHE", str(tmp_path))
     texts = TRICKY + ["The board reported steady demand."]
@@ -361,6 +391,24 @@ def test_the_reference_process_loads_the_tokenizer_and_checks_every_batch(sample
     [(_, got)] = list(engine.map([(0, TRICKY)]))
     assert engine.name == REFERENCE and "disagreed (document 1 of the batch" in notes.lines[0]
     np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), TRICKY).ids)
+
+
+def test_workers_get_their_first_jobs_before_the_tokenizer_is_resolved(sample_tok, monkeypatch):
+    original = engine_module.load_tokenizer
+    monkeypatch.setattr(
+        engine_module, "load_tokenizer", lambda *a, **k: (time.sleep(3), original(*a, **k))[1]
+    )
+    process = _reference_process(sample_tok)  # forked with the slow loader: 3 s before it knows the EOS
+    engine = TokenEngine(workers=2, fast=build_fast(sample_tok), reference=process)
+    taken: list[int] = []
+    jobs = ((taken.append(i), (i, TRICKY[i:] + TRICKY[:i]))[1] for i in range(6))
+    results = engine.map(jobs)
+    assert taken == [0, 1, 2, 3] and engine._tok is None  # two jobs per worker handed out, EOS unknown
+    assert engine.tok.info.eos_token == "<|endoftext|>"  # waits for the reference process
+    for i, got in results:
+        texts = TRICKY[i:] + TRICKY[:i]
+        np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), texts).ids)
+    assert taken == list(range(6)) and engine.num_checked_batches == 6
 
 
 def test_the_reference_process_raises_what_load_tokenizer_raises(sample_tok, tmp_path):

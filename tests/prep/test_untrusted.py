@@ -128,7 +128,9 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def test_pack_writes_nothing_outside_out(sample, tmp_path):
+def test_pack_writes_nothing_outside_out_but_its_table_cache(sample, tmp_path):
+    """Outside ``--out``, `prep pack` writes one file: the fast engine's tables, in the user's cache folder
+    (``PREP_FAST_BPE_CACHE=off``: nothing at all)."""
     corpus, tok = sample
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -145,7 +147,7 @@ def test_pack_writes_nothing_outside_out(sample, tmp_path):
         "XDG_CACHE_HOME": str(home / ".cache"),
         "PYTHONPATH": str(REPO),
     }
-    for key in ("MPLCONFIGDIR", "HF_HOME", "HF_DATASETS_CACHE"):
+    for key in ("MPLCONFIGDIR", "HF_HOME", "HF_DATASETS_CACHE", "PREP_FAST_BPE_CACHE"):
         env.pop(key, None)
     out = tmp_path / "out"
     args = [
@@ -157,15 +159,23 @@ def test_pack_writes_nothing_outside_out(sample, tmp_path):
         str(out),
         "--val-fraction",
         "0.1",
+        "--overwrite",
     ]
     launch = "from prep.cli import main; main()"
-    result = subprocess.run(
-        [sys.executable, "-c", launch, *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    assert snapshot(home) == before_home, "wrote into the home folder"
-    assert snapshot(tmp) == {} and snapshot(cwd) == {}, "wrote into TMPDIR or the working folder"
-    assert snapshot(inputs) == before_inputs and snapshot(tok) == before_tok, "changed an input"
+    for cache in ("off", None):
+        run_env = env if cache is None else {**env, "PREP_FAST_BPE_CACHE": cache}
+        result = subprocess.run(
+            [sys.executable, "-c", launch, *args], cwd=cwd, env=run_env, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
+        written = {p for p in snapshot(home) if p not in before_home}
+        if cache == "off":
+            assert snapshot(home) == before_home, "wrote into the home folder"
+        else:
+            [table] = written
+            assert table.startswith(".cache/packed-shards/fast-bpe-v1/") and table.endswith(".npz"), written
+        assert snapshot(tmp) == {} and snapshot(cwd) == {}, "wrote into TMPDIR or the working folder"
+        assert snapshot(inputs) == before_inputs and snapshot(tok) == before_tok, "changed an input"
     names = sorted(p.name for p in out.iterdir())
     assert "manifest.json" in names and "README.md" in names
     assert not [n for n in names if n.startswith(".")], f"work or temp files left in --out: {names}"
