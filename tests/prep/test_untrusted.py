@@ -1,5 +1,5 @@
 """Untrusted files: nothing is unpickled, damaged Arrow input is refused before its offsets are used, and
-`prep pack` writes nothing outside its output folder.
+`prep pack` writes nothing outside its output folder but the fast engine's table cache.
 
 Literal special-token text inside documents staying text is tested in `test_pack.py`
 (`test_literal_special_tokens_are_text*`, sample and Qwen tokenizers) and for random documents in
