@@ -219,8 +219,12 @@ def _fast_job(job: Job, fast: FastBPE | None = None) -> tuple[EncodedBatch, Samp
     return got, check_sample(fast, texts, added_docs), records
 
 
-def _serve_reference(tokenizer: str, eos_token: str | None, bos_token: str | None, conn: Connection) -> None:
+def _serve_reference(
+    tokenizer: str, eos_token: str | None, bos_token: str | None, conn: Connection, parent_end: Connection
+) -> None:
     """The body of :class:`ReferenceProcess`: load the tokenizer, send its info, then answer checks."""
+    # Only the parent may hold its end: then a parent that dies or closes mid-message ends recv() here.
+    parent_end.close()
     # A collection would write to the header of every object inherited from the parent, copying each
     # page; this process makes no cycles worth collecting.
     gc.disable()
@@ -265,7 +269,7 @@ class ReferenceProcess:
         context = multiprocessing.get_context("fork")
         self._conn, child_end = context.Pipe()
         self._process: multiprocessing.process.BaseProcess | None = context.Process(
-            target=_serve_reference, args=(*self._args, child_end), daemon=True
+            target=_serve_reference, args=(*self._args, child_end, self._conn), daemon=True
         )
         self._process.start()
         child_end.close()
@@ -291,6 +295,7 @@ class ReferenceProcess:
 
     def first_difference(self, sample: Sample, got: EncodedBatch) -> str | None:
         """:func:`first_difference` of ``sample``, computed there; EOFError or OSError if the process died."""
+        self.loaded()  # its first message is the tokenizer's info
         if self._process is None:
             raise EOFError("the reference process is closed")
         self._conn.send((sample.texts, sample.ids(got), sample.index))
@@ -301,8 +306,11 @@ class ReferenceProcess:
             return
         with contextlib.suppress(OSError):  # it died already
             self._conn.send(None)
-        self._conn.close()
-        self._process.join()
+        self._conn.close()  # a half-sent request (Ctrl-C mid-send) ends in EOF there
+        self._process.join(timeout=5)
+        if self._process.exitcode is None:
+            self._process.kill()
+            self._process.join()
         self._process = None
 
 
@@ -376,14 +384,17 @@ class TokenEngine:
         if not use_fast or os.environ.get(ENGINE_ENV) == REFERENCE:
             return
         fast = build_fast(self.tok.info.path, self.tok.info.sha256) if fast is None else fast
-        if isinstance(fast, Unsupported):
-            notice(f"tokenizing with `tokenizers` (the fast engine does not support this tokenizer: {fast})")
-            return
-        if isinstance(fast, ImportError):
+        if isinstance(fast, Unsupported | ImportError):
             notice(
-                "tokenizing with `tokenizers`: the fast engine needs tiktoken"
+                f"tokenizing with `tokenizers` (the fast engine does not support this tokenizer: {fast})"
+                if isinstance(fast, Unsupported)
+                else "tokenizing with `tokenizers`: the fast engine needs tiktoken"
                 " (`pip install 'packed-shards[fast]'`, or `pip install tiktoken`)"
             )
+            if self._reference_process is not None:  # nothing to check: keep one copy of the model, here
+                self.tok  # noqa: B018
+                self._reference_process.close()
+                self._reference_process = None
             return
         if isinstance(fast, Exception):
             self.tok  # noqa: B018 - a file `tokenizers` cannot load either fails here, with its message
@@ -439,15 +450,28 @@ class TokenEngine:
         """
         items = iter(items)
         pending: deque[tuple[T, Job, Future | tuple]] = deque()
+        failed: Exception | None = None
         if self.name == FAST:
+            self._close_pool()  # a previous map's, if its results were never read to the end
             self._pool = self._start_pool()
-            if self._pool is not None:
-                for payload, job in islice(items, 2 * self.workers):
-                    pending.append((payload, job, self._pool.submit(_fast_job, job)))
-        return self._results(items, pending)
+            try:
+                if self._pool is not None:
+                    for payload, job in islice(items, 2 * self.workers):
+                        pending.append((payload, job, self._pool.submit(_fast_job, job)))
+            except Exception as e:  # reading the input failed: say so where the results are read, in order
+                failed = e
+            except BaseException:
+                self._close_pool()
+                raise
+        return self._results(items, pending, failed)
 
-    def _results(self, items: Iterator[tuple[T, Job]], pending: deque) -> Iterator[tuple[T, EncodedBatch]]:
+    def _results(
+        self, items: Iterator[tuple[T, Job]], pending: deque, failed: Exception | None = None
+    ) -> Iterator[tuple[T, EncodedBatch]]:
         try:
+            if failed is not None:
+                yield from self._drain(pending)
+                raise failed
             for payload, job in items:
                 if self.name == REFERENCE:
                     yield from self._drain(pending)

@@ -192,7 +192,10 @@ def cache_dir() -> Path | None:
     if folder is not None and folder.strip().lower() in CACHE_OFF:
         return None
     if not folder:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        home = os.path.expanduser("~")
+        base = os.environ.get("XDG_CACHE_HOME") or (None if home == "~" else os.path.join(home, ".cache"))
+        if base is None:  # no home folder to put it in: rather no cache than one in the working folder
+            return None
         folder = os.path.join(base, "packed-shards")
     return Path(folder) / f"fast-bpe-v{CACHE_VERSION}"
 

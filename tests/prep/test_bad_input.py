@@ -327,3 +327,38 @@ def test_jsonl_chunks_shrink_toward_the_end_with_spread(tmp_path):
     sizes = [len(c) for _, c in spread]
     assert sizes[0] > 16384 - 64 and max(sizes[-4:]) <= 16384 // 8 + 64  # whole lines: one more or less
     assert len(spread) > len(plain)
+
+
+def test_the_tokenizer_and_the_output_folder_are_judged_before_the_inputs(sample, tmp_path):
+    """Reading starts before the tokenizer is resolved; its errors still come after those of the tokenizer
+    and of --out, and a bad tokenizer never lets --overwrite delete the dataset there."""
+    corpus, tok = sample
+    out = tmp_path / "out"
+    assert pack(tok, out, corpus).exit_code == 0
+    bad = tmp_path / "bad.parquet"  # fails as soon as it is opened, while the first jobs are handed out
+    bad.write_bytes(b"PAR1 not parquet PAR1")
+    failed_with(
+        pack(tok, out, bad, extra=("--eos-token", "<|nope|>")), "--eos-token '<|nope|>' is not a token"
+    )
+    failed_with(pack(tok, out, bad), "already holds a dataset")
+    failed_with(pack(tok, out, corpus, extra=("--eos-token", "<|nope|>", "--overwrite")), "is not a token")
+    assert (out / "manifest.json").exists()
+    failed_with(pack(tok, tmp_path / "new", bad), f"`{bad}` is not a readable Parquet file")
+
+
+def test_a_bom_at_the_start_of_any_jsonl_line_is_not_part_of_the_record(tmp_path):
+    """As json.loads reads bytes; e.g. `cat a.jsonl b.jsonl` where b.jsonl starts with one."""
+    path = jsonl(tmp_path / "cat.jsonl", GOOD, "\ufeff" + GOOD)
+    records = list(read_records(InputFile(path, "jsonl"), "text", lambda n: None))
+    assert [r.problem for r in records] == [None, None] and records[0].text == records[1].text
+
+
+def test_resuming_reports_the_skipped_bytes_in_few_updates(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5000)), encoding="utf-8"
+    )
+    reported: list[int] = []
+    chunks = list(jsonl_chunks(path, reported.append, size=4096, skip=4000))
+    assert [n for c in chunks for n, _ in jsonl_chunk_lines(*c)] == list(range(4001, 5001))
+    assert sum(reported) == path.stat().st_size and len(reported) < 2 * path.stat().st_size // 4096 + 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import sys
 import time
 from itertools import islice
@@ -39,6 +40,7 @@ from prep.fast_bpe import (
 )
 from prep.readers import InputFile, Record, read_jsonl_chunks, read_records, summarize
 from prep.tokenizer import TokenizerError, load_tokenizer
+from shared.errors import UserError
 
 TRICKY = [
     "",
@@ -409,6 +411,41 @@ def test_workers_get_their_first_jobs_before_the_tokenizer_is_resolved(sample_to
         texts = TRICKY[i:] + TRICKY[:i]
         np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), texts).ids)
     assert taken == list(range(6)) and engine.num_checked_batches == 6
+
+
+def test_closing_the_reference_process_mid_request_does_not_hang(sample_tok):
+    process = _reference_process(sample_tok)
+    process.loaded()
+    # Ctrl-C while a large request is being sent: the length header and part of the payload arrive.
+    os.write(process._conn.fileno(), struct.pack("!i", 1000) + b"x" * 10)
+    child = process._process
+    process.close()  # returns: the process sees EOF, as only this one held the other end
+    assert child.exitcode is not None
+
+
+def test_a_check_before_loaded_waits_for_the_info_first(sample_tok):
+    """Negative control for the message order: the first message on the pipe is the info, not a verdict."""
+    process = _reference_process(sample_tok)
+    notes = _Notes()
+    engine = TokenEngine(
+        load_tokenizer(sample_tok, eos_token="<|endoftext|>"), notice=notes, reference=process
+    )
+    [(_, got)] = list(engine.map([(0, TRICKY)]))
+    assert engine.name == FAST and not notes.lines and engine.num_checked_batches == 1
+
+
+def test_an_input_error_while_handing_out_the_first_jobs_comes_with_the_results(sample_tok):
+    engine = TokenEngine(load_tokenizer(sample_tok, eos_token="<|endoftext|>"), workers=2)
+
+    def jobs():
+        yield 0, TRICKY
+        raise UserError("bad input file")
+
+    results = engine.map(jobs())  # raises nothing yet: the caller checks the tokenizer and --out first
+    assert next(results)[0] == 0
+    with pytest.raises(UserError, match="bad input file"):
+        next(results)
+    assert engine._pool is None  # closed with the error
 
 
 def test_the_reference_process_raises_what_load_tokenizer_raises(sample_tok, tmp_path):
