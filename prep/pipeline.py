@@ -211,7 +211,8 @@ def _jobs(
     for index in range(start[0], len(sources)):
         source = sources[index]
         skip = start[1] if index == start[0] else 0
-        batches: Iterator[BatchRecords | JsonlChunk]
+        # (what the pipeline keeps of a batch, what the engine tokenizes); a JSONL chunk is both
+        jobs: Iterator[tuple[BatchRecords | JsonlChunk, Job]]
         if source.format == "jsonl":
             chunks = read_jsonl_chunks(
                 source,
@@ -221,8 +222,7 @@ def _jobs(
                 spread=cfg.workers or os.cpu_count() or 1,
             )
             name = str(source.path)
-            batches = (JsonlChunk(name, cfg.text_field, cfg.val_fraction, *chunk) for chunk in chunks)
-            jobs = ((chunk, chunk) for chunk in batches)
+            jobs = ((c, c) for c in (JsonlChunk(name, cfg.text_field, cfg.val_fraction, *x) for x in chunks))
         else:
             records = read_records(source, cfg.text_field, lambda n: progress.advance(n))
             jobs = (
