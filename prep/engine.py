@@ -348,7 +348,7 @@ def build_fast(tokenizer: str | Path, sha256: str | None = None) -> FastBPE | Ex
         path = resolve_tokenizer_file(tokenizer)
         sha256 = sha256 or sha256_file(path)
         if _last_built is None or _last_built[0] != sha256:
-            _last_built = (sha256, FastBPE(path))
+            _last_built = (sha256, FastBPE(path, sha256))
         return _last_built[1]
     except Exception as e:
         return e

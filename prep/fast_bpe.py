@@ -204,15 +204,19 @@ Tables = tuple[bool, str, dict[bytes, int], np.ndarray, list[dict]]
 """What :class:`FastBPE` derives from a tokenizer.json: (nfc, split pattern, ranks, rank -> id, added tokens)."""
 
 
-def derive_tables(path: Path) -> Tables:
+def derive_tables(path: Path, sha256: str | None = None) -> Tables:
     """(nfc, split pattern, ranks, rank -> id, added tokens) of ``path``, from the cache when possible.
 
-    The cache holds derived data only: a damaged (zip CRC-32), stale-format or unwritable cache costs
-    the derivation again, never a wrong table; and the per-batch check compares ids with `tokenizers`.
+    ``sha256``: the file's, if the caller has it (then a cache hit does not read the file at all). The
+    cache holds derived data only: a damaged (zip CRC-32), stale-format or unwritable cache costs the
+    derivation again, never a wrong table; and the per-batch check compares ids with `tokenizers`.
     """
-    raw = path.read_bytes()
+    raw = None
+    if sha256 is None:
+        raw = path.read_bytes()
+        sha256 = hashlib.sha256(raw).hexdigest()
     folder = cache_dir()
-    cached = folder / f"{hashlib.sha256(raw).hexdigest()}.npz" if folder else None
+    cached = folder / f"{sha256}.npz" if folder else None
     if cached is not None and cached.is_file():
         try:
             with np.load(cached, allow_pickle=False) as z:  # zipfile checks each member's CRC-32
@@ -224,7 +228,7 @@ def derive_tables(path: Path) -> Tables:
             return info["nfc"], info["pattern"], ranks, rank_to_id, info["added"]
         except Exception:  # any damage at all: derive the tables again, and overwrite them
             pass
-    spec = json.loads(raw)
+    spec = json.loads(raw if raw is not None else path.read_bytes())
     nfc = _check_normalizer(spec.get("normalizer"))
     pattern = _pattern_of(spec.get("pre_tokenizer"))
     ranks, rank_to_id = _ranks(spec.get("model", {}))
@@ -271,13 +275,11 @@ class EncodedBatch:
 class FastBPE:
     """Encodes text as the `tokenizers` model it was built from would, with `tiktoken` doing the BPE."""
 
-    def __init__(self, tokenizer_json: str | Path, tables: Tables | None = None) -> None:
-        """``tables``: :func:`derive_tables` of the same file, when derived elsewhere (on another core, say)."""
+    def __init__(self, tokenizer_json: str | Path, sha256: str | None = None) -> None:
+        """``sha256``: the file's, if the caller has it (see :func:`derive_tables`)."""
         import tiktoken  # optional dependency (the `fast` extra): a missing module means "unsupported"
 
-        self.nfc, pattern, ranks, self.rank_to_id, added = (
-            tables if tables is not None else derive_tables(Path(tokenizer_json))
-        )
+        self.nfc, pattern, ranks, self.rank_to_id, added = derive_tables(Path(tokenizer_json), sha256)
         self.splitter, self.added_ids = _added_token_splitter(added)
         self._first_chars = "".join(sorted({c[0] for c in self.added_ids}))
         # Added ids ride through the rank space on ranks past the last merge, so one table lookup maps all.

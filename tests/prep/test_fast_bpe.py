@@ -41,6 +41,7 @@ from prep.fast_bpe import (
 from prep.readers import InputFile, Record, read_jsonl_chunks, read_records, summarize
 from prep.tokenizer import TokenizerError, load_tokenizer
 from shared.errors import UserError
+from shared.fileio import sha256_file
 
 TRICKY = [
     "",
@@ -363,6 +364,9 @@ def test_cached_tables_give_the_same_engine(sample_tok, tmp_path, monkeypatch):
     second = FastBPE(sample_tok)  # reads them back
     np.testing.assert_array_equal(first.encode_batch(texts).ids, second.encode_batch(texts).ids)
     assert first.encoding._mergeable_ranks == second.encoding._mergeable_ranks
+    # Given the file's sha256, a cache hit reads nothing else: not even the file.
+    gone = derive_tables(tmp_path / "missing.json", sha256_file(sample_tok))
+    assert gone[2] == first.encoding._mergeable_ranks
 
 
 def _reference_process(path: Path, **kw) -> ReferenceProcess:
