@@ -495,6 +495,7 @@ class TokenEngine:
             try:
                 return self._reference_process.first_difference(sample, got)
             except (EOFError, OSError):  # it died (killed, out of memory): check in this process from now on
+                self.tok  # noqa: B018 - resolved before it goes (loaded() has it by now)
                 self._reference_process.close()
                 self._reference_process = None
         return first_difference(self.tok.tokenizer, sample.texts, sample.ids(got), sample.index)

@@ -309,22 +309,24 @@ def test_engine_falls_back_when_ids_differ(sample, sample_tok, workers, monkeypa
     assert len(notes.lines) == 1 and "disagreed" in notes.lines[0]
 
 
-def test_engine_falls_back_for_unsupported_tokenizer(sample_tok, tmp_path):
-    path = _edited(sample_tok, tmp_path, lambda s: s.update(normalizer={"type": "Lowercase"}))
+def _assert_reference_with_notice(path: Path, *said: str) -> None:
+    """An engine for ``path`` runs `tokenizers`, and its one notice says each of ``said``."""
     notes = _Notes()
     engine = TokenEngine(load_tokenizer(path, eos_token="<|endoftext|>"), notice=notes)
-    assert engine.name == REFERENCE and "does not support" in notes.lines[0]
+    assert engine.name == REFERENCE and len(notes.lines) == 1
+    assert all(part in notes.lines[0] for part in said), notes.lines
     [(_, got)] = list(engine.map([(0, ["Hello World"])]))
     np.testing.assert_array_equal(got.ids, reference_encode(engine.tok.tokenizer, ["Hello World"]).ids)
+
+
+def test_engine_falls_back_for_unsupported_tokenizer(sample_tok, tmp_path):
+    path = _edited(sample_tok, tmp_path, lambda s: s.update(normalizer={"type": "Lowercase"}))
+    _assert_reference_with_notice(path, "does not support", "normalizer 'Lowercase'")
 
 
 def test_engine_without_tiktoken_says_how_to_get_it(sample_tok, monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` now raises ImportError
-    notes = _Notes()
-    engine = TokenEngine(load_tokenizer(sample_tok, eos_token="<|endoftext|>"), notice=notes)
-    assert engine.name == REFERENCE and "packed-shards[fast]" in notes.lines[0]
-    [(_, got)] = list(engine.map([(0, ["Hello World"])]))
-    np.testing.assert_array_equal(got.ids, reference_encode(engine.tok.tokenizer, ["Hello World"]).ids)
+    _assert_reference_with_notice(sample_tok, "packed-shards[fast]")
 
 
 def test_the_cache_is_on_by_default_in_the_user_cache_folder(tmp_path, monkeypatch):
@@ -477,13 +479,14 @@ def test_a_killed_reference_process_costs_time_never_a_check(sample_tok):
     [(_, got)] = list(engine.map([(0, TRICKY)]))
     assert engine.name == FAST and engine.num_checked_batches == 1 and tok._tokenizer is not None
     np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), TRICKY).ids)
-
-
-def test_an_unsupported_tokenizer_is_a_notice(sample_tok, tmp_path):
-    path = _edited(sample_tok, tmp_path, lambda s: s.update(normalizer={"type": "Lowercase"}))
-    notes = _Notes()
-    engine = TokenEngine(load_tokenizer(path, eos_token="<|endoftext|>"), notice=notes, fast=build_fast(path))
-    assert engine.name == REFERENCE and "normalizer 'Lowercase'" in notes.lines[0]
+    # An engine made without the tokenizer (as pack makes it) keeps it when the process dies.
+    process = _reference_process(sample_tok)
+    engine = TokenEngine(workers=2, fast=build_fast(sample_tok), reference=process)
+    process.loaded()
+    os.kill(process._process.pid, signal.SIGKILL)
+    [(_, got)] = list(engine.map([(0, TRICKY)]))
+    assert engine.name == FAST and engine.num_checked_batches == 1
+    np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), TRICKY).ids)
 
 
 def test_the_last_engine_is_kept_for_the_same_tokenizer_only(sample_tok, tmp_path):
