@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.divergence import UnsupportedPattern, divergent_code_points, guard
+
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 """The pattern `tokenizers`' ``ByteLevel(use_regex=True)`` splits with (GPT-2's)."""
 
@@ -65,6 +67,10 @@ def fast_pattern(pattern: str) -> str:
     if backslashes % 2 or "#" in head or re.search(r"\(\?[a-zA-Z-]*(x|\))", head):
         return pattern
     return f"(?:{head}){WHITESPACE_TAIL}"
+
+
+LONG_WHITESPACE = re.compile(r"(?<!\s)\s{65536}")
+"""A whitespace run the fast engine leaves to `tokenizers` (the look-behind keeps the search linear)."""
 
 
 class Unsupported(Exception):
@@ -208,8 +214,8 @@ def derive_tables(path: Path, sha256: str | None = None) -> Tables:
     """(nfc, split pattern, ranks, rank -> id, added tokens) of ``path``, from the cache when possible.
 
     ``sha256``: the file's, if the caller has it (then a cache hit does not read the file at all). The
-    cache holds derived data only: a damaged (zip CRC-32), stale-format or unwritable cache costs the
-    derivation again, never a wrong table; and the per-batch check compares ids with `tokenizers`.
+    cache holds derived data only, with a sha256 over every table and the tokenizer's sha256: a damaged,
+    edited, stale-format or unwritable cache costs the derivation again, never a wrong table.
     """
     raw = None
     if sha256 is None:
@@ -222,6 +228,9 @@ def derive_tables(path: Path, sha256: str | None = None) -> Tables:
             with np.load(cached, allow_pickle=False) as z:  # zipfile checks each member's CRC-32
                 meta, blob = z["meta"].tobytes(), z["blob"].tobytes()
                 offsets, rank_to_id = z["offsets"], z["rank_to_id"]
+                digest = z["digest"].tobytes().decode("ascii")
+            if digest != _tables_digest(sha256, meta, blob, offsets, rank_to_id):
+                raise ValueError("the cached tables do not match their digest")
             info = json.loads(meta.decode("utf-8"))
             ends = offsets.tolist()
             ranks = {blob[ends[i] : ends[i + 1]]: i for i in range(len(ends) - 1)}
@@ -234,17 +243,33 @@ def derive_tables(path: Path, sha256: str | None = None) -> Tables:
     ranks, rank_to_id = _ranks(spec.get("model", {}))
     added = spec.get("added_tokens", [])
     if cached is not None:
-        _write_cache(cached, nfc, pattern, ranks, rank_to_id, added)
+        _write_cache(cached, sha256, nfc, pattern, ranks, rank_to_id, added)
     return nfc, pattern, ranks, rank_to_id, added
 
 
+def _tables_digest(sha256: str, meta: bytes, blob: bytes, offsets: np.ndarray, rank_to_id: np.ndarray) -> str:
+    """sha256 over the tokenizer's sha256 and every table, as stored: what a cache file must carry to be used."""
+    h = hashlib.sha256(sha256.encode("ascii"))
+    for part in (meta, blob, np.ascontiguousarray(offsets, "<i8"), np.ascontiguousarray(rank_to_id, "<i4")):
+        h.update(len(part).to_bytes(8, "little") if isinstance(part, bytes) else str(part.shape).encode())
+        h.update(part if isinstance(part, bytes) else part.tobytes())
+    return h.hexdigest()
+
+
 def _write_cache(
-    cached: Path, nfc: bool, pattern: str, ranks: dict[bytes, int], rank_to_id: np.ndarray, added: list
+    cached: Path,
+    sha256: str,
+    nfc: bool,
+    pattern: str,
+    ranks: dict[bytes, int],
+    rank_to_id: np.ndarray,
+    added: list,
 ) -> None:
     meta = json.dumps({"nfc": nfc, "pattern": pattern, "added": added}).encode("utf-8")
     keys = list(ranks)  # in rank order: rank i is keys[i]
     blob = b"".join(keys)
     offsets = np.cumsum([0] + [len(k) for k in keys]).astype(np.int64)
+    digest = _tables_digest(sha256, meta, blob, offsets, rank_to_id)
     tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -255,6 +280,7 @@ def _write_cache(
                 blob=np.frombuffer(blob, dtype=np.uint8),
                 offsets=offsets,
                 rank_to_id=rank_to_id,
+                digest=np.frombuffer(digest.encode("ascii"), dtype=np.uint8),
             )
         os.replace(tmp, cached)
     except OSError:
@@ -279,7 +305,16 @@ class FastBPE:
         """``sha256``: the file's, if the caller has it (see :func:`derive_tables`)."""
         import tiktoken  # optional dependency (the `fast` extra): a missing module means "unsupported"
 
-        self.nfc, pattern, ranks, self.rank_to_id, added = derive_tables(Path(tokenizer_json), sha256)
+        self.path = Path(tokenizer_json)
+        self.nfc, pattern, ranks, self.rank_to_id, added = derive_tables(self.path, sha256)
+        try:
+            divergent = divergent_code_points(pattern, self.nfc, cache_dir())
+        except UnsupportedPattern as e:
+            raise Unsupported(str(e)) from e
+        self.divergent = guard(divergent)
+        self._ascii_safe = not (divergent < 128).any()
+        self._reference = None
+        self.num_referred = 0
         self.splitter, self.added_ids = _added_token_splitter(added)
         self._first_chars = "".join(sorted({c[0] for c in self.added_ids}))
         # Added ids ride through the rank space on ranks past the last merge, so one table lookup maps all.
@@ -293,6 +328,27 @@ class FastBPE:
             )
         except Exception as e:  # the Rust regex engine rejects some patterns `tokenizers` accepts
             raise Unsupported(f"tiktoken cannot compile the split pattern ({e})") from e
+
+    def provable(self, text: str) -> bool:
+        """Whether this engine encodes ``text`` as `tokenizers` does, by construction.
+
+        It does unless the text holds a code point on which the two engines' Unicode data differ
+        (:mod:`prep.divergence`), or a whitespace run long enough to exhaust the backtracking stack of
+        tiktoken's regex engine (a panic there, around a million characters).
+        """
+        if LONG_WHITESPACE.search(text) is not None:
+            return False
+        if self.divergent is None or (self._ascii_safe and text.isascii()):
+            return True
+        return self.divergent.search(text) is None
+
+    def reference(self):
+        """The `tokenizers` model this engine reproduces, loaded on first use (for what it cannot prove)."""
+        if self._reference is None:
+            from prep.tokenizer import open_tokenizer
+
+            self._reference = open_tokenizer(self.path)
+        return self._reference
 
     def _pieces(self, text: str) -> list[str | int]:
         """Text split at non-special added tokens: strings to encode, ints already ids."""
@@ -324,23 +380,55 @@ class FastBPE:
     def encode_batch(self, texts: list[str], added_docs: list[int] | None = None) -> EncodedBatch:
         """Ids of each text alone (no BOS/EOS), identical to `tokenizers` with encode_special_tokens.
 
-        ``added_docs``, when given, receives the index of every text holding a non-special added token
-        (what :meth:`has_added_token` says, without splitting the text a second time).
+        A text that is not :meth:`provable`, or that tiktoken's regex engine gives up on (a run of about
+        a million spaces exhausts its backtracking stack), is encoded by `tokenizers` itself, and counted
+        in :attr:`num_referred`. ``added_docs``, when given, receives the index of every text holding a
+        non-special added token (what :meth:`has_added_token` says, without splitting the text twice).
         """
         encode = self.encoding._core_bpe.encode_ordinary
         added_rank = self._added_rank
         lengths = np.empty(len(texts), dtype=np.int64)
         ranks: list[int] = []
+        referred: dict[int, list[int]] = {}
         for i, text in enumerate(texts):
             before = len(ranks)
-            pieces = self._pieces(text)
+            try:
+                if not self.provable(text):
+                    raise _Refer
+                pieces = self._pieces(text)
+                for piece in pieces:
+                    if isinstance(piece, int):
+                        ranks.append(added_rank[piece])
+                    else:
+                        ranks.extend(encode(self._normalize(piece)))
+            except BaseException as e:
+                if not isinstance(e, _Refer) and type(e).__name__ != "PanicException":
+                    raise
+                del ranks[before:]
+                referred[i] = self.reference().encode(text, add_special_tokens=False).ids
+                lengths[i] = len(referred[i])
+                continue
             if added_docs is not None and any(isinstance(piece, int) for piece in pieces):
                 added_docs.append(i)
-            for piece in pieces:
-                if isinstance(piece, int):
-                    ranks.append(added_rank[piece])
-                else:
-                    ranks.extend(encode(self._normalize(piece)))
             lengths[i] = len(ranks) - before
         ids = self.rank_to_id[np.array(ranks, dtype=np.int64)] if ranks else np.zeros(0, dtype=np.int32)
+        if referred:
+            ids = _splice(ids, lengths, referred)
+            self.num_referred += len(referred)
         return EncodedBatch(ids=ids, lengths=lengths)
+
+
+class _Refer(Exception):
+    """A text the fast engine leaves to `tokenizers`."""
+
+
+def _splice(ids: np.ndarray, lengths: np.ndarray, referred: dict[int, list[int]]) -> np.ndarray:
+    """``ids`` (the fast engine's, without the referred texts) with each referred text's ids in its place."""
+    pieces, pos = [], 0
+    for i, length in enumerate(lengths.tolist()):
+        if i in referred:
+            pieces.append(np.asarray(referred[i], dtype=np.int32))
+        else:
+            pieces.append(ids[pos : pos + length])
+            pos += length
+    return np.concatenate(pieces) if pieces else ids

@@ -74,7 +74,7 @@ class LoadedTokenizer:
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = _load(resolve_tokenizer_file(self.info.path))
+            self._tokenizer = open_tokenizer(resolve_tokenizer_file(self.info.path))
         return self._tokenizer
 
     @property
@@ -102,7 +102,7 @@ def load_tokenizer(
     path: str | Path, *, eos_token: str | None = None, bos_token: str | None = None
 ) -> LoadedTokenizer:
     file = resolve_tokenizer_file(path)
-    tokenizer = _load(file)
+    tokenizer = open_tokenizer(file)
 
     if eos_token is None:
         eos_token = _default_eos(file) or next(
@@ -129,7 +129,7 @@ def load_tokenizer(
     return LoadedTokenizer(tokenizer=tokenizer, info=info)
 
 
-def _load(file: Path) -> Tokenizer:
+def open_tokenizer(file: Path) -> Tokenizer:
     """The `tokenizers` model of ``file``, set to keep special-token text as text, without padding or truncation."""
     try:
         tokenizer = Tokenizer.from_file(str(file))

@@ -129,8 +129,8 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_pack_writes_nothing_outside_out_but_its_table_cache(sample, tmp_path):
-    """Outside ``--out``, `prep pack` writes one file: the fast engine's tables, in the user's cache folder
-    (``PREP_FAST_BPE_CACHE=off``: nothing at all)."""
+    """Outside ``--out``, `prep pack` writes three files, in the user's cache folder: the fast engine's tables
+    and the two sets of code points it leaves to `tokenizers` (``PREP_FAST_BPE_CACHE=off``: nothing at all)."""
     corpus, tok = sample
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -172,8 +172,11 @@ def test_pack_writes_nothing_outside_out_but_its_table_cache(sample, tmp_path):
         if cache == "off":
             assert snapshot(home) == before_home, "wrote into the home folder"
         else:
-            [table] = written
-            assert table.startswith(".cache/packed-shards/fast-bpe-v1/") and table.endswith(".npz"), written
+            # The tables of this tokenizer, and the code points the fast engine leaves to `tokenizers`.
+            assert all(p.startswith(".cache/packed-shards/fast-bpe-v1/") for p in written), written
+            assert len(written) == 3 and sum(p.endswith(".npz") for p in written) == 1, written
+            assert sum("/divergent-classes-" in p for p in written) == 1, written
+            assert sum("/divergent-nfc-" in p for p in written) == 1, written
         assert snapshot(tmp) == {} and snapshot(cwd) == {}, "wrote into TMPDIR or the working folder"
         assert snapshot(inputs) == before_inputs and snapshot(tok) == before_tok, "changed an input"
     names = sorted(p.name for p in out.iterdir())
