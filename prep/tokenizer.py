@@ -9,6 +9,7 @@ special ids in a packed row are the BOS/EOS that `prep pack` itself places.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,9 @@ def load_tokenizer(
             raise TokenizerError(f"cannot tell the EOS token of `{file}`; pass it with `--eos-token`.")
     eos_id = _token_id(tokenizer, eos_token, "--eos-token", file)
     bos_id = None if bos_token is None else _token_id(tokenizer, bos_token, "--bos-token", file)
+    for flag, token, token_id in (("--eos-token", eos_token, eos_id), ("--bos-token", bos_token, bos_id)):
+        if token_id is not None:
+            _check_text_cannot_produce(tokenizer, file, flag, token, token_id)
     if bos_id is not None and bos_id == eos_id:
         raise TokenizerError(
             f"--bos-token {bos_token!r} is the EOS token (id {eos_id}); a separator used as BOS would break the"
@@ -151,3 +155,41 @@ def _token_id(tokenizer: Tokenizer, token: str, flag: str, file: Path) -> int:
             f"{flag} {token!r} is not a token of `{file}`. Its special tokens are: {', '.join(specials[:12]) or 'none'}."
         )
     return token_id
+
+
+def _check_text_cannot_produce(
+    tokenizer: Tokenizer, file: Path, flag: str, token: str, token_id: int
+) -> None:
+    """Refuse an EOS/BOS that document text can produce: then it would not mark where documents end.
+
+    Text never produces a *special* added token (its text is tokenized as text, see the module docstring),
+    unless the model's own vocabulary can produce the same id: a BPE vocabulary through its base alphabet,
+    byte fallback or merges, any other model through any of its entries.
+    """
+    added = tokenizer.get_added_tokens_decoder().get(token_id)
+    specials = sorted(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
+    fix = f"Choose a special token: {', '.join(specials[:12]) or 'the tokenizer has none; add one'}."
+    if added is None or not added.special:
+        kind = "an added token that is not special" if added is not None else "an ordinary vocabulary token"
+        raise TokenizerError(
+            f"{flag} {token!r} (id {token_id}) is {kind} of `{file}`: document text produces it, so it"
+            f" cannot mark where documents end. {fix}"
+        )
+    if tokenizer.model.token_to_id(token) is None:
+        return
+    if _model_can_produce(file, token):
+        raise TokenizerError(
+            f"{flag} {token!r} (id {token_id}) is special, but the model's vocabulary of `{file}` also makes"
+            f" it from text (a merge or a base token), so it cannot mark where documents end. {fix}"
+        )
+
+
+def _model_can_produce(file: Path, token: str) -> bool:
+    """Whether the model of ``file`` can output ``token`` for some text (rare: read the file again)."""
+    model = json.loads(file.read_text(encoding="utf-8")).get("model", {})
+    if model.get("type") != "BPE":
+        return True
+    if len(token) == 1 or token == model.get("unk_token") or re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+        return True
+    merges = model.get("merges", [])
+    return any((m.replace(" ", "", 1) if isinstance(m, str) else "".join(m)) == token for m in merges)

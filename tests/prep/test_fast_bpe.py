@@ -358,6 +358,32 @@ def test_a_damaged_or_unwritable_cache_costs_time_never_a_wrong_table(sample_tok
     assert derive_tables(sample_tok)[2] == fresh[2]
 
 
+def test_an_edited_cache_is_never_used(sample_tok, tmp_path, monkeypatch):
+    """A cache rewritten as a valid file with swapped ids (zip CRCs fine) fails its digest and is derived again."""
+    monkeypatch.setenv("PREP_FAST_BPE_CACHE", str(tmp_path))
+    fresh = derive_tables(sample_tok)
+    [cached] = cache_dir().glob("*.npz")
+    with np.load(cached) as z:
+        arrays = {name: z[name] for name in z.files}
+    arrays["rank_to_id"] = arrays["rank_to_id"].copy()
+    arrays["rank_to_id"][[300, 301]] = arrays["rank_to_id"][[301, 300]]  # two merged tokens' ids swapped
+    with open(cached, "wb") as f:
+        np.savez(f, **arrays)
+    again = derive_tables(sample_tok)
+    np.testing.assert_array_equal(again[3], fresh[3])
+    with np.load(cached) as z:  # rewritten with the right tables
+        np.testing.assert_array_equal(z["rank_to_id"], fresh[3])
+
+
+def test_a_million_spaces_go_to_the_reference_without_a_panic(sample_tok, capfd):
+    """tiktoken's regex engine panics on ~1M whitespace characters; the engine leaves such texts to `tokenizers`."""
+    fast, reference = FastBPE(sample_tok), _reference(sample_tok)
+    texts = ["a" + ch * 1_000_000 + "b" for ch in (" ", "\t", "\u00a0")] + ["after: plain text still fast"]
+    _assert_same(fast, reference, texts)
+    assert fast.num_referred == 3
+    assert "panicked" not in capfd.readouterr().err
+
+
 def test_cached_tables_give_the_same_engine(sample_tok, tmp_path, monkeypatch):
     monkeypatch.setenv("PREP_FAST_BPE_CACHE", str(tmp_path))
     texts = TRICKY + ["The board reported steady demand."]
