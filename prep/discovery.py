@@ -176,9 +176,7 @@ def _compressed(path: Path) -> str | None:
 
 
 def _unsupported(path: Path) -> str:
-    return (
-        f"of a type prep pack does not read ({path.suffix or 'no suffix'}; it reads {', '.join(SUPPORTED)})"
-    )
+    return f"of a type prep pack does not read ({path.suffix or 'no suffix'})"
 
 
 class _Walk:
