@@ -28,9 +28,10 @@ SCRIPT = str(Path(__file__).resolve())
 
 def _texts(path: str) -> list[str]:
     """The texts `prep pack` tokenizes: its own reader, so empty records are skipped the same way."""
-    from prep.readers import expand_inputs, read_records
+    from prep.discovery import discover_inputs
+    from prep.readers import read_records
 
-    [source] = expand_inputs([path])
+    [source] = discover_inputs([path]).files
     return [r.text for r in read_records(source, "text", lambda n: None) if r.text is not None]
 
 

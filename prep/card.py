@@ -142,6 +142,7 @@ def _commands(folder: str, m: Manifest) -> str:
         f" --long-docs {o.long_docs} --val-fraction {o.val_fraction} --eos-token {shlex.quote(t.eos_token)}"
         + (f" --bos-token {shlex.quote(t.bos_token)}" if t.bos_token else "")
         + (" --skip-invalid" if o.skip_invalid else "")
+        + (f" --dataset-split {shlex.quote(o.dataset_split)}" if o.dataset_split else "")
     )
     return "\n".join(
         [
@@ -182,7 +183,9 @@ def render_card(m: Manifest, stats: dict[str, SplitStats], folder: str = "DIR") 
         format=m.format,
         format_version=m.format_version,
         inputs="\n".join(
-            f"| `{i.path}` | {i.format} | {i.first_doc_id:,} | {i.num_records:,} |" for i in m.inputs
+            f"| `{i.path}`{f' (split {i.dataset_split})' if i.dataset_split else ''} | {i.format}"
+            f" | {i.first_doc_id:,} | {i.num_records:,} |"
+            for i in m.inputs
         ),
         tokenizer_path=t.path,
         tokenizer_sha256=t.sha256,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -45,7 +46,8 @@ class RichProgress(pipeline.Progress):
         self.progress.update(self.task, advance=amount, **self.fields)
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text)
+        # As text: brackets in a path (`data[1].jsonl`) are not rich markup, and long paths are not broken.
+        self.progress.console.print(escape(text), highlight=False, soft_wrap=True)
 
 
 def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
@@ -112,6 +114,10 @@ def pack(
         typer.Option(help="bfd (best-fit-decreasing, near-perfect fill) or wrapped (concatenate and cut)."),
     ] = "bfd",
     text_field: Annotated[str, typer.Option(help="Field holding the document text.")] = "text",
+    dataset_split: Annotated[
+        str | None,
+        typer.Option(help="Split to read of each saved DatasetDict input; needed when one has several."),
+    ] = None,
     eos_token: Annotated[
         str | None, typer.Option(help="Document separator; default the tokenizer's EOS.")
     ] = None,
@@ -164,6 +170,7 @@ def pack(
             seq_len=seq_len,
             strategy=strategy,
             text_field=text_field,
+            dataset_split=dataset_split,
             eos_token=eos_token,
             bos_token=bos_token,
             long_docs=long_docs,

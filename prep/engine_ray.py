@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from prep.discovery import describe, discover_inputs
 from prep.engine import TokenEngine
 from prep.packing import PackPlan
 from prep.pipeline import (
@@ -47,7 +48,7 @@ from prep.pipeline import (
     require_documents,
     split_metadata,
 )
-from prep.readers import InputError, InputFile, expand_inputs, read_records, summarize
+from prep.readers import InputError, InputFile, read_records, summarize
 from prep.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, shard_ranges, split_info, write_shard
 from shared.contract import schema_with_metadata, shard_file_name
@@ -263,7 +264,7 @@ def _tokenize_all(
     refs = [
         task.remote(
             task_cfg,
-            InputFile(s.path.resolve(), s.format),
+            replace(s, path=s.path.resolve()),
             s.num_bytes,
             tok.info.sha256,
             str(_part_path(work.resolve(), i)),
@@ -358,7 +359,9 @@ def pack_with_ray(cfg: PackConfig, progress: Progress) -> Manifest:
     """`prep.pipeline.pack` for ``engine="ray"``; see the module docstring."""
     ray = import_ray()
     tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
-    sources = expand_inputs(list(cfg.inputs))
+    found = discover_inputs(cfg.inputs, cfg.dataset_split)
+    progress.message(describe(found))
+    sources = list(found.files)
     out_is_new = not cfg.out.exists()
     _check_output_folder(cfg)
     work = cfg.out / WORK_DIR
@@ -385,7 +388,13 @@ def pack_with_ray(cfg: PackConfig, progress: Progress) -> Manifest:
         if started:
             ray.shutdown()
     inputs = tuple(
-        InputInfo(path=str(s.path), format=s.format, first_doc_id=int(first), num_records=p.num_records)
+        InputInfo(
+            path=str(s.path),
+            format=s.format,
+            first_doc_id=int(first),
+            num_records=p.num_records,
+            dataset_split=s.dataset_split,
+        )
         for s, p, first in zip(sources, parts, first_doc_ids(parts), strict=True)
     )
-    return finish(cfg, tok, inputs, docs, splits)
+    return finish(cfg, tok, inputs, docs, splits, found.ignored)

@@ -259,6 +259,7 @@ _FLAGS = {
     "seq_len": "--seq-len",
     "strategy": "--strategy",
     "text_field": "--text-field",
+    "dataset_split": "--dataset-split",
     "eos_token": "--eos-token",
     "bos_token": "--bos-token",
     "long_docs": "--long-docs",

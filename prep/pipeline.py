@@ -24,6 +24,7 @@ import numpy as np
 
 from prep import __version__
 from prep.card import PLOT_NAME, write_card
+from prep.discovery import describe, discover_inputs
 from prep.engine import Job, JsonlChunk, TokenEngine, build_fast, start_reference
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, input_stats, kill_point
@@ -35,7 +36,6 @@ from prep.readers import (
     InputError,
     InputFile,
     Record,
-    expand_inputs,
     read_jsonl_chunks,
     read_records,
     summarize,
@@ -45,7 +45,7 @@ from prep.tokenizer import LoadedTokenizer, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, write_split
 from shared.contract import CARD_NAME, MANIFEST_NAME, SPLITS, shard_metadata
 from shared.errors import UserError
-from shared.manifest import DocumentAccounting, InputInfo, Manifest, PackOptions, SplitInfo
+from shared.manifest import DocumentAccounting, IgnoredInput, InputInfo, Manifest, PackOptions, SplitInfo
 
 LONG_DOC_POLICIES = ("split", "truncate", "drop")
 ENGINES = ("local", "ray")
@@ -65,6 +65,8 @@ class PackConfig:
     """Maximum tokens per packed row."""
     strategy: str = "bfd"
     text_field: str = "text"
+    dataset_split: str | None = None
+    """The split to read of every saved DatasetDict input; needed when one has several (prep/discovery.py)."""
     eos_token: str | None = None
     """Default: the tokenizer's own EOS (from tokenizer_config.json, else a well-known name)."""
     bos_token: str | None = None
@@ -121,6 +123,8 @@ class PackConfig:
             raise UserError(f"--rows-per-shard {self.rows_per_shard} must be at least 1.")
         if not self.inputs:
             raise UserError("no inputs given; pass one or more files, folders or globs.")
+        if self.dataset_split is not None and not self.dataset_split.strip():
+            raise UserError("--dataset-split is empty; name a split of the DatasetDict input, or drop it.")
 
 
 class Progress:
@@ -308,6 +312,7 @@ def _tokenize_inputs(
                     format=sources[index].format,
                     first_doc_id=state.first_id,
                     num_records=state.next_id - state.first_id,
+                    dataset_split=sources[index].dataset_split,
                 )
                 journal.commit_source(out, info)
     journal.finish_pass1()
@@ -328,6 +333,7 @@ def _fingerprint(
         "seq_len": cfg.seq_len,
         "strategy": cfg.strategy,
         "text_field": cfg.text_field,
+        "dataset_split": cfg.dataset_split,
         "eos_token": tok.info.eos_token,
         "bos_token": tok.info.bos_token,
         "long_docs": cfg.long_docs,
@@ -369,7 +375,9 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
 
 
 def _pack(cfg: PackConfig, engine: TokenEngine, progress: Progress) -> Manifest:
-    sources = expand_inputs(list(cfg.inputs))
+    found = discover_inputs(cfg.inputs, cfg.dataset_split)
+    progress.message(describe(found))
+    sources = list(found.files)
     progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
     # A new run starts at the first record: hand the workers their first jobs now, while the tokenizer's
     # details (EOS, BOS: for the journal and the streams) are still being resolved. A resumed run first
@@ -425,7 +433,7 @@ def _pack(cfg: PackConfig, engine: TokenEngine, progress: Progress) -> Manifest:
             on_shard=lambda info, split=name: journal.shard_done(split, info),
         )
     del tokens
-    return finish(cfg, tok, tokenized.inputs, docs, splits)
+    return finish(cfg, tok, tokenized.inputs, docs, splits, found.ignored)
 
 
 def _release_pages(tokens: np.ndarray) -> None:
@@ -481,6 +489,7 @@ def finish(
     inputs: tuple[InputInfo, ...],
     docs: DocumentAccounting,
     splits: dict[str, SplitInfo],
+    ignored: tuple[IgnoredInput, ...] = (),
 ) -> Manifest:
     """After every shard is durable: write the manifest (last, so that it marks a complete dataset) and the card."""
     manifest = Manifest(
@@ -492,11 +501,13 @@ def finish(
             long_docs=cfg.long_docs,
             val_fraction=cfg.val_fraction,
             skip_invalid=cfg.skip_invalid,
+            dataset_split=cfg.dataset_split,
         ),
         inputs=inputs,
         documents=docs,
         splits=splits,
         created_by=f"prep {__version__}",
+        ignored=ignored,
     )
     problems = docs.problems()
     assert not problems, f"internal accounting error: {problems}"

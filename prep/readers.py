@@ -8,7 +8,6 @@ dropped silently: every record read becomes a document id.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -93,72 +92,15 @@ class InputFile:
     path: Path
     format: str
     """`jsonl`, `json`, `parquet`, `text` or `arrow-dataset`."""
+    dataset_split: str | None = None
+    """The split to read of a saved DatasetDict (prep/discovery.py chooses it)."""
 
     @property
     def num_bytes(self) -> int:
         if self.path.is_dir():
-            return sum(p.stat().st_size for p in self.path.rglob("*.arrow"))
+            folder = self.path / self.dataset_split if self.dataset_split else self.path
+            return sum(p.stat().st_size for p in folder.rglob("*.arrow"))
         return self.path.stat().st_size
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any(
-        (path / n).is_file() for n in ("dataset_info.json", "dataset_dict.json", "state.json")
-    )
-
-
-def _format_of(path: Path) -> str | None:
-    if _is_saved_dataset(path):
-        return "arrow-dataset"
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix == ".json":
-        return "json"
-    if suffix in PARQUET_SUFFIXES:
-        return "parquet"
-    if suffix in TEXT_SUFFIXES:
-        return "text"
-    return None
-
-
-def expand_inputs(inputs: list[str]) -> list[InputFile]:
-    """Paths, globs and folders to input files, in the order given (globs and folders sorted)."""
-    found: list[InputFile] = []
-    for spec in inputs:
-        if any(c in spec for c in "*?["):
-            paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
-            if not paths:
-                raise InputError(
-                    f"input `{spec}` matches no files; check the pattern (quote it in the shell)."
-                )
-        else:
-            paths = [Path(spec)]
-        for path in paths:
-            if not path.exists():
-                raise InputError(
-                    f"input `{path}` does not exist; check the path (relative to `{Path.cwd()}`)."
-                )
-            fmt = _format_of(path)
-            if fmt is not None:
-                found.append(InputFile(path, fmt))
-            elif path.is_dir():
-                inner = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
-                if not inner:
-                    raise InputError(
-                        f"folder `{path}` holds no {', '.join(SUPPORTED)} files and is not a saved dataset."
-                    )
-                found.extend(InputFile(p, _format_of(p) or "text") for p in inner)
-            elif any(c in spec for c in "*?["):
-                continue  # a glob may sweep up files we do not read; say nothing about them
-            else:
-                raise InputError(
-                    f"input `{path}` has an unsupported type; use {', '.join(SUPPORTED)}, or a folder saved with"
-                    " `datasets.save_to_disk`."
-                )
-    if not found:
-        raise InputError(f"no input files found in {', '.join(inputs)}.")
-    return found
 
 
 def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
@@ -168,9 +110,12 @@ def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], N
         "json": _read_json,
         "parquet": _read_parquet,
         "text": _read_text,
-        "arrow-dataset": _read_saved_dataset,
     }
-    yield from _named_errors(source, readers[source.format](source.path, text_field, on_bytes))
+    if source.format == "arrow-dataset":
+        records = _read_saved_dataset(source, text_field, on_bytes)
+    else:
+        records = readers[source.format](source.path, text_field, on_bytes)
+    yield from _named_errors(source, records)
 
 
 def read_jsonl_chunks(
@@ -395,10 +340,14 @@ def _read_parquet(path: Path, text_field: str, on_bytes: Callable[[int], None]) 
         on_bytes(total * batch.num_rows // max(pf.metadata.num_rows, 1))
 
 
-def _read_saved_dataset(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+def _read_saved_dataset(
+    source: InputFile, text_field: str, on_bytes: Callable[[int], None]
+) -> Iterator[Record]:
+    """The records of a saved Dataset, or of the one split of a saved DatasetDict that discovery chose."""
     import datasets
     import pyarrow as pa
 
+    path, name = source.path, source.dataset_split
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets and pyarrow raise many types for a damaged folder
@@ -406,33 +355,30 @@ def _read_saved_dataset(path: Path, text_field: str, on_bytes: Callable[[int], N
             f"dataset `{path}` cannot be loaded ({type(e).__name__}: {str(e)[:200]}). Save it again with"
             " `datasets.save_to_disk`."
         ) from e
-    parts = (
-        [(name, loaded[name]) for name in loaded]
-        if isinstance(loaded, datasets.DatasetDict)
-        else [("", loaded)]
-    )
-    for name, ds in parts:
-        if text_field not in ds.column_names:
-            continue  # reported below, with the columns it does have
-        # The Arrow files' offsets come from disk: check them (and the UTF-8) before any read trusts them,
-        # so a damaged file is an error instead of text read from outside its buffers.
-        try:
-            ds.data.table.column(text_field).validate(full=True)
-        except pa.ArrowInvalid as e:
-            raise InputError(
-                f"dataset `{path}`{'/' + name if name else ''}: column `{text_field}` is damaged ({e})."
-                " Save the dataset again with `datasets.save_to_disk`."
-            ) from e
-    total = max(sum(len(d) for _, d in parts), 1)
-    num_bytes = InputFile(path, "arrow-dataset").num_bytes
-    for name, ds in parts:
-        if text_field not in ds.column_names:
-            raise InputError(
-                f"dataset `{path}`{'/' + name if name else ''} has no `{text_field}` column"
-                f" (columns: {', '.join(ds.column_names)}); set `--text-field`."
-            )
-        label = path / name if name else path
-        for start in range(0, len(ds), 4096):
-            column = ds[start : start + 4096][text_field]
-            yield from _column_records(column, start, label, text_field)
-            on_bytes(num_bytes * len(column) // total)
+    if isinstance(loaded, datasets.DatasetDict) != (name is not None):
+        raise InputError(
+            f"dataset `{path}` changed while being read (it is {'no longer ' if name else ''}a DatasetDict);"
+            " run the command again."
+        )
+    ds = loaded[name] if name is not None else loaded
+    label = path / name if name else path
+    if text_field not in ds.column_names:
+        raise InputError(
+            f"dataset `{label}` has no `{text_field}` column (columns: {', '.join(ds.column_names)});"
+            " set `--text-field`."
+        )
+    # The Arrow files' offsets come from disk: check them (and the UTF-8) before any read trusts them,
+    # so a damaged file is an error instead of text read from outside its buffers.
+    try:
+        ds.data.table.column(text_field).validate(full=True)
+    except pa.ArrowInvalid as e:
+        raise InputError(
+            f"dataset `{label}`: column `{text_field}` is damaged ({e})."
+            " Save the dataset again with `datasets.save_to_disk`."
+        ) from e
+    total = max(len(ds), 1)
+    num_bytes = source.num_bytes
+    for start in range(0, len(ds), 4096):
+        column = ds[start : start + 4096][text_field]
+        yield from _column_records(column, start, label, text_field)
+        on_bytes(num_bytes * len(column) // total)

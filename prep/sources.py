@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from prep.readers import expand_inputs, is_val, read_records
+from prep.discovery import discover_inputs
+from prep.readers import is_val, read_records
 from prep.tokenizer import LoadedTokenizer
 from shared.checks import RowCheckError, SplitSegments
 from shared.manifest import Manifest
@@ -41,7 +42,8 @@ def _read_texts(
     m: Manifest, sources: tuple[str, ...], wanted: np.ndarray
 ) -> dict[int, tuple[str | None, str]]:
     """``doc_id -> (text or None if the record has a problem, where)`` for the wanted ids."""
-    files = expand_inputs(list(sources))
+    # The split each DatasetDict input was read as is recorded; the same discovery finds the same files.
+    files = discover_inputs(sources, m.options.dataset_split).files
     if len(files) != len(m.inputs):
         listed = ", ".join(f"`{i.path}`" for i in m.inputs)
         raise _fail(
@@ -50,6 +52,11 @@ def _read_texts(
     wanted_set = set(wanted.tolist())
     found: dict[int, tuple[str | None, str]] = {}
     for source, info in zip(files, m.inputs, strict=True):
+        if source.dataset_split != info.dataset_split:
+            raise _fail(
+                f"`{source.path}` is read as split {source.dataset_split!r}, the manifest says `{info.path}`"
+                f" was read as split {info.dataset_split!r}."
+            )
         count = 0
         for count, record in enumerate(read_records(source, m.options.text_field, lambda n: None), start=1):
             doc_id = info.first_doc_id + count - 1

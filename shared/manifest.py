@@ -38,6 +38,8 @@ class PackOptions:
     long_docs: str
     val_fraction: float
     skip_invalid: bool = False
+    dataset_split: str | None = None
+    """``--dataset-split``: the split read from each saved DatasetDict input (None when not given)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -47,6 +49,16 @@ class InputInfo:
     first_doc_id: int
     """`doc_id` of this file's first record: doc ids count records across all inputs, in input order."""
     num_records: int
+    dataset_split: str | None = None
+    """The split read, when the input is a saved DatasetDict."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IgnoredInput:
+    """A file or folder that input discovery met and did not read (prep/discovery.py), and why."""
+
+    path: str
+    reason: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -123,13 +135,25 @@ class Manifest:
     complete: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form facts for humans (timings, engine); never read by the tools."""
+    ignored: tuple[IgnoredInput, ...] = ()
+    """Files and folders met among the inputs but not read, each with its reason."""
 
     @property
     def seq_len(self) -> int:
         return self.options.seq_len
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        raw = asdict(self)
+        # Fields added after version 1 are written only when they say something, so that a pack that
+        # ignores nothing and reads no DatasetDict keeps the manifest bytes it always had.
+        if not raw["ignored"]:
+            del raw["ignored"]
+        if raw["options"]["dataset_split"] is None:
+            del raw["options"]["dataset_split"]
+        for info in raw["inputs"]:
+            if info["dataset_split"] is None:
+                del info["dataset_split"]
+        return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 
     def save(self, folder: str | Path) -> None:
         atomic_write_text(Path(folder) / MANIFEST_NAME, self.to_json())
@@ -152,6 +176,7 @@ class Manifest:
                 format_version=raw["format_version"],
                 complete=raw["complete"],
                 extra=raw.get("extra", {}),
+                ignored=tuple(IgnoredInput(**i) for i in raw.get("ignored", ())),
             )
         except (KeyError, TypeError) as e:
             raise ManifestError(
