@@ -22,8 +22,8 @@ and the message names the difference.
 
 Test hook: ``PREP_TEST_KILL_AT=<phase>:<n>`` makes the process SIGKILL itself the n-th time it reaches
 ``<phase>``: ``tokenize`` (a batch appended and synced but not yet committed), ``shard`` (a shard renamed into
-place but not yet recorded) or ``manifest`` (every shard recorded, manifest not yet written).
-``PREP_TEST_STOP_AT`` stops it there instead (SIGSTOP), to hold a run
+place but not yet recorded), ``manifest`` (every shard recorded, manifest not yet written) or ``card``
+(manifest written, card not yet). ``PREP_TEST_STOP_AT`` stops it there instead (SIGSTOP), to hold a run
 mid-way. Only the tests set them.
 """
 

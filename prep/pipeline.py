@@ -445,7 +445,8 @@ def finish(
     docs: DocumentAccounting,
     splits: dict[str, SplitInfo],
 ) -> Manifest:
-    """After every shard is durable: write the manifest (last, so that it marks a complete dataset) and the card."""
+    """After every shard is durable: write the manifest (it marks a complete dataset), then the card, then drop
+    the work folder, so that a run stopped before the card leaves a dataset that `--resume` completes."""
     manifest = Manifest(
         tokenizer=tok.info,
         options=PackOptions(
@@ -465,6 +466,7 @@ def finish(
     assert not problems, f"internal accounting error: {problems}"
     kill_point("manifest")
     manifest.save(cfg.out)
-    shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
+    kill_point("card")
     write_card(cfg.out, manifest)
+    shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
     return manifest

@@ -121,6 +121,22 @@ def test_killed_pack_resumes_byte_identical(kill_at, inputs, reference, tmp_path
     assert sorted(p.name for p in out.iterdir()) == sorted(reference), "work, lock or temp files left"
 
 
+def test_killed_between_manifest_and_card_leaves_a_dataset_that_resume_completes(
+    inputs, reference, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    killed = run_cli(pack_args(inputs, out), kill_at="card:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "README.md").exists()
+    PackedDataset(out, verify="checksum")  # complete: the trainer can use it as it is
+    assert CliRunner().invoke(app, ["verify", str(out)]).exit_code == 0
+    plain = CliRunner().invoke(app, pack_args(inputs, out))
+    assert plain.exit_code == 1 and "holds an interrupted pack" in plain.output, plain.output
+    resume_in_process(pack_args(inputs, out, "--resume"), monkeypatch)
+    assert folder_bytes(out) == reference
+    assert sorted(p.name for p in out.iterdir()) == sorted(reference), "work, lock or temp files left"
+
+
 def test_overwrite_of_an_interrupted_pack_removes_its_files_and_keeps_the_users(
     inputs, reference, tmp_path, monkeypatch
 ):
