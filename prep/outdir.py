@@ -206,8 +206,8 @@ def _pack_files(out: Path, names: set[str]) -> set[str]:
         manifest = Manifest.load(out)
     except DatasetError as e:
         raise UserError(
-            f"{e} `--overwrite` removes only the files a readable manifest names: empty `{out}` yourself,"
-            " or choose another --out."
+            f"`--overwrite` removes only the files the manifest in `{out}` names, and it cannot be read: {e}"
+            f" Empty `{out}` yourself (or choose another --out), then run `prep pack` again."
         ) from e
     shards = {s.file for split in manifest.splits.values() for s in split.shards}
     ours = {MANIFEST_NAME} | {n for n in shards if _SHARD.fullmatch(n)}

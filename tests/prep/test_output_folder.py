@@ -99,6 +99,18 @@ def test_overwrite_refuses_a_stray_file_under_a_shard_name(dataset):
     assert Manifest.load(out).documents.packed == len(DOCS), "the refused run left the dataset as it was"
 
 
+def test_overwrite_refuses_when_the_manifest_cannot_be_read(dataset):
+    tok, src, out = dataset
+    (out / "manifest.json").write_text("{", encoding="utf-8")
+    before = tree(out)
+    failed_with(
+        pack(tok, out, src, extra=("--overwrite",)),
+        f"`--overwrite` removes only the files the manifest in `{out}` names, and it cannot be read",
+        f"Empty `{out}` yourself (or choose another --out)",
+    )
+    assert tree(out) == before
+
+
 def test_arrow_files_alone_do_not_make_a_dataset(sample, tmp_path):
     """A folder of someone's .arrow files (no manifest) is not ours to replace, even with --overwrite."""
     _, tok = sample
