@@ -207,6 +207,17 @@ def render_card(m: Manifest, stats: dict[str, SplitStats], folder: str = "DIR") 
     )
 
 
+def is_card_of(path: Path, manifest: Manifest) -> bool:
+    """Whether ``path`` is a card written for ``manifest``: it starts with the front matter rendered from it
+    (which names the tokenizer fingerprint and the options), so `--overwrite` may replace it."""
+    head = f"---\n{_front_matter(manifest)}\n---\n".encode()
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(head)) == head
+    except OSError:
+        return False
+
+
 def write_card(folder: str | Path, manifest: Manifest | None = None) -> Path:
     """Write ``README.md`` and ``card_lengths.png`` into the dataset ``folder``; return the card's path."""
     ds = PackedDataset(folder)

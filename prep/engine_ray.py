@@ -33,15 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from prep.discovery import describe, discover_inputs
+from prep.discovery import Discovery
 from prep.engine import TokenEngine
+from prep.outdir import prepare_output_folder
 from prep.packing import PackPlan
 from prep.pipeline import (
     WORK_DIR,
     PackConfig,
     Progress,
     _batches,
-    _check_output_folder,
     batch_streams,
     finish,
     plan_splits,
@@ -355,15 +355,13 @@ def _write_splits(
     return splits
 
 
-def pack_with_ray(cfg: PackConfig, progress: Progress) -> Manifest:
-    """`prep.pipeline.pack` for ``engine="ray"``; see the module docstring."""
+def pack_with_ray(cfg: PackConfig, found: Discovery, progress: Progress) -> Manifest:
+    """`prep.pipeline.pack` for ``engine="ray"`` (this driver holds the output folder's lock); see the module
+    docstring."""
     ray = import_ray()
     tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
-    found = discover_inputs(cfg.inputs, cfg.dataset_split)
-    progress.message(describe(found))
     sources = list(found.files)
-    out_is_new = not cfg.out.exists()
-    _check_output_folder(cfg)
+    prepare_output_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     work = cfg.out / WORK_DIR
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -377,8 +375,6 @@ def pack_with_ray(cfg: PackConfig, progress: Progress) -> Manifest:
         except UserError:
             # As with the local engine: a mistake to fix leaves --out as it was.
             shutil.rmtree(work, ignore_errors=True)
-            if out_is_new and cfg.out.is_dir() and not any(cfg.out.iterdir()):
-                cfg.out.rmdir()
             raise
         part_files = [
             (str(_part_path(work.resolve(), i)), p.num_tokens) for i, p in enumerate(parts) if p.num_tokens

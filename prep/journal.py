@@ -22,8 +22,9 @@ and the message names the difference.
 
 Test hook: ``PREP_TEST_KILL_AT=<phase>:<n>`` makes the process SIGKILL itself the n-th time it reaches
 ``<phase>``: ``tokenize`` (a batch appended and synced but not yet committed), ``shard`` (a shard renamed into
-place but not yet recorded) or ``manifest`` (every shard recorded, manifest not yet written). Only
-``tests/prep/test_crash_resume.py`` sets it.
+place but not yet recorded), ``manifest`` (every shard recorded, manifest not yet written) or ``card``
+(manifest written, card not yet). ``PREP_TEST_STOP_AT`` stops it there instead (SIGSTOP), to hold a run
+mid-way. Only the tests set them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ JOURNAL_VERSION = 1
 TOKENS_NAME = "tokens.bin"
 _DOC_ARRAYS = (("doc_id", "q"), ("doc_len", "q"), ("is_val", "b"))
 KILL_ENV = "PREP_TEST_KILL_AT"
+STOP_ENV = "PREP_TEST_STOP_AT"
 _kill_counts: dict[str, int] = {}
 
 
@@ -55,13 +57,13 @@ class ResumeError(UserError):
 
 
 def kill_point(phase: str) -> None:
-    """Test hook: SIGKILL this process the n-th time it reaches ``phase`` when PREP_TEST_KILL_AT=phase:n."""
-    spec = os.environ.get(KILL_ENV)
-    if not spec or spec.rpartition(":")[0] != phase:
-        return
+    """Test hook: SIGKILL this process the n-th time it reaches ``phase`` when PREP_TEST_KILL_AT=phase:n,
+    or SIGSTOP it (it goes on at SIGCONT) when PREP_TEST_STOP_AT=phase:n."""
     _kill_counts[phase] = _kill_counts.get(phase, 0) + 1
-    if _kill_counts[phase] == int(spec.rpartition(":")[2]):
-        os.kill(os.getpid(), signal.SIGKILL)
+    for env, sig in ((KILL_ENV, signal.SIGKILL), (STOP_ENV, signal.SIGSTOP)):
+        spec = os.environ.get(env)
+        if spec and spec.rpartition(":")[0] == phase and _kill_counts[phase] == int(spec.rpartition(":")[2]):
+            os.kill(os.getpid(), sig)
 
 
 def input_stats(paths: list[Path]) -> list[dict[str, Any]]:
@@ -169,11 +171,9 @@ class Journal:
         journal.shards = shards
         return journal
 
-    def discard(self, *, remove_folder: bool) -> None:
-        """Delete the work folder (and the output folder too if this run created it and it is now empty)."""
+    def discard(self) -> None:
+        """Delete the work folder (prep.outdir.output_lock removes the output folder if the run created it)."""
         shutil.rmtree(self.work, ignore_errors=True)
-        if remove_folder and not any(self.work.parent.iterdir()):
-            self.work.parent.rmdir()
 
     def open_tokens(self) -> BinaryIO:
         return open(self.tokens_path, "ab")

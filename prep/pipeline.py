@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from prep import __version__
-from prep.card import PLOT_NAME, write_card
-from prep.discovery import describe, discover_inputs
+from prep.card import write_card
+from prep.discovery import Discovery, describe, discover_inputs
 from prep.engine import Job, JsonlChunk, TokenEngine, build_fast, start_reference
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, input_stats, kill_point
+from prep.outdir import WORK_DIR, output_lock, prepare_output_folder, refuse_overlap
 from prep.packing import STRATEGIES, PackPlan, make_plan
 from prep.readers import (
     EMPTY,
@@ -43,13 +44,12 @@ from prep.readers import (
 from prep.streams import BatchStreams, build_streams
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, write_split
-from shared.contract import CARD_NAME, MANIFEST_NAME, SPLITS, shard_metadata
+from shared.contract import SPLITS, shard_metadata
 from shared.errors import UserError
 from shared.manifest import DocumentAccounting, IgnoredInput, InputInfo, Manifest, PackOptions, SplitInfo
 
 LONG_DOC_POLICIES = ("split", "truncate", "drop")
 ENGINES = ("local", "ray")
-WORK_DIR = ".pack-work"
 BATCH_CHARS = 4 << 20
 """Characters of text tokenized per batch: large enough to keep every core busy, small enough to bound memory."""
 
@@ -135,48 +135,6 @@ class Progress:
     def advance(self, amount: float, **fields: int) -> None: ...
 
     def message(self, text: str) -> None: ...
-
-
-def _check_output_folder(cfg: PackConfig) -> None:
-    out = cfg.out
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out `{out}` is a file; pass a folder.")
-    if cfg.resume and (out / WORK_DIR).is_dir():
-        _remove_temp_files(out)  # half-written files of the killed run; the journal decides the rest
-        return
-    if out.is_dir() and any(out.iterdir()):
-        is_dataset = (out / MANIFEST_NAME).exists() or any(out.glob("*.arrow")) or (out / WORK_DIR).exists()
-        if not is_dataset:
-            raise UserError(
-                f"--out `{out}` is a non-empty folder that is not a dataset; choose an empty or new folder."
-            )
-        if not cfg.overwrite and (out / WORK_DIR).exists():
-            raise UserError(
-                f"--out `{out}` holds an interrupted pack ({WORK_DIR}); pass `--resume` to finish it, or"
-                " `--overwrite` to start again."
-            )
-        if not cfg.overwrite:
-            done = " (it is complete: there is nothing to resume)" if cfg.resume else ""
-            raise UserError(f"--out `{out}` already holds a dataset{done}; pass `--overwrite` to replace it.")
-        _remove_dataset_files(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _remove_dataset_files(out: Path) -> None:
-    """Delete only what `prep pack` writes, so that --overwrite never removes a user's other files."""
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for path in out.glob("*.arrow"):
-        path.unlink()
-    (out / CARD_NAME).unlink(missing_ok=True)
-    (out / PLOT_NAME).unlink(missing_ok=True)
-    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-    _remove_temp_files(out)
-
-
-def _remove_temp_files(out: Path) -> None:
-    """Temporary files a killed run left behind (shared.fileio names them `.NAME.tmp-PID`)."""
-    for path in out.glob(".*.tmp-*"):
-        path.unlink(missing_ok=True)
 
 
 def _batches(records: Iterable[Record]) -> Iterator[list[Record]]:
@@ -346,10 +304,18 @@ def _fingerprint(
 def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     """Pack ``cfg.inputs`` into ``cfg.out``; return the manifest written there."""
     progress = progress or Progress()
+    found = discover_inputs(cfg.inputs, cfg.dataset_split)
+    refuse_overlap(cfg.out, [Path(i) for i in cfg.inputs if Path(i).exists()] + [s.path for s in found.files])
+    progress.message(describe(found))
+    with output_lock(cfg.out):
+        return _pack_locked(cfg, found, progress)
+
+
+def _pack_locked(cfg: PackConfig, found: Discovery, progress: Progress) -> Manifest:
     if cfg.engine == "ray":
         from prep.engine_ray import pack_with_ray  # Ray is an optional extra: import it only when asked for
 
-        return pack_with_ray(cfg, progress)
+        return pack_with_ray(cfg, found, progress)
     reference = start_reference(
         cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token, workers=cfg.workers
     )
@@ -371,12 +337,10 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
             reference.close()
         raise
     with engine:
-        return _pack(cfg, engine, progress)
+        return _pack(cfg, found, engine, progress)
 
 
-def _pack(cfg: PackConfig, engine: TokenEngine, progress: Progress) -> Manifest:
-    found = discover_inputs(cfg.inputs, cfg.dataset_split)
-    progress.message(describe(found))
+def _pack(cfg: PackConfig, found: Discovery, engine: TokenEngine, progress: Progress) -> Manifest:
     sources = list(found.files)
     progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
     # A new run starts at the first record: hand the workers their first jobs now, while the tokenizer's
@@ -387,8 +351,7 @@ def _pack(cfg: PackConfig, engine: TokenEngine, progress: Progress) -> Manifest:
     if cfg.workers is not None:
         # The Rust thread pool reads this once, on first use; later calls in the same process keep it.
         os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
-    out_is_new = not cfg.out.exists()
-    _check_output_folder(cfg)
+    prepare_output_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     work = cfg.out / WORK_DIR
     rows_per_shard = cfg.rows_per_shard or default_rows_per_shard(cfg.seq_len)
     fingerprint = _fingerprint(cfg, tok, sources, rows_per_shard)
@@ -407,7 +370,7 @@ def _pack(cfg: PackConfig, engine: TokenEngine, progress: Progress) -> Manifest:
         # A bad record or an empty corpus is a mistake to fix, not a crash: leave --out as it was so that the
         # corrected command simply runs again. A resumed run keeps its work for the next `--resume`.
         if not cfg.resume:
-            journal.discard(remove_folder=out_is_new)
+            journal.discard()
         raise
     doc_len = np.frombuffer(tokenized.doc_len, dtype=np.int64)
     doc_offset = np.concatenate([[0], np.cumsum(doc_len)[:-1]]).astype(np.int64)
@@ -491,7 +454,8 @@ def finish(
     splits: dict[str, SplitInfo],
     ignored: tuple[IgnoredInput, ...] = (),
 ) -> Manifest:
-    """After every shard is durable: write the manifest (last, so that it marks a complete dataset) and the card."""
+    """After every shard is durable: write the manifest (it marks a complete dataset), then the card, then drop
+    the work folder, so that a run stopped before the card leaves a dataset that `--resume` completes."""
     manifest = Manifest(
         tokenizer=tok.info,
         options=PackOptions(
@@ -513,6 +477,7 @@ def finish(
     assert not problems, f"internal accounting error: {problems}"
     kill_point("manifest")
     manifest.save(cfg.out)
-    shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
+    kill_point("card")
     write_card(cfg.out, manifest)
+    shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
     return manifest

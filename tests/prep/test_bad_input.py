@@ -248,7 +248,7 @@ def test_output_folder_rules(sample, tmp_path):
     other.mkdir()
     (other / "thesis.tex").write_text("x")
     failed_with(pack(tok, other, src, extra=("--overwrite",)), "non-empty folder that is not a dataset")
-    failed_with(pack(tok, src, src), "is a file; pass a folder")
+    failed_with(pack(tok, tmp_path / "in.jsonl", corpus), "is a file; pass a folder")
 
 
 def test_bad_parquet_and_json_array_files(sample, tmp_path):

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from prep import pipeline
 from prep.cli import app
-from prep.journal import KILL_ENV
+from prep.journal import KILL_ENV, STOP_ENV
+from prep.outdir import LOCK_NAME
 from shared.errors import IncompleteDatasetError
 from shared.manifest import Manifest
 from shared.reader import PackedDataset
@@ -62,11 +63,15 @@ def pack_args(inputs: tuple[list[str], Path], out: Path, *extra: str) -> list[st
     ]
 
 
-def run_cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
-    if kill_at:
-        env[KILL_ENV] = kill_at
+def cli_env(**hooks: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, STOP_ENV)}
+    env.update(hooks)
     env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def run_cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = cli_env(**({KILL_ENV: kill_at} if kill_at else {}))
     return subprocess.run(
         [sys.executable, "-c", LAUNCH, *args], env=env, capture_output=True, text=True, timeout=120
     )
@@ -109,10 +114,75 @@ def test_killed_pack_resumes_byte_identical(kill_at, inputs, reference, tmp_path
     assert not (out / "manifest.json").exists()
     with pytest.raises(IncompleteDatasetError, match="--resume"):
         PackedDataset(out)
+    assert (out / LOCK_NAME).exists(), "the killed run's lock file stays; the resume below takes it over"
 
     resume_in_process(pack_args(inputs, out, "--resume"), monkeypatch)
     assert folder_bytes(out) == reference
-    assert sorted(p.name for p in out.iterdir()) == sorted(reference), "work folder or temp files left"
+    assert sorted(p.name for p in out.iterdir()) == sorted(reference), "work, lock or temp files left"
+
+
+def test_killed_between_manifest_and_card_leaves_a_dataset_that_resume_completes(
+    inputs, reference, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    killed = run_cli(pack_args(inputs, out), kill_at="card:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "README.md").exists()
+    PackedDataset(out, verify="checksum")  # complete: the trainer can use it as it is
+    assert CliRunner().invoke(app, ["verify", str(out)]).exit_code == 0
+    plain = CliRunner().invoke(app, pack_args(inputs, out))
+    assert plain.exit_code == 1 and "holds an interrupted pack" in plain.output, plain.output
+    resume_in_process(pack_args(inputs, out, "--resume"), monkeypatch)
+    assert folder_bytes(out) == reference
+    assert sorted(p.name for p in out.iterdir()) == sorted(reference), "work, lock or temp files left"
+
+
+def test_overwrite_of_an_interrupted_pack_removes_its_files_and_keeps_the_users(
+    inputs, reference, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    assert run_cli(pack_args(inputs, out), kill_at="shard:2").returncode == -signal.SIGKILL
+    (out / "notes.txt").write_text("mine")
+    (out / ".notes.txt.tmp-12").write_text("also mine: not a name prep pack writes")
+    resume_in_process(pack_args(inputs, out, "--overwrite"), monkeypatch)
+    files = folder_bytes(out)
+    assert files.pop("notes.txt") == b"mine" and files.pop(".notes.txt.tmp-12")
+    assert files == reference
+
+
+def test_a_second_pack_on_the_same_out_is_refused_while_the_first_runs(inputs, reference, tmp_path):
+    """The first run is held (SIGSTOP) after its second shard; every kind of second run is refused, naming
+    it, and leaves the folder alone; the first then finishes, and its dataset verifies."""
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, *pack_args(inputs, out)],
+        env=cli_env(**{STOP_ENV: "shard:2"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), first.communicate()[0]
+        held = folder_bytes(out)
+        assert "train-00001-of-00007.arrow" in held and "manifest.json" not in held
+        for extra in ((), ("--resume",), ("--overwrite",)):
+            second = run_cli(pack_args(inputs, out, *extra))
+            assert second.returncode == 1, second.stdout + second.stderr
+            message = " ".join((second.stdout + second.stderr).split())
+            assert f"is in use by another `prep pack` run (pid {first.pid} on host" in message, message
+            assert "Traceback" not in message
+            assert folder_bytes(out) == held, f"the refused run {extra} touched the folder"
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 0, output
+    assert folder_bytes(out) == reference
+    assert sorted(p.name for p in out.iterdir()) == sorted(reference), "work, lock or temp files left"
+    paths, tokenizer = inputs
+    sources = [a for p in paths for a in ("--source", p)]
+    verified = CliRunner().invoke(app, ["verify", str(out), "--tokenizer", str(tokenizer), *sources])
+    assert verified.exit_code == 0, verified.output
 
 
 def test_killed_twice_then_resumed(inputs, reference, tmp_path, monkeypatch):
