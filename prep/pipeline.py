@@ -472,6 +472,7 @@ def split_metadata(cfg: PackConfig, tok: LoadedTokenizer, split: str) -> dict:
         eos_id=tok.eos_id,
         bos_id=tok.bos_id,
         tokenizer_sha256=tok.info.sha256,
+        vocab_size=tok.info.vocab_size,
     )
 
 
