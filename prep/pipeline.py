@@ -45,7 +45,7 @@ from prep.tokenizer import LoadedTokenizer, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, write_split
 from shared.contract import CARD_NAME, MANIFEST_NAME, SPLITS, shard_metadata
 from shared.errors import UserError
-from shared.manifest import DocumentAccounting, InputInfo, Manifest, PackOptions, SplitInfo
+from shared.manifest import MAX_INT32, DocumentAccounting, InputInfo, Manifest, PackOptions, SplitInfo
 
 LONG_DOC_POLICIES = ("split", "truncate", "drop")
 ENGINES = ("local", "ray")
@@ -104,6 +104,11 @@ class PackConfig:
         if self.seq_len < 2:
             raise UserError(
                 f"--seq-len {self.seq_len} is too small: a row needs at least one token and an EOS (>= 2)."
+            )
+        if self.seq_len > MAX_INT32:
+            raise UserError(
+                f"--seq-len {self.seq_len:,} is more than a row can hold: positions and `cu_seqlens` are int32,"
+                f" so rows hold at most {MAX_INT32:,} tokens. Pass a smaller --seq-len."
             )
         if self.strategy not in STRATEGIES:
             raise UserError(
