@@ -22,8 +22,8 @@ and the message names the difference.
 
 Test hook: ``PREP_TEST_KILL_AT=<phase>:<n>`` makes the process SIGKILL itself the n-th time it reaches
 ``<phase>``: ``tokenize`` (a batch appended and synced but not yet committed), ``shard`` (a shard renamed into
-place but not yet recorded) or ``manifest`` (every shard recorded, manifest not yet written). Only
-``tests/prep/test_crash_resume.py`` sets it.
+place but not yet recorded), ``manifest`` (every shard recorded, manifest not yet written) or ``worker`` (a
+tokenizing worker kills itself at its n-th job, as the out-of-memory killer would). Only the tests set it.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from prep import __version__
 from prep.card import PLOT_NAME, write_card
 from prep.engine import Job, JsonlChunk, TokenEngine, build_fast, start_reference
 from prep.fast_bpe import EncodedBatch
+from prep.faults import ResumableError, output_error
 from prep.journal import Journal, input_stats, kill_point
 from prep.packing import STRATEGIES, PackPlan, make_plan
 from prep.readers import (
@@ -370,7 +371,13 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
             reference.close()
         raise
     with engine:
-        return _pack(cfg, engine, progress)
+        try:
+            return _pack(cfg, engine, progress)
+        except OSError as e:  # a full disk, an --out that cannot be written: say so, keep the work
+            error = output_error(e, cfg.out, cfg.out / WORK_DIR)
+            if error is None:
+                raise
+            raise error from e
 
 
 def _pack(cfg: PackConfig, engine: TokenEngine, progress: Progress) -> Manifest:
@@ -400,10 +407,10 @@ def _pack(cfg: PackConfig, engine: TokenEngine, progress: Progress) -> Manifest:
         tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress, encoded)
         docs = tokenized.accounting
         require_documents(docs)
-    except UserError:
+    except UserError as e:
         # A bad record or an empty corpus is a mistake to fix, not a crash: leave --out as it was so that the
         # corrected command simply runs again. A resumed run keeps its work for the next `--resume`.
-        if not cfg.resume:
+        if not cfg.resume and not isinstance(e, ResumableError):
             journal.discard(remove_folder=out_is_new)
         raise
     doc_len = np.frombuffer(tokenized.doc_len, dtype=np.int64)
