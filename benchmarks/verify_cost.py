@@ -35,7 +35,13 @@ def build(root: Path, gb: float, seq_len: int = 4096) -> None:
     store = TokenStore(tokens=tokens, doc_offset=offset, doc_len=doc_len, doc_id=np.arange(len(doc_len)))
     plan = make_plan("bfd", doc_len, seq_len)
     meta = shard_metadata(
-        split="train", seq_len=seq_len, strategy="bfd", eos_id=1, bos_id=None, tokenizer_sha256="0" * 64
+        split="train",
+        seq_len=seq_len,
+        strategy="bfd",
+        eos_id=1,
+        bos_id=None,
+        tokenizer_sha256="0" * 64,
+        vocab_size=150_000,
     )
     split = write_split(store, plan, split="train", out_dir=root, metadata=meta, rows_per_shard=20_000)
     n = int(doc_len.sum())

@@ -33,6 +33,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import chain, islice
 from multiprocessing.connection import Connection
@@ -43,6 +44,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported
+from prep.faults import worker_died
+from prep.journal import kill_point
 from prep.readers import BatchRecords, Record, jsonl_chunk_lines, jsonl_record, summarize
 from prep.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer, resolve_tokenizer_file
 from shared.fileio import sha256_file
@@ -212,6 +215,7 @@ def _fast_job(job: Job, fast: FastBPE | None = None) -> tuple[EncodedBatch, Samp
     """
     fast = fast or _WORKER
     assert fast is not None, "worker forked without the engine"
+    kill_point("worker")
     texts = job.texts() if isinstance(job, JsonlChunk) else job
     added_docs: list[int] = []
     got = fast.encode_batch(texts, added_docs)
@@ -482,6 +486,8 @@ class TokenEngine:
                 while len(pending) > (2 * self.workers if self._pool else 0):
                     yield self._finish(*pending.popleft())
             yield from self._drain(pending)
+        except BrokenProcessPool as e:
+            raise worker_died(self.workers) from e
         finally:
             self.close()
 

@@ -22,9 +22,10 @@ and the message names the difference.
 
 Test hook: ``PREP_TEST_KILL_AT=<phase>:<n>`` makes the process SIGKILL itself the n-th time it reaches
 ``<phase>``: ``tokenize`` (a batch appended and synced but not yet committed), ``shard`` (a shard renamed into
-place but not yet recorded), ``manifest`` (every shard recorded, manifest not yet written) or ``card``
-(manifest written, card not yet). ``PREP_TEST_STOP_AT`` stops it there instead (SIGSTOP), to hold a run
-mid-way. Only the tests set them.
+place but not yet recorded), ``manifest`` (every shard recorded, manifest not yet written), ``card``
+(manifest written, card not yet) or ``worker`` (a tokenizing worker kills itself at its n-th job, as the
+out-of-memory killer would). ``PREP_TEST_STOP_AT`` stops it there instead (SIGSTOP), to hold a run mid-way.
+Only the tests set them.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prep.card import PLOT_NAME, is_card_of
+from prep.faults import output_error
 from shared.contract import CARD_NAME, MANIFEST_NAME, SHARD_SUFFIX, SPLITS
 from shared.errors import DatasetError, UserError
 from shared.manifest import Manifest
@@ -72,7 +73,8 @@ def output_lock(out: Path) -> Iterator[None]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(
+        error = output_error(e, out, out / WORK_DIR)
+        raise error or UserError(
             f"cannot create --out `{out}` ({e.strerror}); choose a folder you can write to."
         ) from e
     path = out / LOCK_NAME

@@ -133,35 +133,47 @@ def plan_bfd(doc_len: np.ndarray, seq_len: int, *, allow_split: bool = True) -> 
 def _best_fit(
     docs: list[int], lengths: list[int], seq_len: int, row_cap: int | None
 ) -> tuple[list[int], list[int], list[int]]:
-    """Place each segment in the open row with the smallest free space that fits; returns the pieces."""
-    tree = _FreeSpaceTree(seq_len)
+    """Place each segment in the open row with the smallest free space that fits; returns the pieces.
+
+    The tree spans free space 0..the longest segment, not 0..seq_len: a row with more room than that fits
+    every segment, so those rows share the top slot. Segments come longest first, and a row is opened only
+    when no open row fits, so at most one open row is that roomy: the plan is the one a tree over every
+    free-space value would give, while memory follows the data rather than `--seq-len`.
+    """
+    top = min(seq_len, max(lengths, default=1))
+    tree = _FreeSpaceTree(top)
     rows_by_free: dict[int, list[int]] = {}
+    roomy: dict[int, int] = {}  # free space of the rows in the top slot, which does not say it
     piece_doc, piece_row, piece_len = [], [], []
     num_rows = 0
 
-    def take(free: int) -> int:
-        tree.add(free, -1)
-        return rows_by_free[free].pop()
+    def take(slot: int) -> tuple[int, int]:
+        tree.add(slot, -1)
+        row = rows_by_free[slot].pop()
+        return row, roomy.pop(row) if slot == top else slot
 
     def put(row: int, left: int) -> None:
         if left > 0:
-            rows_by_free.setdefault(left, []).append(row)
-            tree.add(left, +1)
+            slot = min(left, top)
+            if slot == top:
+                roomy[row] = left
+            rows_by_free.setdefault(slot, []).append(row)
+            tree.add(slot, +1)
 
     for doc, n in zip(docs, lengths, strict=True):
         while n > 0:
-            free = tree.smallest_at_least(n)
-            if free is not None:
-                row = take(free)
+            slot = tree.smallest_at_least(n)
+            if slot is not None:
+                row, free = take(slot)
                 placed = n
             elif row_cap is None or num_rows < row_cap:
                 row, free, placed = num_rows, seq_len, n
                 num_rows += 1
             else:
                 # Every allowed row is open and no gap holds the segment: fill the largest gap with its head.
-                free = tree.largest()
-                assert free is not None, "row cap below the lower bound"
-                row = take(free)
+                slot = tree.largest()
+                assert slot is not None, "row cap below the lower bound"
+                row, free = take(slot)
                 placed = free
             piece_doc.append(doc)
             piece_row.append(row)

@@ -27,6 +27,7 @@ from prep.card import write_card
 from prep.discovery import Discovery, describe, discover_inputs
 from prep.engine import Job, JsonlChunk, TokenEngine, build_fast, start_reference
 from prep.fast_bpe import EncodedBatch
+from prep.faults import ResumableError, output_error
 from prep.journal import Journal, input_stats, kill_point
 from prep.outdir import WORK_DIR, output_lock, prepare_output_folder, refuse_overlap
 from prep.packing import STRATEGIES, PackPlan, make_plan
@@ -46,7 +47,15 @@ from prep.tokenizer import LoadedTokenizer, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, write_split
 from shared.contract import SPLITS, shard_metadata
 from shared.errors import UserError
-from shared.manifest import DocumentAccounting, IgnoredInput, InputInfo, Manifest, PackOptions, SplitInfo
+from shared.manifest import (
+    MAX_INT32,
+    DocumentAccounting,
+    IgnoredInput,
+    InputInfo,
+    Manifest,
+    PackOptions,
+    SplitInfo,
+)
 
 LONG_DOC_POLICIES = ("split", "truncate", "drop")
 ENGINES = ("local", "ray")
@@ -106,6 +115,11 @@ class PackConfig:
         if self.seq_len < 2:
             raise UserError(
                 f"--seq-len {self.seq_len} is too small: a row needs at least one token and an EOS (>= 2)."
+            )
+        if self.seq_len > MAX_INT32:
+            raise UserError(
+                f"--seq-len {self.seq_len:,} is more than a row can hold: positions and `cu_seqlens` are int32,"
+                f" so rows hold at most {MAX_INT32:,} tokens. Pass a smaller --seq-len."
             )
         if self.strategy not in STRATEGIES:
             raise UserError(
@@ -337,7 +351,13 @@ def _pack_locked(cfg: PackConfig, found: Discovery, progress: Progress) -> Manif
             reference.close()
         raise
     with engine:
-        return _pack(cfg, found, engine, progress)
+        try:
+            return _pack(cfg, found, engine, progress)
+        except OSError as e:  # a full disk, an --out that cannot be written: say so, keep the work
+            error = output_error(e, cfg.out, cfg.out / WORK_DIR)
+            if error is None:
+                raise
+            raise error from e
 
 
 def _pack(cfg: PackConfig, found: Discovery, engine: TokenEngine, progress: Progress) -> Manifest:
@@ -366,10 +386,10 @@ def _pack(cfg: PackConfig, found: Discovery, engine: TokenEngine, progress: Prog
         tokenized = _tokenize_inputs(cfg, tok, sources, journal, progress, encoded)
         docs = tokenized.accounting
         require_documents(docs)
-    except UserError:
+    except UserError as e:
         # A bad record or an empty corpus is a mistake to fix, not a crash: leave --out as it was so that the
         # corrected command simply runs again. A resumed run keeps its work for the next `--resume`.
-        if not cfg.resume:
+        if not cfg.resume and not isinstance(e, ResumableError):
             journal.discard()
         raise
     doc_len = np.frombuffer(tokenized.doc_len, dtype=np.int64)
@@ -443,6 +463,7 @@ def split_metadata(cfg: PackConfig, tok: LoadedTokenizer, split: str) -> dict:
         eos_id=tok.eos_id,
         bos_id=tok.bos_id,
         tokenizer_sha256=tok.info.sha256,
+        vocab_size=tok.info.vocab_size,
     )
 
 
@@ -478,6 +499,10 @@ def finish(
     kill_point("manifest")
     manifest.save(cfg.out)
     kill_point("card")
-    write_card(cfg.out, manifest)
+    try:
+        write_card(cfg.out, manifest)
+    except OSError:  # the dataset is complete: free the work folder's space; `prep card` writes the card
+        shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
+        raise
     shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
     return manifest

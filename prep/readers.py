@@ -315,10 +315,42 @@ def _column_records(column: list, start_row: int, path: Path, text_field: str) -
         where = f"{path}:row {start_row + i}"
         if text is None:
             yield Record(None, MISSING_FIELD, where, f"`{text_field}` is null")
+        elif isinstance(text, NotUtf8):
+            yield Record(None, INVALID, where, f"invalid UTF-8 at byte {text.error_at} of `{text_field}`")
         elif not isinstance(text, str):
             yield Record(None, INVALID, where, f"`{text_field}` is {_kind(text)}, not a string")
         else:
             yield _text_record(text, where)
+
+
+class NotUtf8(bytes):
+    """A string value whose bytes are not UTF-8 (Parquet does not enforce it); a record to refuse or skip."""
+
+    @property
+    def error_at(self) -> int:
+        try:
+            self.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return e.start
+        return -1
+
+
+def _strings(column) -> list:
+    """The column's values (a pyarrow array); a string value that is not UTF-8 comes back as :class:`NotUtf8`."""
+    import pyarrow as pa
+
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        raw = column.view(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+        return [v if v is None else _utf8_or_not(v) for v in raw.to_pylist()]
+
+
+def _utf8_or_not(raw: bytes) -> str | NotUtf8:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return NotUtf8(raw)
 
 
 def _read_parquet(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
@@ -335,7 +367,7 @@ def _read_parquet(path: Path, text_field: str, on_bytes: Callable[[int], None]) 
     row = 0
     total = path.stat().st_size
     for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
-        yield from _column_records(batch.column(0).to_pylist(), row, path, text_field)
+        yield from _column_records(_strings(batch.column(0)), row, path, text_field)
         row += batch.num_rows
         on_bytes(total * batch.num_rows // max(pf.metadata.num_rows, 1))
 

@@ -28,9 +28,9 @@ import numpy as np
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
 from shared.checks import CHECKS, RowCheckError, SplitSegments, TokenRules, check_batch, check_documents
 from shared.contract import DOC_IDS, FORMAT_NAME, FORMAT_VERSION, SHARD_SUFFIX
-from shared.errors import UserError
+from shared.errors import ManifestError, UserError
 from shared.manifest import Manifest
-from shared.reader import Shard, check_shard_file
+from shared.reader import Shard, check_shard_file, shard_path, vocab_size_edited
 
 DEFAULT_SAMPLE = 256
 
@@ -112,6 +112,8 @@ def _resolve_tokenizer(cfg: VerifyConfig, m: Manifest) -> tuple[LoadedTokenizer 
             f" {t.sha256[:12]}... (`{t.path}`).",
             "Pass the tokenizer the data was packed with, or re-pack with this one.",
         )
+    if tok.info.vocab_size != t.vocab_size:
+        raise ManifestError(vocab_size_edited(cfg.root, m, tok.info.vocab_size))
     return tok, None
 
 
@@ -140,9 +142,11 @@ def _open_shards(root: Path, m: Manifest) -> dict[str, list[Shard]]:
     for name, split in m.splits.items():
         shards = []
         for info in split.shards:
-            path = root / info.file
+            path = shard_path(root, info.file)
             check_shard_file(path, info, checksum=True)
             shard = Shard(path, info)
+            if shard.metadata.get("vocab_size", t.vocab_size) != t.vocab_size:
+                raise ManifestError(vocab_size_edited(root, m, shard.metadata["vocab_size"]))
             for key, want in {**expected_meta, "split": name}.items():
                 if shard.metadata.get(key) != want:
                     raise _fail(

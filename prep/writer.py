@@ -17,7 +17,7 @@ import pyarrow as pa
 from prep.packing import PackPlan
 from shared.contract import IGNORE_INDEX, SHARD_SCHEMA, schema_with_metadata, shard_file_name
 from shared.fileio import atomic_writer, sha256_file
-from shared.manifest import ShardInfo, SplitInfo
+from shared.manifest import MAX_INT32, ShardInfo, SplitInfo
 
 ROWS_PER_BATCH = 1024
 TARGET_SHARD_BYTES = 1 << 28
@@ -107,12 +107,16 @@ def write_shard(
 ) -> ShardInfo:
     """Write plan rows ``rows[0]:rows[1]`` to ``path`` (atomically); return what the manifest records of it."""
     lo, hi = rows
+    # A record batch's offsets are int32: rows of a huge --seq-len go fewer to a batch.
+    s_lo, s_hi = int(plan.row_ptr[lo]), int(plan.row_ptr[hi])
+    row_ends = np.concatenate([[0], np.cumsum(plan.seg_len[s_lo:s_hi])])[plan.row_ptr[lo : hi + 1] - s_lo]
+    longest = int(np.diff(row_ends).max(initial=1))
+    per_batch = max(1, min(ROWS_PER_BATCH, MAX_INT32 // longest))
     with atomic_writer(path) as f, pa.ipc.new_stream(f, schema) as writer:
-        for b_lo in range(lo, hi, ROWS_PER_BATCH):
-            b_hi = min(hi, b_lo + ROWS_PER_BATCH)
+        for b_lo in range(lo, hi, per_batch):
+            b_hi = min(hi, b_lo + per_batch)
             writer.write_batch(build_batch(store, plan, b_lo, b_hi))
             on_rows(b_hi - b_lo)
-    s_lo, s_hi = int(plan.row_ptr[lo]), int(plan.row_ptr[hi])
     seg_doc, seg_start, seg_len = plan.seg_doc[s_lo:s_hi], plan.seg_start[s_lo:s_hi], plan.seg_len[s_lo:s_hi]
     # A document ends in the row that holds its final segment (the one reaching the end of its stream).
     ends_doc = seg_start + seg_len == store.doc_len[seg_doc]

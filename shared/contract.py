@@ -71,6 +71,7 @@ def shard_metadata(
     eos_id: int,
     bos_id: int | None,
     tokenizer_sha256: str,
+    vocab_size: int,
 ) -> dict[str, Any]:
     """The facts a single shard carries about itself, so that a lone file can still be checked."""
     return {
@@ -82,6 +83,7 @@ def shard_metadata(
         "eos_id": eos_id,
         "bos_id": bos_id,
         "tokenizer_sha256": tokenizer_sha256,
+        "vocab_size": vocab_size,
     }
 
 

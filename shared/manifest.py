@@ -8,11 +8,11 @@ is what makes a folder a dataset. Every input document is accounted for:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from shared.contract import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
+from shared.contract import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_SUFFIX
 from shared.errors import IncompleteDatasetError, ManifestError
 from shared.fileio import atomic_write_text
 
@@ -159,29 +159,47 @@ class Manifest:
         atomic_write_text(Path(folder) / MANIFEST_NAME, self.to_json())
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
-        try:
-            splits = {
-                name: SplitInfo(**{**s, "shards": tuple(ShardInfo(**sh) for sh in s["shards"])})
-                for name, s in raw["splits"].items()
-            }
-            return cls(
-                tokenizer=TokenizerInfo(**raw["tokenizer"]),
-                options=PackOptions(**raw["options"]),
-                inputs=tuple(InputInfo(**i) for i in raw["inputs"]),
-                documents=DocumentAccounting(**raw["documents"]),
-                splits=splits,
-                created_by=raw["created_by"],
-                format=raw["format"],
-                format_version=raw["format_version"],
-                complete=raw["complete"],
-                extra=raw.get("extra", {}),
-                ignored=tuple(IgnoredInput(**i) for i in raw.get("ignored", ())),
+    def from_dict(cls, raw: dict[str, Any], source: str = "manifest") -> Manifest:
+        """The manifest in ``raw``, every field checked against its declared type and range first.
+
+        ``source`` names the file in messages. A field of the wrong type, a count below zero, an EOS beyond
+        the vocabulary or a shard path leading out of the folder is a :class:`ManifestError` naming it.
+        """
+        check = _FieldCheck(source)
+        top = check.fields(cls, raw, "")
+        splits = {
+            name: SplitInfo(
+                **{
+                    **check.fields(SplitInfo, s, f"splits.{name}."),
+                    "shards": tuple(
+                        ShardInfo(**check.fields(ShardInfo, sh, f"splits.{name}.shards[{k}]."))
+                        for k, sh in enumerate(check.items(s["shards"], f"splits.{name}.shards"))
+                    ),
+                }
             )
-        except (KeyError, TypeError) as e:
-            raise ManifestError(
-                f"manifest is malformed ({type(e).__name__}: {e}); re-run `prep pack`."
-            ) from e
+            for name, s in check.mapping(top["splits"], "splits").items()
+        }
+        manifest = cls(
+            **{
+                **top,
+                "tokenizer": TokenizerInfo(**check.fields(TokenizerInfo, top["tokenizer"], "tokenizer.")),
+                "options": PackOptions(**check.fields(PackOptions, top["options"], "options.")),
+                "inputs": tuple(
+                    InputInfo(**check.fields(InputInfo, i, f"inputs[{k}]."))
+                    for k, i in enumerate(check.items(top["inputs"], "inputs"))
+                ),
+                "documents": DocumentAccounting(
+                    **check.fields(DocumentAccounting, top["documents"], "documents.")
+                ),
+                "splits": splits,
+                "ignored": tuple(
+                    IgnoredInput(**check.fields(IgnoredInput, i, f"ignored[{k}]."))
+                    for k, i in enumerate(check.items(top.get("ignored", []), "ignored"))
+                ),
+            }
+        )
+        check.ranges(manifest)
+        return manifest
 
     @classmethod
     def load(cls, folder: str | Path) -> Manifest:
@@ -209,4 +227,98 @@ class Manifest:
             raise IncompleteDatasetError(
                 f"`{path}` says the dataset is incomplete; run `prep pack ... --resume` to finish it."
             )
-        return cls.from_dict(raw)
+        return cls.from_dict(raw, str(path))
+
+
+MAX_INT32 = 2**31 - 1
+"""Token ids, positions and `cu_seqlens` are int32: no id, row length or `seq_len` may exceed this."""
+
+
+class _FieldCheck:
+    """Checks a manifest's fields one by one, so that an edited or damaged field is named in the error."""
+
+    _KINDS = {"int": int, "str": str, "float": (int, float), "bool": bool}
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, field_name: str, problem: str) -> ManifestError:
+        return ManifestError(
+            f"`{self.source}`: field `{field_name}` {problem}. The manifest was edited or damaged after"
+            " packing; restore it, or re-run `prep pack`."
+        )
+
+    def mapping(self, value: object, name: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(name, f"is {_json(value)}, expected an object")
+        return value
+
+    def items(self, value: object, name: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(name, f"is {_json(value)}, expected a list")
+        return value
+
+    def fields(self, cls: type, raw: object, prefix: str) -> dict[str, Any]:
+        """``raw``'s values for the fields of dataclass ``cls``: each scalar of its declared type, none unknown."""
+        raw = self.mapping(raw, prefix.rstrip(".") or "(top level)")
+        if unknown := sorted(set(raw) - {f.name for f in fields(cls)}):
+            raise self.fail(prefix + unknown[0], "is not a field of this format")
+        values = {}
+        for f in fields(cls):
+            name = prefix + f.name
+            if f.name not in raw:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise self.fail(name, "is missing")
+                continue
+            value = values[f.name] = raw[f.name]
+            kinds = str(f.type).split(" | ")
+            if value is None and "None" in kinds:
+                continue
+            kind = self._KINDS.get(kinds[0])
+            if kind is None:  # a nested record, checked by the caller
+                continue
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise self.fail(
+                    name, f"is {_json(value)}, expected {'a' if kinds[0] != 'int' else 'an'} {kinds[0]}"
+                )
+            if kind is int and value < 0:
+                raise self.fail(name, f"is {value}, a count or id below zero")
+        return values
+
+    def ranges(self, m: Manifest) -> None:
+        """What the format allows beyond the types: int32 ids and rows, ids inside the vocabulary, plain shard names."""
+        t = m.tokenizer
+        if not 1 <= t.vocab_size <= MAX_INT32 + 1:
+            raise self.fail(
+                "tokenizer.vocab_size", f"is {t.vocab_size:,}, outside 1..{MAX_INT32 + 1:,} (ids are int32)"
+            )
+        for key, token_id in (("eos_id", t.eos_id), ("bos_id", t.bos_id)):
+            if token_id is not None and token_id >= t.vocab_size:
+                raise self.fail(
+                    f"tokenizer.{key}", f"is {token_id:,}, not below `tokenizer.vocab_size` {t.vocab_size:,}"
+                )
+        if not 2 <= m.seq_len <= MAX_INT32:
+            raise self.fail("options.seq_len", f"is {m.seq_len:,}, outside 2..{MAX_INT32:,}")
+        for split, info in m.splits.items():
+            for k, shard in enumerate(info.shards):
+                if problem := shard_name_problem(shard.file):
+                    raise self.fail(f"splits.{split}.shards[{k}].file", f"is {_json(shard.file)}: {problem}")
+
+
+def shard_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a shard's file name, or None: a shard is a plain `.arrow` file inside the folder.
+
+    The reader joins it to the dataset folder; a separator, `..` or an absolute path would open a file
+    elsewhere, which no check of the folder would then cover.
+    """
+    if "/" in name or "\\" in name or "\0" in name:
+        return "a shard is a file name inside the dataset folder, without a path"
+    if name in ("", ".", "..") or not name.endswith(SHARD_SUFFIX) or name.startswith("."):
+        return f"a shard is a visible `*{SHARD_SUFFIX}` file inside the dataset folder"
+    return None
+
+
+def _json(value: object) -> str:
+    """``value`` as it reads in the JSON file, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -21,11 +21,12 @@ from shared.contract import (
     FORMAT_VERSION,
     INPUT_IDS,
     LABELS,
+    MANIFEST_NAME,
     POSITION_IDS,
     SHARD_SCHEMA,
     read_schema_metadata,
 )
-from shared.errors import DatasetError, ShardIntegrityError
+from shared.errors import DatasetError, ManifestError, ShardIntegrityError
 from shared.fileio import sha256_file
 from shared.manifest import Manifest, ShardInfo
 
@@ -320,7 +321,7 @@ class PackedDataset:
         if name not in self._splits:
             shards = []
             for info in self.manifest.splits[name].shards:
-                path = self.root / info.file
+                path = shard_path(self.root, info.file)
                 if self._verify != "none":
                     check_shard_file(path, info, checksum=self._verify == "checksum")
                 shard = Shard(path, info)
@@ -328,6 +329,22 @@ class PackedDataset:
                 shards.append(shard)
             self._splits[name] = Split(name, shards)
         return self._splits[name]
+
+
+def shard_path(root: Path, file: str) -> Path:
+    """The path of shard ``file`` of the dataset in ``root``; refuses one that leads outside the folder.
+
+    The manifest only lists plain file names (:func:`shared.manifest.shard_name_problem`); this also
+    refuses a link to a file elsewhere, which no check of the folder would cover.
+    """
+    path = root / file
+    resolved, inside = path.resolve(), root.resolve()
+    if resolved.parent != inside:
+        raise ShardIntegrityError(
+            f"shard `{file}` of `{root}` resolves to `{resolved}`, outside the dataset folder; a dataset reads"
+            " only its own files. Copy the file into the folder (not a link to it), or re-run `prep pack`."
+        )
+    return path
 
 
 def check_shard_metadata(shard: Shard, manifest: Manifest, split: str) -> None:
@@ -343,9 +360,14 @@ def check_shard_metadata(shard: Shard, manifest: Manifest, split: str) -> None:
         "eos_id": t.eos_id,
         "bos_id": t.bos_id,
         "tokenizer_sha256": t.sha256,
+        "vocab_size": t.vocab_size,
     }
     for key, want in expected.items():
         found = shard.metadata.get(key)
+        if key == "vocab_size" and found is None:
+            continue  # shards packed before the key existed; `prep verify` checks it against the tokenizer
+        if key == "vocab_size" and found != want:
+            raise ManifestError(vocab_size_edited(shard.path.parent, manifest, found))
         if found != want:
             what = (
                 "was packed with another tokenizer"
@@ -356,6 +378,16 @@ def check_shard_metadata(shard: Shard, manifest: Manifest, split: str) -> None:
                 f"shard `{shard.path.name}`: metadata `{key}` is {_short(found)}, the manifest says"
                 f" {_short(want)}; the shard {what}. Re-run `prep pack` (or restore the dataset's own shard)."
             )
+
+
+def vocab_size_edited(root: Path, manifest: Manifest, actual: int) -> str:
+    """The message for a manifest whose `tokenizer.vocab_size` disagrees with the tokenizer it names."""
+    return (
+        f"`{root / MANIFEST_NAME}`: field `tokenizer.vocab_size` is {manifest.tokenizer.vocab_size:,}, but the"
+        f" tokenizer the shards were packed with ({manifest.tokenizer.sha256[:12]}...) has {actual:,} ids;"
+        f" the manifest was edited after packing. Restore it (set the field back to {actual}), or re-run"
+        " `prep pack`."
+    )
 
 
 def _short(value: object) -> str:

@@ -172,6 +172,6 @@ def test_the_lock_refuses_a_second_holder_names_it_and_goes_with_its_holder(tmp_
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file; pass a folder"), output_lock(tmp_path / "file"):
         pass
-    cannot = "cannot create --out `/proc/x` .*; choose a folder you can write to"
+    cannot = "cannot write to --out `/proc/x`: .*Choose an --out you can write to"
     with pytest.raises(UserError, match=cannot), output_lock(Path("/proc/x")):
         pass
