@@ -167,8 +167,13 @@ def test_resume_reproduces_the_uninterrupted_losses(packed_sample, tmp_path):
     for step in (4, 5, 6):
         assert resumed.losses[step] == pytest.approx(uninterrupted.losses[step], rel=0, abs=1e-6)
     assert resumed.eval_losses[6] == pytest.approx(uninterrupted.eval_losses[6], abs=1e-6)
-    steps = [json.loads(m)["step"] for m in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [json.loads(m)["step"] for m in (full / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(m) for m in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "resumed_from" not in r] == [
+        json.loads(m)["step"] for m in (full / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r for r in records if "resumed_from" in r] == [
+        {"step": 3, "resumed_from": "step-00000003", "changed": {}}
+    ]
     a, b = adapter_weights(full), adapter_weights(killed)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
@@ -179,10 +184,13 @@ def test_resume_refuses_another_run_length(packed_sample, tmp_path):
     result = runner.invoke(
         app,
         ["run", "--data", str(packed_sample), "--model", "tiny-qwen2", "--out", str(out), "--max-steps", "5"]
-        + ["--batch-size", "2", "--lora-r", "8", "--lora-alpha", "16", "--device", "cpu", "--resume"],
+        + ["--batch-size", "2", "--lora-r", "8", "--lora-alpha", "16", "--device", "cpu", "--resume"]
+        + ["--lr", "3e-3", "--warmup-ratio", "0.1"],
     )
     assert result.exit_code == 1
-    assert "run of 2 steps" in result.output and "--max-steps" in result.output
+    message = " ".join(result.output.split())
+    assert "from step-00000002: --max-steps was 2 in the checkpoint, now 5." in message
+    assert "resume with --max-steps 2." in message
 
 
 def test_config_file_with_flag_overrides(packed_sample, tmp_path):
