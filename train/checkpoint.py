@@ -121,8 +121,15 @@ def save_checkpoint(
             shutil.rmtree(old)
         os.replace(tmp, final)
         fsync_dir(parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, quota, folder removed: the user's to fix, then resume
+            done = [p.name for p in list_checkpoints(out)]
+            since = f"from `{done[-1]}`" if done else "from the start (no checkpoint was saved yet)"
+            raise CheckpointError(
+                f"cannot write checkpoint `{final}` ({e.strerror or e}); nothing of it was kept. Free space"
+                f" or fix the folder, then run again with --resume: it continues {since}."
+            ) from None
         raise
     return final
 

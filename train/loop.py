@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -152,6 +153,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
+    if is_main:
+        make_out_folder(cfg.out)
     dataset, train_split, eval_split = open_data(cfg)
     manifest = dataset.manifest
     info = manifest.splits["train"]
@@ -235,7 +238,6 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
             say(f"  {name}: {before} -> {now} from step {start_step + 1:,} on")
     result = RunResult(plan=plan)
     if is_main:
-        cfg.out.mkdir(parents=True, exist_ok=True)
         metrics = open_metrics(cfg.out / METRICS, keep_through=start_step)
         if cfg.resume:  # the record says where the run restarted, and what it ran differently from there
             metrics.write(
@@ -362,6 +364,20 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         plot_losses(cfg.out / METRICS, cfg.out / LOSS_PLOT)
         say(f"wrote {result.export}, {cfg.out / METRICS}, {cfg.out / LOSS_PLOT}")
     return result
+
+
+def make_out_folder(out: Path) -> None:
+    """Create ``out`` before any work, so that an --out that cannot hold the run fails at once."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out `{out}` is a file; pass a folder (it is created if missing).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"--out `{out}` cannot be created ({e.strerror or e}); pass a folder in a writable place."
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--out `{out}` is not writable; pass a folder in a writable place.")
 
 
 def open_metrics(path: Path, *, keep_through: int):

@@ -124,8 +124,13 @@ def test_failed_save_leaves_no_checkpoint_behind(packed_sample, run_copy, monkey
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError) as failed:
         train(config(packed_sample, run_copy, max_steps=6, save_every=2, resume=True), log=lambda _: None)
+    assert str(failed.value) == (
+        f"cannot write checkpoint `{run_copy / 'checkpoints' / 'step-00000006'}` (disk full); nothing of it"
+        " was kept. Free space or fix the folder, then run again with --resume: it continues from"
+        " `step-00000004`."
+    )
     names = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
     assert names == ["step-00000002", "step-00000004"]  # step 6 never appeared, no temp folder left
     verify_checkpoint(latest_checkpoint(run_copy))

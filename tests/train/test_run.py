@@ -216,6 +216,7 @@ def test_config_file_with_flag_overrides(packed_sample, tmp_path):
         (["--batch-size", "0", "--max-steps", "3"], "--batch-size 0 must be at least 1"),
         (["--max-steps", "3", "--token-budget", "100"], "exactly one of `--token-budget` and `--max-steps`"),
         (["--max-steps", "3", "--attn", "xformers"], "--attn 'xformers' is unknown"),
+        (["--max-steps", "3", "--device", "cuda:x"], "--device 'cuda:x' is unknown"),
     ],
 )
 def test_bad_options_name_the_flag(packed_sample, tmp_path, flags, message):
@@ -223,6 +224,34 @@ def test_bad_options_name_the_flag(packed_sample, tmp_path, flags, message):
     result = runner.invoke(app, args + flags)
     assert result.exit_code == 1
     assert message in result.output
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(packed_sample, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine\n")
+    args = [
+        "run",
+        "--data",
+        str(packed_sample),
+        "--model",
+        "tiny-qwen2",
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    for out, message in (
+        (file, f"--out `{file}` is a file; pass a folder"),
+        (file / "run", f"--out `{file / 'run'}` cannot be created (Not a directory); pass a folder"),
+    ):
+        result = runner.invoke(app, [*args, "--out", str(out)])
+        assert result.exit_code == 1
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert message in " ".join(result.output.split()), result.output
+    assert file.read_text() == "mine\n"
+    # negative control: a folder that does not exist yet is created
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "new" / "run"), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
 
 
 def test_model_vocab_must_cover_the_tokenizer(packed_sample, tmp_path):
