@@ -121,8 +121,15 @@ def save_checkpoint(
             shutil.rmtree(old)
         os.replace(tmp, final)
         fsync_dir(parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, quota, folder removed: the user's to fix, then resume
+            done = [p.name for p in list_checkpoints(out)]
+            since = f"from `{done[-1]}`" if done else "from the start (no checkpoint was saved yet)"
+            raise CheckpointError(
+                f"cannot write checkpoint `{final}` ({e.strerror or e}); nothing of it was kept. Free space"
+                f" or fix the folder, then run again with --resume: it continues {since}."
+            ) from None
         raise
     return final
 
@@ -203,6 +210,12 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """The checkpoint's state.json, after every file of the checkpoint has been verified."""
+    verify_checkpoint(path)
+    return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+
+
 def load_checkpoint(
     path: Path,
     *,
@@ -212,7 +225,22 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Verify ``path``, restore model/adapter, optimizer, scheduler and RNG in place; return state.json
     (its ``loader`` entry is for the caller's loader)."""
-    verify_checkpoint(path)
+    state = read_checkpoint_state(path)
+    restore_checkpoint(path, state, model=model, optimizer=optimizer, scheduler=scheduler)
+    return state
+
+
+def restore_checkpoint(
+    path: Path,
+    state: dict[str, Any],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Restore model/adapter, optimizer, scheduler and RNG in place from ``path``, whose ``state`` the
+    caller read with `read_checkpoint_state` (which verified every file)."""
+    path = Path(path)
     model = unwrap(model)
     device = next(model.parameters()).device
     if is_peft(model):
@@ -220,12 +248,10 @@ def load_checkpoint(
         optimizer.load_state_dict(_read_optimizer(path, device))
     else:
         _load_full(path, model, optimizer, _read_optimizer(path, torch.device("cpu")), device)
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     scheduler.load_state_dict(state["scheduler"])
     _restore_torch_rng(safetensors.torch.load_file(path / "rng.safetensors"))
     random.setstate(_tuples(state["python_rng"]))
     np.random.set_state(_numpy_from_json(state["numpy_rng"]))
-    return state
 
 
 def _read_optimizer(path: Path, device: torch.device) -> dict[str, Any]:
@@ -291,7 +317,14 @@ def _load_adapter(path: Path, model: nn.Module) -> None:
         )
     device = next(model.parameters()).device
     weights = safetensors.torch.load_file(file, device=str(device))
-    result = set_peft_model_state_dict(model, weights)
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as e:  # another LoRA rank or target modules: the tensors' shapes differ
+        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise CheckpointError(
+            f"checkpoint `{path}`: its adapter does not fit this model ({mismatch[:300]}); resume with the"
+            " same --model, --lora-r and --lora-alpha."
+        ) from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise CheckpointError(

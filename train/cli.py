@@ -60,7 +60,7 @@ def plan(
             )
         result = make_plan(
             batch_size=batch_size,
-            seq_len=seq_len or 1024,
+            seq_len=1024 if seq_len is None else seq_len,  # make_plan refuses 0 rather than replace it
             grad_accum=grad_accum,
             world_size=world_size,
             token_budget=token_budget,

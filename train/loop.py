@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,13 @@ from shared.errors import DatasetError, UserError
 from shared.fileio import atomic_write_text
 from shared.reader import PackedDataset, Split
 from train.batch import VarlenBatch
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from train.checkpoint import (
+    latest_checkpoint,
+    read_checkpoint_state,
+    restore_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 from train.config import RunConfig
 from train.loader import Loader, batch_from_rows, sequential_batches
 from train.loss import micro_batch_loss_sum
@@ -48,6 +55,7 @@ from train.parallel import (  # noqa: F401  (init_distributed_from_env: `train.c
     shard_fsdp,
 )
 from train.plan import DataShape, RunPlan, describe, lr_factor, make_plan
+from train.resume import check_resume, jsonable_config
 
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
@@ -145,6 +153,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
+    if is_main:
+        make_out_folder(cfg.out)
     dataset, train_split, eval_split = open_data(cfg)
     manifest = dataset.manifest
     info = manifest.splits["train"]
@@ -202,28 +212,41 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     # The checkpoint's loader position means something only for the same rows in the same shards.
     data_fingerprint = hashlib.sha256("".join(sh.sha256 for sh in info.shards).encode()).hexdigest()
     start_step = 0
+    resumes: list[dict] = []  # every resume of this run so far: its step and the options it changed
     if cfg.resume:
         path = latest_checkpoint(cfg.out)
-        state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
-        if state.get("data_fingerprint") != data_fingerprint:
-            raise UserError(
-                f"checkpoint `{path}` was trained on other data (its train shards' checksums differ from"
-                f" those of --data `{cfg.data}`); resume with the same dataset, or start a new --out."
-            )
-        if state["num_steps"] != plan.num_steps or state["num_warmup_steps"] != plan.num_warmup_steps:
-            raise UserError(
-                f"checkpoint `{path}` belongs to a run of {state['num_steps']:,} steps"
-                f" ({state['num_warmup_steps']:,} warmup); this run plans {plan.num_steps:,}"
-                f" ({plan.num_warmup_steps:,}). Resume with the same --token-budget/--max-steps and"
-                " --warmup-ratio, or start a new --out."
-            )
+        state = read_checkpoint_state(path)
+        changed = check_resume(
+            path,
+            state,
+            cfg,
+            num_steps=plan.num_steps,
+            num_warmup_steps=plan.num_warmup_steps,
+            rows_per_step=loader.rows_per_step,
+            world_size=world_size,
+            data_fingerprint=data_fingerprint,
+        )
+        restore_checkpoint(path, state, model=model, optimizer=optimizer, scheduler=scheduler)
         loader.load_state_dict(state["loader"])
         start_step = state["step"]
+        resumes = [
+            *state.get("resumes", []),
+            {"step": start_step, "checkpoint": path.name, "changed": changed},
+        ]
         say(f"resumed from {path} at step {start_step:,}")
+        for name, (before, now) in changed.items():
+            say(f"  {name}: {before} -> {now} from step {start_step + 1:,} on")
     result = RunResult(plan=plan)
     if is_main:
-        cfg.out.mkdir(parents=True, exist_ok=True)
         metrics = open_metrics(cfg.out / METRICS, keep_through=start_step)
+        if cfg.resume:  # the record says where the run restarted, and what it ran differently from there
+            metrics.write(
+                json.dumps(
+                    {"step": start_step, "resumed_from": resumes[-1]["checkpoint"], "changed": changed}
+                )
+                + "\n"
+            )
+            metrics.flush()
 
     def checkpoint(step: int) -> None:
         # Full fine-tuning saves by parameter name (resumable on any number of ranks, FSDP or not);
@@ -241,7 +264,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
                     "num_steps": plan.num_steps,
                     "num_warmup_steps": plan.num_warmup_steps,
                     "data_fingerprint": data_fingerprint,
-                    "config": _jsonable(cfg),
+                    "config": jsonable_config(cfg),
+                    "resumes": resumes,
                     "world_size": world_size,
                 },
                 full=full,
@@ -342,6 +366,20 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     return result
 
 
+def make_out_folder(out: Path) -> None:
+    """Create ``out`` before any work, so that an --out that cannot hold the run fails at once."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out `{out}` is a file; pass a folder (it is created if missing).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"--out `{out}` cannot be created ({e.strerror or e}); pass a folder in a writable place."
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--out `{out}` is not writable; pass a folder in a writable place.")
+
+
 def open_metrics(path: Path, *, keep_through: int):
     """Open metrics.jsonl for appending, first dropping records after step ``keep_through`` (those of
     a run killed after its last checkpoint: the resumed run writes them again)."""
@@ -397,10 +435,3 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(png)
-
-
-def _jsonable(cfg: RunConfig) -> dict:
-    return {
-        name: (str(value) if isinstance(value, Path) else value)
-        for name, value in ((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__)
-    }

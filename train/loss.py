@@ -30,8 +30,10 @@ DEFAULT_CHUNK_TOKENS = 1024
 
 
 def _chunk_loss_sum(head: nn.Module, hidden_ND: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-    # Upcast before the softmax: bf16 logits lose the small probabilities the loss depends on.
-    logits_NV = head(hidden_ND).float()
+    # Upcast before the softmax: bf16 logits lose the small probabilities the loss depends on
+    # (float64 stays float64, so that tests can compare against an exact reference).
+    logits_NV = head(hidden_ND)
+    logits_NV = logits_NV.to(torch.promote_types(logits_NV.dtype, torch.float32))
     return F.cross_entropy(logits_NV, targets_N, ignore_index=IGNORE_INDEX, reduction="sum")
 
 

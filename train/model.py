@@ -85,7 +85,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` -> cuda if available, else cpu."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"--device {device!r} is unknown; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {device} was asked for, but CUDA is not available; use --device cpu.")
     return device

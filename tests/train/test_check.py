@@ -102,3 +102,10 @@ def test_check_errors_print_brackets_as_text(tmp_path):
     result = _invoke(missing, "--model", "tiny-qwen2")
     assert result.exit_code == 1
     assert "[a]" in " ".join(result.output.split())
+
+
+def test_unknown_device_is_an_error_line_not_a_traceback(packed_sample):
+    result = _invoke(packed_sample, "--device", "gpu")
+    assert result.exit_code == 1
+    assert "--device 'gpu' is unknown; use auto, cpu, cuda or cuda:N." in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -18,38 +18,70 @@ VOCAB = 500
 LENGTHS = [9, 14, 6, 11]
 
 
+# Equalities below are checked in float64: a packed and an unpacked forward, or a chunked and a full
+# loss, sum the same terms in another order (kernels are picked by shape, and differ between CPUs), so
+# in float32 their round-off is the size of any tolerance one could set. In float64 it is about 1e-15
+# relative, far below TOLERANCE; a real bug (a token lost at a chunk edge, a leak) is far above it.
+TOLERANCE = 1e-9
+
+
 @pytest.fixture(scope="module")
 def model():
-    return load_model("tiny-qwen2", vocab_size=VOCAB, attn="sdpa")
+    return load_model("tiny-qwen2", vocab_size=VOCAB, attn="sdpa", dtype=torch.float64)
 
 
 def _full_logits_loss(hidden_TD, head, labels_T):
     """The textbook computation: all logits at once, Hugging Face shift, summed."""
-    logits = head(hidden_TD).float()
+    logits = head(hidden_TD)
     return F.cross_entropy(logits[:-1], labels_T[1:], ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _problem(num_tokens=50, dim=16, vocab=300, seed=0):
+def _problem(num_tokens=50, dim=16, vocab=300, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(num_tokens, dim, generator=gen, requires_grad=True)
-    head = torch.nn.Linear(dim, vocab, bias=False)
+    hidden = torch.randn(num_tokens, dim, generator=gen, dtype=dtype, requires_grad=True)
+    head = torch.nn.Linear(dim, vocab, bias=False, dtype=dtype)
     torch.nn.init.normal_(head.weight, generator=gen)
     labels = torch.randint(0, vocab, (num_tokens,), generator=gen)
     labels[torch.tensor([0, 13, 30])] = IGNORE_INDEX
     return hidden, head, labels
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 7, 49, 1000])
-def test_chunked_loss_and_gradients_equal_full_logits(chunk_tokens):
+def _assert_chunked_equals_full(chunk_tokens):
     hidden, head, labels = _problem()
     expected = _full_logits_loss(hidden, head, labels)
     expected_grads = torch.autograd.grad(expected, (hidden, head.weight))
     loss, num_targets = chunked_cross_entropy_sum(hidden, head, labels, chunk_tokens=chunk_tokens)
     grads = torch.autograd.grad(loss, (hidden, head.weight))
-    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=TOLERANCE, atol=0.0)
     for got, want in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # atol scaled by the largest entry: a gradient entry near zero is a sum of terms of that size
+        torch.testing.assert_close(got, want, rtol=TOLERANCE, atol=TOLERANCE * want.abs().max().item())
     assert num_targets.item() == int((labels[1:] != IGNORE_INDEX).sum())
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 49, 1000])
+def test_chunked_loss_and_gradients_equal_full_logits(chunk_tokens):
+    _assert_chunked_equals_full(chunk_tokens)
+
+
+@pytest.mark.parametrize("broken", ["last position of each chunk dropped", "targets shifted by one"])
+def test_the_equality_check_catches_an_off_by_one(monkeypatch, broken):
+    """Negative control: the float64 comparison above fails on a chunked loss that is wrong by one token."""
+    import train.loss
+
+    exact = train.loss._chunk_loss_sum
+
+    def off_by_one(head, hidden_ND, targets_N):
+        if broken == "targets shifted by one":
+            targets_N = torch.roll(targets_N, 1)
+        else:
+            hidden_ND, targets_N = hidden_ND[:-1], targets_N[:-1]
+        return exact(head, hidden_ND, targets_N)
+
+    monkeypatch.setattr(train.loss, "_chunk_loss_sum", off_by_one)
+    with pytest.raises(AssertionError):
+        _assert_chunked_equals_full(7)
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -88,7 +120,7 @@ def test_packed_loss_is_the_sum_of_each_document_alone(model):
         alone = sum(micro_batch_loss_sum(model, segment(batch, i)).item() for i in range(len(LENGTHS)))
         hidden = forward_hidden_naive(model, batch)
         naive, _ = chunked_cross_entropy_sum(hidden, output_head(model), batch.labels)
-    assert abs(packed - alone) / abs(alone) <= 1e-5
+    assert abs(packed - alone) / abs(alone) <= TOLERANCE
     # negative control: the naive forward (no boundaries) changes the loss
     assert abs(naive.item() - alone) / abs(alone) > 1e-3
 
@@ -108,7 +140,7 @@ def test_first_label_of_a_segment_keeps_the_loss_additive(model):
     )
     with torch.no_grad():
         alone = sum(micro_batch_loss_sum(model, segment(batch, i)).item() for i in range(len(LENGTHS)))
-        assert abs(micro_batch_loss_sum(model, batch).item() - alone) / alone <= 1e-5
+        assert abs(micro_batch_loss_sum(model, batch).item() - alone) / alone <= TOLERANCE
         assert abs(micro_batch_loss_sum(model, broken).item() - alone) / alone > 1e-3
 
 

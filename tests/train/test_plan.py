@@ -70,6 +70,15 @@ def test_plan_refuses_a_budget_below_one_step():
         make_plan(batch_size=1, seq_len=8, token_budget=100, max_steps=3)
 
 
+def test_plan_refuses_seq_len_zero_instead_of_replacing_it():
+    result = runner.invoke(app, ["plan", "--max-steps", "3", "--seq-len", "0"])
+    assert result.exit_code == 1
+    assert "--seq-len 0 must be at least 1" in result.output
+    # negative control: without --seq-len the default 1024 is used, and said
+    default = runner.invoke(app, ["plan", "--max-steps", "3"])
+    assert default.exit_code == 0 and "seq_len 1,024" in default.output
+
+
 def test_plan_refuses_seq_len_that_contradicts_the_data(packed_sample):
     result = runner.invoke(
         app, ["plan", "--max-steps", "3", "--seq-len", "1024", "--data", str(packed_sample)]

@@ -167,8 +167,13 @@ def test_resume_reproduces_the_uninterrupted_losses(packed_sample, tmp_path):
     for step in (4, 5, 6):
         assert resumed.losses[step] == pytest.approx(uninterrupted.losses[step], rel=0, abs=1e-6)
     assert resumed.eval_losses[6] == pytest.approx(uninterrupted.eval_losses[6], abs=1e-6)
-    steps = [json.loads(m)["step"] for m in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [json.loads(m)["step"] for m in (full / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(m) for m in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "resumed_from" not in r] == [
+        json.loads(m)["step"] for m in (full / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r for r in records if "resumed_from" in r] == [
+        {"step": 3, "resumed_from": "step-00000003", "changed": {}}
+    ]
     a, b = adapter_weights(full), adapter_weights(killed)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
@@ -179,10 +184,13 @@ def test_resume_refuses_another_run_length(packed_sample, tmp_path):
     result = runner.invoke(
         app,
         ["run", "--data", str(packed_sample), "--model", "tiny-qwen2", "--out", str(out), "--max-steps", "5"]
-        + ["--batch-size", "2", "--lora-r", "8", "--lora-alpha", "16", "--device", "cpu", "--resume"],
+        + ["--batch-size", "2", "--lora-r", "8", "--lora-alpha", "16", "--device", "cpu", "--resume"]
+        + ["--lr", "3e-3", "--warmup-ratio", "0.1"],
     )
     assert result.exit_code == 1
-    assert "run of 2 steps" in result.output and "--max-steps" in result.output
+    message = " ".join(result.output.split())
+    assert "from step-00000002: --max-steps was 2 in the checkpoint, now 5." in message
+    assert "resume with --max-steps 2." in message
 
 
 def test_config_file_with_flag_overrides(packed_sample, tmp_path):
@@ -208,6 +216,7 @@ def test_config_file_with_flag_overrides(packed_sample, tmp_path):
         (["--batch-size", "0", "--max-steps", "3"], "--batch-size 0 must be at least 1"),
         (["--max-steps", "3", "--token-budget", "100"], "exactly one of `--token-budget` and `--max-steps`"),
         (["--max-steps", "3", "--attn", "xformers"], "--attn 'xformers' is unknown"),
+        (["--max-steps", "3", "--device", "cuda:x"], "--device 'cuda:x' is unknown"),
     ],
 )
 def test_bad_options_name_the_flag(packed_sample, tmp_path, flags, message):
@@ -215,6 +224,34 @@ def test_bad_options_name_the_flag(packed_sample, tmp_path, flags, message):
     result = runner.invoke(app, args + flags)
     assert result.exit_code == 1
     assert message in result.output
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(packed_sample, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine\n")
+    args = [
+        "run",
+        "--data",
+        str(packed_sample),
+        "--model",
+        "tiny-qwen2",
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    for out, message in (
+        (file, f"--out `{file}` is a file; pass a folder"),
+        (file / "run", f"--out `{file / 'run'}` cannot be created (Not a directory); pass a folder"),
+    ):
+        result = runner.invoke(app, [*args, "--out", str(out)])
+        assert result.exit_code == 1
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert message in " ".join(result.output.split()), result.output
+    assert file.read_text() == "mine\n"
+    # negative control: a folder that does not exist yet is created
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "new" / "run"), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
 
 
 def test_model_vocab_must_cover_the_tokenizer(packed_sample, tmp_path):
