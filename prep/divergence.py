@@ -68,7 +68,7 @@ def pattern_atoms(pattern: str) -> list[str]:
                 raise UnsupportedPattern(f"escape {token!r} in the split pattern")
             elif token[1] not in _LITERAL_ESCAPES:
                 raise UnsupportedPattern(f"{token!r} in the split pattern")
-            else:
+            elif not token[1].isalnum():  # an escaped symbol; \r, \n, \t ... are controls, not letters
                 literals.add(token[1])
         elif token.startswith("[:"):
             raise UnsupportedPattern(f"POSIX class {token!r} in the split pattern")
