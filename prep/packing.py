@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 STRATEGIES = ("bfd", "wrapped")
-BLOCK = 1 << 16
+BLOCK = 1 << 14
 """Segments handed to the Python best-fit loop at a time: its lists stay small whatever the corpus size."""
 
 
