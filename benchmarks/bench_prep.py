@@ -1,5 +1,6 @@
 """Prep benchmarks: `prep pack` end to end versus `tokenizers` alone and the usual HF pipeline; packing
-quality (rows versus the lower bound) and cost; peak memory as the corpus grows 20x.
+quality (rows versus the lower bound) and cost; peak memory as the corpus grows 20x, and over 10M tiny
+documents (the cost per document).
 
 The parent functions (``throughput``, ``memory``) run each measurement in a fresh child process
 (``python benchmarks/bench_prep.py CHILD ...``) and compare them side by side in the same run.
@@ -311,15 +312,76 @@ def memory(factor: int = 20, *, keep: bool = False) -> dict:
     }
 
 
+TINY_DOCS = 10_000_000
+TINY_TARGET_GB = 0.8
+"""Peak RSS target of `prep pack` over TINY_DOCS tiny documents: the cost per document, not per token."""
+
+
+def make_tiny(num_docs: int) -> Path:
+    """``num_docs`` distinct one-line documents (``{"text": "a b 17"}``) as JSONL, generated into _work."""
+    path = WORK / f"tiny-{num_docs}.jsonl"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="ascii") as f:
+            for lo in range(0, num_docs, 100_000):
+                f.write("".join(f'{{"text": "a b {i}"}}\n' for i in range(lo, min(num_docs, lo + 100_000))))
+        tmp.rename(path)
+    return path
+
+
+def child_tiny(corpus: str, tokenizer: str, out: str) -> None:
+    """`prep pack` at the defaults (bfd, 1024) over the tiny corpus, with the bundled sample tokenizer."""
+    from prep.pipeline import PackConfig, pack
+
+    start = time.perf_counter()
+    manifest = pack(PackConfig(inputs=(corpus,), tokenizer=tokenizer, out=Path(out), overwrite=True))
+    emit(
+        {
+            "seconds": time.perf_counter() - start,
+            "num_docs": manifest.documents.packed,
+            "num_tokens": manifest.documents.tokens_packed,
+            "self_peak_rss_mib": self_peak_rss_mib(),
+        }
+    )
+
+
+def tiny_memory(num_docs: int = TINY_DOCS, small: int = 1_000_000) -> dict:
+    """Peak RSS (process tree) of `prep pack` over ``small`` and ``num_docs`` tiny documents, and the bytes
+    per document by which the main process's peak grows between them (planning and the card, where the
+    per-document arrays are; the tree's peak at ``small`` is the tokenizing workers', which holds batches)."""
+    from prep.sample import write_sample
+
+    _, tokenizer = write_sample(WORK / "tiny-sample")
+    runs = {}
+    for n in (small, num_docs):
+        out = WORK / f"tiny-{n}-packed"
+        runs[str(n)] = run_child([SCRIPT, "tiny", str(make_tiny(n)), str(tokenizer), str(out)], timeout=3600)
+        shutil.rmtree(out, ignore_errors=True)
+    big, base = runs[str(num_docs)], runs[str(small)]
+    return {
+        "num_docs": num_docs,
+        "small": small,
+        "runs": runs,
+        "peak_gb": big["peak_rss_mib"] * 2**20 / 1e9,
+        "bytes_per_doc": (big["self_peak_rss_mib"] - base["self_peak_rss_mib"]) * 2**20 / (num_docs - small),
+        "target_gb": TINY_TARGET_GB,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("child", choices=["reference", "pack", "hf"])
+    parser.add_argument("child", choices=["reference", "pack", "hf", "tiny", "tiny-parent"])
     parser.add_argument("args", nargs="*")
     a = parser.parse_args()
     if a.child == "reference":
         child_reference(*a.args)
     elif a.child == "pack":
         child_pack(a.args[0], a.args[1], int(a.args[2]), a.args[3])
+    elif a.child == "tiny":
+        child_tiny(*a.args)
+    elif a.child == "tiny-parent":  # standalone: python benchmarks/bench_prep.py tiny-parent [NUM_DOCS]
+        WORK.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(tiny_memory(*(int(x) for x in a.args)), indent=1))
     else:
         child_hf(*a.args)
 

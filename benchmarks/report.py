@@ -69,6 +69,17 @@ def _targets(r: dict) -> list[tuple[str, str, str, str, bool | None]]:
                 m["growth"] <= 1.5,
             )
         )
+    mt = r.get("memory_tiny")
+    if mt:
+        rows.append(
+            (
+                f"peak RSS, {mt['num_docs'] / 1e6:.0f}M tiny documents",
+                f"{mt['peak_gb']:.2f} GB ({mt['bytes_per_doc']:.0f} bytes per document)",
+                f"<= {mt['target_gb']} GB",
+                "",
+                mt["peak_gb"] <= mt["target_gb"],
+            )
+        )
     lo = r.get("loader")
     if lo:
         for label, v in lo.items():
@@ -203,6 +214,26 @@ def render(r: dict) -> str:
         lines += [
             "",
             f"Reuters x{f}: every document repeated {f} times with a copy tag, generated into benchmarks/_work.",
+            "",
+        ]
+    if "memory_tiny" in r:
+        mt = r["memory_tiny"]
+        lines += [
+            "## Memory of `prep pack` per document (tiny documents, sample tokenizer, bfd at 1024)",
+            "",
+            "| documents | tokens | seconds | peak RSS, process tree (MiB) | peak RSS, main process (MiB) |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for n in (mt["small"], mt["num_docs"]):
+            v = mt["runs"][str(n)]
+            lines.append(
+                f"| {n:,} | {v['num_tokens']:,} | {v['seconds']:.1f} | {v['peak_rss_mib']:.0f} | {v['self_peak_rss_mib']:.0f} |"
+            )
+        lines += [
+            "",
+            f'Each document is one line like `{{"text": "a b 17"}}`. The main process\'s peak (planning, or the'
+            f" card) grows by {mt['bytes_per_doc']:.0f} bytes per document between the two runs; the smaller"
+            " run's tree peak is the tokenizing workers', which hold batches, not documents.",
             "",
         ]
     if "loader" in r:

@@ -4,7 +4,7 @@ The prep throughput sides run three times each, interleaved, and the ratios comp
 
 Usage (from the repository root, with the `bench` extra installed)::
 
-    python benchmarks/run_all.py                 # everything: about 12 minutes on an idle 2-core box
+    python benchmarks/run_all.py                 # everything: about 15 minutes on an idle 2-core box
     python benchmarks/run_all.py --only prep     # one group: prep, memory, loader, train, loss
 
 Needs the real corpora and the Qwen2.5 tokenizer in ../shared/data (see benchmarks/common.py). Scratch
@@ -66,6 +66,8 @@ def main() -> None:
             step(f"prep_{corpus}", bench_prep.throughput, corpus)
     if "memory" in groups or "loader" in groups:
         step("memory", bench_prep.memory, args.memory_factor, keep=True)
+    if "memory" in groups:
+        step("memory_tiny", bench_prep.tiny_memory)
     if "loader" in groups:
         folders = {"1x": WORK / "mem-1x", f"{args.memory_factor}x": WORK / f"mem-{args.memory_factor}x"}
         step("loader", bench_train.loader, folders)

@@ -6,6 +6,8 @@ The work folder holds::
     doc_id.bin     int64 per packed document, appended in step with tokens.bin
     doc_len.bin    int64 per packed document
     is_val.bin     int8 per packed document
+
+Only the batch being committed is held in memory; packing reads the per-document files back afterwards.
     journal.json   the last commit point: the run's options, the pass-1 position and counts, finished shards
 
 Protocol: data files are appended and fsynced first, then ``journal.json`` is replaced atomically. The
@@ -34,10 +36,11 @@ import json
 import os
 import shutil
 import signal
-from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
 
 from shared.errors import ShardIntegrityError, UserError
 from shared.fileio import atomic_write_text, fsync_dir
@@ -47,7 +50,8 @@ from shared.reader import check_shard_file
 JOURNAL_NAME = "journal.json"
 JOURNAL_VERSION = 1
 TOKENS_NAME = "tokens.bin"
-_DOC_ARRAYS = (("doc_id", "q"), ("doc_len", "q"), ("is_val", "b"))
+DOC_ARRAYS = {"doc_id": np.dtype(np.int64), "doc_len": np.dtype(np.int64), "is_val": np.dtype(np.int8)}
+"""The per-document files of pass 1 (``NAME.bin``) and their dtypes."""
 KILL_ENV = "PREP_TEST_KILL_AT"
 STOP_ENV = "PREP_TEST_STOP_AT"
 _kill_counts: dict[str, int] = {}
@@ -93,15 +97,14 @@ class Pass1State:
     counts: dict[str, int] = field(default_factory=dict)
     inputs: list[InputInfo] = field(default_factory=list)
     done: bool = False
-    doc_id: array = field(default_factory=lambda: array("q"))
-    doc_len: array = field(default_factory=lambda: array("q"))
-    is_val: array = field(default_factory=lambda: array("b"))
+    num_docs: int = 0
+    """Packed documents whose entries in the per-document files are committed."""
 
     def to_json(self) -> dict[str, Any]:
         keys = ("source_index", "records_done", "first_id", "next_id", "token_bytes", "counts", "done")
         raw = {k: getattr(self, k) for k in keys}
         raw["inputs"] = [asdict(i) for i in self.inputs]
-        raw["num_docs"] = len(self.doc_id)
+        raw["num_docs"] = self.num_docs
         return raw
 
 
@@ -113,7 +116,7 @@ class Journal:
         self.fingerprint = fingerprint
         self.pass1 = pass1
         self.shards: dict[str, list[ShardInfo]] = {}
-        self._docs_saved = len(pass1.doc_id)
+        self._pending: dict[str, list[np.ndarray]] = {name: [] for name in DOC_ARRAYS}
 
     @property
     def tokens_path(self) -> Path:
@@ -128,7 +131,7 @@ class Journal:
             return cls._load(work, fingerprint)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        for name in [TOKENS_NAME] + [f"{n}.bin" for n, _ in _DOC_ARRAYS]:
+        for name in [TOKENS_NAME] + [f"{n}.bin" for n in DOC_ARRAYS]:
             (work / name).touch()
         journal = cls(work, fingerprint, Pass1State(counts=dict(counts)))
         journal._save()
@@ -147,8 +150,8 @@ class Journal:
                 counts=p["counts"],
                 inputs=[InputInfo(**i) for i in p["inputs"]],
                 done=p["done"],
+                num_docs=p["num_docs"],
             )
-            num_docs = p["num_docs"]
             shards = {s: [ShardInfo(**i) for i in infos] for s, infos in raw["shards"].items()}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ResumeError(
@@ -164,10 +167,8 @@ class Journal:
                 " to start again."
             )
         _truncate(work / TOKENS_NAME, state.token_bytes)
-        for name, code in _DOC_ARRAYS:
-            file = work / f"{name}.bin"
-            _truncate(file, num_docs * array(code).itemsize)
-            getattr(state, name).frombytes(file.read_bytes())
+        for name, dtype in DOC_ARRAYS.items():
+            _truncate(work / f"{name}.bin", state.num_docs * dtype.itemsize)
         journal = cls(work, fingerprint, state)
         journal.shards = shards
         return journal
@@ -178,6 +179,15 @@ class Journal:
 
     def open_tokens(self) -> BinaryIO:
         return open(self.tokens_path, "ab")
+
+    def doc_path(self, name: str) -> Path:
+        """The per-document file ``name`` (a key of :data:`DOC_ARRAYS`)."""
+        return self.work / f"{name}.bin"
+
+    def append_docs(self, **arrays: np.ndarray) -> None:
+        """One batch's ``doc_id``, ``doc_len`` and ``is_val``; written and synced by the next commit."""
+        for name, values in arrays.items():
+            self._pending[name].append(np.ascontiguousarray(values, DOC_ARRAYS[name]))
 
     def commit_batch(self, tokens: BinaryIO, num_records: int) -> None:
         """``num_records`` more records of the current file are accounted for; make that durable."""
@@ -222,13 +232,14 @@ class Journal:
         tokens.flush()
         os.fsync(tokens.fileno())
         self.pass1.token_bytes = tokens.tell()
-        lo, hi = self._docs_saved, len(self.pass1.doc_id)
-        for name, _ in _DOC_ARRAYS:
-            with open(self.work / f"{name}.bin", "ab") as f:
-                f.write(getattr(self.pass1, name)[lo:hi].tobytes())
+        for name, pending in self._pending.items():
+            with open(self.doc_path(name), "ab") as f:
+                for values in pending:
+                    f.write(memoryview(values))
                 f.flush()
                 os.fsync(f.fileno())
-        self._docs_saved = hi
+        self.pass1.num_docs += sum(len(v) for v in self._pending["doc_id"])
+        self._pending = {name: [] for name in DOC_ARRAYS}
 
     def _save(self) -> None:
         raw = {

@@ -2,7 +2,9 @@
 
 Input is the token-stream length of every document (BOS/EOS included, long-document policy already
 applied); output is a :class:`PackPlan`, a compressed list of segments per row. No tokens are touched
-here, so a plan for a billion-token corpus costs a few arrays of one entry per segment.
+here, so a plan for a billion-token corpus costs a few arrays of one entry per segment, each in the
+narrowest integer type that holds its values (:func:`index_dtype`): planning ten million documents peaks
+at a few tens of bytes per document, and the plan keeps twelve.
 
 ``bfd`` is global best-fit-decreasing. Documents longer than ``seq_len`` are first cut into full
 ``seq_len`` fragments plus a remainder holding the EOS. Segments are placed longest first, each into the
@@ -18,11 +20,20 @@ a document crossing a cut becomes two segments. Rows are all full except the las
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 STRATEGIES = ("bfd", "wrapped")
+BLOCK = 1 << 14
+"""Segments handed to the Python best-fit loop at a time: its lists stay small whatever the corpus size."""
+
+
+def index_dtype(largest: int) -> np.dtype:
+    """int32 when every value up to ``largest`` fits in it, else int64."""
+    return np.dtype(np.int32) if largest < 2**31 else np.dtype(np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +41,11 @@ class PackPlan:
     """Segments in storage order. Row ``r`` holds segments ``row_ptr[r]:row_ptr[r+1]``."""
 
     seg_doc: np.ndarray
-    """int64: index into the per-document arrays the plan was made from."""
+    """Index into the per-document arrays the plan was made from (int32, or int64 past 2**31 documents)."""
     seg_start: np.ndarray
-    """int64: offset of the segment inside its document's token stream."""
+    """Offset of the segment inside its document's token stream (int32 unless a document is longer)."""
     seg_len: np.ndarray
-    """int64: tokens in the segment."""
+    """Tokens in the segment (int32)."""
     row_ptr: np.ndarray
     """int64, num_rows + 1 entries."""
 
@@ -53,14 +64,29 @@ class PackPlan:
 
 def split_into_fragments(doc_len: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut each document into ``seq_len`` fragments and a remainder: (seg_doc, seg_start, seg_len)."""
-    doc_len = np.asarray(doc_len, dtype=np.int64)
+    seg_doc, seg_len = _fragments(doc_len, seq_len)
+    doc_len = np.asarray(doc_len)
+    if len(seg_doc) == len(doc_len):
+        return seg_doc, np.zeros(len(seg_doc), index_dtype(seq_len)), seg_len
+    first = np.searchsorted(seg_doc, seg_doc, side="left")  # first fragment of each fragment's document
+    seg_start = (np.arange(len(seg_doc), dtype=np.int64) - first) * seq_len
+    return seg_doc, seg_start.astype(index_dtype(int(doc_len.max())), copy=False), seg_len
+
+
+def _fragments(doc_len: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(seg_doc, seg_len) of :func:`split_into_fragments`, without materialising anything per document when
+    no document is longer than a row (then every document is one segment)."""
+    doc_len = np.asarray(doc_len)
+    num_docs = len(doc_len)
+    doc_dtype, len_dtype = index_dtype(num_docs), index_dtype(seq_len)
+    if num_docs == 0 or int(doc_len.max()) <= seq_len:
+        return np.arange(num_docs, dtype=doc_dtype), doc_len.astype(len_dtype, copy=False)
     num_frags = np.maximum(1, -(-doc_len // seq_len))
-    seg_doc = np.repeat(np.arange(len(doc_len), dtype=np.int64), num_frags)
-    first = np.cumsum(num_frags) - num_frags
-    frag_index = np.arange(len(seg_doc), dtype=np.int64) - np.repeat(first, num_frags)
-    seg_start = frag_index * seq_len
-    seg_len = np.minimum(seq_len, doc_len[seg_doc] - seg_start)
-    return seg_doc, seg_start, seg_len
+    seg_doc = np.repeat(np.arange(num_docs, dtype=doc_dtype), num_frags)
+    last = np.cumsum(num_frags) - 1  # index of each document's remainder
+    seg_len = np.full(len(seg_doc), seq_len, dtype=len_dtype)
+    seg_len[last] = doc_len - (num_frags - 1) * seq_len
+    return seg_doc, seg_len
 
 
 class _FreeSpaceTree:
@@ -113,38 +139,52 @@ def plan_bfd(doc_len: np.ndarray, seq_len: int, *, allow_split: bool = True) -> 
     every allowed row is open is cut to fill the largest gaps. That adds a segment boundary per cut, so the
     cap sits just above the lower bound: corpora that BFD already packs within the slack are not cut at all.
     """
-    doc_len = np.asarray(doc_len, dtype=np.int64)
+    doc_len = np.asarray(doc_len)
     if not allow_split and len(doc_len) and doc_len.max() > seq_len:
         raise ValueError("a document is longer than seq_len but splitting is not allowed")
-    seg_doc, seg_start, seg_len = split_into_fragments(doc_len, seq_len)
+    seg_doc, seg_len = _fragments(doc_len, seq_len)
     total = int(seg_len.sum())
     lower = -(-total // seq_len)
     row_cap = lower + int(lower * FILL_SLACK) if allow_split else None
-    # Longest first; ties by document then fragment, so the plan is a function of the input alone.
-    order = np.lexsort((seg_start, seg_doc, -seg_len))
-    piece_doc, piece_row, piece_len = _best_fit(
-        seg_doc[order].tolist(), seg_len[order].tolist(), seq_len, row_cap
-    )
+    # Longest first; ties by document then fragment (the order the fragments are in), so the plan is a
+    # function of the input alone.
+    order = np.argsort(-seg_len, kind="stable")
+    blocks = ((seg_doc[o].tolist(), seg_len[o].tolist()) for o in _blocks(order))
+    dtypes = (seg_doc.dtype, index_dtype(len(seg_len)), seg_len.dtype)
+    top = min(seq_len, int(seg_len.max())) if len(seg_len) else 1
+    piece_doc, piece_row, piece_len = _best_fit(blocks, seq_len, row_cap, dtypes, top)
+    del order, seg_doc, seg_len
     return _plan_from_pieces(
-        np.array(piece_doc, np.int64), np.array(piece_row, np.int64), np.array(piece_len, np.int64)
+        piece_doc, piece_row, piece_len, max_start=int(doc_len.max()) if len(doc_len) else 0
     )
+
+
+def _blocks(values: np.ndarray) -> Iterator[np.ndarray]:
+    for lo in range(0, len(values), BLOCK):
+        yield values[lo : lo + BLOCK]
 
 
 def _best_fit(
-    docs: list[int], lengths: list[int], seq_len: int, row_cap: int | None
-) -> tuple[list[int], list[int], list[int]]:
+    blocks: Iterator[tuple[list[int], list[int]]],
+    seq_len: int,
+    row_cap: int | None,
+    dtypes: tuple[np.dtype, np.dtype, np.dtype],
+    top: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Place each segment in the open row with the smallest free space that fits; returns the pieces.
 
-    The tree spans free space 0..the longest segment, not 0..seq_len: a row with more room than that fits
-    every segment, so those rows share the top slot. Segments come longest first, and a row is opened only
-    when no open row fits, so at most one open row is that roomy: the plan is the one a tree over every
-    free-space value would give, while memory follows the data rather than `--seq-len`.
+    ``blocks``: ``(documents, lengths)`` of the segments in placement order (longest first), a block at a
+    time; ``dtypes``: of the pieces' documents, rows and lengths (kept in typed arrays, not lists of ints).
+
+    The tree spans free space 0..``top`` (the longest segment), not 0..seq_len: a row with more room than
+    that fits every segment, so those rows share the top slot. Segments come longest first, and a row is
+    opened only when no open row fits, so at most one open row is that roomy: the plan is the one a tree over
+    every free-space value would give, while memory follows the data rather than `--seq-len`.
     """
-    top = min(seq_len, max(lengths, default=1))
     tree = _FreeSpaceTree(top)
     rows_by_free: dict[int, list[int]] = {}
     roomy: dict[int, int] = {}  # free space of the rows in the top slot, which does not say it
-    piece_doc, piece_row, piece_len = [], [], []
+    piece_doc, piece_row, piece_len = (array({4: "i", 8: "q"}[d.itemsize]) for d in dtypes)
     num_rows = 0
 
     def take(slot: int) -> tuple[int, int]:
@@ -160,58 +200,100 @@ def _best_fit(
             rows_by_free.setdefault(slot, []).append(row)
             tree.add(slot, +1)
 
-    for doc, n in zip(docs, lengths, strict=True):
-        while n > 0:
-            slot = tree.smallest_at_least(n)
-            if slot is not None:
-                row, free = take(slot)
-                placed = n
-            elif row_cap is None or num_rows < row_cap:
-                row, free, placed = num_rows, seq_len, n
-                num_rows += 1
-            else:
-                # Every allowed row is open and no gap holds the segment: fill the largest gap with its head.
-                slot = tree.largest()
-                assert slot is not None, "row cap below the lower bound"
-                row, free = take(slot)
-                placed = free
-            piece_doc.append(doc)
-            piece_row.append(row)
-            piece_len.append(placed)
-            put(row, free - placed)
-            n -= placed
-    return piece_doc, piece_row, piece_len
+    for docs, lengths in blocks:
+        for doc, n in zip(docs, lengths, strict=True):
+            while n > 0:
+                slot = tree.smallest_at_least(n)
+                if slot is not None:
+                    row, free = take(slot)
+                    placed = n
+                elif row_cap is None or num_rows < row_cap:
+                    row, free, placed = num_rows, seq_len, n
+                    num_rows += 1
+                else:
+                    # Every allowed row is open and no gap holds the segment: fill the largest gap with its head.
+                    slot = tree.largest()
+                    assert slot is not None, "row cap below the lower bound"
+                    row, free = take(slot)
+                    placed = free
+                piece_doc.append(doc)
+                piece_row.append(row)
+                piece_len.append(placed)
+                put(row, free - placed)
+                n -= placed
+    return tuple(
+        np.frombuffer(a, dtype=d) for a, d in zip((piece_doc, piece_row, piece_len), dtypes, strict=True)
+    )
 
 
-def _plan_from_pieces(piece_doc: np.ndarray, piece_row: np.ndarray, piece_len: np.ndarray) -> PackPlan:
-    """Give each document's pieces consecutive slices of its stream in row order, then store by row."""
-    by_doc = np.lexsort((piece_row, piece_doc))
-    doc_sorted, len_sorted = piece_doc[by_doc], piece_len[by_doc]
-    ends = np.cumsum(len_sorted)
-    first_of_doc = np.searchsorted(doc_sorted, doc_sorted, side="left")
-    starts_sorted = ends - len_sorted - (ends - len_sorted)[first_of_doc]
-    piece_start = np.empty_like(piece_len)
-    piece_start[by_doc] = starts_sorted
+def _plan_from_pieces(
+    piece_doc: np.ndarray, piece_row: np.ndarray, piece_len: np.ndarray, *, max_start: int
+) -> PackPlan:
+    """Give each document's pieces consecutive slices of its stream in row order, then store by row.
+
+    Only pieces of documents placed in several pieces need a start other than 0; they are few, so the
+    sort that orders them runs on them alone.
+    """
+    piece_start = np.zeros(len(piece_len), dtype=index_dtype(max_start))
+    if len(piece_doc):
+        several = np.flatnonzero((np.bincount(piece_doc) > 1)[piece_doc])
+        doc, row, length = piece_doc[several], piece_row[several], piece_len[several].astype(np.int64)
+        by_doc = np.lexsort((row, doc))
+        doc_sorted, len_sorted = doc[by_doc], length[by_doc]
+        ends = np.cumsum(len_sorted)
+        first_of_doc = np.searchsorted(doc_sorted, doc_sorted, side="left")
+        piece_start[several[by_doc]] = ends - len_sorted - (ends - len_sorted)[first_of_doc]
     # Rows in creation order; inside a row, segments in document order.
     storage = np.lexsort((piece_start, piece_doc, piece_row))
     num_rows = int(piece_row.max()) + 1 if len(piece_row) else 0
-    row_ptr = np.searchsorted(piece_row[storage], np.arange(num_rows + 1), side="left")
-    return PackPlan(piece_doc[storage], piece_start[storage], piece_len[storage], row_ptr.astype(np.int64))
+    row_ptr = np.zeros(num_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(piece_row, minlength=num_rows), out=row_ptr[1:])
+    del piece_row
+    return PackPlan(piece_doc[storage], piece_start[storage], piece_len[storage], row_ptr)
 
 
 def plan_wrapped(doc_len: np.ndarray, seq_len: int) -> PackPlan:
-    doc_len = np.asarray(doc_len, dtype=np.int64)
-    doc_start = np.concatenate([[0], np.cumsum(doc_len)])
-    total = int(doc_start[-1])
-    cuts = np.union1d(doc_start[:-1], np.arange(0, total, seq_len, dtype=np.int64))
-    seg_global = cuts[cuts < total]
-    seg_end = np.append(seg_global[1:], total)
-    seg_doc = np.searchsorted(doc_start, seg_global, side="right") - 1
-    seg_start = seg_global - doc_start[seg_doc]
-    seg_row = seg_global // seq_len
-    num_rows = -(-total // seq_len)
-    row_ptr = np.searchsorted(seg_row, np.arange(num_rows + 1), side="left")
-    return PackPlan(seg_doc.astype(np.int64), seg_start, seg_end - seg_global, row_ptr.astype(np.int64))
+    """Cut the documents, laid end to end, every ``seq_len`` tokens.
+
+    Each document is one segment, plus one more for every row start that falls inside it; those cuts are
+    found per row, so nothing beyond the plan itself is built per document.
+    """
+    doc_len = np.asarray(doc_len)
+    doc_end = np.cumsum(doc_len, dtype=np.int64)
+    total = int(doc_end[-1]) if len(doc_len) else 0
+    len_dtype = index_dtype(seq_len)
+    if total == 0:
+        empty = np.zeros(0, np.int32)
+        return PackPlan(empty, empty, empty.astype(len_dtype), np.zeros(1, np.int64))
+    doc_dtype = index_dtype(len(doc_len))
+    # Empty documents hold no token and get no segment.
+    kept = (
+        np.arange(len(doc_len), dtype=doc_dtype)
+        if doc_len.all()
+        else np.flatnonzero(doc_len).astype(doc_dtype)
+    )
+    bounds = np.arange(seq_len, total, seq_len, dtype=np.int64)  # where rows 1.. start
+    bound_doc = np.searchsorted(doc_end, bounds, side="right")  # the document holding that token
+    bound_doc_start = doc_end[bound_doc] - doc_len[bound_doc]
+    inner = bounds > bound_doc_start
+    cut, cut_doc, cut_offset = bounds[inner], bound_doc[inner], (bounds - bound_doc_start)[inner]
+    # A cut document's first segment ends at its first cut; each cut's segment at the next cut or the end.
+    seg_len = np.minimum(doc_len[kept], seq_len).astype(len_dtype)
+    first_cut = np.flatnonzero(np.diff(cut_doc, prepend=-1))
+    seg_len[np.searchsorted(kept, cut_doc[first_cut])] = cut_offset[first_cut]
+    cut_len = np.minimum(cut + seq_len, doc_end[cut_doc]) - cut
+    where = np.searchsorted(kept, cut_doc, side="right")  # each cut's segment follows its document's
+    seg_doc = np.insert(kept, where, cut_doc.astype(doc_dtype))
+    seg_start = np.insert(np.zeros(len(kept), index_dtype(int(doc_len.max()))), where, cut_offset)
+    seg_len = np.insert(seg_len, where, cut_len.astype(len_dtype))
+    # Index of the segment each row starts with: a cut's own, or the document's that starts the row.
+    bound_where = np.searchsorted(kept, bound_doc, side="right")
+    at_doc = bound_where - 1
+    row_first = np.where(
+        inner, bound_where + np.cumsum(inner) - 1, at_doc + np.searchsorted(where, at_doc, side="right")
+    )
+    row_ptr = np.concatenate([[0], row_first, [len(seg_doc)]]).astype(np.int64)
+    return PackPlan(seg_doc, seg_start, seg_len, row_ptr)
 
 
 def make_plan(strategy: str, doc_len: np.ndarray, seq_len: int, *, allow_split: bool = True) -> PackPlan:

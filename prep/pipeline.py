@@ -3,10 +3,15 @@
 Three passes, each bounded in memory:
 
 1. Stream the inputs in batches, tokenize, apply the long-document policy, and append each document's
-   token stream (BOS, ids, EOS) to ``.pack-work/tokens.bin``. Memory holds one batch plus a few numbers
-   per document (length, id, split).
-2. Plan each split (``bfd`` or ``wrapped``) from the document lengths alone.
+   token stream (BOS, ids, EOS) to ``.pack-work/tokens.bin`` and its length, id and split to the
+   per-document files beside it. Memory holds one batch.
+2. Plan each split (``bfd`` or ``wrapped``) from the document lengths alone, read back in the narrowest
+   integer type that holds them.
 3. Gather rows from the memory-mapped token store into shards; write the manifest last, then the card.
+
+What grows with the corpus is a few arrays of one entry per document (or segment) in planning and
+writing: in int32 below 2**31 tokens, about 40 bytes per document at the peak of planning (see
+docs/reliability.md, "Memory: bytes per document").
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
-from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -28,9 +32,9 @@ from prep.discovery import Discovery, describe, discover_inputs
 from prep.engine import Job, JsonlChunk, TokenEngine, build_fast, start_reference
 from prep.fast_bpe import EncodedBatch
 from prep.faults import ResumableError, output_error
-from prep.journal import Journal, input_stats, kill_point
+from prep.journal import DOC_ARRAYS, Journal, input_stats, kill_point
 from prep.outdir import WORK_DIR, output_lock, prepare_output_folder, refuse_overlap
-from prep.packing import STRATEGIES, PackPlan, make_plan
+from prep.packing import STRATEGIES, PackPlan, index_dtype, make_plan
 from prep.readers import (
     EMPTY,
     MISSING_FIELD,
@@ -167,9 +171,8 @@ def _batches(records: Iterable[Record]) -> Iterator[list[Record]]:
 
 @dataclass(slots=True)
 class _Tokenized:
-    doc_id: array
-    doc_len: array
-    is_val: array
+    num_docs: int
+    """Packed documents, whose length, id and split are in the journal's per-document files."""
     accounting: DocumentAccounting
     inputs: tuple[InputInfo, ...]
 
@@ -271,9 +274,7 @@ def _tokenize_inputs(
                 assert records.records is not None, "the engine decodes every JSONL chunk it tokenizes"
                 records = records.records
             streams, doc_ids, flags = batch_streams(cfg, tok, records, encoded, state.next_id, counts)
-            state.doc_id.frombytes(doc_ids.tobytes())
-            state.doc_len.frombytes(streams.doc_len.tobytes())
-            state.is_val.frombytes(flags.tobytes())
+            journal.append_docs(doc_id=doc_ids, doc_len=streams.doc_len, is_val=flags)
             out.write(memoryview(streams.tokens))
             state.next_id += records.num_records
             journal.commit_batch(out, records.num_records)
@@ -288,9 +289,7 @@ def _tokenize_inputs(
                 )
                 journal.commit_source(out, info)
     journal.finish_pass1()
-    return _Tokenized(
-        state.doc_id, state.doc_len, state.is_val, DocumentAccounting(**counts), tuple(state.inputs)
-    )
+    return _Tokenized(state.num_docs, DocumentAccounting(**counts), tuple(state.inputs))
 
 
 def _fingerprint(
@@ -377,7 +376,6 @@ def _pack(cfg: PackConfig, found: Discovery, engine: TokenEngine, progress: Prog
     fingerprint = _fingerprint(cfg, tok, sources, rows_per_shard)
     zero_counts = dict.fromkeys(DocumentAccounting.__dataclass_fields__, 0)
     journal = Journal.start(work, fingerprint, zero_counts, resume=cfg.resume)
-    tokens_path = journal.tokens_path
 
     try:
         if encoded is None:
@@ -392,17 +390,43 @@ def _pack(cfg: PackConfig, found: Discovery, engine: TokenEngine, progress: Prog
         if not cfg.resume and not isinstance(e, ResumableError):
             journal.discard()
         raise
-    doc_len = np.frombuffer(tokenized.doc_len, dtype=np.int64)
-    doc_offset = np.concatenate([[0], np.cumsum(doc_len)[:-1]]).astype(np.int64)
-    doc_id = np.frombuffer(tokenized.doc_id, dtype=np.int64)
-    val = np.frombuffer(tokenized.is_val, dtype=np.int8).astype(bool)
-    tokens = np.memmap(tokens_path, dtype=np.int32, mode="r") if doc_len.sum() else np.zeros(0, np.int32)
+    splits = _write_splits(
+        cfg, tok, journal, tokenized.num_docs, docs.tokens_packed, rows_per_shard, progress
+    )
+    return finish(cfg, tok, tokenized.inputs, docs, splits, found.ignored)
 
+
+def _write_splits(
+    cfg: PackConfig,
+    tok: LoadedTokenizer,
+    journal: Journal,
+    num_docs: int,
+    num_tokens: int,
+    rows_per_shard: int,
+    progress: Progress,
+) -> dict[str, SplitInfo]:
+    """Passes 2 and 3: plan and write every split from the journal's files; returns what the manifest records.
+
+    Every per-document array is dropped on return, before the card reads the shards back.
+    """
+    # Lengths and offsets are below the token count: int32 up to 2**31 tokens.
+    doc_len = _read_file(
+        journal.doc_path("doc_len"), DOC_ARRAYS["doc_len"], num_docs, index_dtype(num_tokens)
+    )
+    val = _read_file(journal.doc_path("is_val"), DOC_ARRAYS["is_val"], num_docs) if cfg.val_fraction else None
+    # Ids are read a row block at a time, from the file (its pages released like the tokens').
+    doc_id = np.memmap(journal.doc_path("doc_id"), dtype=DOC_ARRAYS["doc_id"], mode="r", shape=(num_docs,))
+    tokens = np.memmap(journal.tokens_path, dtype=np.int32, mode="r") if num_tokens else np.zeros(0, np.int32)
+    doc_offset = None
     splits = {}
     for name, idx, plan in plan_splits(cfg, doc_len, val, progress):
-        store = TokenStore(
-            tokens=tokens, doc_offset=doc_offset[idx], doc_len=doc_len[idx], doc_id=doc_id[idx]
-        )
+        if not isinstance(idx, slice):  # the plan indexes the split's documents: make it index all of them
+            plan = PackPlan(idx[plan.seg_doc], plan.seg_start, plan.seg_len, plan.row_ptr)
+        del idx
+        if doc_offset is None:
+            doc_offset = np.zeros(num_docs, doc_len.dtype)
+            np.cumsum(doc_len[:-1], dtype=doc_len.dtype, out=doc_offset[1:])
+        store = TokenStore(tokens=tokens, doc_offset=doc_offset, doc_len=doc_len, doc_id=doc_id)
         progress.start(f"write {name}", float(plan.num_rows))
         splits[name] = write_split(
             store,
@@ -411,19 +435,38 @@ def _pack(cfg: PackConfig, found: Discovery, engine: TokenEngine, progress: Prog
             out_dir=cfg.out,
             metadata=split_metadata(cfg, tok, name),
             rows_per_shard=rows_per_shard,
-            on_rows=lambda n, store=store: (progress.advance(n), _release_pages(store.tokens)),
+            on_rows=lambda n: (progress.advance(n), _release_pages(tokens), _release_pages(doc_id)),
             reuse=lambda file, split=name: journal.reusable_shard(split, file),
             on_shard=lambda info, split=name: journal.shard_done(split, info),
         )
-    del tokens
-    return finish(cfg, tok, tokenized.inputs, docs, splits, found.ignored)
+        del plan, store  # before the next split is planned
+    return splits
 
 
-def _release_pages(tokens: np.ndarray) -> None:
-    """Unmap the token store's pages read so far: they stay in the page cache, but no longer count in
-    this process's resident memory, which therefore stays flat however large the corpus (bfd gathers
-    rows from all over the store, so without this every page of it ends up resident)."""
-    mapped = getattr(tokens, "_mmap", None)
+READ_BLOCK = 1 << 20
+"""Entries read at a time from a per-document file."""
+
+
+def _read_file(path: Path, dtype: np.dtype, count: int, into: np.dtype | None = None) -> np.ndarray:
+    """``count`` entries of ``dtype`` from ``path`` as an array of ``into`` (a narrower type that holds them),
+    read a block at a time so that the wider copy is never whole in memory."""
+    out = np.empty(count, into or dtype)
+    with open(path, "rb") as f:
+        for lo in range(0, count, READ_BLOCK):
+            block = np.fromfile(f, dtype=dtype, count=min(READ_BLOCK, count - lo))
+            if len(block) != min(READ_BLOCK, count - lo):
+                raise UserError(
+                    f"`{path}` is shorter than its journal says; pass `--overwrite` to start again."
+                )
+            out[lo : lo + len(block)] = block
+    return out
+
+
+def _release_pages(array: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped work file read so far: they stay in the page cache, but no longer
+    count in this process's resident memory, which therefore stays flat however large the corpus (bfd
+    gathers rows from all over the token store, so without this every page of it ends up resident)."""
+    mapped = getattr(array, "_mmap", None)
     if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
         mapped.madvise(mmap.MADV_DONTNEED)
 
@@ -439,19 +482,33 @@ def require_documents(docs: DocumentAccounting) -> None:
 
 
 def plan_splits(
-    cfg: PackConfig, doc_len: np.ndarray, val: np.ndarray, progress: Progress
-) -> Iterator[tuple[str, np.ndarray, PackPlan]]:
-    """``(split, indices of its documents, plan)`` of each split written; a global plan over every document."""
-    for name, members in zip(SPLITS, (~val, val), strict=True):
+    cfg: PackConfig, doc_len: np.ndarray, val: np.ndarray | None, progress: Progress
+) -> Iterator[tuple[str, np.ndarray | slice, PackPlan]]:
+    """``(split, indices of its documents, plan)`` of each split written; a global plan over every document.
+
+    ``val``: each document's val flag (``None``: none is). A split holding every document gets the
+    indices ``slice(None)``, so that its lengths are not copied.
+    """
+    for name in SPLITS:
         if name == "val" and cfg.val_fraction == 0.0:
             continue
-        idx = np.flatnonzero(members)
+        idx = slice(None) if val is None else _members(val, name == "val")
         progress.start(f"pack {name}", None)
         yield (
             name,
             idx,
             make_plan(cfg.strategy, doc_len[idx], cfg.seq_len, allow_split=cfg.long_docs == "split"),
         )
+
+
+def _members(val: np.ndarray, flag: bool) -> np.ndarray:
+    """Indices of the documents whose val flag is ``flag``, in the narrowest type, a block at a time."""
+    dtype = index_dtype(len(val))
+    parts = [
+        (np.flatnonzero(val[lo : lo + READ_BLOCK].astype(bool) == flag) + lo).astype(dtype)
+        for lo in range(0, len(val), READ_BLOCK)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def split_metadata(cfg: PackConfig, tok: LoadedTokenizer, split: str) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.contract import CU_SEQLENS, DOC_IDS
-from shared.reader import PackedDataset, Split, numpy_view
+from shared.reader import PackedDataset, Shard, Split, numpy_view
 
 PERCENTILES = (50, 90, 99)
 
@@ -54,34 +54,68 @@ class SplitStats:
 
 
 def _batch_segments(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(segments per row, segment lengths, segment doc ids) over every batch of the split."""
-    per_row, lengths, docs = [], [], []
+    """(segments per row, segment lengths (int32), segment doc ids) over every batch of the split.
+
+    Each shard is mapped afresh and unmapped once read, so the boundary pages read here do not stay
+    resident; the per-segment arrays are filled in place rather than concatenated, so they exist once.
+    """
+    num_segments = sum(_num_segments(shard) for shard in split.shards)
+    seg_len = np.empty(num_segments, np.int32)
+    seg_doc = np.empty(num_segments, np.int64)
+    per_row, at = [], 0
     for shard in split.shards:
-        for batch in shard.batches():
-            cu = batch.column(CU_SEQLENS)
-            offsets = numpy_view(cu.offsets).astype(np.int64)
-            values = numpy_view(cu.values)[offsets[0] : offsets[-1]].astype(np.int64)
-            offsets -= offsets[0]
-            step = np.diff(values)
-            inside = np.ones(len(step), dtype=bool)
-            inside[offsets[1:-1] - 1] = False
-            per_row.append(np.diff(offsets) - 1)
-            lengths.append(step[inside])
-            d = batch.column(DOC_IDS)
-            d_off = numpy_view(d.offsets)
-            docs.append(numpy_view(d.values)[d_off[0] : d_off[-1]].astype(np.int64))
-    empty = np.zeros(0, np.int64)
-    return (
-        np.concatenate(per_row or [empty]),
-        np.concatenate(lengths or [empty]),
-        np.concatenate(docs or [empty]),
-    )
+        at = _read_shard(Shard(shard.path, shard.info), per_row, seg_len, seg_doc, at)
+    assert at == num_segments, "the shards hold other segment counts than their manifest entries"
+    return np.concatenate(per_row or [np.zeros(0, np.int64)]), seg_len, seg_doc
+
+
+def _read_shard(shard: Shard, per_row: list, seg_len: np.ndarray, seg_doc: np.ndarray, at: int) -> int:
+    """Append one shard's segments per row, and write its segments from ``at`` on; returns the next ``at``."""
+    for batch in shard.batches():
+        cu = batch.column(CU_SEQLENS)
+        offsets = numpy_view(cu.offsets).astype(np.int64)
+        values = numpy_view(cu.values)[offsets[0] : offsets[-1]].astype(np.int64)
+        offsets -= offsets[0]
+        step = np.diff(values)
+        inside = np.ones(len(step), dtype=bool)
+        inside[offsets[1:-1] - 1] = False
+        per_row.append(np.diff(offsets) - 1)
+        d = batch.column(DOC_IDS)
+        d_off = numpy_view(d.offsets)
+        n = int(d_off[-1] - d_off[0])
+        seg_len[at : at + n] = step[inside]
+        seg_doc[at : at + n] = numpy_view(d.values)[d_off[0] : d_off[-1]]
+        at += n
+    return at
+
+
+def _num_segments(shard: Shard) -> int:
+    if shard.info is not None:
+        return shard.info.num_segments
+    return sum(len(batch.column(DOC_IDS).values) for batch in shard.batches())
+
+
+def _per_document(seg_len: np.ndarray, seg_doc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(stored tokens, segments) of each document, in doc_id order."""
+    if len(seg_doc) == 0 or int(seg_doc.max()) >= 4 * len(seg_doc):
+        # Ids spread far apart (a small val split of a large corpus): sort the segments.
+        _, inverse, counts = np.unique(seg_doc, return_inverse=True, return_counts=True)
+        tokens = np.bincount(inverse.ravel(), weights=seg_len, minlength=len(counts)).astype(np.int64)
+        return tokens, counts
+    # Ids dense (doc ids count records): count into arrays indexed by id, which costs no sort.
+    counts = np.bincount(seg_doc)
+    present = counts > 0
+    segs_per_doc = counts[present]
+    del counts
+    tokens = np.zeros(len(present), np.int64)
+    np.add.at(tokens, seg_doc, seg_len)
+    return tokens[present], segs_per_doc
 
 
 def split_stats(split: Split, seq_len: int) -> SplitStats:
     segs_per_row, seg_len, seg_doc = _batch_segments(split)
-    _, inverse, segs_per_doc = np.unique(seg_doc, return_inverse=True, return_counts=True)
-    doc_len = np.bincount(inverse.ravel(), weights=seg_len, minlength=len(segs_per_doc)).astype(np.int64)
+    doc_len, segs_per_doc = _per_document(seg_len, seg_doc)
+    del seg_len, seg_doc
     return SplitStats(split.name, seq_len, split.row_lengths(), segs_per_row, doc_len, segs_per_doc)
 
 

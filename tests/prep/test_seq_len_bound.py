@@ -23,9 +23,13 @@ from shared.contract import schema_with_metadata
 from shared.reader import PackedDataset
 
 
-def brute_force_best_fit(docs, lengths, seq_len, row_cap):
+def brute_force_best_fit(blocks, seq_len, row_cap, dtypes, top=None):
     """Best fit by scanning every open row: smallest free space that fits (the row filled last among
     equals), else a new row, else (row cap reached) the largest gap; the definition `_best_fit` must meet."""
+    docs, lengths = [], []
+    for block_docs, block_lengths in blocks:
+        docs += block_docs
+        lengths += block_lengths
     open_rows: dict[int, tuple[int, int]] = {}  # row -> (free space, when it got that free space)
     clock = itertools.count()
     piece_doc, piece_row, piece_len = [], [], []
@@ -50,7 +54,7 @@ def brute_force_best_fit(docs, lengths, seq_len, row_cap):
             if free - placed > 0:
                 open_rows[row] = (free - placed, next(clock))
             n -= placed
-    return piece_doc, piece_row, piece_len
+    return tuple(np.array(p, dtype=d) for p, d in zip((piece_doc, piece_row, piece_len), dtypes, strict=True))
 
 
 @pytest.mark.parametrize("seed", range(12))
