@@ -74,7 +74,7 @@ def _targets(r: dict) -> list[tuple[str, str, str, str, bool | None]]:
         rows.append(
             (
                 f"peak RSS, {mt['num_docs'] / 1e6:.0f}M tiny documents",
-                f"{mt['peak_gb']:.2f} GB ({mt['bytes_per_doc']:.0f} bytes per document)",
+                f"{mt['peak_gb']:.2f} GB (main process +{mt['bytes_per_doc']:.1f} B per document)",
                 f"<= {mt['target_gb']} GB",
                 "",
                 mt["peak_gb"] <= mt["target_gb"],
@@ -232,7 +232,7 @@ def render(r: dict) -> str:
         lines += [
             "",
             f'Each document is one line like `{{"text": "a b 17"}}`. The main process\'s peak (planning, or the'
-            f" card) grows by {mt['bytes_per_doc']:.0f} bytes per document between the two runs; the smaller"
+            f" card) grows by {mt['bytes_per_doc']:.1f} bytes per document between the two runs; the smaller"
             " run's tree peak is the tokenizing workers', which hold batches, not documents.",
             "",
         ]
