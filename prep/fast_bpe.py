@@ -20,9 +20,16 @@ How the pieces map:
   NFC-normalised piece by piece, exactly as `tokenizers` normalises each split.
 
 `tiktoken` skips merging when a whole pre-token is itself in the vocabulary; `tokenizers` only does
-that with ``ignore_merges``. For trained vocabularies the two agree, but it is not a theorem, which is
-why the pipeline compares ids with `tokenizers` on a sample of every batch and falls back on any
-difference (see :meth:`FastBPE.first_mismatch`).
+that with ``ignore_merges``. The tables are built only if that shortcut changes nothing: every token a
+merge makes must come back whole from `tokenizers`' own merges of its characters (checked for every
+vocabulary entry, :func:`_check_tokens_reachable`).
+
+What is proven, and what is not: normalisation and the split agree on every Unicode scalar value, and a
+text holding a code point on which they may not is left to `tokenizers` (:mod:`prep.divergence`). The
+merge loops themselves differ in one way no table check can settle: tiktoken merges the adjacent pair
+whose *concatenation* has the lowest rank, `tokenizers` only pairs that form a merge. They agree on every
+vocabulary entry, on every probe of the exhaustive test and on every document of the real corpora; the
+per-batch sample (:func:`prep.engine.first_mismatch`) stays as the alarm for that remaining assumption.
 """
 
 from __future__ import annotations
@@ -161,7 +168,24 @@ def _ranks(model: dict) -> tuple[dict[bytes, int], np.ndarray]:
     if len(ranks) != len(keys):
         raise Unsupported("a token is made by more than one merge")
     rank_to_id = [vocab[byte_chars[b]] for b in range(256)] + merged_ids
+    if not model.get("ignore_merges"):
+        _check_tokens_reachable(vocab, model.get("merges", []), merged)
     return ranks, np.array(rank_to_id, dtype=np.int32)
+
+
+def _check_tokens_reachable(vocab: dict[str, int], merges: list, merged: list[str]) -> None:
+    """Refuse a vocabulary where some merged token is not what `tokenizers`' merges make of its characters:
+    for such a pre-token tiktoken's whole-piece shortcut would give one id and `tokenizers` several."""
+    from tokenizers.models import BPE
+
+    bpe = BPE(vocab=vocab, merges=_merge_pairs(merges))
+    for token in merged:
+        got = bpe.tokenize(token)
+        if len(got) != 1 or got[0].value != token:
+            raise Unsupported(
+                f"token {token!r} is not what its own merges make ({[t.value for t in got]}); tiktoken's"
+                " whole-piece shortcut would differ"
+            )
 
 
 def _added_token_splitter(added: list[dict]) -> tuple[re.Pattern | None, dict[str, int]]:

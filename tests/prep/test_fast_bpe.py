@@ -223,9 +223,26 @@ def _edited(path: Path, tmp_path: Path, edit) -> Path:
     return out
 
 
+def _add_unreachable_merge(spec: dict) -> None:
+    """Append a merge (x, y) whose result its own characters never reach: `tokenizers` merges them otherwise."""
+    from tokenizers.models import BPE
+
+    model = spec["model"]
+    vocab, merges = model["vocab"], model["merges"]
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    bpe = BPE(vocab=vocab, merges=pairs)
+    for x, y in ((a + b, c) for a, b in pairs[:200] for c in ("e", "s", "t")):
+        if x + y not in vocab and [t.value for t in bpe.tokenize(x + y)] != [x, y]:
+            vocab[x + y] = max(vocab.values()) + 1
+            merges.append([x, y] if isinstance(merges[0], list) else f"{x} {y}")
+            return
+    raise AssertionError("no merge to make unreachable")
+
+
 @pytest.mark.parametrize(
     "edit, reason",
     [
+        (_add_unreachable_merge, "not what its own merges make"),
         (lambda s: s.update(normalizer={"type": "NFKC"}), "normalizer"),
         (lambda s: s["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space"),
         (lambda s: s["model"].update(dropout=0.1), "dropout"),
