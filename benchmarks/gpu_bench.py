@@ -88,7 +88,7 @@ def contenders(framework_attn: str) -> list[tuple[str, object, str | None, str]]
             "flash_attention_2",
         ),
         ("hf_flatten_varlen", lambda w, k: c.hf_flatten(w, k, "varlen"), None, "varlen"),
-        ("hf_trainer", lambda w, k: c.hf_trainer(w, k, framework_attn), None, framework_attn),
+        ("hf_trainer", lambda w, k: c.hf_trainer(w, k, framework_attn), c.trainer_missing(), framework_attn),
         ("trl_sft", lambda w, k: c.trl_sft(w, k, framework_attn), c.trl_missing(), framework_attn),
         (CONTROL, c.control_wrong_labels, None, ours_attn),
         ("ours_liger", c.ours_liger, c.liger_missing(), ours_attn),

@@ -326,8 +326,14 @@ def hf_trainer(work: Work, clock: StepClock, attn_kind: str) -> list[torch.Tenso
     return losses
 
 
+def trainer_missing() -> str | None:
+    return (
+        None if importlib.util.find_spec("accelerate") else "accelerate is not installed (Trainer needs it)"
+    )
+
+
 def trl_missing() -> str | None:
-    return None if importlib.util.find_spec("trl") else "trl is not installed"
+    return trainer_missing() or (None if importlib.util.find_spec("trl") else "trl is not installed")
 
 
 def trl_sft(work: Work, clock: StepClock, attn_kind: str) -> list[torch.Tensor]:
