@@ -20,7 +20,10 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 nproc
 if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || echo "wheelhouse: INSTALL FAILED"
+    # One wheel at a time: pip refuses a whole list for one wheel that does not fit this Python.
+    for wheel in .whl/*.whl; do
+        "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "$wheel" || echo "INSTALL FAILED: $wheel"
+    done
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 else
     echo "no .whl/ here: trl, datasets and liger-kernel contenders will say 'not available'"
