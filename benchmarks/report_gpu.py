@@ -107,3 +107,72 @@ def render_gpu() -> list[str]:
         "",
     ]
     return lines
+
+
+BENCH = GPU_DIR / "gpu_bench.json"
+"""Every contender on the same work (gpu_bench.py, run by gpu_all.sh on a lent GPU)."""
+
+
+def _bench_cell(r: dict | None, control: bool = False) -> str:
+    if r is None:
+        return "not run"
+    if r.get("status") == "not_available":
+        return f"not available ({r['why']})"
+    if r.get("status") != "ok":
+        return r.get("status", "?").replace("_", " ")
+    if "tokens_per_s" not in r:
+        return "ran (not timed)"
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+    peak = f"{r['peak_gib']:.1f} GiB" if "peak_gib" in r else "-"
+    agree = "agrees" if r.get("agrees") else "**disagrees, not ranked**"
+    if control:
+        agree = "negative control: disagrees, as it must" if not r.get("agrees") else "**control NOT caught**"
+    return (
+        f"{r['tokens_per_s']:,.0f} tok/s, MFU {mfu}, peak {peak}; loss diff"
+        f" {r.get('loss_max_rel_diff', float('nan')):.1e} ({agree})"
+    )
+
+
+def render_bench(path: Path | None = None) -> list[str]:
+    """The contenders x shapes table of the latest gpu_bench.py run, with its date, GPU and versions."""
+    report = _load(path or BENCH)
+    if report is None:
+        return ["### Contenders", "", "Not measured: no `benchmarks/gpu/gpu_bench.json` is recorded.", ""]
+    s, v = report["settings"], report["versions"]
+    shapes = list(report["runs"])
+    names = list(dict.fromkeys(n for runs in report["runs"].values() for n in runs))
+    lines = [
+        "### Contenders",
+        "",
+        f"{report['date']}, {report['device']}, from `bash benchmarks/gpu_all.sh` (gpu_bench.py). Versions: "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+        + f"; not installed: {', '.join(k for k, val in v.items() if not val) or 'none'}.",
+        "",
+        f"LoRA r={s['lora']['r']}/alpha={s['lora']['alpha']}, {s['dtype']}, AdamW lr {s['lr']}, one micro-batch"
+        f" of {s['rows_per_batch']} packed rows ({s['seq_len']} tokens each at most) per step, {s['warmup']}"
+        f" warm-up + {s['steps']} timed steps. Loss agreement: the first {s['compared_steps']} losses within"
+        f" {s['tolerance']} x max(1, |ours|) of ours; `control_wrong_labels` (labels off by one) must disagree.",
+        "",
+        "| contender | attention | " + " | ".join(shapes) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in shapes) + " |",
+    ]
+    for name in names:
+        attn = next((runs[name].get("attention", "") for runs in report["runs"].values() if name in runs), "")
+        cells = [
+            _bench_cell(report["runs"][shape].get(name), name == "control_wrong_labels") for shape in shapes
+        ]
+        lines.append(f"| {name} | {attn} | " + " | ".join(cells) + " |")
+    scaling = report.get("prep_scaling")
+    if scaling:
+        lines += [
+            "",
+            f"`prep pack` on {scaling['corpus']} at seq_len {scaling['seq_len']}, {scaling['cpu_count']} cores:",
+            "",
+            "| workers | seconds | tokens/s | speedup vs 1 |",
+            "| ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {r['workers']} | {r['seconds']:.2f} | {r['num_tokens'] / r['seconds']:,.0f} | {r['speedup_vs_first']:.2f}x |"
+            for r in scaling["runs"]
+        ]
+    return [*lines, ""]
