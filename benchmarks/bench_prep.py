@@ -86,14 +86,14 @@ def _time_calls(module, name: str, label: str, into: dict[str, float]) -> None:
 
 def child_pack(corpus: str, out: str, seq_len: int, strategy: str) -> None:
     """`prep pack` as the library call the CLI makes, timed from the call (imports excluded)."""
-    import prep.engine
-    import prep.pipeline
+    import prep.encoder
+    import prep.stages
     from prep.pipeline import PackConfig, pack
 
     timer = _PhaseTimer()
     fixed: dict[str, float] = {}
-    _time_calls(prep.engine, "FastBPE", "engine build", fixed)
-    _time_calls(prep.pipeline, "write_card", "card", fixed)
+    _time_calls(prep.encoder, "FastBPE", "engine build", fixed)
+    _time_calls(prep.stages, "write_card", "card", fixed)
     cfg = PackConfig(
         inputs=(corpus,),
         tokenizer=str(TOKENIZER),

@@ -1,4 +1,4 @@
-"""`prep pack --engine ray` versus `--engine local` on Reuters: wall time side by side, and the bytes compared.
+"""`prep pack --executor ray` versus `--executor local` on Reuters: wall time side by side, and the bytes compared.
 
 Three runs per input layout, each a fresh `prep pack` process: local; ray starting its own Ray (what a
 one-off command on a laptop pays); ray joining a Ray already started with `ray start --head` (what a
@@ -69,9 +69,9 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()}", flush=True)
     for layout, inputs in layouts.items():
         out = work / f"local-{len(inputs)}"
-        local_s = run_pack(inputs, out, opts.seq_len, ["--engine", "local"], env)
+        local_s = run_pack(inputs, out, opts.seq_len, ["--executor", "local"], env)
         want = digests(out)
-        own_s = run_pack(inputs, work / "ray-own", opts.seq_len, ["--engine", "ray"], env)
+        own_s = run_pack(inputs, work / "ray-own", opts.seq_len, ["--executor", "ray"], env)
         same_own = digests(work / "ray-own") == want
         subprocess.run(
             [RAY_CLI, "start", "--head", f"--num-cpus={opts.num_cpus}", "--include-dashboard=false"],
@@ -81,7 +81,7 @@ def main() -> None:
         )
         try:
             joined = {**env, "RAY_ADDRESS": "auto"}
-            join_s = run_pack(inputs, work / "ray-join", opts.seq_len, ["--engine", "ray"], joined)
+            join_s = run_pack(inputs, work / "ray-join", opts.seq_len, ["--executor", "ray"], joined)
         finally:
             subprocess.run([RAY_CLI, "stop"], check=True, env=env, capture_output=True)
         same_join = digests(work / "ray-join") == want

@@ -132,7 +132,7 @@ def pack(
     ] = 0.0,
     workers: Annotated[
         int | None,
-        typer.Option(help="Tokenizing processes (threads with PREP_ENGINE=tokenizers); default every core."),
+        typer.Option(help="Tokenizing processes (threads with PREP_ENCODER=tokenizers); default every core."),
     ] = None,
     rows_per_shard: Annotated[
         int | None, typer.Option(help="Rows per shard file; default about 256 MB per shard.")
@@ -144,16 +144,19 @@ def pack(
     resume: Annotated[
         bool, typer.Option(help="Finish an interrupted pack in --out (same options and inputs).")
     ] = False,
-    engine: Annotated[
+    executor: Annotated[
         str,
         typer.Option(
             help="local (every core of this machine) or ray (a Ray cluster; needs the `ray` extra). Same output."
         ),
     ] = "local",
+    engine: Annotated[
+        str | None, typer.Option(hidden=True, help="The earlier name of --executor, kept for scripts.")
+    ] = None,
     ray_address: Annotated[
         str | None,
         typer.Option(
-            help="Ray cluster to join with --engine ray, e.g. head:6379; default RAY_ADDRESS, else a"
+            help="Ray cluster to join with --executor ray, e.g. head:6379; default RAY_ADDRESS, else a"
             " local Ray. --out and the inputs must be on storage every node sees."
         ),
     ] = None,
@@ -180,7 +183,7 @@ def pack(
             skip_invalid=skip_invalid,
             overwrite=overwrite,
             resume=resume,
-            engine=engine,
+            executor=engine if engine is not None else executor,
             ray_address=ray_address,
         )
         run_pack(cfg)

@@ -1,6 +1,6 @@
-"""The code points on which the fast engine's Unicode data may differ from `tokenizers`', found exhaustively.
+"""The code points on which the fast encoder's Unicode data may differ from `tokenizers`', found exhaustively.
 
-The fast engine (:mod:`prep.fast_bpe`) reproduces `tokenizers` with other code: Python's ``unicodedata``
+The fast encoder (:mod:`prep.fast_bpe`) reproduces `tokenizers` with other code: Python's ``unicodedata``
 normalises, and tiktoken's Rust ``regex`` splits, where `tokenizers` uses its own normalisation tables and
 Oniguruma. Each library carries its own Unicode version, so a code point assigned in one version and not
 the other (a combining mark added in Unicode 14, say) is normalised or split differently. Both steps depend
@@ -15,9 +15,9 @@ classes one at a time, NFC and NFD of each code point alone, its combining class
 combining class. A code point on which any answer differs is divergent, and so, by closure, is every code
 point whose decomposition holds one, and the second half of every composition that yields one (NFC could
 produce a divergent code point from safe ones). A text with no divergent code point is normalised and split
-identically by both, so the fast engine encodes it; any other text goes to `tokenizers` (see
+identically by both, so the fast encoder encodes it; any other text goes to `tokenizers` (see
 :meth:`prep.fast_bpe.FastBPE.encode_batch`). The answer depends on the library versions and the pattern, not
-on the vocabulary; it is cached beside the fast engine's tables, with a digest checked on every load.
+on the vocabulary; it is cached beside the fast encoder's tables, with a digest checked on every load.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class UnsupportedPattern(Exception):
 def pattern_atoms(pattern: str) -> list[str]:
     """The single-character classes a split pattern's meaning depends on, as stand-alone regexes.
 
-    Everything else the pattern may hold is syntax with one meaning in both engines (alternation,
+    Everything else the pattern may hold is syntax with one meaning in both libraries (alternation,
     quantifiers, groups, look-ahead, ASCII literals, classes built from these atoms). Constructs that
     depend on more than one code point's class (word boundaries, grapheme clusters, back references,
     POSIX classes) raise :class:`UnsupportedPattern`, and the caller keeps using `tokenizers`.
@@ -201,7 +201,7 @@ def normalization_divergence() -> np.ndarray:
 
 
 def divergent_code_points(pattern: str, nfc: bool, folder: Path | None) -> np.ndarray:
-    """Sorted code points (uint32) on which the fast engine may differ from `tokenizers`, for this pattern.
+    """Sorted code points (uint32) on which the fast encoder may differ from `tokenizers`, for this pattern.
 
     Each part is cached in ``folder`` under a name made from the libraries' versions (and the pattern),
     with a sha256 over that name and the code points: a damaged or edited file is computed again, never used.

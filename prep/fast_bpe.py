@@ -1,4 +1,4 @@
-"""An exact, faster engine for byte-level BPE tokenizers: `tiktoken` rebuilt from a `tokenizer.json`.
+"""An exact, faster encoder for byte-level BPE tokenizers: `tiktoken` rebuilt from a `tokenizer.json`.
 
 `tokenizers` stays the source of truth. This module reads the same ``tokenizer.json`` and accepts only
 what it can reproduce exactly: an NFC (or absent) normaliser, a byte-level BPE model without dropout,
@@ -29,7 +29,7 @@ text holding a code point on which they may not is left to `tokenizers` (:mod:`p
 merge loops themselves differ in one way no table check can settle: tiktoken merges the adjacent pair
 whose *concatenation* has the lowest rank, `tokenizers` only pairs that form a merge. They agree on every
 vocabulary entry, on every probe of the exhaustive test and on every document of the real corpora; the
-per-batch sample (:func:`prep.engine.first_mismatch`) stays as the alarm for that remaining assumption.
+per-batch sample (:func:`prep.encoder.first_mismatch`) stays as the alarm for that remaining assumption.
 """
 
 from __future__ import annotations
@@ -61,9 +61,8 @@ def fast_pattern(pattern: str) -> str:
     tiktoken's regex engine (`fancy_regex`) runs a pattern with a look-around in a backtracking VM and
     hands each part without one to the `regex` crate. Written flat, the leading alternatives are tried one
     after the other, one DFA search each, at every piece; grouped, they are one search. Alternation is
-    associative under leftmost-first matching and nothing follows it, so every split is unchanged (20-25%
-    less CPU on Reuters; the tests compare both forms, and the per-batch check compares ids with
-    `tokenizers`). Returned as they are: patterns that end otherwise, and those where grouping could
+    associative under leftmost-first matching and nothing follows it, so every split is unchanged (the
+    tests compare both forms, and the per-batch check compares ids with `tokenizers`). Returned as they are: patterns that end otherwise, and those where grouping could
     change a meaning: an escaped last ``|``, verbose mode (comments), or a bare flag group such as
     ``(?-u)`` whose scope would end at the new group instead of covering the tail.
     """
@@ -77,11 +76,11 @@ def fast_pattern(pattern: str) -> str:
 
 
 LONG_WHITESPACE = re.compile(r"(?<!\s)\s{65536}")
-"""A whitespace run the fast engine leaves to `tokenizers` (the look-behind keeps the search linear)."""
+"""A whitespace run the fast encoder leaves to `tokenizers` (the look-behind keeps the search linear)."""
 
 
 class Unsupported(Exception):
-    """The tokenizer is not one this engine reproduces exactly; the reason is the message."""
+    """The tokenizer is not one this encoder reproduces exactly; the reason is the message."""
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -215,8 +214,8 @@ def cache_dir() -> Path | None:
     """Where derived rank tables are kept (one file per tokenizer.json, by its sha256), or None when off.
 
     ``PREP_FAST_BPE_CACHE`` names the folder, or turns the cache off (``off``); by default it is
-    ``$XDG_CACHE_HOME/packed-shards`` (``~/.cache/packed-shards``). Deriving the tables of a 150k
-    vocabulary costs ~0.7 s of Python before the first batch; reading them back, ~0.08 s.
+    ``$XDG_CACHE_HOME/packed-shards`` (``~/.cache/packed-shards``). Deriving the tables of a large
+    vocabulary is Python work before the first batch; reading them back is a small part of it.
     """
     folder = os.environ.get(CACHE_ENV)
     if folder is not None and folder.strip().lower() in CACHE_OFF:
@@ -354,9 +353,9 @@ class FastBPE:
             raise Unsupported(f"tiktoken cannot compile the split pattern ({e})") from e
 
     def provable(self, text: str) -> bool:
-        """Whether this engine encodes ``text`` as `tokenizers` does, by construction.
+        """Whether this encoder encodes ``text`` as `tokenizers` does, by construction.
 
-        It does unless the text holds a code point on which the two engines' Unicode data differ
+        It does unless the text holds a code point on which the two libraries' Unicode data differ
         (:mod:`prep.divergence`), or a whitespace run long enough to exhaust the backtracking stack of
         tiktoken's regex engine (a panic there, around a million characters).
         """
@@ -367,7 +366,7 @@ class FastBPE:
         return self.divergent.search(text) is None
 
     def reference(self):
-        """The `tokenizers` model this engine reproduces, loaded on first use (for what it cannot prove)."""
+        """The `tokenizers` model this encoder reproduces, loaded on first use (for what it cannot prove)."""
         if self._reference is None:
             from prep.tokenizer import open_tokenizer
 
@@ -443,11 +442,11 @@ class FastBPE:
 
 
 class _Refer(Exception):
-    """A text the fast engine leaves to `tokenizers`."""
+    """A text the fast encoder leaves to `tokenizers`."""
 
 
 def _splice(ids: np.ndarray, lengths: np.ndarray, referred: dict[int, list[int]]) -> np.ndarray:
-    """``ids`` (the fast engine's, without the referred texts) with each referred text's ids in its place."""
+    """``ids`` (the fast encoder's, without the referred texts) with each referred text's ids in its place."""
     pieces, pos = [], 0
     for i, length in enumerate(lengths.tolist()):
         if i in referred:

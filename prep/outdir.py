@@ -1,7 +1,7 @@
 """The output folder of `prep pack`: one run at a time, and only the files a run wrote are ever removed.
 
 **One run at a time.** A run holds an exclusive ``fcntl.flock`` on ``OUT/.pack-lock`` from before it looks at
-the folder until it ends, with ``--resume`` and ``--overwrite`` too; under ``--engine ray`` the driver holds
+the folder until it ends, with ``--resume`` and ``--overwrite`` too; under ``--executor ray`` the driver holds
 it while the tasks write. A second run is refused at once, naming the holder (pid, host, start time, which
 the holder writes into the file). The kernel drops the lock when its process exits, however it exits, so a
 lock file left by a killed run is stale by construction and the next run simply takes it. The holder

@@ -1,10 +1,9 @@
-"""Packing plans: which slice of which document goes into which row, for `bfd` and `wrapped`.
+"""Row plans: which slice of which document goes into which row, for `bfd` and `wrapped`.
 
 Input is the token-stream length of every document (BOS/EOS included, long-document policy already
-applied); output is a :class:`PackPlan`, a compressed list of segments per row. No tokens are touched
-here, so a plan for a billion-token corpus costs a few arrays of one entry per segment, each in the
-narrowest integer type that holds its values (:func:`index_dtype`): planning ten million documents peaks
-at a few tens of bytes per document, and the plan keeps twelve.
+applied); output is a :class:`RowPlan`, a compressed list of segments per row (the row plan; the run plan
+is `train plan`'s). No tokens are touched here, so a plan for a billion-token corpus costs a few arrays of
+one entry per segment, each in the narrowest integer type that holds its values (:func:`index_dtype`).
 
 ``bfd`` is global best-fit-decreasing. Documents longer than ``seq_len`` are first cut into full
 ``seq_len`` fragments plus a remainder holding the EOS. Segments are placed longest first, each into the
@@ -37,7 +36,7 @@ def index_dtype(largest: int) -> np.dtype:
 
 
 @dataclass(frozen=True, slots=True)
-class PackPlan:
+class RowPlan:
     """Segments in storage order. Row ``r`` holds segments ``row_ptr[r]:row_ptr[r+1]``."""
 
     seg_doc: np.ndarray
@@ -131,8 +130,8 @@ FILL_SLACK = 0.001
 """``bfd`` may use at most this share of rows above the lower bound before it splits documents to fill gaps."""
 
 
-def plan_bfd(doc_len: np.ndarray, seq_len: int, *, allow_split: bool = True) -> PackPlan:
-    """Best-fit-decreasing; with ``allow_split``, at most ``lower_bound + floor(lower_bound * FILL_SLACK)`` rows.
+def plan_bfd(doc_len: np.ndarray, seq_len: int, *, allow_fragments: bool = True) -> RowPlan:
+    """Best-fit-decreasing; with ``allow_fragments``, at most ``lower_bound + floor(lower_bound * FILL_SLACK)`` rows.
 
     Pure BFD cannot reach the lower bound when many segments are longer than half a row (long transcripts at
     4096: two 3,000-token remainders never share a row). Under a row cap, a segment that fits no gap once
@@ -140,12 +139,12 @@ def plan_bfd(doc_len: np.ndarray, seq_len: int, *, allow_split: bool = True) -> 
     cap sits just above the lower bound: corpora that BFD already packs within the slack are not cut at all.
     """
     doc_len = np.asarray(doc_len)
-    if not allow_split and len(doc_len) and doc_len.max() > seq_len:
+    if not allow_fragments and len(doc_len) and doc_len.max() > seq_len:
         raise ValueError("a document is longer than seq_len but splitting is not allowed")
     seg_doc, seg_len = _fragments(doc_len, seq_len)
     total = int(seg_len.sum())
     lower = -(-total // seq_len)
-    row_cap = lower + int(lower * FILL_SLACK) if allow_split else None
+    row_cap = lower + int(lower * FILL_SLACK) if allow_fragments else None
     # Longest first; ties by document then fragment (the order the fragments are in), so the plan is a
     # function of the input alone.
     order = np.argsort(-seg_len, kind="stable")
@@ -228,7 +227,7 @@ def _best_fit(
 
 def _plan_from_pieces(
     piece_doc: np.ndarray, piece_row: np.ndarray, piece_len: np.ndarray, *, max_start: int
-) -> PackPlan:
+) -> RowPlan:
     """Give each document's pieces consecutive slices of its stream in row order, then store by row.
 
     Only pieces of documents placed in several pieces need a start other than 0; they are few, so the
@@ -249,10 +248,10 @@ def _plan_from_pieces(
     row_ptr = np.zeros(num_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(piece_row, minlength=num_rows), out=row_ptr[1:])
     del piece_row
-    return PackPlan(piece_doc[storage], piece_start[storage], piece_len[storage], row_ptr)
+    return RowPlan(piece_doc[storage], piece_start[storage], piece_len[storage], row_ptr)
 
 
-def plan_wrapped(doc_len: np.ndarray, seq_len: int) -> PackPlan:
+def plan_wrapped(doc_len: np.ndarray, seq_len: int) -> RowPlan:
     """Cut the documents, laid end to end, every ``seq_len`` tokens.
 
     Each document is one segment, plus one more for every row start that falls inside it; those cuts are
@@ -264,7 +263,7 @@ def plan_wrapped(doc_len: np.ndarray, seq_len: int) -> PackPlan:
     len_dtype = index_dtype(seq_len)
     if total == 0:
         empty = np.zeros(0, np.int32)
-        return PackPlan(empty, empty, empty.astype(len_dtype), np.zeros(1, np.int64))
+        return RowPlan(empty, empty, empty.astype(len_dtype), np.zeros(1, np.int64))
     doc_dtype = index_dtype(len(doc_len))
     # Empty documents hold no token and get no segment.
     kept = (
@@ -293,13 +292,13 @@ def plan_wrapped(doc_len: np.ndarray, seq_len: int) -> PackPlan:
         inner, bound_where + np.cumsum(inner) - 1, at_doc + np.searchsorted(where, at_doc, side="right")
     )
     row_ptr = np.concatenate([[0], row_first, [len(seg_doc)]]).astype(np.int64)
-    return PackPlan(seg_doc, seg_start, seg_len, row_ptr)
+    return RowPlan(seg_doc, seg_start, seg_len, row_ptr)
 
 
-def make_plan(strategy: str, doc_len: np.ndarray, seq_len: int, *, allow_split: bool = True) -> PackPlan:
-    """``allow_split=False`` (``--long-docs truncate|drop``) keeps every document in one segment under ``bfd``."""
+def make_plan(strategy: str, doc_len: np.ndarray, seq_len: int, *, allow_fragments: bool = True) -> RowPlan:
+    """``allow_fragments=False`` (``--long-docs truncate|drop``) keeps every document in one segment under ``bfd``."""
     if strategy == "bfd":
-        return plan_bfd(doc_len, seq_len, allow_split=allow_split)
+        return plan_bfd(doc_len, seq_len, allow_fragments=allow_fragments)
     if strategy == "wrapped":
         return plan_wrapped(doc_len, seq_len)
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

@@ -1,7 +1,7 @@
 """A tiny raster canvas and PNG encoder (numpy + zlib): filled boxes, lines and 5x7 bitmap text.
 
-The data card's picture is drawn here instead of with matplotlib, whose import and ``savefig`` cost
-1-1.6 s on every `prep pack` (more than packing itself on a corpus of short documents). The canvas is an
+The data card's picture is drawn here instead of with matplotlib, whose import and ``savefig`` would
+cost every `prep pack` more than packing a small corpus. The canvas is an
 array of palette indices; the file is an indexed-colour PNG (IHDR, PLTE, IDAT, IEND, each with its
 CRC-32), compressed at a fixed zlib level and carrying no timestamp, so the same drawing gives the same
 bytes (for a given zlib).

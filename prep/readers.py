@@ -206,7 +206,7 @@ def jsonl_chunks(
             if not raw:
                 break
             skipped += len(raw)
-            if skipped >= size:  # a progress update costs ~5 us: not one per line
+            if skipped >= size:  # a progress update costs more than a line: not one per line
                 on_bytes(skipped)
                 skipped = 0
             skip -= bool((raw[3:] if line_no == 1 and raw.startswith(BOM) else raw).strip())

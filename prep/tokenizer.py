@@ -62,8 +62,8 @@ _COMMON_EOS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>"
 class LoadedTokenizer:
     """A tokenizer's :class:`TokenizerInfo`, and its `tokenizers` model, loaded on first use if not given.
 
-    ``prep pack`` resolves the info in another process (see :class:`prep.engine.ReferenceProcess`) and
-    then seldom needs the model in its own: loading Qwen2.5's takes ~0.8 s.
+    ``prep pack`` resolves the info in another process (see :class:`prep.encoder.ReferenceProcess`) and
+    then seldom needs the model in its own, which is slow to load for a large vocabulary.
     """
 
     __slots__ = ("info", "_tokenizer")

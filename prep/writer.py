@@ -1,4 +1,4 @@
-"""Materialise a :class:`PackPlan` into Arrow shards: gather tokens, derive labels, positions and boundaries.
+"""Materialise a :class:`RowPlan` into Arrow shards: gather tokens, derive labels, positions and boundaries.
 
 Everything per token is computed with vectorised numpy over a block of rows at a time, straight from the
 on-disk token store, so memory stays bounded by the block size whatever the corpus size. Each shard is
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from prep.packing import PackPlan
+from prep.packing import RowPlan
 from shared.contract import IGNORE_INDEX, SHARD_SCHEMA, schema_with_metadata, shard_file_name
 from shared.fileio import atomic_writer, sha256_file
 from shared.manifest import MAX_INT32, ShardInfo, SplitInfo
@@ -45,14 +45,14 @@ def default_rows_per_shard(seq_len: int) -> int:
 def _arrow(values: np.ndarray) -> pa.Array:
     """A zero-copy Arrow array of a contiguous int32/int64 numpy array (no nulls).
 
-    Not ``pa.array``: its first call imports pandas (about half a second), which `prep pack` never needs.
+    Not ``pa.array``: its first call imports pandas, which `prep pack` never needs.
     """
     values = np.ascontiguousarray(values)
     kind = {np.dtype(np.int32): pa.int32(), np.dtype(np.int64): pa.int64()}[values.dtype]
     return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])
 
 
-def build_batch(store: TokenStore, plan: PackPlan, row_lo: int, row_hi: int) -> pa.RecordBatch:
+def build_batch(store: TokenStore, plan: RowPlan, row_lo: int, row_hi: int) -> pa.RecordBatch:
     """Rows ``row_lo:row_hi`` of the plan as one record batch (no padding, one list per row)."""
     s_lo, s_hi = int(plan.row_ptr[row_lo]), int(plan.row_ptr[row_hi])
     seg_doc = plan.seg_doc[s_lo:s_hi]
@@ -98,7 +98,7 @@ def shard_ranges(num_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
 
 def write_shard(
     store: TokenStore,
-    plan: PackPlan,
+    plan: RowPlan,
     *,
     rows: tuple[int, int],
     path: Path,
@@ -131,7 +131,7 @@ def write_shard(
     )
 
 
-def split_info(store: TokenStore, plan: PackPlan, shards: list[ShardInfo]) -> SplitInfo:
+def split_info(store: TokenStore, plan: RowPlan, shards: list[ShardInfo]) -> SplitInfo:
     """The manifest's totals for a split written as ``shards``."""
     ends_doc = plan.seg_start + plan.seg_len == store.doc_len[plan.seg_doc]
     num_tokens = plan.num_tokens
@@ -148,7 +148,7 @@ def split_info(store: TokenStore, plan: PackPlan, shards: list[ShardInfo]) -> Sp
 
 def write_split(
     store: TokenStore,
-    plan: PackPlan,
+    plan: RowPlan,
     *,
     split: str,
     out_dir: Path,

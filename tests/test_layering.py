@@ -43,7 +43,7 @@ def test_the_scan_sees_a_forbidden_import(tmp_path, monkeypatch):
 
 def test_running_prep_loads_no_torch():
     code = (
-        "import sys, prep.cli, prep.pipeline, prep.verify, prep.show, prep.card, prep.engine;"
+        "import sys, prep.cli, prep.pipeline, prep.verify, prep.show, prep.card, prep.encoder;"
         "print(sorted(m for m in ('torch', 'train') if m in sys.modules))"
     )
     result = subprocess.run(

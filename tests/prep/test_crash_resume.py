@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from prep import pipeline
+from prep import encoder
 from prep.cli import app
 from prep.journal import KILL_ENV, STOP_ENV
 from prep.outdir import LOCK_NAME
@@ -27,7 +27,7 @@ from shared.reader import PackedDataset
 
 SMALL_BATCH = 20_000
 """Characters per tokenized batch in these tests: about 24 batches over the sample instead of one."""
-LAUNCH = f"import prep.pipeline as p; p.BATCH_CHARS = {SMALL_BATCH}; from prep.cli import main; main()"
+LAUNCH = f"import prep.encoder as e; e.BATCH_CHARS = {SMALL_BATCH}; from prep.cli import main; main()"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -78,7 +78,7 @@ def run_cli(args: list[str], kill_at: str | None = None) -> subprocess.Completed
 
 
 def resume_in_process(args: list[str], monkeypatch) -> None:
-    monkeypatch.setattr(pipeline, "BATCH_CHARS", SMALL_BATCH)
+    monkeypatch.setattr(encoder, "BATCH_CHARS", SMALL_BATCH)
     monkeypatch.delenv(KILL_ENV, raising=False)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

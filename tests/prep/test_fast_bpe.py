@@ -1,4 +1,4 @@
-"""The fast engine gives `tokenizers`' ids exactly, refuses what it cannot reproduce, and falls back."""
+"""The fast encoder gives `tokenizers`' ids exactly, refuses what it cannot reproduce, and falls back."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer
 
-import prep.engine as engine_module
-from prep.engine import (
+import prep.encoder as encoder_module
+from prep.encoder import (
     FAST,
     REFERENCE,
+    Encoder,
     JsonlChunk,
     ReferenceProcess,
-    TokenEngine,
     build_fast,
     first_mismatch,
     reference_encode,
@@ -82,8 +82,8 @@ def _assert_same(fast: FastBPE, reference: Tokenizer, texts: list[str]) -> None:
 
 @pytest.fixture(autouse=True)
 def no_engine_kept(monkeypatch):
-    """Each test builds its own engine: none kept from an earlier test (see test_the_last_engine_is_kept)."""
-    monkeypatch.setattr(engine_module, "_last_built", None)
+    """Each test builds its own encoder: none kept from an earlier test (see test_the_last_engine_is_kept)."""
+    monkeypatch.setattr(encoder_module, "_last_built", None)
 
 
 @pytest.fixture(scope="module")
@@ -296,14 +296,14 @@ def test_engine_matches_reference_in_order(sample, sample_tok, workers):
     tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
     notes = _Notes()
     batches = _texts(sample)
-    engine = TokenEngine(tok, workers=workers, notice=notes)
-    assert engine.name == FAST
-    out = list(engine.map(enumerate(batches)))
+    encoder = Encoder(tok, workers=workers, notice=notes)
+    assert encoder.name == FAST
+    out = list(encoder.map(enumerate(batches)))
     assert [i for i, _ in out] == list(range(len(batches)))
     for (_, got), texts in zip(out, batches, strict=True):
         want = reference_encode(tok.tokenizer, texts)
         np.testing.assert_array_equal(got.ids, want.ids)
-    assert engine.num_checked_batches == len(batches) and notes.lines == []
+    assert encoder.num_checked_batches == len(batches) and notes.lines == []
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -318,22 +318,22 @@ def test_engine_falls_back_when_ids_differ(sample, sample_tok, workers, monkeypa
     tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
     notes = _Notes()
     batches = _texts(sample)
-    engine = TokenEngine(tok, workers=workers, notice=notes)
-    out = list(engine.map(enumerate(batches)))
+    encoder = Encoder(tok, workers=workers, notice=notes)
+    out = list(encoder.map(enumerate(batches)))
     for (_, got), texts in zip(out, batches, strict=True):
         np.testing.assert_array_equal(got.ids, reference_encode(tok.tokenizer, texts).ids)
-    assert engine.name == REFERENCE
+    assert encoder.name == REFERENCE
     assert len(notes.lines) == 1 and "disagreed" in notes.lines[0]
 
 
 def _assert_reference_with_notice(path: Path, *said: str) -> None:
-    """An engine for ``path`` runs `tokenizers`, and its one notice says each of ``said``."""
+    """An encoder for ``path`` runs `tokenizers`, and its one notice says each of ``said``."""
     notes = _Notes()
-    engine = TokenEngine(load_tokenizer(path, eos_token="<|endoftext|>"), notice=notes)
-    assert engine.name == REFERENCE and len(notes.lines) == 1
+    encoder = Encoder(load_tokenizer(path, eos_token="<|endoftext|>"), notice=notes)
+    assert encoder.name == REFERENCE and len(notes.lines) == 1
     assert all(part in notes.lines[0] for part in said), notes.lines
-    [(_, got)] = list(engine.map([(0, ["Hello World"])]))
-    np.testing.assert_array_equal(got.ids, reference_encode(engine.tok.tokenizer, ["Hello World"]).ids)
+    [(_, got)] = list(encoder.map([(0, ["Hello World"])]))
+    np.testing.assert_array_equal(got.ids, reference_encode(encoder.tok.tokenizer, ["Hello World"]).ids)
 
 
 def test_engine_falls_back_for_unsupported_tokenizer(sample_tok, tmp_path):
@@ -393,7 +393,7 @@ def test_an_edited_cache_is_never_used(sample_tok, tmp_path, monkeypatch):
 
 
 def test_a_million_spaces_go_to_the_reference_without_a_panic(sample_tok, capfd):
-    """tiktoken's regex engine panics on ~1M whitespace characters; the engine leaves such texts to `tokenizers`."""
+    """tiktoken's regex encoder panics on ~1M whitespace characters; the encoder leaves such texts to `tokenizers`."""
     fast, reference = FastBPE(sample_tok), _reference(sample_tok)
     texts = ["a" + ch * 1_000_000 + "b" for ch in (" ", "\t", "\u00a0")] + ["after: plain text still fast"]
     _assert_same(fast, reference, texts)
@@ -424,42 +424,42 @@ def test_the_reference_process_loads_the_tokenizer_and_checks_every_batch(sample
     process = _reference_process(sample_tok)
     tok = process.loaded()
     assert tok.info == load_tokenizer(sample_tok, eos_token="<|endoftext|>").info
-    engine = TokenEngine(tok, workers=2, fast=build_fast(sample_tok), reference=process)
+    encoder = Encoder(tok, workers=2, fast=build_fast(sample_tok), reference=process)
     batches = [TRICKY[i : i + 5] for i in range(0, len(TRICKY), 5)]
-    out = list(engine.map(enumerate(batches)))
-    assert engine.name == FAST and engine.num_checked_batches == len(batches)
+    out = list(encoder.map(enumerate(batches)))
+    assert encoder.name == FAST and encoder.num_checked_batches == len(batches)
     assert tok._tokenizer is None  # this process never loaded the `tokenizers` model
     for (_, got), texts in zip(out, batches, strict=True):
         np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), texts).ids)
-    # Negative control: a wrong fast engine is caught by the reference process's check.
+    # Negative control: a wrong fast encoder is caught by the reference process's check.
     original = FastBPE.encode_batch
     monkeypatch.setattr(
         FastBPE, "encode_batch", lambda self, t, a=None: EncodedBatch(*_shifted(original(self, t, a)))
     )
     notes = _Notes()
     process = _reference_process(sample_tok)
-    engine = TokenEngine(process.loaded(), workers=2, notice=notes, reference=process)
-    [(_, got)] = list(engine.map([(0, TRICKY)]))
-    assert engine.name == REFERENCE and "disagreed (document 1 of the batch" in notes.lines[0]
+    encoder = Encoder(process.loaded(), workers=2, notice=notes, reference=process)
+    [(_, got)] = list(encoder.map([(0, TRICKY)]))
+    assert encoder.name == REFERENCE and "disagreed (document 1 of the batch" in notes.lines[0]
     np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), TRICKY).ids)
 
 
 def test_workers_get_their_first_jobs_before_the_tokenizer_is_resolved(sample_tok, monkeypatch):
-    original = engine_module.load_tokenizer
+    original = encoder_module.load_tokenizer
     monkeypatch.setattr(
-        engine_module, "load_tokenizer", lambda *a, **k: (time.sleep(3), original(*a, **k))[1]
+        encoder_module, "load_tokenizer", lambda *a, **k: (time.sleep(3), original(*a, **k))[1]
     )
     process = _reference_process(sample_tok)  # forked with the slow loader: 3 s before it knows the EOS
-    engine = TokenEngine(workers=2, fast=build_fast(sample_tok), reference=process)
+    encoder = Encoder(workers=2, fast=build_fast(sample_tok), reference=process)
     taken: list[int] = []
     jobs = ((taken.append(i), (i, TRICKY[i:] + TRICKY[:i]))[1] for i in range(6))
-    results = engine.map(jobs)
-    assert taken == [0, 1, 2, 3] and engine._tok is None  # two jobs per worker handed out, EOS unknown
-    assert engine.tok.info.eos_token == "<|endoftext|>"  # waits for the reference process
+    results = encoder.map(jobs)
+    assert taken == [0, 1, 2, 3] and encoder._tok is None  # two jobs per worker handed out, EOS unknown
+    assert encoder.tok.info.eos_token == "<|endoftext|>"  # waits for the reference process
     for i, got in results:
         texts = TRICKY[i:] + TRICKY[:i]
         np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), texts).ids)
-    assert taken == list(range(6)) and engine.num_checked_batches == 6
+    assert taken == list(range(6)) and encoder.num_checked_batches == 6
 
 
 def test_closing_the_reference_process_mid_request_does_not_hang(sample_tok):
@@ -476,25 +476,23 @@ def test_a_check_before_loaded_waits_for_the_info_first(sample_tok):
     """Negative control for the message order: the first message on the pipe is the info, not a verdict."""
     process = _reference_process(sample_tok)
     notes = _Notes()
-    engine = TokenEngine(
-        load_tokenizer(sample_tok, eos_token="<|endoftext|>"), notice=notes, reference=process
-    )
-    [(_, got)] = list(engine.map([(0, TRICKY)]))
-    assert engine.name == FAST and not notes.lines and engine.num_checked_batches == 1
+    encoder = Encoder(load_tokenizer(sample_tok, eos_token="<|endoftext|>"), notice=notes, reference=process)
+    [(_, got)] = list(encoder.map([(0, TRICKY)]))
+    assert encoder.name == FAST and not notes.lines and encoder.num_checked_batches == 1
 
 
 def test_an_input_error_while_handing_out_the_first_jobs_comes_with_the_results(sample_tok):
-    engine = TokenEngine(load_tokenizer(sample_tok, eos_token="<|endoftext|>"), workers=2)
+    encoder = Encoder(load_tokenizer(sample_tok, eos_token="<|endoftext|>"), workers=2)
 
     def jobs():
         yield 0, TRICKY
         raise UserError("bad input file")
 
-    results = engine.map(jobs())  # raises nothing yet: the caller checks the tokenizer and --out first
+    results = encoder.map(jobs())  # raises nothing yet: the caller checks the tokenizer and --out first
     assert next(results)[0] == 0
     with pytest.raises(UserError, match="bad input file"):
         next(results)
-    assert engine._pool is None  # closed with the error
+    assert encoder._pool is None  # closed with the error
 
 
 def test_the_reference_process_raises_what_load_tokenizer_raises(sample_tok, tmp_path):
@@ -518,34 +516,34 @@ def test_a_killed_reference_process_costs_time_never_a_check(sample_tok):
     process = _reference_process(sample_tok)
     tok = process.loaded()
     os.kill(process._process.pid, signal.SIGKILL)
-    engine = TokenEngine(tok, workers=2, reference=process)
-    [(_, got)] = list(engine.map([(0, TRICKY)]))
-    assert engine.name == FAST and engine.num_checked_batches == 1 and tok._tokenizer is not None
+    encoder = Encoder(tok, workers=2, reference=process)
+    [(_, got)] = list(encoder.map([(0, TRICKY)]))
+    assert encoder.name == FAST and encoder.num_checked_batches == 1 and tok._tokenizer is not None
     np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), TRICKY).ids)
-    # An engine made without the tokenizer (as pack makes it) keeps it when the process dies.
+    # An encoder made without the tokenizer (as pack makes it) keeps it when the process dies.
     process = _reference_process(sample_tok)
-    engine = TokenEngine(workers=2, fast=build_fast(sample_tok), reference=process)
+    encoder = Encoder(workers=2, fast=build_fast(sample_tok), reference=process)
     process.loaded()
     os.kill(process._process.pid, signal.SIGKILL)
-    [(_, got)] = list(engine.map([(0, TRICKY)]))
-    assert engine.name == FAST and engine.num_checked_batches == 1
+    [(_, got)] = list(encoder.map([(0, TRICKY)]))
+    assert encoder.name == FAST and encoder.num_checked_batches == 1
     np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), TRICKY).ids)
 
 
 def test_the_last_engine_is_kept_for_the_same_tokenizer_only(sample_tok, tmp_path):
     tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
-    first = TokenEngine(tok, fast=build_fast(sample_tok))
-    assert TokenEngine(tok).fast is first.fast is build_fast(sample_tok)
+    first = Encoder(tok, fast=build_fast(sample_tok))
+    assert Encoder(tok).fast is first.fast is build_fast(sample_tok)
     edited = _edited(sample_tok, tmp_path, lambda s: s["model"]["merges"].pop())
-    other = TokenEngine(load_tokenizer(edited, eos_token="<|endoftext|>"))
+    other = Encoder(load_tokenizer(edited, eos_token="<|endoftext|>"))
     assert other.fast is not first.fast and other.name == FAST
-    assert TokenEngine(tok).fast is not first.fast  # one engine kept: the last one built
+    assert Encoder(tok).fast is not first.fast  # one encoder kept: the last one built
     _assert_same(other.fast, _reference(edited), TRICKY)
 
 
 def test_no_reference_process_where_it_cannot_help(sample_tok, monkeypatch):
     assert start_reference(sample_tok, eos_token=None, bos_token=None, workers=1) is None
-    monkeypatch.setenv("PREP_ENGINE", REFERENCE)
+    monkeypatch.setenv("PREP_ENCODER", REFERENCE)
     assert start_reference(sample_tok, eos_token=None, bos_token=None, workers=2) is None
 
 
@@ -586,9 +584,9 @@ def _assert_records(got, records: list[Record]) -> None:
 def test_jsonl_chunks_decode_as_read_records_and_encode_as_texts(sample, sample_tok, tmp_path, workers):
     tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
     jobs, want = _jsonl_jobs(sample, tmp_path)
-    engine = TokenEngine(tok, workers=workers)
-    out = list(engine.map((i, job) for i, job in enumerate(jobs)))
-    assert [i for i, _ in out] == list(range(len(jobs))) and engine.name == FAST
+    encoder = Encoder(tok, workers=workers)
+    out = list(encoder.map((i, job) for i, job in enumerate(jobs)))
+    assert [i for i, _ in out] == list(range(len(jobs))) and encoder.name == FAST
     for (i, got), records in zip(out, want, strict=True):
         _assert_records(jobs[i].records, records)  # made in the worker from what it decoded
         texts = [r.text for r in records if r.text is not None]
@@ -610,14 +608,14 @@ def test_jsonl_chunks_with_the_reference_engine(sample, sample_tok, tmp_path, wo
     tok = load_tokenizer(sample_tok, eos_token="<|endoftext|>")
     for forced in (True, False):
         if forced:
-            monkeypatch.setenv("PREP_ENGINE", REFERENCE)
+            monkeypatch.setenv("PREP_ENGINE", REFERENCE)  # its earlier name, still read
         else:
             monkeypatch.delenv("PREP_ENGINE")
         fresh = [JsonlChunk(j.path, j.text_field, j.val_fraction, j.first_line, j.data) for j in jobs]
         notes = _Notes()
-        engine = TokenEngine(tok, workers=workers, notice=notes)
-        out = list(engine.map((i, job) for i, job in enumerate(fresh)))
-        assert engine.name == REFERENCE and len(notes.lines) == (0 if forced else 1)
+        encoder = Encoder(tok, workers=workers, notice=notes)
+        out = list(encoder.map((i, job) for i, job in enumerate(fresh)))
+        assert encoder.name == REFERENCE and len(notes.lines) == (0 if forced else 1)
         for (i, got), records in zip(out, want, strict=True):
             _assert_records(fresh[i].records, records)
             texts = [r.text for r in records if r.text is not None]

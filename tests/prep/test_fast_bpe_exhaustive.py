@@ -18,7 +18,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from prep.divergence import all_scalars, divergent_code_points, pattern_atoms
-from prep.engine import reference_encode
+from prep.encoder import reference_encode
 from prep.fast_bpe import FastBPE, cache_dir
 
 # The marks: acute (230) and dot below (220) written out of canonical order around the code point, then

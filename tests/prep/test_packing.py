@@ -68,7 +68,7 @@ def test_bfd_cuts_to_fill_only_when_needed():
     plan = plan_bfd(doc_len, seq_len)
     _assert_plan_covers(plan, doc_len, seq_len)
     assert plan.num_rows == 600  # the lower bound
-    whole = plan_bfd(doc_len, seq_len, allow_split=False)
+    whole = plan_bfd(doc_len, seq_len, allow_fragments=False)
     assert whole.num_rows == 1000 and len(whole.seg_len) == 1000
     # Lengths BFD packs perfectly are never cut.
     easy = np.tile([70, 30], 500)
@@ -77,7 +77,7 @@ def test_bfd_cuts_to_fill_only_when_needed():
 
 def test_bfd_refuses_long_documents_without_split():
     with pytest.raises(ValueError):
-        plan_bfd(np.array([5, 20]), 8, allow_split=False)
+        plan_bfd(np.array([5, 20]), 8, allow_fragments=False)
 
 
 def test_wrapped_cuts_every_seq_len():
@@ -103,7 +103,7 @@ def test_empty_plan():
         assert plan.num_rows == 0 and plan.num_tokens == 0
 
 
-def _reference_plan(strategy: str, doc_len: np.ndarray, seq_len: int, allow_split: bool) -> tuple:
+def _reference_plan(strategy: str, doc_len: np.ndarray, seq_len: int, allow_fragments: bool) -> tuple:
     """The plans written the plain way (int64 everywhere, every piece sorted): what the lean code must equal."""
     doc_len = doc_len.astype(np.int64)
     if strategy == "wrapped":
@@ -120,7 +120,7 @@ def _reference_plan(strategy: str, doc_len: np.ndarray, seq_len: int, allow_spli
     seg_start = (np.arange(len(seg_doc)) - np.repeat(np.cumsum(num_frags) - num_frags, num_frags)) * seq_len
     seg_len = np.minimum(seq_len, doc_len[seg_doc] - seg_start)
     lower = -(-int(seg_len.sum()) // seq_len)
-    row_cap = lower + int(lower * FILL_SLACK) if allow_split else None
+    row_cap = lower + int(lower * FILL_SLACK) if allow_fragments else None
     order = np.lexsort((seg_start, seg_doc, -seg_len))
     blocks = [(seg_doc[order].tolist(), seg_len[order].tolist())]
     pieces = [
@@ -165,11 +165,11 @@ def test_lean_plans_equal_the_plain_computation():
     for _ in range(600):
         seq_len = int(rng.integers(2, 300))
         doc_len = _random_lengths(rng, seq_len)
-        for strategy, allow_split in (("bfd", True), ("bfd", False), ("wrapped", True)):
-            if not allow_split and len(doc_len) and doc_len.max() > seq_len:
+        for strategy, allow_fragments in (("bfd", True), ("bfd", False), ("wrapped", True)):
+            if not allow_fragments and len(doc_len) and doc_len.max() > seq_len:
                 continue
-            plan = make_plan(strategy, doc_len, seq_len, allow_split=allow_split)
-            want = _reference_plan(strategy, doc_len, seq_len, allow_split)
+            plan = make_plan(strategy, doc_len, seq_len, allow_fragments=allow_fragments)
+            want = _reference_plan(strategy, doc_len, seq_len, allow_fragments)
             for field, expected in zip(("seg_doc", "seg_start", "seg_len", "row_ptr"), want, strict=True):
                 assert np.array_equal(getattr(plan, field), expected), (strategy, seq_len, doc_len, field)
             checked += 1

@@ -42,7 +42,7 @@ def corpora(draw) -> tuple[list[int], int]:
     return lengths, seq_len
 
 
-def check_plan(plan, doc_len: np.ndarray, seq_len: int, strategy: str, allow_split: bool) -> None:
+def check_plan(plan, doc_len: np.ndarray, seq_len: int, strategy: str, allow_fragments: bool) -> None:
     rows = plan.row_lengths()
     assert plan.row_ptr[0] == 0 and plan.row_ptr[-1] == len(plan.seg_len)
     assert np.all(np.diff(plan.row_ptr) > 0), "an empty row"
@@ -63,7 +63,7 @@ def check_plan(plan, doc_len: np.ndarray, seq_len: int, strategy: str, allow_spl
     if strategy == "wrapped":
         assert np.all(rows[:-1] == seq_len), "wrapped rows must be full except the last"
         assert np.all(np.diff(plan.seg_doc) >= 0), "wrapped keeps input order"
-    if not allow_split:
+    if not allow_fragments:
         assert len(plan.seg_len) == len(doc_len), "a document was cut although splitting is off"
 
 
@@ -111,7 +111,7 @@ def test_plans_keep_every_invariant(corpus, strategy, bos, seed):
     lengths, seq_len = corpus
     doc_len = np.array(lengths, dtype=np.int64)
     plan = make_plan(strategy, doc_len, seq_len)
-    check_plan(plan, doc_len, seq_len, strategy, allow_split=True)
+    check_plan(plan, doc_len, seq_len, strategy, allow_fragments=True)
     check_batch_contract(synthetic_store(doc_len, np.random.default_rng(seed), bos), plan, seq_len)
 
 
@@ -121,8 +121,8 @@ def test_bfd_without_splitting_keeps_documents_whole(corpus):
     # --long-docs truncate|drop: every stream is at most seq_len by the time it is planned.
     lengths, seq_len = corpus
     doc_len = np.minimum(np.array(lengths, dtype=np.int64), seq_len)
-    plan = make_plan("bfd", doc_len, seq_len, allow_split=False)
-    check_plan(plan, doc_len, seq_len, "bfd", allow_split=False)
+    plan = make_plan("bfd", doc_len, seq_len, allow_fragments=False)
+    check_plan(plan, doc_len, seq_len, "bfd", allow_fragments=False)
 
 
 def test_the_checks_catch_broken_plans_and_rows():
@@ -134,7 +134,7 @@ def test_the_checks_catch_broken_plans_and_rows():
     swapped = type(plan)(plan.seg_doc, plan.seg_start[::-1].copy(), plan.seg_len, plan.row_ptr)
     for broken in (lost, swapped):
         with pytest.raises(AssertionError):
-            check_plan(broken, doc_len, 8, "bfd", allow_split=True)
+            check_plan(broken, doc_len, 8, "bfd", allow_fragments=True)
     store = synthetic_store(doc_len, np.random.default_rng(0), bos=False)
     store.tokens[store.doc_offset[1] + 2] = EOS
     with pytest.raises(AssertionError, match="one EOS"):

@@ -64,15 +64,19 @@ def test_bfd_plan_is_the_best_fit_at_any_seq_len(seed, monkeypatch):
     longest = int(doc_len.max())
     # below, at and far above the longest document: the tree is clamped only in the last two
     for seq_len in (max(2, longest // 3), longest, longest + 1, 2 * longest + 3, 10**9):
-        for allow_split in (True, False):
-            if not allow_split and longest > seq_len:
+        for allow_fragments in (True, False):
+            if not allow_fragments and longest > seq_len:
                 continue
-            got = plan_bfd(doc_len, seq_len, allow_split=allow_split)
+            got = plan_bfd(doc_len, seq_len, allow_fragments=allow_fragments)
             with monkeypatch.context() as m:
                 m.setattr(packing, "_best_fit", brute_force_best_fit)
-                want = plan_bfd(doc_len, seq_len, allow_split=allow_split)
+                want = plan_bfd(doc_len, seq_len, allow_fragments=allow_fragments)
             for name in ("seg_doc", "seg_start", "seg_len", "row_ptr"):
-                assert np.array_equal(getattr(got, name), getattr(want, name)), (seq_len, allow_split, name)
+                assert np.array_equal(getattr(got, name), getattr(want, name)), (
+                    seq_len,
+                    allow_fragments,
+                    name,
+                )
 
 
 def test_bfd_memory_follows_the_documents_not_seq_len():

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from prep import encoder
 from prep import journal as journal_module
-from prep import pipeline
 from prep.cli import app
 from shared import fileio
 from shared.manifest import Manifest
@@ -70,7 +70,7 @@ class _Limited:
 
 def pack_on(disk: Disk, args: list[str], monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "BATCH_CHARS", SMALL_BATCH)
+        m.setattr(encoder, "BATCH_CHARS", SMALL_BATCH)
         m.setattr(fileio, "open", disk.open, raising=False)
         m.setattr(journal_module, "open", disk.open, raising=False)
         return CliRunner().invoke(app, args)

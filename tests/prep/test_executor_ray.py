@@ -1,4 +1,4 @@
-"""`prep pack --engine ray` on a local 2-CPU Ray cluster writes the very bytes the local engine writes.
+"""`prep pack --executor ray` on a local 2-CPU Ray cluster writes the very bytes the local executor writes.
 
 One Ray instance serves the module (starting it takes seconds on 2 cores). The inputs are the bundled
 sample cut into four files plus an empty file and a file with a blank and a malformed record, so that
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from prep import engine_ray, pipeline
+from prep import executor_ray, pipeline
 from prep.cli import app
 from prep.readers import InputError, InputFile
 from prep.tokenizer import load_tokenizer
@@ -89,20 +89,21 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def local_files(inputs, tmp_path_factory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("local") / "out"
+    # `--engine`, the option's earlier name, still works: users may have scripts that pass it.
     result = CliRunner().invoke(app, pack_args(inputs, out, "--engine", "local"))
     assert result.exit_code == 0, result.output
     return folder_bytes(out)
 
 
 @pytest.mark.slow
-def test_ray_engine_writes_the_local_engine_bytes(ray_cluster, inputs, local_files, tmp_path):
+def test_ray_executor_writes_the_local_executor_bytes(ray_cluster, inputs, local_files, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, pack_args(inputs, out, "--engine", "ray"))
+    result = CliRunner().invoke(app, pack_args(inputs, out, "--executor", "ray"))
     assert result.exit_code == 0, result.output
     ray_files = folder_bytes(out)
     assert sorted(ray_files) == sorted(local_files), "different files, or the work folder was left behind"
     differing = [name for name in local_files if ray_files[name] != local_files[name]]
-    assert not differing, f"files differ between engines: {differing}"
+    assert not differing, f"files differ between executors: {differing}"
 
     # The comparison covered what it is meant to: several shard tasks per split, offsets across files.
     manifest = Manifest.load(out)
@@ -116,9 +117,9 @@ def test_ray_engine_writes_the_local_engine_bytes(ray_cluster, inputs, local_fil
 @pytest.mark.slow
 def test_comparison_catches_per_file_doc_ids(ray_cluster, inputs, local_files, tmp_path, monkeypatch):
     """Negative control: the classic distributed bug (each worker numbers its documents from 0) is caught."""
-    monkeypatch.setattr(engine_ray, "first_doc_ids", lambda parts: [0] * len(parts))
+    monkeypatch.setattr(executor_ray, "first_doc_ids", lambda parts: [0] * len(parts))
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, pack_args(inputs, out, "--engine", "ray"))
+    result = CliRunner().invoke(app, pack_args(inputs, out, "--executor", "ray"))
     assert result.exit_code == 0, result.output
     ray_files = folder_bytes(out)
     assert ray_files["manifest.json"] != local_files["manifest.json"]
@@ -127,7 +128,7 @@ def test_comparison_catches_per_file_doc_ids(ray_cluster, inputs, local_files, t
 
 def test_bad_record_stops_the_ray_run_and_leaves_out_as_it_was(ray_cluster, inputs, tmp_path):
     out = tmp_path / "out"
-    args = [a for a in pack_args(inputs, out, "--engine", "ray") if a != "--skip-invalid"]
+    args = [a for a in pack_args(inputs, out, "--executor", "ray") if a != "--skip-invalid"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert f"{inputs[0][3]}:2: malformed JSON" in result.output and "--skip-invalid" in result.output
@@ -138,22 +139,22 @@ def test_missing_ray_names_the_extra(sample, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     corpus, tokenizer = sample
     cfg = pipeline.PackConfig(
-        inputs=(str(corpus),), tokenizer=str(tokenizer), out=tmp_path / "o", engine="ray"
+        inputs=(str(corpus),), tokenizer=str(tokenizer), out=tmp_path / "o", executor="ray"
     )
     with pytest.raises(UserError, match=r"pip install '\.\[ray\]'"):
         pipeline.pack(cfg)
     assert not (tmp_path / "o").exists()
 
 
-def test_ray_engine_refuses_resume_and_stray_address(sample, tmp_path):
+def test_ray_executor_refuses_resume_and_stray_address(sample, tmp_path):
     corpus, tokenizer = sample
     common = {"inputs": (str(corpus),), "tokenizer": str(tokenizer), "out": tmp_path / "o"}
-    with pytest.raises(UserError, match="--resume.*--engine ray"):
-        pipeline.PackConfig(**common, engine="ray", resume=True)
-    with pytest.raises(UserError, match="needs `--engine ray`"):
+    with pytest.raises(UserError, match="--resume.*--executor ray"):
+        pipeline.PackConfig(**common, executor="ray", resume=True)
+    with pytest.raises(UserError, match="needs `--executor ray`"):
         pipeline.PackConfig(**common, ray_address="ray://head:10001")
-    with pytest.raises(UserError, match="--engine 'spark' is unknown"):
-        pipeline.PackConfig(**common, engine="spark")
+    with pytest.raises(UserError, match="--executor 'spark' is unknown"):
+        pipeline.PackConfig(**common, executor="spark")
 
 
 def test_unreachable_ray_address_fails_fast():
@@ -162,10 +163,10 @@ def test_unreachable_ray_address_fails_fast():
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         port = listening.getsockname()[1]
-        engine_ray._check_reachable(f"127.0.0.1:{port}")
-        engine_ray._check_reachable(f"ray://127.0.0.1:{port}")
+        executor_ray._check_reachable(f"127.0.0.1:{port}")
+        executor_ray._check_reachable(f"ray://127.0.0.1:{port}")
     with pytest.raises(UserError, match="no Ray cluster answers at '127.0.0.1:.*--ray-address"):
-        engine_ray._check_reachable(f"127.0.0.1:{port}")  # closed now
+        executor_ray._check_reachable(f"127.0.0.1:{port}")  # closed now
 
 
 def test_task_refuses_an_input_or_tokenizer_this_node_sees_differently(inputs, tmp_path, monkeypatch):
@@ -173,13 +174,13 @@ def test_task_refuses_an_input_or_tokenizer_this_node_sees_differently(inputs, t
     # The task pins the Rust thread pool of its (Ray worker) process; keep this test process as it was.
     monkeypatch.setenv("RAYON_NUM_THREADS", os.environ.get("RAYON_NUM_THREADS", str(os.cpu_count())))
     paths, tokenizer = inputs
-    cfg = pipeline.PackConfig(inputs=tuple(paths), tokenizer=str(tokenizer), out=tmp_path, engine="ray")
+    cfg = pipeline.PackConfig(inputs=tuple(paths), tokenizer=str(tokenizer), out=tmp_path, executor="ray")
     source = InputFile(Path(paths[0]), "jsonl")
     sha = load_tokenizer(str(tokenizer)).info.sha256
     part = str(tmp_path / "part.bin")
-    good = engine_ray.tokenize_file(cfg, source, source.num_bytes, sha, part, 1)
-    assert isinstance(good, engine_ray.FilePart) and good.num_records == 101  # the control
-    other_size = engine_ray.tokenize_file(cfg, source, source.num_bytes + 1, sha, part, 1)
+    good = executor_ray.tokenize_file(cfg, source, source.num_bytes, sha, part, 1)
+    assert isinstance(good, executor_ray.FilePart) and good.num_records == 101  # the control
+    other_size = executor_ray.tokenize_file(cfg, source, source.num_bytes + 1, sha, part, 1)
     assert isinstance(other_size, InputError) and "on this node but" in str(other_size)
-    other_tokenizer = engine_ray.tokenize_file(cfg, source, source.num_bytes, "0" * 64, part, 1)
+    other_tokenizer = executor_ray.tokenize_file(cfg, source, source.num_bytes, "0" * 64, part, 1)
     assert isinstance(other_tokenizer, UserError) and "differs on this node" in str(other_tokenizer)

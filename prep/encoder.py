@@ -1,7 +1,7 @@
-"""Tokenizing batches of documents on every core, fast engine first, `tokenizers` as the reference.
+"""The encoder: batches of documents to token ids on every core, the fast encoder checked against `tokenizers`.
 
-:class:`TokenEngine` turns an iterator of text batches into an iterator of :class:`EncodedBatch` (one flat
-int32 array plus per-document lengths), in input order. Two engines can do the work:
+:class:`Encoder` turns an iterator of jobs into an iterator of :class:`EncodedBatch` (one flat int32 array
+plus per-document lengths), in input order. Two back-ends can do the work:
 
 - ``tiktoken``: :class:`prep.fast_bpe.FastBPE`, rebuilt from the same ``tokenizer.json``, run in a pool of
   forked worker processes (the parent builds it once; children inherit it). Each job also picks a sample
@@ -10,15 +10,21 @@ int32 array plus per-document lengths), in input order. Two engines can do the w
   accepted: in a :class:`ReferenceProcess` during `prep pack`, else in this process.
 - ``tokenizers``: ``encode_batch_fast`` in this process (its own Rust thread pool), the reference.
 
-A job is a batch of texts, or a chunk of whole JSONL lines (:class:`JsonlChunk`), which the worker that
-tokenizes it splits and decodes, sending back what packing needs of its records instead of their texts:
-one process reads the input for every worker, so it does no work per record.
+What a caller meets is :func:`open_encoder` (one ``with`` owns every process), :func:`source_jobs` (an input
+file as jobs) and :meth:`Encoder.map`; after a job is encoded, ``job.records`` holds what packing needs of
+its records. Behind that interface sit three speed mechanisms, each kept because a benchmark shows it pays
+(docs/design.md names the figures): the reference process, which loads `tokenizers` while this process
+builds the fast encoder and then checks samples off the packing core; JSONL jobs (:class:`JsonlChunk`),
+decoded by the worker that tokenizes them, so the reading process does no work per record; and the fast
+back-end's caches (the one built last, kept in this process, and its derived tables on disk, see
+prep/fast_bpe.py).
 
-The first difference, or a tokenizer the fast engine does not support, switches the run to `tokenizers`
+The first difference, or a tokenizer the fast encoder does not support, switches the run to `tokenizers`
 for good, with a one-line notice; a batch whose sample differed is re-encoded by `tokenizers`, so every
-checked id is exactly what `tokenizers` gives. ``PREP_ENGINE=tokenizers`` in the environment forces the
-reference engine (to rule the fast one out when debugging, and for the benchmarks' side-by-side runs).
-Jobs in flight are bounded (two per worker), so memory is a few batches whatever the corpus size.
+checked id is exactly what `tokenizers` gives. ``PREP_ENCODER=tokenizers`` (or its older spelling
+``PREP_ENGINE``) forces the reference (to rule the fast one out when debugging, and for the benchmarks'
+side-by-side runs). Jobs in flight are bounded (two per worker), so memory is a few batches whatever the
+corpus size.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, islice
 from multiprocessing.connection import Connection
@@ -46,7 +53,16 @@ from tokenizers import Tokenizer
 from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported
 from prep.faults import worker_died
 from prep.journal import kill_point
-from prep.readers import BatchRecords, Record, jsonl_chunk_lines, jsonl_record, summarize
+from prep.readers import (
+    BatchRecords,
+    InputFile,
+    Record,
+    jsonl_chunk_lines,
+    jsonl_record,
+    read_jsonl_chunks,
+    read_records,
+    summarize,
+)
 from prep.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer, resolve_tokenizer_file
 from shared.fileio import sha256_file
 
@@ -57,13 +73,23 @@ MAX_ADDED_TOKEN_CHECKS = 16
 MAX_CHECK_CHARS = 1 << 20
 """Longest document (in characters) re-encoded with `tokenizers` for the check."""
 
+BATCH_CHARS = 4 << 20
+"""Characters of text encoded per job: large enough to keep every core busy, small enough to bound memory."""
+
 FAST, REFERENCE = "tiktoken", "tokenizers"
-ENGINE_ENV = "PREP_ENGINE"
+ENCODER_ENV = "PREP_ENCODER"
+OLD_ENCODER_ENV = "PREP_ENGINE"
+"""The variable's earlier name, still read: users may have scripts that set it."""
 T = TypeVar("T")
 _PR_SET_PDEATHSIG = 1
 
-# A pool worker's engine: inherited through fork from the parent (no copy, no rebuild), set by _pool_worker_init.
+# A pool worker's fast encoder: inherited through fork from the parent (no copy, no rebuild), set by _pool_worker_init.
 _WORKER: FastBPE | None = None
+
+
+def reference_forced() -> bool:
+    """Whether the environment asks for `tokenizers` only (``PREP_ENCODER=tokenizers``, or ``PREP_ENGINE``)."""
+    return os.environ.get(ENCODER_ENV, os.environ.get(OLD_ENCODER_ENV)) == REFERENCE
 
 
 def reference_encode(tokenizer: Tokenizer, texts: list[str]) -> EncodedBatch:
@@ -77,9 +103,9 @@ def reference_encode(tokenizer: Tokenizer, texts: list[str]) -> EncodedBatch:
 def _check_indices(fast: FastBPE, texts: list[str], added_docs: list[int] | None = None) -> list[int]:
     """Which documents of a batch to compare: the leading ~1% of characters, then added-token holders.
 
-    Documents over ``MAX_CHECK_CHARS`` are left out: `tokenizers` needs about 100 bytes per character to
-    encode one document (4.8 GB for a 50 MB document, against 0.55 GB for the fast engine), and the
-    sample exists to catch an engine that is wrong, which ordinary documents show as well.
+    Documents over ``MAX_CHECK_CHARS`` are left out: `tokenizers` needs far more memory per character than
+    the fast encoder on one long document, and the sample exists to catch a back-end that is wrong, which
+    ordinary documents show as well.
     """
     budget = CHECK_FRACTION * sum(map(len, texts))
     picked, chars = [], 0
@@ -105,7 +131,7 @@ class Sample:
     texts: list[str]
 
     def ids(self, got: EncodedBatch) -> list[np.ndarray]:
-        """The fast engine's ids of each sampled document, from the batch's ``got``."""
+        """The fast encoder's ids of each sampled document, from the batch's ``got``."""
         starts = np.concatenate([[0], np.cumsum(got.lengths)])
         return [got.ids[starts[i] : starts[i + 1]] for i in self.index]
 
@@ -176,7 +202,7 @@ def _die_with_parent() -> None:
 class JsonlChunk:
     """Whole lines of a JSONL file (:func:`prep.readers.jsonl_chunks`) as one job, decoded where they are tokenized.
 
-    :meth:`TokenEngine.map` sets :attr:`records` (what packing needs of the chunk's records, not their texts)
+    :meth:`Encoder.map` sets :attr:`records` (what packing needs of the chunk's records, not their texts)
     before it yields the job's ids.
     """
 
@@ -198,8 +224,69 @@ class JsonlChunk:
         return [r.text for r in records if r.text is not None]
 
 
-Job = list[str] | JsonlChunk
-"""What :meth:`TokenEngine.map` tokenizes: texts, or JSONL lines to decode first."""
+@dataclass(frozen=True, slots=True)
+class RecordsJob:
+    """Records read in the packing process as one job: their texts go to a worker, their summary stays here."""
+
+    records: BatchRecords
+    texts: list[str]
+
+
+Job = list[str] | RecordsJob | JsonlChunk
+"""What :meth:`Encoder.map` tokenizes: texts, records read here, or JSONL lines to decode first."""
+
+
+def _texts(job: Job) -> list[str]:
+    """The texts of a job, decoding a JSONL chunk here (which sets its records)."""
+    if isinstance(job, JsonlChunk):
+        return job.texts()
+    return job.texts if isinstance(job, RecordsJob) else job
+
+
+def _worker_job(job: Job) -> list[str] | JsonlChunk:
+    """What a worker needs of a job: records read here stay here."""
+    return job.texts if isinstance(job, RecordsJob) else job
+
+
+def record_jobs(records: Iterable[Record], val_fraction: float) -> Iterator[RecordsJob]:
+    """``records`` as jobs of about ``BATCH_CHARS`` characters of text."""
+    batch: list[Record] = []
+    total = 0
+    for record in records:
+        batch.append(record)
+        total += len(record.text) if record.text else 0
+        if total >= BATCH_CHARS:
+            yield RecordsJob(summarize(batch, val_fraction), [r.text for r in batch if r.text is not None])
+            batch, total = [], 0
+    if batch:
+        yield RecordsJob(summarize(batch, val_fraction), [r.text for r in batch if r.text is not None])
+
+
+def empty_job(val_fraction: float) -> RecordsJob:
+    """The job of an input without records: it still closes its source."""
+    return RecordsJob(summarize([], val_fraction), [])
+
+
+def source_jobs(
+    source: InputFile,
+    *,
+    text_field: str,
+    val_fraction: float,
+    skip: int,
+    spread: int,
+    on_bytes: Callable[[int], None],
+) -> Iterator[Job]:
+    """The records of ``source`` from its ``skip``-th on, as jobs.
+
+    A JSONL input goes as chunks of whole lines that the worker encoding them decodes; other inputs are
+    read here. ``spread``: the number of workers, which chunks are sized to keep busy.
+    """
+    if source.format == "jsonl":
+        chunks = read_jsonl_chunks(source, on_bytes, size=BATCH_CHARS, skip=skip, spread=spread)
+        name = str(source.path)
+        return (JsonlChunk(name, text_field, val_fraction, *chunk) for chunk in chunks)
+    records = read_records(source, text_field, lambda n: on_bytes(n))
+    return record_jobs(islice(records, skip, None), val_fraction)
 
 
 def _pool_worker_init(fast: FastBPE) -> None:
@@ -208,13 +295,15 @@ def _pool_worker_init(fast: FastBPE) -> None:
     _worker_init()
 
 
-def _fast_job(job: Job, fast: FastBPE | None = None) -> tuple[EncodedBatch, Sample, BatchRecords | None]:
+def _fast_job(
+    job: list[str] | JsonlChunk, fast: FastBPE | None = None
+) -> tuple[EncodedBatch, Sample, BatchRecords | None]:
     """Ids, the sample to check against `tokenizers`, and a JSONL chunk's records.
 
     The records travel back as :class:`BatchRecords`: their texts are of no more use to the parent.
     """
     fast = fast or _WORKER
-    assert fast is not None, "worker forked without the engine"
+    assert fast is not None, "worker forked without the fast encoder"
     kill_point("worker")
     texts = job.texts() if isinstance(job, JsonlChunk) else job
     added_docs: list[int] = []
@@ -254,17 +343,16 @@ def _serve_reference(
         status = 1
     finally:
         conn.close()
-        # Exit here: returning would first free the tokenizers model (~0.1 s), which the parent waits for.
+        # Exit here: returning would first free the tokenizers model, which the parent waits for.
         os._exit(status)
 
 
 class ReferenceProcess:
     """`tokenizers` in a forked process: it loads the tokenizer, resolves its info, then checks samples.
 
-    Loading the reference model (~0.8 s for Qwen2.5) and building the fast engine (~0.9 s) used to take
-    turns before the first batch. `prep pack` now starts this process first and builds the fast engine
-    meanwhile; this process then answers every batch's check, so the packing process never loads the
-    reference model unless the run falls back to it.
+    Loading the reference model and building the fast encoder each take a noticeable share of a small
+    pack; this process loads the one while the packing process builds the other, then answers every
+    batch's check, so the packing process never loads the reference model unless the run falls back to it.
     """
 
     def __init__(self, tokenizer: str | Path, eos_token: str | None, bos_token: str | None) -> None:
@@ -323,9 +411,9 @@ def start_reference(
 ) -> ReferenceProcess | None:
     """A :class:`ReferenceProcess` for a pack, or ``None`` where it cannot help.
 
-    Not when the reference engine is forced, on one worker (the user asked for one core), or without fork.
+    Not when the reference is forced, on one worker (the user asked for one core), or without fork.
     """
-    if os.environ.get(ENGINE_ENV) == REFERENCE or (workers or os.cpu_count() or 1) < 2:
+    if reference_forced() or (workers or os.cpu_count() or 1) < 2:
         return None
     if "fork" not in multiprocessing.get_all_start_methods():
         return None
@@ -333,18 +421,17 @@ def start_reference(
 
 
 _last_built: tuple[str, FastBPE] | None = None
-"""The fast engine this process built last, by the sha256 of its tokenizer.json.
+"""The fast encoder this process built last, by the sha256 of its tokenizer.json.
 
-Kept for the next pack with the same tokenizer, which then skips deriving and building it (~0.9 s of
-CPU); and the pack that built it does not pay for freeing tiktoken's tables (~0.16 s) on its way out.
-One engine at most: about 100 MB.
+Kept for the next pack with the same tokenizer, which then skips deriving and building it; and the pack
+that built it does not pay for freeing tiktoken's tables on its way out. One back-end at most.
 """
 
 
 def build_fast(tokenizer: str | Path, sha256: str | None = None) -> FastBPE | Exception:
-    """The fast engine of ``tokenizer`` (the one built last, for the same file), or why there is none.
+    """The fast encoder of ``tokenizer`` (the one built last, for the same file), or why there is none.
 
-    The reason is returned, not raised: :class:`TokenEngine` turns :class:`Unsupported` and a missing
+    The reason is returned, not raised: :class:`Encoder` turns :class:`Unsupported` and a missing
     tiktoken into a notice, and a file `tokenizers` cannot load either fails there with its own message.
     """
     global _last_built
@@ -358,8 +445,37 @@ def build_fast(tokenizer: str | Path, sha256: str | None = None) -> FastBPE | Ex
         return e
 
 
-class TokenEngine:
-    """Encodes text batches in order with the fastest exact engine; see the module docstring."""
+@contextmanager
+def open_encoder(
+    tokenizer: str | Path,
+    *,
+    eos_token: str | None,
+    bos_token: str | None,
+    workers: int | None,
+    notice: Callable[[str], None],
+) -> Iterator[Encoder]:
+    """An :class:`Encoder` for `prep pack` that owns every process it starts, closed when the block ends.
+
+    With two or more workers the reference process loads `tokenizers` on another core while this one
+    builds the fast encoder; the encoder's :attr:`~Encoder.tok` waits for it.
+    """
+    reference = start_reference(tokenizer, eos_token=eos_token, bos_token=bos_token, workers=workers)
+    try:
+        if reference is not None:
+            encoder = Encoder(workers=workers, notice=notice, fast=build_fast(tokenizer), reference=reference)
+        else:
+            tok = load_tokenizer(tokenizer, eos_token=eos_token, bos_token=bos_token)
+            encoder = Encoder(tok, workers=workers, notice=notice)
+    except BaseException:
+        if reference is not None:
+            reference.close()
+        raise
+    with encoder:
+        yield encoder
+
+
+class Encoder:
+    """Encodes jobs in order with the fastest exact back-end; see the module docstring."""
 
     def __init__(
         self,
@@ -374,9 +490,9 @@ class TokenEngine:
         """``fast``: what :func:`build_fast` gave (built here if not given); ``reference``: where to check
         samples (this process if not given). Without ``tok``, :attr:`tok` is the reference process's,
         resolved on first use, so that tokenizing can start before it is known; ``fast`` must be given.
-        The engine closes ``reference`` when it closes."""
+        The encoder closes ``reference`` when it closes."""
         if tok is None and (reference is None or fast is None):
-            raise ValueError("TokenEngine needs a tokenizer, or a reference process and a fast engine")
+            raise ValueError("Encoder needs a tokenizer, or a reference process and a fast encoder")
         self._tok = tok
         self.workers = workers or os.cpu_count() or 1
         self.notice = notice
@@ -385,14 +501,14 @@ class TokenEngine:
         self.num_checked_batches = 0
         self._pool: ProcessPoolExecutor | None = None
         self._reference_process = reference
-        if not use_fast or os.environ.get(ENGINE_ENV) == REFERENCE:
+        if not use_fast or reference_forced():
             return
         fast = build_fast(self.tok.info.path, self.tok.info.sha256) if fast is None else fast
         if isinstance(fast, Unsupported | ImportError):
             notice(
-                f"tokenizing with `tokenizers` (the fast engine does not support this tokenizer: {fast})"
+                f"tokenizing with `tokenizers` (the fast encoder does not support this tokenizer: {fast})"
                 if isinstance(fast, Unsupported)
-                else "tokenizing with `tokenizers`: the fast engine needs tiktoken"
+                else "tokenizing with `tokenizers`: the fast encoder needs tiktoken"
                 " (`pip install 'packed-shards[fast]'`, or `pip install tiktoken`)"
             )
             if self._reference_process is not None:  # nothing to check: keep one copy of the model, here
@@ -402,7 +518,7 @@ class TokenEngine:
             return
         if isinstance(fast, Exception):
             self.tok  # noqa: B018 - a file `tokenizers` cannot load either fails here, with its message
-            raise fast  # `tokenizers` loads it: a bug in the fast engine
+            raise fast  # `tokenizers` loads it: a bug in the fast encoder
         self.fast = fast
         self.name = FAST
 
@@ -411,11 +527,11 @@ class TokenEngine:
         """The tokenizer; raises what :func:`load_tokenizer` raises, when the reference process resolves it."""
         if self._tok is None:
             if self._reference_process is None:
-                raise RuntimeError("the engine was closed before its tokenizer was resolved")
+                raise RuntimeError("the encoder was closed before its tokenizer was resolved")
             self._tok = self._reference_process.loaded()
         return self._tok
 
-    def __enter__(self) -> TokenEngine:
+    def __enter__(self) -> Encoder:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -433,7 +549,7 @@ class TokenEngine:
             self._pool = None
 
     def _fall_back(self, reason: str) -> None:
-        self.notice(f"tokenizing with `tokenizers` from here on: the fast engine disagreed ({reason})")
+        self.notice(f"tokenizing with `tokenizers` from here on: the fast encoder disagreed ({reason})")
         self.name = REFERENCE
         self._close_pool()
 
@@ -448,7 +564,7 @@ class TokenEngine:
     def map(self, items: Iterable[tuple[T, Job]]) -> Iterator[tuple[T, EncodedBatch]]:
         """``(payload, ids)`` for each ``(payload, job)``, in order; reads at most two jobs per worker ahead.
 
-        The fast engine's workers get their first jobs before this returns, so they start at once (before
+        The fast encoder's workers get their first jobs before this returns, so they start at once (before
         :attr:`tok` is known, say). A :class:`JsonlChunk` job has its :attr:`~JsonlChunk.records` set when
         its ids are yielded.
         """
@@ -461,7 +577,7 @@ class TokenEngine:
             try:
                 if self._pool is not None:
                     for payload, job in islice(items, 2 * self.workers):
-                        pending.append((payload, job, self._pool.submit(_fast_job, job)))
+                        pending.append((payload, job, self._pool.submit(_fast_job, _worker_job(job))))
             except Exception as e:  # reading the input failed: say so where the results are read, in order
                 failed = e
             except BaseException:
@@ -481,7 +597,10 @@ class TokenEngine:
                     yield from self._drain(pending)
                     yield payload, self._reference(job)
                     continue
-                done = _fast_job(job, self.fast) if self._pool is None else self._pool.submit(_fast_job, job)
+                work = _worker_job(job)
+                done = (
+                    _fast_job(work, self.fast) if self._pool is None else self._pool.submit(_fast_job, work)
+                )
                 pending.append((payload, job, done))
                 while len(pending) > (2 * self.workers if self._pool else 0):
                     yield self._finish(*pending.popleft())
@@ -508,7 +627,7 @@ class TokenEngine:
 
     def _reference(self, job: Job) -> EncodedBatch:
         """`tokenizers`' ids for a job, decoding a JSONL chunk here (a worker that did kept the texts)."""
-        return reference_encode(self.tok.tokenizer, job.texts() if isinstance(job, JsonlChunk) else job)
+        return reference_encode(self.tok.tokenizer, _texts(job))
 
     def _finish(self, payload: T, job: Job, done: Future | tuple) -> tuple[T, EncodedBatch]:
         if self.name == REFERENCE:  # submitted before a switch; perhaps cancelled

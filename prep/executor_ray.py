@@ -1,20 +1,20 @@
-"""`prep pack --engine ray`: the local pipeline's three passes spread over a Ray cluster, with the same bytes out.
+"""`prep pack --executor ray`: the stages of prep/stages.py spread over a Ray cluster, with the same bytes out.
 
 The driver (the machine running `prep pack`) keeps everything that needs the whole corpus at once; Ray tasks
 do the work that splits cleanly::
 
-    pass 1  one task per input file:  read, tokenize (same engine rules as local), write
+    pass 1  one task per input file: read -> encode -> frame (the same encoder rules as local), write
             OUT/.pack-work/part-NNNNN.bin; return the file's per-document arrays and counts
     driver  concatenate per-document arrays in input order (file i's doc ids start after the records
-            of files 0..i-1), then plan each split with prep.packing.make_plan over EVERY document
+            of files 0..i-1), then plan each split over EVERY document
     pass 3  one task per output shard: memory-map the part files, gather its rows, write the shard
-    driver  manifest last, then the data card (the same functions as the local engine)
+    driver  finish: manifest last, then the data card
 
-Every step that decides an output byte is a function the local engine calls too (``batch_streams``,
-``make_plan``, ``write_shard``, ``finish``), and the part files laid end to end are exactly the local
-engine's ``tokens.bin``; so both engines write identical shards and manifests. The one exception would be
-a fast-engine (tiktoken) id that differs from `tokenizers` on a document outside the checked sample: the
-switch to `tokenizers` then happens per file here, per run locally (see prep/engine.py).
+Every step that decides an output byte is a stage the local executor calls too (``frame``, ``plan``,
+``write_shard``, ``finish``), and the part files laid end to end are exactly the local executor's
+``tokens.bin``; so both executors write identical shards and manifests. The one exception would be a fast
+encoder (tiktoken) id that differs from `tokenizers` on a document outside the checked sample: the switch
+to `tokenizers` then happens per file here, per run locally (see prep/encoder.py).
 
 Tasks read inputs and write parts and shards by path, so ``--out`` and every input (and the tokenizer) must
 be on storage every node sees at the same path. Nothing else is shared through files: plans and
@@ -34,21 +34,11 @@ from typing import Any
 import numpy as np
 
 from prep.discovery import Discovery
-from prep.engine import TokenEngine
-from prep.outdir import prepare_output_folder
-from prep.packing import PackPlan
-from prep.pipeline import (
-    WORK_DIR,
-    PackConfig,
-    Progress,
-    _batches,
-    batch_streams,
-    finish,
-    plan_splits,
-    require_documents,
-    split_metadata,
-)
-from prep.readers import InputError, InputFile, read_records, summarize
+from prep.encoder import Encoder, record_jobs
+from prep.outdir import WORK_DIR, prepare_output_folder
+from prep.packing import RowPlan
+from prep.readers import InputError, InputFile, read_records
+from prep.stages import PackConfig, Progress, finish, frame, plan, require_documents, split_metadata
 from prep.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, shard_ranges, split_info, write_shard
 from shared.contract import schema_with_metadata, shard_file_name
@@ -65,8 +55,8 @@ def import_ray() -> Any:
         import ray
     except ImportError as e:
         raise UserError(
-            f"`--engine ray` needs Ray, which is not installed here ({e}). Install it with `{INSTALL_HINT}`"
-            " (on every node of the cluster), or use `--engine local`."
+            f"`--executor ray` needs Ray, which is not installed here ({e}). Install it with `{INSTALL_HINT}`"
+            " (on every node of the cluster), or use `--executor local`."
         ) from None
     return ray
 
@@ -74,7 +64,7 @@ def import_ray() -> Any:
 class PartedTokens:
     """The part files of pass 1 as one flat int32 token array, for fancy indexing only.
 
-    The local engine's ``tokens.bin`` is exactly these files laid end to end; instead of copying them
+    The local executor's ``tokens.bin`` is exactly these files laid end to end; instead of copying them
     together, a gather looks up which part each global index falls in. Parts are memory-mapped on first use.
     """
 
@@ -127,23 +117,21 @@ class FilePart:
     notices: list[str]
 
 
-# One engine per Ray worker process and tokenizer: building the fast engine costs seconds, files are many.
-_ENGINES: dict[tuple, tuple[LoadedTokenizer, TokenEngine]] = {}
+# One encoder per Ray worker process and tokenizer: building the fast encoder takes a while, files are many.
+_ENCODERS: dict[tuple, tuple[LoadedTokenizer, Encoder]] = {}
 
 
-def _worker_engine(
-    cfg: PackConfig, tokenizer_sha256: str, workers: int
-) -> tuple[LoadedTokenizer, TokenEngine]:
+def _worker_encoder(cfg: PackConfig, tokenizer_sha256: str, workers: int) -> tuple[LoadedTokenizer, Encoder]:
     key = (cfg.tokenizer, cfg.eos_token, cfg.bos_token, tokenizer_sha256, workers)
-    if key not in _ENGINES:
+    if key not in _ENCODERS:
         tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
         if tok.info.sha256 != tokenizer_sha256:
             raise TokenizerError(
                 f"tokenizer `{cfg.tokenizer}` differs on this node (sha256 {tok.info.sha256[:12]}..., the driver"
                 f" read {tokenizer_sha256[:12]}...). Put the tokenizer on storage every node sees at the same path."
             )
-        _ENGINES[key] = (tok, TokenEngine(tok, workers=workers))
-    return _ENGINES[key]
+        _ENCODERS[key] = (tok, Encoder(tok, workers=workers))
+    return _ENCODERS[key]
 
 
 def tokenize_file(
@@ -158,23 +146,22 @@ def tokenize_file(
                 f"input `{source.path}` has {source.num_bytes:,} bytes on this node but {num_bytes:,} on the"
                 " driver. Inputs must be on storage every node sees at the same path."
             )
-        tok, engine = _worker_engine(cfg, tokenizer_sha256, workers)
+        tok, encoder = _worker_encoder(cfg, tokenizer_sha256, workers)
         notices: list[str] = []
-        engine.notice = notices.append
+        encoder.notice = notices.append
         counts = dict.fromkeys(DocumentAccounting.__dataclass_fields__, 0)
         ids, lens, flags = [], [], []
         next_id = num_tokens = 0
-        batches = _batches(read_records(source, cfg.text_field, lambda n: None))
+        jobs = record_jobs(read_records(source, cfg.text_field, lambda n: None), cfg.val_fraction)
         with open(part, "wb") as out:
-            for batch, encoded in engine.map((b, [r.text for r in b if r.text is not None]) for b in batches):
-                records = summarize(batch, cfg.val_fraction)
-                streams, doc_ids, val = batch_streams(cfg, tok, records, encoded, next_id, counts)
-                ids.append(doc_ids)
-                lens.append(streams.doc_len)
-                flags.append(val)
-                out.write(memoryview(streams.tokens))
-                num_tokens += len(streams.tokens)
-                next_id += len(batch)
+            for job, encoded in encoder.map((job, job) for job in jobs):
+                framed = frame(cfg, tok, job.records, encoded, next_id, counts)
+                ids.append(framed.doc_id)
+                lens.append(framed.doc_len)
+                flags.append(framed.is_val)
+                out.write(memoryview(framed.tokens))
+                num_tokens += len(framed.tokens)
+                next_id += framed.num_records
             out.flush()
             os.fsync(out.fileno())  # shard tasks on other nodes read this file next
     except UserError as e:
@@ -197,7 +184,7 @@ def tokenize_file(
 def write_shard_task(
     parts: list[tuple[str, int]],
     store_arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
-    plan: PackPlan,
+    row_plan: RowPlan,
     rows: tuple[int, int],
     path: str,
     metadata: dict,
@@ -208,7 +195,7 @@ def write_shard_task(
     store = TokenStore(tokens=tokens, doc_offset=doc_offset, doc_len=doc_len, doc_id=doc_id)
     schema = schema_with_metadata(metadata)
     return write_shard(
-        store, plan, rows=rows, path=Path(path), schema=schema, on_rows=lambda n: tokens.release()
+        store, row_plan, rows=rows, path=Path(path), schema=schema, on_rows=lambda n: tokens.release()
     )
 
 
@@ -323,13 +310,14 @@ def _write_splits(
     task = ray.remote(write_shard_task).options(num_cpus=1, max_retries=0)
     out = cfg.out.resolve()
     splits = {}
-    for name, idx, plan in plan_splits(cfg, doc_len, val, progress):
-        progress.start(f"write {name}", float(plan.num_rows))
+    for split in plan(cfg, doc_len, val, progress):
+        name, idx, rows = split.name, split.docs, split.rows
+        progress.start(f"write {name}", float(rows.num_rows))
         # Into the object store once; every shard task of the split reads the same copy (zero-copy per node).
-        plan_ref = ray.put(plan)
+        plan_ref = ray.put(rows)
         store_ref = ray.put((doc_offset[idx], doc_len[idx], doc_id[idx]))
         metadata = split_metadata(cfg, tok, name)
-        ranges = shard_ranges(plan.num_rows, rows_per_shard)
+        ranges = shard_ranges(rows.num_rows, rows_per_shard)
         refs = [
             task.remote(
                 part_files,
@@ -351,12 +339,12 @@ def _write_splits(
         store = TokenStore(
             tokens=np.zeros(0, np.int32), doc_offset=doc_offset[idx], doc_len=doc_len[idx], doc_id=doc_id[idx]
         )
-        splits[name] = split_info(store, plan, shards)
+        splits[name] = split_info(store, rows, shards)
     return splits
 
 
 def pack_with_ray(cfg: PackConfig, found: Discovery, progress: Progress) -> Manifest:
-    """`prep.pipeline.pack` for ``engine="ray"`` (this driver holds the output folder's lock); see the module
+    """`prep.pipeline.pack` for ``executor="ray"`` (this driver holds the output folder's lock); see the module
     docstring."""
     ray = import_ray()
     tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
@@ -373,7 +361,7 @@ def pack_with_ray(cfg: PackConfig, found: Discovery, progress: Progress) -> Mani
             docs = DocumentAccounting(**{k: sum(p.counts[k] for p in parts) for k in parts[0].counts})
             require_documents(docs)
         except UserError:
-            # As with the local engine: a mistake to fix leaves --out as it was.
+            # As with the local executor: a mistake to fix leaves --out as it was.
             shutil.rmtree(work, ignore_errors=True)
             raise
         part_files = [

@@ -1,0 +1,400 @@
+"""The stages of `prep pack`: read -> encode -> frame -> journal -> plan -> write -> finish.
+
+Each stage is a function over one typed record; the executors (prep/executor_local.py and
+prep/executor_ray.py) only decide where the stages run, so both write the same bytes by construction.
+docs/design.md draws the flow::
+
+    read     input files          -> ReadBatch     (a job of records, and where it sits in its source)
+    encode   ReadBatch            -> EncodedBatch  (the encoder, prep/encoder.py)
+    frame    records + ids        -> Framed        (BOS? ids EOS per document, long-document policy)
+    journal  Framed               -> work files    (local only: committed batch by batch, prep/journal.py)
+    plan     document lengths     -> SplitPlan     (one row plan per split, prep/packing.py)
+    write    SplitPlan + tokens   -> shards        (prep/writer.py)
+    finish   everything counted   -> manifest.json, then the card
+
+What grows with the corpus is a few arrays of one entry per document (or segment) in planning and
+writing (see docs/reliability.md, "Memory: bytes per document").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from prep import __version__
+from prep.card import write_card
+from prep.encoder import Encoder, Job, empty_job, source_jobs
+from prep.fast_bpe import EncodedBatch
+from prep.journal import Journal, input_stats, kill_point
+from prep.outdir import WORK_DIR
+from prep.packing import STRATEGIES, RowPlan, index_dtype, make_plan
+from prep.readers import EMPTY, MISSING_FIELD, BatchRecords, InputError, InputFile
+from prep.streams import build_streams
+from prep.tokenizer import LoadedTokenizer
+from shared.contract import SPLITS, shard_metadata
+from shared.errors import UserError
+from shared.manifest import (
+    MAX_INT32,
+    DocumentAccounting,
+    IgnoredInput,
+    InputInfo,
+    Manifest,
+    PackOptions,
+    SplitInfo,
+)
+
+LONG_DOC_POLICIES = ("split", "truncate", "drop")
+EXECUTORS = ("local", "ray")
+READ_BLOCK = 1 << 20
+"""Entries read at a time from a per-document array."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PackConfig:
+    inputs: tuple[str, ...]
+    """Files, folders or globs, read in the order given."""
+    tokenizer: str
+    """A tokenizer.json, or a model folder holding one."""
+    out: Path
+    seq_len: int = 1024
+    """Maximum tokens per packed row."""
+    strategy: str = "bfd"
+    text_field: str = "text"
+    dataset_split: str | None = None
+    """The split to read of every saved DatasetDict input; needed when one has several (prep/discovery.py)."""
+    eos_token: str | None = None
+    """Default: the tokenizer's own EOS (from tokenizer_config.json, else a well-known name)."""
+    bos_token: str | None = None
+    long_docs: str = "split"
+    """What to do with a document longer than ``seq_len``: cut it into fragments, truncate it, or drop it."""
+    val_fraction: float = 0.0
+    """Share of documents (chosen by a hash of their text) written to the ``val`` split."""
+    workers: int | None = None
+    """Processes for tokenization; default every core."""
+    rows_per_shard: int | None = None
+    skip_invalid: bool = False
+    """Count and skip malformed records instead of stopping at the first one."""
+    overwrite: bool = False
+    resume: bool = False
+    """Continue the interrupted run in ``out`` from its journal (same options and inputs required)."""
+    executor: str = "local"
+    """``local`` (every core of this machine) or ``ray`` (Ray tasks across a cluster; same output bytes)."""
+    ray_address: str | None = None
+    """Ray cluster to join with ``executor="ray"``; default ``RAY_ADDRESS``, else a Ray started on this machine."""
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise UserError(f"--executor {self.executor!r} is unknown; choose one of {', '.join(EXECUTORS)}.")
+        if self.ray_address is not None and self.executor != "ray":
+            raise UserError(
+                f"--ray-address {self.ray_address!r} needs `--executor ray`; add it, or drop the address."
+            )
+        if self.resume and self.executor == "ray":
+            raise UserError(
+                "`--resume` is not supported with `--executor ray` (a Ray pack keeps no journal); pass"
+                " `--overwrite` to pack again from the start, or finish the run with `--executor local`."
+            )
+        if self.resume and self.overwrite:
+            raise UserError(
+                "pass either `--resume` (continue the interrupted run) or `--overwrite`, not both."
+            )
+        if self.seq_len < 2:
+            raise UserError(
+                f"--seq-len {self.seq_len} is too small: a row needs at least one token and an EOS (>= 2)."
+            )
+        if self.seq_len > MAX_INT32:
+            raise UserError(
+                f"--seq-len {self.seq_len:,} is more than a row can hold: positions and `cu_seqlens` are int32,"
+                f" so rows hold at most {MAX_INT32:,} tokens. Pass a smaller --seq-len."
+            )
+        if self.strategy not in STRATEGIES:
+            raise UserError(
+                f"--strategy {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}."
+            )
+        if self.long_docs not in LONG_DOC_POLICIES:
+            raise UserError(
+                f"--long-docs {self.long_docs!r} is unknown; choose one of {', '.join(LONG_DOC_POLICIES)}."
+            )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction {self.val_fraction} must be in [0, 1).")
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"--workers {self.workers} must be at least 1.")
+        if self.rows_per_shard is not None and self.rows_per_shard < 1:
+            raise UserError(f"--rows-per-shard {self.rows_per_shard} must be at least 1.")
+        if not self.inputs:
+            raise UserError("no inputs given; pass one or more files, folders or globs.")
+        if self.dataset_split is not None and not self.dataset_split.strip():
+            raise UserError("--dataset-split is empty; name a split of the DatasetDict input, or drop it.")
+
+
+class Progress:
+    """What `prep pack` reports while it runs; the CLI draws it, tests ignore it."""
+
+    def start(self, phase: str, total: float | None) -> None: ...
+
+    def advance(self, amount: float, **fields: int) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+
+# --- read -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBatch:
+    """One job of records, and where it sits: the read stage's record, the encode stage's input."""
+
+    source_index: int
+    """Index of the input file in the run's list."""
+    last: bool
+    """Whether it is the last batch of its input file (which the journal then closes)."""
+    job: Job
+    """What the encoder tokenizes; ``job.records`` is set once it is encoded."""
+
+
+def read(
+    cfg: PackConfig, sources: list[InputFile], start: tuple[int, int], progress: Progress
+) -> Iterator[ReadBatch]:
+    """The inputs as batches, from ``start`` = (source index, records of it done) on: the journal's position."""
+    spread = cfg.workers or os.cpu_count() or 1
+    for index in range(start[0], len(sources)):
+        skip = start[1] if index == start[0] else 0
+        jobs = source_jobs(
+            sources[index],
+            text_field=cfg.text_field,
+            val_fraction=cfg.val_fraction,
+            skip=skip,
+            spread=spread,
+            on_bytes=progress.advance,
+        )
+        held = None  # one batch held back, to know which is the last of its source
+        for job in jobs:
+            if held is not None:
+                yield ReadBatch(index, False, held)
+            held = job
+        yield ReadBatch(index, True, empty_job(cfg.val_fraction) if held is None else held)
+
+
+def encode(encoder: Encoder, batches: Iterable[ReadBatch]) -> Iterator[tuple[ReadBatch, EncodedBatch]]:
+    """Each batch with its ids, in order; the encoder works a few batches ahead on other cores."""
+    return encoder.map((batch, batch.job) for batch in batches)
+
+
+# --- frame ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Framed:
+    """One batch's documents as token streams (BOS? + ids + EOS each), with what the journal records of them."""
+
+    num_records: int
+    """Records of the batch, packed or not: the next batch's first doc id is this many further."""
+    tokens: np.ndarray
+    """int32, the kept documents' streams back to back."""
+    doc_id: np.ndarray
+    """int64, each kept document's index among all input records."""
+    doc_len: np.ndarray
+    """int64, each kept document's stream length."""
+    is_val: np.ndarray
+    """int8, 1 for each kept document of the ``val`` split."""
+
+
+def frame(
+    cfg: PackConfig,
+    tok: LoadedTokenizer,
+    records: BatchRecords,
+    ids: EncodedBatch,
+    first_id: int,
+    counts: dict[str, int],
+) -> Framed:
+    """One encoded batch as streams under ``--long-docs``; its records are counted into ``counts``.
+
+    ``first_id``: the doc id of the batch's first record. Both executors call this.
+    """
+    _count_problems(cfg, records, counts)
+    streams = build_streams(
+        ids, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=cfg.seq_len, long_docs=cfg.long_docs
+    )
+    for key, value in streams.counts.items():
+        counts[key] += value
+    return Framed(
+        num_records=records.num_records,
+        tokens=streams.tokens,
+        doc_id=first_id + records.text_index()[streams.kept],
+        doc_len=streams.doc_len,
+        is_val=records.is_val[streams.kept],
+    )
+
+
+def _count_problems(cfg: PackConfig, records: BatchRecords, counts: dict[str, int]) -> None:
+    """Count the records without text, or stop at the first invalid one unless --skip-invalid."""
+    skip_key = {EMPTY: "skipped_empty", MISSING_FIELD: "skipped_missing_field"}
+    counts["docs_in"] += records.num_records
+    for _, record in records.problems:
+        if record.problem != EMPTY and not cfg.skip_invalid:
+            raise InputError(
+                f"{record.where}: {record.detail or record.problem}. Fix the record, or pass"
+                " `--skip-invalid` to count and skip such records."
+            )
+        counts[skip_key.get(record.problem, "skipped_invalid")] += 1
+
+
+def require_documents(docs: DocumentAccounting) -> None:
+    """Refuse a corpus in which no document survived reading and the long-document policy."""
+    if docs.packed == 0:
+        raise InputError(
+            f"no documents to pack: {docs.docs_in:,} records read, {docs.skipped:,} skipped"
+            f" (empty {docs.skipped_empty:,}, missing field {docs.skipped_missing_field:,}, invalid {docs.skipped_invalid:,}),"
+            f" {docs.dropped:,} dropped as longer than --seq-len. Check the inputs and `--text-field`."
+        )
+
+
+# --- journal ----------------------------------------------------------------------------------------------
+
+
+def fingerprint(cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile], rows_per_shard: int) -> dict:
+    """Everything that shapes the output bytes: `--resume` continues a run only if all of it still matches."""
+    return {
+        "inputs": list(cfg.inputs),
+        "input_files": input_stats([s.path for s in sources]),
+        "tokenizer": cfg.tokenizer,
+        "tokenizer_sha256": tok.info.sha256,
+        "seq_len": cfg.seq_len,
+        "strategy": cfg.strategy,
+        "text_field": cfg.text_field,
+        "dataset_split": cfg.dataset_split,
+        "eos_token": tok.info.eos_token,
+        "bos_token": tok.info.bos_token,
+        "long_docs": cfg.long_docs,
+        "val_fraction": cfg.val_fraction,
+        "skip_invalid": cfg.skip_invalid,
+        "rows_per_shard": rows_per_shard,
+    }
+
+
+def journal_batch(journal: Journal, tokens: BinaryIO, framed: Framed, source: InputFile | None) -> None:
+    """Append one framed batch to the work files and commit it; ``source``: the input file it closes, if any."""
+    state = journal.pass1
+    journal.append_docs(doc_id=framed.doc_id, doc_len=framed.doc_len, is_val=framed.is_val)
+    tokens.write(memoryview(framed.tokens))
+    state.next_id += framed.num_records
+    journal.commit_batch(tokens, framed.num_records)
+    if source is not None:
+        info = InputInfo(
+            path=str(source.path),
+            format=source.format,
+            first_doc_id=state.first_id,
+            num_records=state.next_id - state.first_id,
+            dataset_split=source.dataset_split,
+        )
+        journal.commit_source(tokens, info)
+
+
+# --- plan -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SplitPlan:
+    """The row plan of one split (``train`` or ``val``) over its own documents."""
+
+    name: str
+    docs: np.ndarray | slice
+    """Indices of the split's documents among all; ``slice(None)`` when it holds every one (no copy)."""
+    rows: RowPlan
+    """Its ``seg_doc`` indexes the split's documents (``docs``), not all of them."""
+
+
+def plan(
+    cfg: PackConfig, doc_len: np.ndarray, val: np.ndarray | None, progress: Progress
+) -> Iterator[SplitPlan]:
+    """The plan of each split written, one at a time; a global plan over every document of the split.
+
+    ``val``: each document's val flag (``None``: none is).
+    """
+    for name in SPLITS:
+        if name == "val" and cfg.val_fraction == 0.0:
+            continue
+        docs = slice(None) if val is None else _members(val, name == "val")
+        progress.start(f"pack {name}", None)
+        # Not bound to a name here: the caller may drop the split-local plan while this generator waits.
+        yield SplitPlan(
+            name,
+            docs,
+            make_plan(cfg.strategy, doc_len[docs], cfg.seq_len, allow_fragments=cfg.long_docs == "split"),
+        )
+
+
+def _members(val: np.ndarray, flag: bool) -> np.ndarray:
+    """Indices of the documents whose val flag is ``flag``, in the narrowest type, a block at a time."""
+    dtype = index_dtype(len(val))
+    parts = [
+        (np.flatnonzero(val[lo : lo + READ_BLOCK].astype(bool) == flag) + lo).astype(dtype)
+        for lo in range(0, len(val), READ_BLOCK)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+# --- write ------------------------------------------------------------------------------------------------
+
+
+def split_metadata(cfg: PackConfig, tok: LoadedTokenizer, split: str) -> dict:
+    """The Arrow schema metadata of every shard of ``split``."""
+    return shard_metadata(
+        split=split,
+        seq_len=cfg.seq_len,
+        strategy=cfg.strategy,
+        eos_id=tok.eos_id,
+        bos_id=tok.bos_id,
+        tokenizer_sha256=tok.info.sha256,
+        vocab_size=tok.info.vocab_size,
+    )
+
+
+# --- finish -----------------------------------------------------------------------------------------------
+
+
+def finish(
+    cfg: PackConfig,
+    tok: LoadedTokenizer,
+    inputs: tuple[InputInfo, ...],
+    docs: DocumentAccounting,
+    splits: dict[str, SplitInfo],
+    ignored: tuple[IgnoredInput, ...] = (),
+) -> Manifest:
+    """After every shard is durable: write the manifest (it marks a complete dataset), then the card, then drop
+    the work folder, so that a run stopped before the card leaves a dataset that `--resume` completes."""
+    manifest = Manifest(
+        tokenizer=tok.info,
+        options=PackOptions(
+            seq_len=cfg.seq_len,
+            strategy=cfg.strategy,
+            text_field=cfg.text_field,
+            long_docs=cfg.long_docs,
+            val_fraction=cfg.val_fraction,
+            skip_invalid=cfg.skip_invalid,
+            dataset_split=cfg.dataset_split,
+        ),
+        inputs=inputs,
+        documents=docs,
+        splits=splits,
+        created_by=f"prep {__version__}",
+        ignored=ignored,
+    )
+    problems = docs.problems()
+    assert not problems, f"internal accounting error: {problems}"
+    kill_point("manifest")
+    manifest.save(cfg.out)
+    kill_point("card")
+    try:
+        write_card(cfg.out, manifest)
+    except OSError:  # the dataset is complete: free the work folder's space; `prep card` writes the card
+        shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
+        raise
+    shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
+    return manifest
