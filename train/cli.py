@@ -149,7 +149,8 @@ def run(
     flags["out"] = flags.pop("out_dir")
     flags.pop("config")
     from train.config import build_run_config
-    from train.loop import init_distributed_from_env, train
+    from train.loop import train
+    from train.parallel import init_distributed_from_env
 
     try:
         cfg = build_run_config(config, flags)
