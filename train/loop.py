@@ -330,6 +330,44 @@ def save(run: Run, step: int) -> Path | None:
     return path
 
 
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    split: Split,
+    *,
+    batch_size: int,
+    device: torch.device,
+    loss_fn: Callable[[VarlenBatch], torch.Tensor] | None = None,
+    lockstep: bool = False,
+) -> float:
+    """Mean cross-entropy over every target token of the split (all ranks), the training normalisation.
+
+    ``loss_fn`` computes a micro-batch's loss sum (the FSDP root under --fsdp); default: ``model``'s.
+    ``lockstep``: every rank runs as many forwards as the busiest one (FSDP gathers parameters with
+    collectives, so a rank with one batch fewer would leave the others waiting forever); the extra
+    forwards are not counted.
+    """
+    rank, world_size = dist_info()
+    loss_fn = loss_fn or partial(micro_batch_loss_sum, model)
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    num_batches = math.ceil(len(range(rank, split.num_rows, world_size)) / batch_size)
+    num_extra = 0
+    if lockstep and world_size > 1:
+        # Agreed before the first forward: collectives must pair up in the same order on every rank.
+        most = torch.tensor([num_batches], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        num_extra = int(most) - num_batches
+    for batch in sequential_batches(split, batch_size=batch_size, rank=rank, world_size=world_size):
+        totals[0] += loss_fn(batch.to(device)).double()
+        totals[1] += batch.num_target_tokens
+    for _ in range(num_extra):
+        loss_fn(batch_from_rows([split.row(0)]).to(device))
+    model.train()
+    all_reduce_sum(totals)
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
 def evaluate_run(run: Run, step: int) -> float:
     """:func:`evaluate` on the run's eval split after ``step``, recorded and logged."""
     split = run.eval_split
@@ -450,41 +488,3 @@ def resume_from_checkpoint(run: Run) -> None:
     run.say(f"resumed from {path} at step {run.start_step:,}")
     for name, (before, now) in changed.items():
         run.say(f"  {name}: {before} -> {now} from step {run.start_step + 1:,} on")
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    split: Split,
-    *,
-    batch_size: int,
-    device: torch.device,
-    loss_fn: Callable[[VarlenBatch], torch.Tensor] | None = None,
-    lockstep: bool = False,
-) -> float:
-    """Mean cross-entropy over every target token of the split (all ranks), the training normalisation.
-
-    ``loss_fn`` computes a micro-batch's loss sum (the FSDP root under --fsdp); default: ``model``'s.
-    ``lockstep``: every rank runs as many forwards as the busiest one (FSDP gathers parameters with
-    collectives, so a rank with one batch fewer would leave the others waiting forever); the extra
-    forwards are not counted.
-    """
-    rank, world_size = dist_info()
-    loss_fn = loss_fn or partial(micro_batch_loss_sum, model)
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    num_batches = math.ceil(len(range(rank, split.num_rows, world_size)) / batch_size)
-    num_extra = 0
-    if lockstep and world_size > 1:
-        # Agreed before the first forward: collectives must pair up in the same order on every rank.
-        most = torch.tensor([num_batches], device=device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        num_extra = int(most) - num_batches
-    for batch in sequential_batches(split, batch_size=batch_size, rank=rank, world_size=world_size):
-        totals[0] += loss_fn(batch.to(device)).double()
-        totals[1] += batch.num_target_tokens
-    for _ in range(num_extra):
-        loss_fn(batch_from_rows([split.row(0)]).to(device))
-    model.train()
-    all_reduce_sum(totals)
-    return float(totals[0] / totals[1].clamp(min=1))
