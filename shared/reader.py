@@ -68,8 +68,8 @@ class RowViews:
 def numpy_view(array: pa.Array) -> np.ndarray:
     """A zero-copy numpy view of a signed-integer Arrow array without nulls.
 
-    Not ``Array.to_numpy``: its first call imports pandas, which would be most of a dataset's opening time
-    and of every `prep pack`'s data card.
+    Not ``Array.to_numpy``: its first call imports pandas, which would be most of a dataset's opening
+    time and of every `prep pack`'s data card.
     """
     assert pa.types.is_signed_integer(array.type) and array.null_count == 0, array.type
     dtype = np.dtype(f"int{array.type.bit_width}")
@@ -192,7 +192,7 @@ class Shard:
         if not 0 <= index < self.num_rows:
             raise IndexError(f"row {index} out of range for `{self.path.name}` with {self.num_rows} rows")
         # bisect on a list, not np.searchsorted: the loader calls this per row, and numpy's per-call
-        # overhead was most of the time.
+        # overhead would be most of the time.
         b = bisect.bisect_right(self._batch_starts, index) - 1
         return self._rows[b].row(index - self._batch_starts[b])
 
@@ -257,8 +257,8 @@ class Split:
     def views(self, indices: Iterable[int]) -> RowViews:
         """The rows ``indices`` (Python ints), as :meth:`row` gives them but column by column.
 
-        The loader's hot path: offsets are read as Python ints and no object is built per row (most of
-        :meth:`row`'s cost). Also checks that each row's cu_seqlens runs from 0 to its
+        The loader's hot path: offsets are read as Python ints and no object is built per row (building
+        them is much of :meth:`row`'s cost). Also checks that each row's cu_seqlens runs from 0 to its
         length (two ints per row), which the offsets checked on open do not cover.
         """
         views = RowViews([], [], [], [], [], [])
@@ -297,7 +297,8 @@ class PackedDataset:
     """A packed dataset folder: its manifest and its memory-mapped splits.
 
     ``verify`` chooses what is checked on open: ``"size"`` (default: every shard exists with the size the
-    manifest records, cheap), ``"checksum"`` (also sha256 of every byte: seconds per GiB), or ``"none"``.
+    manifest records, cheap), ``"checksum"`` (also sha256 of every byte: seconds per GiB, as
+    `benchmarks/verify_cost.py` measures), or ``"none"``.
     """
 
     def __init__(self, root: str | Path, *, verify: str = "size") -> None:

@@ -16,13 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
-import typer
 
-from shared.cli import console as err
-from shared.cli import fail, out
 from shared.errors import UserError
 from shared.reader import PackedDataset, Split
 
@@ -156,95 +152,4 @@ def run_check(cfg: CheckConfig) -> CheckResult:
         rows=tuple(results),
         num_rows_scanned=scanned,
         num_single_segment_rows=scanned - len(results),
-    )
-
-
-def print_result(result: CheckResult, console) -> None:
-    """One line per checked row, then the verdict."""
-    from rich.table import Table
-
-    table = Table(title=f"isolation check ({result.mode}, attn={result.attn}, {result.dtype})")
-    for name in ("row", "tokens", "segments", "max |dlogit|", "tolerance", "result"):
-        table.add_column(name, justify="right")
-    for r in result.rows:
-        verdict = "[green]ok[/]" if r.passed else "[bold red]LEAK[/]"
-        table.add_row(
-            str(r.row),
-            str(r.num_tokens),
-            str(r.num_segments),
-            f"{r.max_abs_diff:.3g}",
-            f"{r.tolerance:.3g}",
-            verdict,
-        )
-    console.print(table)
-    console.print(
-        f"scanned {result.num_rows_scanned} rows; {result.num_single_segment_rows} held a single segment"
-        " and were passed over (nothing to leak)",
-        highlight=False,
-    )
-
-
-def check_command(
-    data: Annotated[Path, typer.Argument(help="Packed dataset folder (`prep pack --out`).")],
-    model: Annotated[str, typer.Option(help="Hugging Face model folder, or `tiny-qwen2`.")] = "tiny-qwen2",
-    attn: Annotated[str, typer.Option(help="auto, flash_attn, torch_varlen or sdpa.")] = "auto",
-    split: Annotated[str, typer.Option(help="Split to sample rows from.")] = "train",
-    num_rows: Annotated[int, typer.Option(help="Rows with two or more segments to check.")] = 4,
-    seed: Annotated[int, typer.Option(help="Chooses the rows (and a built-in model's weights).")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    negative_control: Annotated[
-        bool, typer.Option(help="Run the packed row with a plain causal mask (leaks); the check must fail.")
-    ] = False,
-    tolerance: Annotated[
-        float | None, typer.Option(help="Relative tolerance (default by dtype: fp32 1e-4, bf16 3e-2).")
-    ] = None,
-) -> None:
-    """Prove that packed documents cannot see each other (packed row vs each segment alone).
-
-    Runs sampled rows through the trainer's varlen path, runs each of their segments alone, and
-    compares the logits; fails (exit 1) when the max difference exceeds a dtype-dependent tolerance.
-    --negative-control runs the packed row with a plain causal mask instead: the check must FAIL.
-
-    Example: train check data/packed --model tiny-qwen2
-    """
-    try:
-        cfg = CheckConfig(
-            data=Path(data),
-            model=model,
-            attn=attn,
-            split=split,
-            num_rows=num_rows,
-            seed=seed,
-            device=device,
-            negative_control=negative_control,
-            tolerance=tolerance,
-        )
-        result = run_check(cfg)
-    except UserError as e:
-        raise fail(e) from None
-    print_result(result, out)
-    if not result.rows:
-        err.print(
-            f"[bold red]FAIL:[/] none of the {result.num_rows_scanned} rows scanned holds two or more segments,"
-            " so isolation was not exercised. Pack with a larger --seq-len, or check another split.",
-            highlight=False,
-        )
-        raise typer.Exit(1)
-    if not result.passed:
-        worst = max(result.rows, key=lambda r: r.max_abs_diff / r.tolerance)
-        note = (
-            " As expected: this is the negative control, and the check caught its leak."
-            if cfg.negative_control
-            else " Documents see each other: do not train with this setup."
-        )
-        err.print(
-            f"[bold red]FAIL:[/] row {worst.row}: max |logit difference| {worst.max_abs_diff:.3g} exceeds"
-            f" the tolerance {worst.tolerance:.3g} ({result.dtype}).{note}",
-            highlight=False,
-        )
-        raise typer.Exit(1)
-    out.print(
-        f"[green]PASS:[/] {len(result.rows)} rows, max |logit difference| {result.max_abs_diff:.3g}"
-        f" <= tolerance ({result.relative_tolerance:g} x max(1, |logit|), {result.dtype}).",
-        highlight=False,
     )

@@ -4,12 +4,16 @@ and turns library errors into red text and exit codes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from shared.cli import console as err
 from shared.cli import fail, out, typer_app
 from shared.errors import UserError
+
+if TYPE_CHECKING:
+    from train.check import CheckResult
 
 app = typer_app("train", "Plan, run and check LoRA training on packed varlen shards.")
 
@@ -149,7 +153,8 @@ def run(
     flags["out"] = flags.pop("out_dir")
     flags.pop("config")
     from train.config import build_run_config
-    from train.loop import init_distributed_from_env, train
+    from train.loop import train
+    from train.parallel import init_distributed_from_env
 
     try:
         cfg = build_run_config(config, flags)
@@ -165,10 +170,98 @@ def run(
         raise fail(e) from None
 
 
-# `train check` is T1's (train/check.py): registered here so that `train --help` lists it.
-from train.check import check_command  # noqa: E402
+@app.command()
+def check(
+    data: Annotated[Path, typer.Argument(help="Packed dataset folder (`prep pack --out`).")],
+    model: Annotated[str, typer.Option(help="Hugging Face model folder, or `tiny-qwen2`.")] = "tiny-qwen2",
+    attn: Annotated[str, typer.Option(help="auto, flash_attn, torch_varlen or sdpa.")] = "auto",
+    split: Annotated[str, typer.Option(help="Split to sample rows from.")] = "train",
+    num_rows: Annotated[int, typer.Option(help="Rows with two or more segments to check.")] = 4,
+    seed: Annotated[int, typer.Option(help="Chooses the rows (and a built-in model's weights).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    negative_control: Annotated[
+        bool, typer.Option(help="Run the packed row with a plain causal mask (leaks); the check must fail.")
+    ] = False,
+    tolerance: Annotated[
+        float | None, typer.Option(help="Relative tolerance (default by dtype: fp32 1e-4, bf16 3e-2).")
+    ] = None,
+) -> None:
+    """Prove that packed documents cannot see each other (packed row vs each segment alone).
 
-app.command("check")(check_command)
+    Runs sampled rows through the trainer's varlen path, runs each of their segments alone, and
+    compares the logits; fails (exit 1) when the max difference exceeds a dtype-dependent tolerance.
+    --negative-control runs the packed row with a plain causal mask instead: the check must FAIL.
+
+    Example: train check data/packed --model tiny-qwen2
+    """
+    from train.check import CheckConfig, run_check
+
+    try:
+        cfg = CheckConfig(
+            data=Path(data),
+            model=model,
+            attn=attn,
+            split=split,
+            num_rows=num_rows,
+            seed=seed,
+            device=device,
+            negative_control=negative_control,
+            tolerance=tolerance,
+        )
+        result = run_check(cfg)
+    except UserError as e:
+        raise fail(e) from None
+    print_check(result)
+    if not result.rows:
+        err.print(
+            f"[bold red]FAIL:[/] none of the {result.num_rows_scanned} rows scanned holds two or more segments,"
+            " so isolation was not exercised. Pack with a larger --seq-len, or check another split.",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    if not result.passed:
+        worst = max(result.rows, key=lambda r: r.max_abs_diff / r.tolerance)
+        note = (
+            " As expected: this is the negative control, and the check caught its leak."
+            if cfg.negative_control
+            else " Documents see each other: do not train with this setup."
+        )
+        err.print(
+            f"[bold red]FAIL:[/] row {worst.row}: max |logit difference| {worst.max_abs_diff:.3g} exceeds"
+            f" the tolerance {worst.tolerance:.3g} ({result.dtype}).{note}",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    out.print(
+        f"[green]PASS:[/] {len(result.rows)} rows, max |logit difference| {result.max_abs_diff:.3g}"
+        f" <= tolerance ({result.relative_tolerance:g} x max(1, |logit|), {result.dtype}).",
+        highlight=False,
+    )
+
+
+def print_check(result: CheckResult) -> None:
+    """A table line per checked row, and how many rows were passed over for holding one segment."""
+    from rich.table import Table
+
+    table = Table(title=f"isolation check ({result.mode}, attn={result.attn}, {result.dtype})")
+    for name in ("row", "tokens", "segments", "max |dlogit|", "tolerance", "result"):
+        table.add_column(name, justify="right")
+    for r in result.rows:
+        verdict = "[green]ok[/]" if r.passed else "[bold red]LEAK[/]"
+        table.add_row(
+            str(r.row),
+            str(r.num_tokens),
+            str(r.num_segments),
+            f"{r.max_abs_diff:.3g}",
+            f"{r.tolerance:.3g}",
+            verdict,
+        )
+    out.print(table)
+    out.print(
+        f"scanned {result.num_rows_scanned} rows; {result.num_single_segment_rows} held a single segment"
+        " and were passed over (nothing to leak)",
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -1,10 +1,9 @@
 """Packed rows -> varlen micro-batches, several at once, in a fixed handful of numpy calls.
 
-Why it is shaped this way. A micro-batch of 8 rows x 1024 tokens is 8k tokens: copying them takes
-~10 us, but each numpy or torch call costs 1-5 us on the 2-core machine measured, and per-row Python
-(an object per row, a dozen small calls per batch, three concatenations with a cast) held the first
-loader at 16-19 M tokens/s (BENCHMARKS.md). So a *group* of micro-batches is assembled in one go, with a number of
-calls that grows with neither rows nor batches:
+Why it is shaped this way. Copying a micro-batch's tokens costs about as much as a few numpy or
+torch calls, so per-row Python (an object per row, a dozen small calls per batch, three concatenations
+with a cast) cost more than the copy itself (benchmarks/NOTES.md, "Loader mechanisms"). So a *group* of
+micro-batches is assembled in one go, with a number of calls that grows with neither rows nor batches:
 
 - the rows are zero-copy slices of the mapped shards (``Split.views``: offsets read as Python ints);
 - every token column of every row goes into one buffer in one ``np.concatenate``, column by column::
@@ -93,7 +92,7 @@ def fill(
     # Between two batches the difference is 0 - T < 0: never a batch's maximum.
     lengths = np.subtract(cu_seqlens[1:], cu_seqlens[:-1])
     max_seqlen = np.maximum.reduceat(lengths, cu_starts[:-1]).tolist()
-    # One comparison, then a count per batch (count_nonzero on bools beat reduceat's cast, measured).
+    # One comparison, then a count per batch (count_nonzero on bools is cheaper than reduceat's cast).
     targets = tokens[total : 2 * total] != IGNORE_INDEX
     num_targets = [
         np.count_nonzero(targets[a:b]) for a, b in zip(token_starts[:-1], token_starts[1:], strict=True)
@@ -126,7 +125,7 @@ class TokenPool:
 
     A CPU batch is handed to the caller, who may keep it (a list of batches, autograd's saved inputs), so
     a buffer cannot simply be reused round-robin. A fresh buffer per group is safe, but its pages fault
-    in on first write (measured: assembly took ~1.8x as long as into a reused buffer). The batches'
+    in on first write, which slows assembly (benchmarks/NOTES.md, "Loader mechanisms"). The batches'
     tensors come from ``torch.from_numpy``, whose storage holds a reference to the buffer until the last
     view of it is freed; so a buffer whose only reference is the pool's own is free to refill.
     """

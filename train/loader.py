@@ -26,13 +26,10 @@ as long as ``G`` stays the same (2 ranks x grad_accum 1 -> 1 rank x grad_accum 2
 the same up to summation order.
 
 A background thread assembles groups of micro-batches (about ``HANDOFF_TOKENS`` tokens each) ahead of
-the training step and hands each group over at once: each hand-over wakes a sleeping thread (~20 us
-measured on the 2-core machine, with nothing to assemble), and handing 4 micro-batches of 8k tokens
-over together was ~15% faster there than one at a time (8, faster still). On CPU a group's
-buffer comes from a pool and is refilled only once no batch of it is referenced (the caller may keep
-batches). On CUDA, groups are staged int32 into a small ring of pinned host buffers, each copied to the
-GPU in one ``non_blocking`` transfer and cast to int64 there; a CUDA event per buffer keeps a buffer
-from being refilled before its copy has finished.
+the training step and hands each group over at once, because every hand-over wakes a sleeping thread
+and that wake-up costs more than assembling a small micro-batch. Where a group's memory comes from,
+and how it reaches the device, is :func:`assembly_for`'s business (a pool on the CPU, a pinned ring
+on CUDA); the loader only orders rows, keeps the position and runs the thread.
 """
 
 from __future__ import annotations
@@ -45,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import numpy.random  # noqa: F401  (numpy loads it lazily: 0.15 s of a first batch, measured)
+import numpy.random  # noqa: F401  (numpy loads it lazily, inside the first batch's time)
 import torch
 
 from shared.errors import UserError
@@ -58,8 +55,8 @@ __all__ = ["Loader", "batch_from_rows", "sequential_batches"]
 PREFETCH = 2
 """Groups of micro-batches assembled ahead of the one being trained on."""
 HANDOFF_TOKENS = 65_536
-"""Tokens (at the longest rows) per group handed over by the prefetch thread; 1 to MAX_GROUP batches.
-Groups of 8 micro-batches of 8k tokens beat groups of 4 in six paired runs of 1.5 s (+10 to +40%)."""
+"""Tokens (at the longest rows) per group handed over by the prefetch thread; 1 to MAX_GROUP batches
+(the group sizes compared are in benchmarks/NOTES.md, "Loader mechanisms")."""
 MAX_GROUP = 8
 
 
@@ -111,6 +108,65 @@ def _unstage(staged: _Staged, device: torch.device) -> list[VarlenBatch]:
     return split_batches(data[: 3 * num_tokens].to(torch.int64), data[3 * num_tokens :], layout)
 
 
+class _PooledAssembly:
+    """CPU micro-batches (int64) in buffers of a :class:`~train.gather.TokenPool`; a plain copy to a
+    device other than the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        # Groups not yet handed out at most: queued, the producer's next, the consumer's current; plus
+        # a few whose batches the caller keeps (gradient accumulation, say) before a fresh buffer is made.
+        self.pool = TokenPool(PREFETCH + 4)
+
+    def host(self, views: RowViews, batch_size: int, group: int) -> list[VarlenBatch]:
+        return cpu_batches(views, batch_size, self.pool)
+
+    def to_device(self, batches: list[VarlenBatch]) -> list[VarlenBatch]:
+        if self.device.type == "cpu":
+            return batches
+        return [b.to(self.device) for b in batches]
+
+
+class _PinnedAssembly:
+    """CUDA: each group staged int32 into the next buffer of a ring of pinned host buffers, copied to
+    the GPU in one ``non_blocking`` transfer and cast to int64 there. A CUDA event per buffer keeps it
+    from being refilled before its copy has finished."""
+
+    def __init__(self, device: torch.device, ring: list[_HostBuffers]) -> None:
+        self.device = device
+        self.ring = ring
+
+    def host(self, views: RowViews, batch_size: int, group: int) -> _Staged:
+        buffers = self.ring[group % len(self.ring)]
+        if buffers.copied is not None:
+            buffers.copied.synchronize()
+        return _stage(views, batch_size, buffers)
+
+    def to_device(self, staged: _Staged) -> list[VarlenBatch]:
+        return _unstage(staged, self.device)
+
+
+def assembly_for(
+    device: torch.device, *, group_size: int, batch_tokens: int
+) -> _PooledAssembly | _PinnedAssembly:
+    """How the loader's groups are built on the host (``host``, in the prefetch thread) and moved to
+    ``device`` (``to_device``, in the training thread): the one place the device decides anything.
+
+    Each path is kept for a figure in benchmarks/NOTES.md, "Loader mechanisms": the CPU pool because
+    assembling into fresh buffers is measurably slower than into reused ones. The CUDA ring has no such
+    figure yet (the GPU loader was never timed apart from the step; see "What is not measured here"):
+    it is the standard pinned, asynchronous copy, kept until a GPU run shows it does not pay.
+    """
+    if device.type != "cuda":
+        return _PooledAssembly(device)
+    # Groups staged but not yet copied at most: queued, and the one the producer waits to put. A ring
+    # one longer never refills an uncopied buffer (and waits for the copy of the one it refills).
+    ring = [
+        _HostBuffers.allocate(group_size * batch_tokens, group_size, pin=True) for _ in range(PREFETCH + 2)
+    ]
+    return _PinnedAssembly(device, ring)
+
+
 def _longest_row(split: Split) -> int:
     """Tokens in the split's longest row at most: the ``seq_len`` its shards were packed at (each checked
     on open against the manifest), without reading an offset per row; else measured."""
@@ -157,22 +213,10 @@ class Loader:
             )
         self.epoch = 0
         self.batch_in_epoch = 0
-        self._staged = self.device.type == "cuda"
         batch_tokens = batch_size * (max_row_tokens or _longest_row(split))
         self.group_size = max(1, min(MAX_GROUP, HANDOFF_TOKENS // batch_tokens))
         """Micro-batches assembled and handed over together."""
-        self._ring: list[_HostBuffers] = []
-        # Groups not yet handed out at most: queued, the producer's next, the consumer's current; plus
-        # a few whose batches the caller keeps (gradient accumulation, say) before a fresh buffer is made.
-        self._pool = TokenPool(PREFETCH + 4)
-        if self._staged:
-            # Groups staged but not yet copied at most: queued, and the one the producer waits to put.
-            # A ring one longer never refills an uncopied buffer (and waits for the copy of the one it
-            # refills).
-            self._ring = [
-                _HostBuffers.allocate(self.group_size * batch_tokens, self.group_size, pin=True)
-                for _ in range(PREFETCH + 2)
-            ]
+        self._assembly = assembly_for(self.device, group_size=self.group_size, batch_tokens=batch_tokens)
         self._queue: queue.Queue | None = None
         self._ready: collections.deque = collections.deque()
         """Micro-batches of the last hand-over not yet given out."""
@@ -266,12 +310,8 @@ class Loader:
             if isinstance(item, BaseException):
                 self._shutdown()
                 raise item
-            positions, batches = item
-            if isinstance(batches, _Staged):
-                batches = _unstage(batches, self.device)
-            elif self.device.type != "cpu":  # another accelerator: a plain copy
-                batches = [b.to(self.device) for b in batches]
-            self._ready.extend(zip(positions, batches, strict=True))
+            positions, group = item
+            self._ready.extend(zip(positions, self._assembly.to_device(group), strict=True))
         (epoch, index), batch = self._ready.popleft()
         assert (epoch, index) == (self.epoch, self.batch_in_epoch), "prefetch out of order"
         self.epoch, self.batch_in_epoch = self._advance(epoch, index)
@@ -291,7 +331,7 @@ class Loader:
     def _produce(self) -> None:
         epoch, index = self.epoch, self.batch_in_epoch
         order, order_epoch = None, None
-        count = 0
+        num_groups = 0
         try:
             while not self._stop.is_set():
                 positions, indices = [], []
@@ -302,18 +342,11 @@ class Loader:
                     indices += order[lo : lo + self.batch_size].tolist()
                     positions.append((epoch, index))
                     epoch, index = self._advance(epoch, index)
-                views = self.split.views(indices)
-                if self._staged:
-                    buffers = self._ring[count % len(self._ring)]
-                    if buffers.copied is not None:
-                        buffers.copied.synchronize()
-                    batches = _stage(views, self.batch_size, buffers)
-                else:
-                    batches = cpu_batches(views, self.batch_size, self._pool)
-                count += 1
-                if not self._put((positions, batches)):
+                group = self._assembly.host(self.split.views(indices), self.batch_size, num_groups)
+                num_groups += 1
+                if not self._put((positions, group)):
                     return
-                del batches  # so that the pool sees the group's buffer free once the caller drops it
+                del group  # so that the pool sees the group's buffer free once the caller drops it
         except BaseException as e:  # handed to the consumer, which re-raises it in the training thread
             self._put(e)
 

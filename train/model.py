@@ -219,9 +219,9 @@ def _skip_adapter_input_casts(model: nn.Module) -> None:
 
     A half-precision base runs under autocast, which casts that fp32 copy straight back to bf16 for the
     matmul: the values are the same either way (bf16 -> fp32 -> bf16 is exact), but each LoRA layer
-    paid two full-size copies of its input, forward and backward. On an H200, dtype copies of all kinds
-    took about a quarter of a Qwen2-0.5B-shaped step's GPU time (benchmarks/gpu_profile.py), these among
-    them. The adapters stay fp32 master weights.
+    paid two full-size copies of its input, forward and backward, and dtype copies are a large share of
+    a step's GPU time (benchmarks/NOTES.md; `benchmarks/gpu_profile.py` measures it). The adapters stay
+    fp32 master weights.
     """
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):

@@ -18,7 +18,8 @@ from train import checkpoint as ckpt
 from train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 from train.cli import app
 from train.config import RunConfig
-from train.loop import read_metrics, train
+from train.loop import train
+from train.outputs import read_metrics
 
 runner = CliRunner()
 OPTIONS = ["--model", "tiny-qwen2", "--batch-size", "2", "--lora-r", "8", "--lora-alpha", "16"]

@@ -18,8 +18,9 @@ from shared.errors import UserError
 from shared.reader import PackedDataset
 from tests.train.test_run import _rank_main, quiet, tiny
 from train.config import ConfigError
-from train.loop import read_metrics, train
+from train.loop import train
 from train.model import load_model
+from train.outputs import read_metrics
 from train.parallel import all_reduce_grads
 
 

@@ -229,16 +229,16 @@ def test_pinned_ring_path_waits_for_each_copy_before_refilling(split, monkeypatc
 
     monkeypatch.setattr(loader_module.torch.cuda, "Event", FakeEvent)
     with Loader(split, batch_size=3, seed=2) as loader:
-        loader._staged = True
         ring_size, group = loader_module.PREFETCH + 2, loader.group_size
-        loader._ring = [_HostBuffers.allocate(group * 3 * 128, group, pin=False) for _ in range(ring_size)]
+        ring = [_HostBuffers.allocate(group * 3 * 128, group, pin=False) for _ in range(ring_size)]
+        loader._assembly = loader_module._PinnedAssembly(torch.device("cpu"), ring)
         num = 3 * ring_size  # groups
         start = 0
         for k in range(num * group):
             got = next(loader)
             expected = batch_from_rows([split.row(int(i)) for i in loader.batch_rows(0, k)])
             # the batch crossed over in its group's buffer: its input_ids (int32) follow the group's earlier ones
-            staged = loader._ring[(k // group) % ring_size].array
+            staged = ring[(k // group) % ring_size].array
             start = 0 if k % group == 0 else start
             assert np.array_equal(staged[start : start + got.num_tokens], expected.input_ids[0].numpy())
             start += got.num_tokens

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.cli import app
 from train.config import RunConfig
-from train.loop import read_metrics, train
+from train.loop import train
 from train.model import LoraSettings, load_model
+from train.outputs import read_metrics
 from train.resume import APPLIED_ON_RESUME, FIXED_ON_RESUME, NOT_COMPARED
 
 runner = CliRunner()

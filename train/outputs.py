@@ -1,0 +1,89 @@
+"""The files a run leaves in its folder besides checkpoints: metrics.jsonl, loss.png, the exported weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TextIO
+
+import psutil
+import torch
+
+from shared.errors import UserError
+from shared.fileio import atomic_write_text
+from train.checkpoint import unwrap
+
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+def make_out_folder(out: Path) -> None:
+    """Create ``out`` before any work, so that an --out that cannot hold the run fails at once."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out `{out}` is a file; pass a folder (it is created if missing).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"--out `{out}` cannot be created ({e.strerror or e}); pass a folder in a writable place."
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--out `{out}` is not writable; pass a folder in a writable place.")
+
+
+def open_metrics(path: Path, *, keep_through: int) -> TextIO:
+    """Open metrics.jsonl for appending, first dropping records after step ``keep_through`` (those of
+    a run killed after its last checkpoint: the resumed run writes them again)."""
+    if path.exists():
+        kept = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line and json.loads(line)["step"] <= keep_through
+        ]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return open(path, "a", encoding="utf-8")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated, or the process's resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return psutil.Process().memory_info().rss
+
+
+def export_weights(model: torch.nn.Module, out: Path, state_dict: dict | None = None) -> Path:
+    """The trained adapter via peft ``save_pretrained`` (or the whole model) under ``out``;
+    ``state_dict`` holds the unsharded weights of an FSDP model."""
+    model = unwrap(model)
+    target = out / ("adapter" if hasattr(model, "peft_config") else "model")
+    model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
+    return target
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    eval_pts = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label, style in ((train_pts, "train", "-"), (eval_pts, "eval", "o-")):
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean CE per target token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png)
