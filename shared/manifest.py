@@ -281,7 +281,7 @@ class _FieldCheck:
                 raise self.fail(
                     name, f"is {_json(value)}, expected {'a' if kinds[0] != 'int' else 'an'} {kinds[0]}"
                 )
-            if kind is int and value < 0:
+            if kind is int and isinstance(value, int) and value < 0:  # isinstance: for the type checker
                 raise self.fail(name, f"is {value}, a count or id below zero")
         return values
 

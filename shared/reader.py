@@ -115,8 +115,8 @@ class _BatchRows:
             )
         # Views of the mapped file, not lists: resident memory must not grow with the number of rows.
         self.tok, self.seg = tok, seg
-        # The same offsets read as Python ints (memoryview indexing): no numpy scalar per row.
-        self.tok_ints, self.seg_ints = memoryview(tok), memoryview(seg)
+        # The same offsets read as Python ints (indexing their memoryview, `.data`): no numpy scalar per row.
+        self.tok_ints, self.seg_ints = tok.data, seg.data
         for name, column in columns.items():
             setattr(self, name, numpy_view(column.values))
         self.cu_ints = memoryview(self.cu_seqlens)
@@ -365,10 +365,11 @@ def check_shard_metadata(shard: Shard, manifest: Manifest, split: str) -> None:
     }
     for key, want in expected.items():
         found = shard.metadata.get(key)
-        if key == "vocab_size" and found is None:
-            continue  # shards packed before the key existed; `prep verify` checks it against the tokenizer
-        if key == "vocab_size" and found != want:
-            raise ManifestError(vocab_size_edited(shard.path.parent, manifest, found))
+        if key == "vocab_size":
+            if found is None:
+                continue  # shards packed before the key existed; `prep verify` checks it against the tokenizer
+            if found != want:
+                raise ManifestError(vocab_size_edited(shard.path.parent, manifest, found))
         if found != want:
             what = (
                 "was packed with another tokenizer"

@@ -15,6 +15,17 @@ REUTERS = SHARED_DATA / "corpus" / "reuters21578" / "reuters21578.jsonl"
 ECTSUM = SHARED_DATA / "corpus" / "ectsum" / "ectsum.jsonl"
 
 
+CORPUS_FIXTURES = {"qwen_tokenizer", "reuters", "ectsum"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs ../shared/data is a `corpus` test, marked by hand or not, so that
+    `-m "not corpus"` leaves out exactly those (the fixtures below are how tests reach the data)."""
+    for item in items:
+        if CORPUS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.corpus)
+
+
 def _require(path: Path) -> Path:
     """Skip without the licensed data; in CI (CI=true) its absence is a failure, not a skip."""
     if not path.exists():

@@ -1,4 +1,5 @@
-"""Imports flow prep -> shared <- train: the two halves never import each other, and prep never loads torch."""
+"""Imports flow prep -> shared <- train: the two halves never import each other, and prep never loads torch,
+transformers or peft (the `train` extra installs them)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN_ONLY = {"torch", "transformers", "peft", "safetensors"}
+"""Installed by the `train` extra only, so `prep` and `shared` must run without them."""
 
 
 def _imported_packages(package: str) -> dict[str, set[str]]:
@@ -25,7 +28,11 @@ def _imported_packages(package: str) -> dict[str, set[str]]:
 
 
 def test_static_imports_respect_the_layers():
-    forbidden = {"prep": {"train", "torch"}, "train": {"prep"}, "shared": {"prep", "train", "torch"}}
+    forbidden = {
+        "prep": {"train"} | TRAIN_ONLY,
+        "train": {"prep"},
+        "shared": {"prep", "train"} | TRAIN_ONLY,
+    }
     for package, banned in forbidden.items():
         modules = _imported_packages(package)
         assert modules, f"no modules found in {package}/"
@@ -44,7 +51,7 @@ def test_the_scan_sees_a_forbidden_import(tmp_path, monkeypatch):
 def test_running_prep_loads_no_torch():
     code = (
         "import sys, prep.cli, prep.pipeline, prep.verify, prep.show, prep.card, prep.encoder;"
-        "print(sorted(m for m in ('torch', 'train') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'train') if m in sys.modules))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True

@@ -264,8 +264,23 @@ def print_check(result: CheckResult) -> None:
     )
 
 
+TRAIN_EXTRA_MODULES = frozenset({"torch", "transformers", "peft", "safetensors", "psutil", "tomli"})
+"""What the `train` extra installs (pyproject.toml): `prep` users install without it."""
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as e:
+        # Commands import torch lazily, so a missing extra surfaces here; anything else is a real bug.
+        missing = (e.name or "").partition(".")[0]
+        if missing not in TRAIN_EXTRA_MODULES:
+            raise
+        message = (
+            f"`{missing}` is not installed: `train` needs the train extra;"
+            " run `pip install 'packed-shards[train]'` (install torch first to choose its build)."
+        )
+        raise SystemExit(fail(UserError(message)).exit_code) from None
 
 
 if __name__ == "__main__":

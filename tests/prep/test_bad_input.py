@@ -143,6 +143,7 @@ def test_bom_in_text_file_is_not_text(sample, tmp_path):
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_long_document_is_split_and_accounted(sample, tmp_path):
     """A 1 MB single document (the 50 MB case is measured in docs/reliability.md, too slow for the suite)."""
     corpus, tok = sample
@@ -233,6 +234,7 @@ def test_seq_len_below_two(seq_len, sample, tmp_path):
     failed_with(result, f"--seq-len {seq_len} is too small", ">= 2")
 
 
+@pytest.mark.slow
 def test_output_folder_rules(sample, tmp_path):
     corpus, tok = sample
     src = jsonl(tmp_path / "in.jsonl", GOOD, GOOD)

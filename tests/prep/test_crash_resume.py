@@ -107,6 +107,7 @@ def reference(inputs, tmp_path_factory) -> dict[str, bytes]:
     "kill_at",
     ["tokenize:1", "tokenize:14", "shard:1", "shard:4", "manifest:1"],
 )
+@pytest.mark.slow
 def test_killed_pack_resumes_byte_identical(kill_at, inputs, reference, tmp_path, monkeypatch):
     out = tmp_path / "out"
     killed = run_cli(pack_args(inputs, out), kill_at=kill_at)
@@ -121,6 +122,7 @@ def test_killed_pack_resumes_byte_identical(kill_at, inputs, reference, tmp_path
     assert sorted(p.name for p in out.iterdir()) == sorted(reference), "work, lock or temp files left"
 
 
+@pytest.mark.slow
 def test_killed_between_manifest_and_card_leaves_a_dataset_that_resume_completes(
     inputs, reference, tmp_path, monkeypatch
 ):
@@ -137,6 +139,7 @@ def test_killed_between_manifest_and_card_leaves_a_dataset_that_resume_completes
     assert sorted(p.name for p in out.iterdir()) == sorted(reference), "work, lock or temp files left"
 
 
+@pytest.mark.slow
 def test_overwrite_of_an_interrupted_pack_removes_its_files_and_keeps_the_users(
     inputs, reference, tmp_path, monkeypatch
 ):
@@ -150,6 +153,7 @@ def test_overwrite_of_an_interrupted_pack_removes_its_files_and_keeps_the_users(
     assert files == reference
 
 
+@pytest.mark.slow
 def test_a_second_pack_on_the_same_out_is_refused_while_the_first_runs(inputs, reference, tmp_path):
     """The first run is held (SIGSTOP) after its second shard; every kind of second run is refused, naming
     it, and leaves the folder alone; the first then finishes, and its dataset verifies."""
@@ -185,6 +189,7 @@ def test_a_second_pack_on_the_same_out_is_refused_while_the_first_runs(inputs, r
     assert verified.exit_code == 0, verified.output
 
 
+@pytest.mark.slow
 def test_killed_twice_then_resumed(inputs, reference, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert run_cli(pack_args(inputs, out), kill_at="tokenize:9").returncode == -signal.SIGKILL
@@ -194,6 +199,7 @@ def test_killed_twice_then_resumed(inputs, reference, tmp_path, monkeypatch):
     assert folder_bytes(out) == reference
 
 
+@pytest.mark.slow
 def test_damaged_shard_from_killed_run_is_rewritten(inputs, reference, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert run_cli(pack_args(inputs, out), kill_at="shard:3").returncode == -signal.SIGKILL
@@ -232,6 +238,7 @@ def test_resume_refuses_changed_input(inputs, tmp_path, monkeypatch):
     assert f"input `{local[2]}` changed since the interrupted run" in result.output
 
 
+@pytest.mark.slow
 def test_interrupted_folder_needs_resume_or_overwrite(inputs, tmp_path):
     out = tmp_path / "out"
     assert run_cli(pack_args(inputs, out), kill_at="shard:2").returncode == -signal.SIGKILL

@@ -126,6 +126,7 @@ def test_comparison_catches_per_file_doc_ids(ray_cluster, inputs, local_files, t
     assert any(ray_files[n] != local_files[n] for n in local_files if n.endswith(".arrow"))
 
 
+@pytest.mark.slow
 def test_bad_record_stops_the_ray_run_and_leaves_out_as_it_was(ray_cluster, inputs, tmp_path):
     out = tmp_path / "out"
     args = [a for a in pack_args(inputs, out, "--executor", "ray") if a != "--skip-invalid"]
@@ -169,6 +170,7 @@ def test_unreachable_ray_address_fails_fast():
         executor_ray._check_reachable(f"127.0.0.1:{port}")  # closed now
 
 
+@pytest.mark.slow
 def test_task_refuses_an_input_or_tokenizer_this_node_sees_differently(inputs, tmp_path, monkeypatch):
     """A node without the shared storage (other bytes at the same path) is named, not silently packed."""
     # The task pins the Rust thread pool of its (Ray worker) process; keep this test process as it was.

@@ -392,6 +392,7 @@ def test_an_edited_cache_is_never_used(sample_tok, tmp_path, monkeypatch):
         np.testing.assert_array_equal(z["rank_to_id"], fresh[3])
 
 
+@pytest.mark.slow
 def test_a_million_spaces_go_to_the_reference_without_a_panic(sample_tok, capfd):
     """tiktoken's regex encoder panics on ~1M whitespace characters; the encoder leaves such texts to `tokenizers`."""
     fast, reference = FastBPE(sample_tok), _reference(sample_tok)
@@ -401,6 +402,7 @@ def test_a_million_spaces_go_to_the_reference_without_a_panic(sample_tok, capfd)
     assert "panicked" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_cached_tables_give_the_same_engine(sample_tok, tmp_path, monkeypatch):
     monkeypatch.setenv("PREP_FAST_BPE_CACHE", str(tmp_path))
     texts = TRICKY + ["The board reported steady demand."]
@@ -444,6 +446,7 @@ def test_the_reference_process_loads_the_tokenizer_and_checks_every_batch(sample
     np.testing.assert_array_equal(got.ids, reference_encode(_reference(sample_tok), TRICKY).ids)
 
 
+@pytest.mark.slow
 def test_workers_get_their_first_jobs_before_the_tokenizer_is_resolved(sample_tok, monkeypatch):
     original = encoder_module.load_tokenizer
     monkeypatch.setattr(

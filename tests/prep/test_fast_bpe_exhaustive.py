@@ -111,6 +111,7 @@ def test_the_issue_example_goes_to_the_reference(qwen_tokenizer):
     np.testing.assert_array_equal(got.ids, reference_encode(reference, texts).ids)
 
 
+@pytest.mark.slow
 def test_divergence_probe_finds_a_known_difference(monkeypatch, tmp_path):
     """Negative control: the probe must report a code point whose NFC is made to differ."""
     from prep import divergence
@@ -125,6 +126,7 @@ def test_divergence_probe_finds_a_known_difference(monkeypatch, tmp_path):
     assert 0xE9 in points.tolist()
 
 
+@pytest.mark.slow
 def test_divergence_cache_is_checked(tmp_path):
     """A cached set whose digest does not match is computed again, never used."""
     from prep import divergence

@@ -60,6 +60,7 @@ def save_dict(folder: Path, **splits: list[str]) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_dataset_dict_with_several_splits_needs_one_chosen(sample, tmp_path):
     _, tok = sample
     dd = save_dict(tmp_path / "dd", train=["first train doc", "second train doc"], test=["held-out doc"])
@@ -134,6 +135,7 @@ def test_an_existing_path_is_literal_even_with_glob_characters(sample, tmp_path)
     assert Manifest.load(tmp_path / "out2").documents.docs_in == 2
 
 
+@pytest.mark.slow
 def test_a_saved_dataset_in_a_folder_is_read_as_a_dataset(sample, tmp_path):
     _, tok = sample
     folder = tmp_path / "corpus"

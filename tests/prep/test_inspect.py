@@ -96,6 +96,7 @@ def test_row_view_without_tokenizer_shows_ids(packed, tmp_path):
     assert "showing ids" in text and "<|endoftext|>" not in text
 
 
+@pytest.mark.slow
 def test_cli_inspect_writes_the_png(packed, tmp_path):
     png = tmp_path / "row.png"
     row = busiest_row(packed)

@@ -147,6 +147,7 @@ def test_datasets_from_file_matches_pyarrow(sample, tmp_path):
         assert hf[i] == {name: table.column(name)[i].as_py() for name in table.column_names}
 
 
+@pytest.mark.slow
 def test_input_formats_give_the_same_documents(sample, tmp_path):
     corpus, tokenizer = sample
     texts = [t for t in _texts(corpus)[:40] if t.strip()]

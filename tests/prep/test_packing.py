@@ -192,6 +192,7 @@ def test_plans_use_the_narrowest_integer_type():
     assert index_dtype(2**31 - 1) == np.int32 and index_dtype(2**31) == np.int64
 
 
+@pytest.mark.slow
 def test_planning_memory_is_a_few_arrays_per_document():
     """Traced allocations while planning 50k tiny documents: bounded per document, for both strategies.
 

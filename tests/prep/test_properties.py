@@ -174,6 +174,7 @@ def documents(draw) -> list[str]:
     long_docs=st.sampled_from(["split", "truncate", "drop"]),
     bos=st.booleans(),
 )
+@pytest.mark.slow
 def test_end_to_end_pack_accounts_for_every_token(
     docs, seq_len, strategy, long_docs, bos, sample, tmp_path_factory
 ):

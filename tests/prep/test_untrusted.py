@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from typer.testing import CliRunner
 
 from prep.cli import app
@@ -128,6 +129,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+@pytest.mark.slow
 def test_pack_writes_nothing_outside_out_but_its_table_cache(sample, tmp_path):
     """Outside ``--out``, `prep pack` writes three files, in the user's cache folder: the fast engine's tables
     and the two sets of code points it leaves to `tokenizers` (``PREP_FAST_BPE_CACHE=off``: nothing at all)."""

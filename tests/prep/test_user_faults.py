@@ -103,12 +103,13 @@ def writes(inputs, tmp_path_factory) -> list[tuple[str, int]]:
         ("tokens.bin", 12),
         (".train-", 3),
         (".manifest.json", 1),
-        pytest.param("tokens.bin", 1, marks=pytest.mark.slow),
-        pytest.param("doc_len.bin", 5, marks=pytest.mark.slow),
-        pytest.param(".journal.json", 7, marks=pytest.mark.slow),
-        pytest.param(".val-", 1, marks=pytest.mark.slow),
+        ("tokens.bin", 1),
+        ("doc_len.bin", 5),
+        (".journal.json", 7),
+        (".val-", 1),
     ],
 )
+@pytest.mark.slow
 def test_disk_full_anywhere_resumes_byte_identical(
     target, nth, inputs, reference, writes, tmp_path, monkeypatch
 ):
@@ -126,6 +127,7 @@ def test_disk_full_anywhere_resumes_byte_identical(
     assert sorted(p.name for p in out.iterdir()) == sorted(reference), "work folder or temp files left"
 
 
+@pytest.mark.slow
 def test_disk_full_says_what_the_shards_still_need(inputs, writes, tmp_path, monkeypatch):
     at = [written for name, written in writes if name.startswith(".train-")][0]
     full = pack_on(Disk(free=at + 10), pack_args(inputs, tmp_path / "out"), monkeypatch)
@@ -136,6 +138,7 @@ def test_disk_full_says_what_the_shards_still_need(inputs, writes, tmp_path, mon
     assert "needs about" not in flat(early)
 
 
+@pytest.mark.slow
 def test_disk_full_at_the_card_leaves_a_complete_dataset(inputs, reference, writes, tmp_path, monkeypatch):
     at = [written for name, written in writes if name.startswith(".card_lengths")][0]
     out = tmp_path / "out"
@@ -167,6 +170,7 @@ def test_out_that_cannot_be_written(case, inputs, tmp_path, monkeypatch):
     assert CliRunner().invoke(app, pack_args(inputs, tmp_path / "fine")).exit_code == 0  # negative control
 
 
+@pytest.mark.slow
 def test_worker_killed_like_the_oom_killer_resumes_byte_identical(inputs, reference, tmp_path, monkeypatch):
     out = tmp_path / "out"
     killed = run_cli(pack_args(inputs, out, "--workers", "2"), kill_at="worker:4")

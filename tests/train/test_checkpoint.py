@@ -152,6 +152,7 @@ def _train_quietly(cfg: RunConfig) -> None:
     train(cfg, log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_from_its_last_complete_checkpoint(packed_sample, tmp_path):
     """SIGKILL a run that checkpoints every step, at whatever point it has reached, then resume.
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -22,6 +23,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_part(tmp_path):
     out = tmp_path / "gpu_check.json"
     done = subprocess.run(
