@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from prep.compressed import DECOMPRESSION_ERRORS, InputStream
 from shared.errors import UserError
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -136,6 +136,11 @@ def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
         raise InputError(
             f"`{source.path}` is a folder, not a {source.format} file. Pass the files inside it, or rename it."
         ) from e
+    except DECOMPRESSION_ERRORS as e:
+        raise InputError(
+            f"`{source.path}` cannot be decompressed ({type(e).__name__}: {str(e)[:160]}); it is damaged or"
+            " cut short. Compress it again from the original, or pass the uncompressed file."
+        ) from e
     except OSError as e:
         # Device errors, vanished network mounts, special files: name the file rather than show a traceback.
         raise InputError(
@@ -198,8 +203,17 @@ def jsonl_chunks(
     near the end of the file (to a ``2 * spread``-th of what is left, down to ``size / 8``), so that
     the workers finish together rather than one after the other on the last big chunks.
     """
-    with open(path, "rb") as f:
-        end_of_file = os.fstat(f.fileno()).st_size
+    with InputStream(path) as f:
+        reported = 0
+
+        def report(num_bytes: int) -> None:
+            # A compressed file's progress is in bytes of the file on disk, as the run's total is.
+            nonlocal reported
+            if f.compressed:
+                num_bytes = (f.size if num_bytes < 0 else f.consumed()) - reported
+            reported += num_bytes
+            on_bytes(num_bytes)
+
         line_no, skipped = 1, 0
         while skip:  # resuming: the records already done, line by line (a rare, one-off cost)
             raw = f.readline()
@@ -207,27 +221,29 @@ def jsonl_chunks(
                 break
             skipped += len(raw)
             if skipped >= size:  # a progress update costs more than a line: not one per line
-                on_bytes(skipped)
+                report(skipped)
                 skipped = 0
             skip -= bool((raw[3:] if line_no == 1 and raw.startswith(BOM) else raw).strip())
             line_no += raw.endswith(b"\n")
         if skipped:
-            on_bytes(skipped)
+            report(skipped)
         pieces: list[bytes] = []  # a line longer than `size` arrives in several reads
-        while data := f.read(max(1, size // 8, min(size, (end_of_file - f.tell()) // (2 * spread)))):
+        while data := f.read(max(1, size // 8, min(size, f.remaining() // (2 * spread)))):
             end = data.rfind(b"\n") + 1
             if not end:
                 pieces.append(data)
                 continue
             chunk = b"".join([*pieces, data[:end]])
             pieces = [data[end:]] if end < len(data) else []
-            on_bytes(len(chunk))
+            report(len(chunk))
             yield line_no, chunk
             line_no += chunk.count(b"\n")
         if pieces:
             chunk = b"".join(pieces)
-            on_bytes(len(chunk))
+            report(len(chunk))
             yield line_no, chunk
+        if f.compressed:
+            report(-1)  # the rest of the file on disk: the trailer, and what the decompressor read ahead
 
 
 def jsonl_chunk_lines(first_line: int, chunk: bytes) -> Iterator[tuple[int, bytes]]:
@@ -272,15 +288,14 @@ def _read_jsonl(path: Path, text_field: str, on_bytes: Callable[[int], None]) ->
 
 
 def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
-    with open(path, "rb") as f:
+    with InputStream(path) as f:
         head = f.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
     if not head.startswith(b"["):
         yield from _read_jsonl(path, text_field, on_bytes)
         return
     # A top-level JSON array cannot be parsed incrementally with the standard library; such files are
     # read whole. Use JSON lines for corpora larger than memory.
-    data = path.read_bytes()
-    on_bytes(len(data))
+    data = _read_whole(path, on_bytes)
     try:
         items = json.loads(data.decode("utf-8-sig"))
     except (ValueError, RecursionError) as e:  # includes UnicodeDecodeError and JSONDecodeError
@@ -295,8 +310,7 @@ def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> 
 
 
 def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
-    data = path.read_bytes()
-    on_bytes(len(data))
+    data = _read_whole(path, on_bytes)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -308,6 +322,14 @@ def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> 
         )
         return
     yield _text_record(text, str(path))
+
+
+def _read_whole(path: Path, on_bytes: Callable[[int], None]) -> bytes:
+    """The bytes of a file read whole (one text, or a JSON array), decompressed if its name says so."""
+    with InputStream(path) as f:
+        data = f.read()
+    on_bytes(f.size)
+    return data
 
 
 def _column_records(column: list, start_row: int, path: Path, text_field: str) -> Iterator[Record]:
