@@ -4,7 +4,8 @@ The rule, in one place (``prep verify --source`` applies it again to find the sa
 
 - An input that exists is that path, whatever its name holds (``data[1].jsonl`` is that file). Only an
   input that does not exist is a glob pattern; its matches are taken in sorted order.
-- A file named as an input is read if its type is supported (.jsonl .json .ndjson .parquet .txt .text .md),
+- A file named as an input is read if its type is supported (.jsonl .json .ndjson .parquet .txt .text .md
+  .csv .tsv),
   also compressed as its name says (``a.jsonl.gz``; .gz .bz2 .xz .zst, see prep/compressed.py; not
   Parquet, which compresses its own pages); a name its first bytes contradict, an archive or other file
   is an error that says what to do.
@@ -37,7 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prep.compressed import MAGIC, check_name_and_magic, compression_of, inner_name
-from prep.readers import JSON_SUFFIXES, PARQUET_SUFFIXES, SUPPORTED, TEXT_SUFFIXES, InputError, InputFile
+from prep.readers import (
+    CSV_SUFFIXES,
+    JSON_SUFFIXES,
+    PARQUET_SUFFIXES,
+    SUPPORTED,
+    TEXT_SUFFIXES,
+    InputError,
+    InputFile,
+)
 from shared.contract import FORMAT_NAME, MANIFEST_NAME
 from shared.manifest import IgnoredInput
 
@@ -144,6 +153,8 @@ def _format_of(path: Path) -> str | None:
         return "parquet"
     if suffix in TEXT_SUFFIXES:
         return "text"
+    if suffix in CSV_SUFFIXES:
+        return suffix[1:]
     return None
 
 

@@ -8,7 +8,9 @@ dropped silently: every record read becomes a document id.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,13 +19,14 @@ from typing import TypeVar
 
 import numpy as np
 
-from prep.compressed import DECOMPRESSION_ERRORS, InputStream
+from prep.compressed import DECOMPRESSION_ERRORS, InputStream, inner_name
 from shared.errors import UserError
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".text", ".md")
-SUPPORTED = JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
+CSV_SUFFIXES = (".csv", ".tsv")
+SUPPORTED = JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES + CSV_SUFFIXES
 
 # Why a record carries no text. `empty` is counted and skipped by default; the others stop the run
 # unless `--skip-invalid` is given.
@@ -91,7 +94,7 @@ def summarize(records: list[Record], val_fraction: float) -> BatchRecords:
 class InputFile:
     path: Path
     format: str
-    """`jsonl`, `json`, `parquet`, `text` or `arrow-dataset`."""
+    """`jsonl`, `json`, `parquet`, `text`, `csv`, `tsv` or `arrow-dataset`."""
     dataset_split: str | None = None
     """The split to read of a saved DatasetDict (prep/discovery.py chooses it)."""
 
@@ -110,6 +113,8 @@ def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], N
         "json": _read_json,
         "parquet": _read_parquet,
         "text": _read_text,
+        "csv": _read_csv,
+        "tsv": _read_csv,
     }
     if source.format == "arrow-dataset":
         records = _read_saved_dataset(source, text_field, on_bytes)
@@ -151,12 +156,37 @@ def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
 def _from_value(obj: object, text_field: str, where: str) -> Record:
     if not isinstance(obj, dict):
         return Record(None, INVALID, where, f"expected a JSON object, found {type(obj).__name__}")
+    if text_field not in obj and "." in text_field:
+        return _from_path(obj, text_field, where)
     if text_field not in obj:
         keys = ", ".join(list(obj)[:8])
         return Record(
             None, MISSING_FIELD, where, f"no `{text_field}` field (fields: {keys}); set `--text-field`"
         )
-    text = obj[text_field]
+    return _from_text_value(obj[text_field], text_field, where)
+
+
+def _from_path(obj: dict, text_field: str, where: str) -> Record:
+    """The text at a dotted path (``content.body``) into nested objects; a key holding the dots wins."""
+    value: object = obj
+    names = text_field.split(".")
+    for depth, name in enumerate(names):
+        inside = ".".join(names[:depth]) or "the record"
+        if not isinstance(value, dict):
+            return Record(None, INVALID, where, f"`{inside}` is {_kind(value)}, not an object with `{name}`")
+        if name not in value:
+            keys = ", ".join(list(value)[:8])
+            return Record(
+                None,
+                MISSING_FIELD,
+                where,
+                f"no `{text_field}` field: {inside} has no `{name}` (fields: {keys})",
+            )
+        value = value[name]
+    return _from_text_value(value, text_field, where)
+
+
+def _from_text_value(text: object, text_field: str, where: str) -> Record:
     if text is None:
         return Record(None, MISSING_FIELD, where, f"`{text_field}` is null")
     if not isinstance(text, str):
@@ -322,6 +352,54 @@ def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> 
         )
         return
     yield _text_record(text, str(path))
+
+
+def _read_csv(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+    """The rows of a CSV (or, named .tsv, tab-separated) file with a header row, streamed; the column
+    ``text_field`` is the text. A row the csv module cannot parse, or of the wrong width, is a bad record."""
+    # A document may be longer than the csv module's default field limit (128 KiB).
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+    delimiter = "\t" if inner_name(path).suffix.lower() == ".tsv" else ","
+    with InputStream(path) as f:
+        # surrogateescape: a row that is not UTF-8 becomes a bad record, not the end of the file.
+        text = io.TextIOWrapper(f.stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        rows = csv.reader(text, delimiter=delimiter)
+        header = next(rows, None)
+        if header is None or text_field not in header:
+            columns = ", ".join(header or []) or "none: the file is empty"
+            raise InputError(
+                f"`{path}` has no `{text_field}` column (columns: {columns}); set `--text-field`."
+            )
+        column, width, line_no = header.index(text_field), len(header), rows.line_num + 1
+        reported = reported_at = 0
+        while True:
+            try:
+                row = next(rows, None)
+            except csv.Error as e:
+                yield Record(None, INVALID, f"{path}:{line_no}", f"a row the csv module cannot read ({e})")
+                line_no = rows.line_num + 1
+                continue
+            if row is None:
+                break
+            if row:  # a blank line is not a record, as in JSON lines
+                yield _csv_record(row, column, width, text_field, f"{path}:{line_no}")
+            line_no = rows.line_num + 1
+            if line_no - reported_at >= 4096:  # a progress update costs more than a row: not one per row
+                reported_at = line_no
+                reported += (n := f.raw.tell() - reported)
+                on_bytes(n)
+    on_bytes(f.size - reported)
+
+
+def _csv_record(row: list[str], column: int, width: int, text_field: str, where: str) -> Record:
+    if len(row) != width:
+        return Record(None, INVALID, where, f"{len(row)} fields, the header has {width}")
+    value = row[column]
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return Record(None, INVALID, where, f"invalid UTF-8 at character {e.start} of `{text_field}`")
+    return _text_record(value, where)
 
 
 def _read_whole(path: Path, on_bytes: Callable[[int], None]) -> bytes:
