@@ -113,7 +113,12 @@ def pack(
         str,
         typer.Option(help="bfd (best-fit-decreasing, near-perfect fill) or wrapped (concatenate and cut)."),
     ] = "bfd",
-    text_field: Annotated[str, typer.Option(help="Field holding the document text.")] = "text",
+    text_field: Annotated[
+        str,
+        typer.Option(
+            help="Field holding the document text: a JSON key, a dotted path into nested JSON (content.body), or a CSV/TSV column."
+        ),
+    ] = "text",
     dataset_split: Annotated[
         str | None,
         typer.Option(help="Split to read of each saved DatasetDict input; needed when one has several."),

@@ -4,8 +4,11 @@ The rule, in one place (``prep verify --source`` applies it again to find the sa
 
 - An input that exists is that path, whatever its name holds (``data[1].jsonl`` is that file). Only an
   input that does not exist is a glob pattern; its matches are taken in sorted order.
-- A file named as an input is read if its type is supported (.jsonl .json .ndjson .parquet .txt .text .md);
-  a compressed or other file is an error that says what to do.
+- A file named as an input is read if its type is supported (.jsonl .json .ndjson .parquet .txt .text .md
+  .csv .tsv),
+  also compressed as its name says (``a.jsonl.gz``; .gz .bz2 .xz .zst, see prep/compressed.py; not
+  Parquet, which compresses its own pages); a name its first bytes contradict, an archive or other file
+  is an error that says what to do.
 - A folder saved with ``datasets.save_to_disk`` (it holds ``dataset_info.json``, ``state.json`` or
   ``dataset_dict.json``) is read as a dataset, never as its files, wherever it is met. A DatasetDict with
   several splits needs ``--dataset-split NAME``; one with a single split is read as that split. The split
@@ -15,8 +18,9 @@ The rule, in one place (``prep verify --source`` applies it again to find the sa
   once; the repeat is ignored.
 - Within folders and glob matches, these are ignored, each with its reason: hidden files and folders
   (``.git``, ``.pack-work``), documentation (README, license, ``.md``: a folder's notes or a data card;
-  name one as an input to pack it), folders written by ``prep pack`` (their ``manifest.json``), compressed
-  files, files of other types, broken links and special files.
+  name one as an input to pack it), folders written by ``prep pack`` (their ``manifest.json``), archives
+  and other compressions, files of other types, broken links and special files. A file met whose name and
+  first bytes disagree is an error, as when named.
 - An input that is a folder written by ``prep pack``, or that yields no file to read, is an error; so is
   ``--dataset-split`` when no input is a DatasetDict.
 
@@ -33,7 +37,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from prep.readers import JSON_SUFFIXES, PARQUET_SUFFIXES, SUPPORTED, TEXT_SUFFIXES, InputError, InputFile
+from prep.compressed import MAGIC, check_name_and_magic, compression_of, inner_name
+from prep.readers import (
+    CSV_SUFFIXES,
+    JSON_SUFFIXES,
+    PARQUET_SUFFIXES,
+    SUPPORTED,
+    TEXT_SUFFIXES,
+    InputError,
+    InputFile,
+)
 from shared.contract import FORMAT_NAME, MANIFEST_NAME
 from shared.manifest import IgnoredInput
 
@@ -132,13 +145,16 @@ def _nothing_to_read(spec: str, ignored: list[IgnoredInput]) -> InputError:
 
 
 def _format_of(path: Path) -> str | None:
-    suffix = path.suffix.lower()
+    """The format of ``path``, also when compressed (``a.jsonl.gz`` is JSON lines)."""
+    suffix = inner_name(path).suffix.lower()
     if suffix in JSON_SUFFIXES:
         return "json" if suffix == ".json" else "jsonl"
     if suffix in PARQUET_SUFFIXES:
         return "parquet"
     if suffix in TEXT_SUFFIXES:
         return "text"
+    if suffix in CSV_SUFFIXES:
+        return suffix[1:]
     return None
 
 
@@ -170,9 +186,22 @@ def _splits_of(dict_file: Path) -> list[str]:
 
 
 def _compressed(path: Path) -> str | None:
-    """The reason a compressed file is not read, with the command that unpacks it; None if not compressed."""
+    """The reason a compressed file is not read, with the command that unpacks it; None if it is read or is
+    not compressed."""
     tool = COMPRESSED.get(path.suffix.lower())
-    return None if tool is None else f"compressed ({path.suffix}); unpack it to pack it (`{tool} {path}`)"
+    if tool is None:
+        return None
+    if compression_of(path) is None:
+        return f"compressed ({path.suffix}); unpack it to pack it (`{tool} {path}`)"
+    inner = inner_name(path).suffix.lower()
+    if _format_of(path) not in (None, "parquet"):
+        return None
+    what = (
+        "Parquet compresses its own pages" if inner in PARQUET_SUFFIXES else "a type prep pack does not read"
+    )
+    return (
+        f"compressed ({path.suffix}) {inner or 'no suffix'}, {what}; unpack it to pack it (`{tool} {path}`)"
+    )
 
 
 def _unsupported(path: Path) -> str:
@@ -203,8 +232,8 @@ class _Walk:
             raise InputError(f"input `{path}` is {reason}, then pass the unpacked file.")
         elif (fmt := _format_of(path)) is None:
             raise InputError(
-                f"input `{path}` has an unsupported type; use {', '.join(SUPPORTED)}, or a folder saved with"
-                " `datasets.save_to_disk`."
+                f"input `{path}` has an unsupported type; use {', '.join(SUPPORTED)} (also compressed:"
+                f" {' '.join(MAGIC)}), or a folder saved with `datasets.save_to_disk`."
             )
         else:
             self._file(path, fmt)
@@ -222,7 +251,7 @@ class _Walk:
             self._ignore(path, BROKEN_LINK if path.is_symlink() and not path.exists() else SPECIAL)
         elif reason := _compressed(path):
             self._ignore(path, reason)
-        elif path.stem.lower() in DOC_NAMES or path.suffix.lower() in DOC_SUFFIXES:
+        elif (doc := inner_name(path)).stem.lower() in DOC_NAMES or doc.suffix.lower() in DOC_SUFFIXES:
             self._ignore(path, DOCUMENTATION)
         elif (fmt := _format_of(path)) is None:
             self._ignore(path, _unsupported(path))
@@ -247,6 +276,8 @@ class _Walk:
         return first is path
 
     def _file(self, path: Path, fmt: str) -> None:
+        if fmt != "parquet":
+            check_name_and_magic(path)  # before it is reached: a refused file is not on record as read
         if self._first_reach(path):
             self.files.append(InputFile(path, fmt))
 

@@ -8,9 +8,10 @@ dropped silently: every record read becomes a document id.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,14 @@ from typing import TypeVar
 
 import numpy as np
 
+from prep.compressed import DECOMPRESSION_ERRORS, InputStream, inner_name
 from shared.errors import UserError
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".text", ".md")
-SUPPORTED = JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
+CSV_SUFFIXES = (".csv", ".tsv")
+SUPPORTED = JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES + CSV_SUFFIXES
 
 # Why a record carries no text. `empty` is counted and skipped by default; the others stop the run
 # unless `--skip-invalid` is given.
@@ -91,7 +94,7 @@ def summarize(records: list[Record], val_fraction: float) -> BatchRecords:
 class InputFile:
     path: Path
     format: str
-    """`jsonl`, `json`, `parquet`, `text` or `arrow-dataset`."""
+    """`jsonl`, `json`, `parquet`, `text`, `csv`, `tsv` or `arrow-dataset`."""
     dataset_split: str | None = None
     """The split to read of a saved DatasetDict (prep/discovery.py chooses it)."""
 
@@ -110,6 +113,8 @@ def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], N
         "json": _read_json,
         "parquet": _read_parquet,
         "text": _read_text,
+        "csv": _read_csv,
+        "tsv": _read_csv,
     }
     if source.format == "arrow-dataset":
         records = _read_saved_dataset(source, text_field, on_bytes)
@@ -136,6 +141,11 @@ def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
         raise InputError(
             f"`{source.path}` is a folder, not a {source.format} file. Pass the files inside it, or rename it."
         ) from e
+    except DECOMPRESSION_ERRORS as e:
+        raise InputError(
+            f"`{source.path}` cannot be decompressed ({type(e).__name__}: {str(e)[:160]}); it is damaged or"
+            " cut short. Compress it again from the original, or pass the uncompressed file."
+        ) from e
     except OSError as e:
         # Device errors, vanished network mounts, special files: name the file rather than show a traceback.
         raise InputError(
@@ -146,12 +156,37 @@ def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
 def _from_value(obj: object, text_field: str, where: str) -> Record:
     if not isinstance(obj, dict):
         return Record(None, INVALID, where, f"expected a JSON object, found {type(obj).__name__}")
+    if text_field not in obj and "." in text_field:
+        return _from_path(obj, text_field, where)
     if text_field not in obj:
         keys = ", ".join(list(obj)[:8])
         return Record(
             None, MISSING_FIELD, where, f"no `{text_field}` field (fields: {keys}); set `--text-field`"
         )
-    text = obj[text_field]
+    return _from_text_value(obj[text_field], text_field, where)
+
+
+def _from_path(obj: dict, text_field: str, where: str) -> Record:
+    """The text at a dotted path (``content.body``) into nested objects; a key holding the dots wins."""
+    value: object = obj
+    names = text_field.split(".")
+    for depth, name in enumerate(names):
+        inside = ".".join(names[:depth]) or "the record"
+        if not isinstance(value, dict):
+            return Record(None, INVALID, where, f"`{inside}` is {_kind(value)}, not an object with `{name}`")
+        if name not in value:
+            keys = ", ".join(list(value)[:8])
+            return Record(
+                None,
+                MISSING_FIELD,
+                where,
+                f"no `{text_field}` field: {inside} has no `{name}` (fields: {keys})",
+            )
+        value = value[name]
+    return _from_text_value(value, text_field, where)
+
+
+def _from_text_value(text: object, text_field: str, where: str) -> Record:
     if text is None:
         return Record(None, MISSING_FIELD, where, f"`{text_field}` is null")
     if not isinstance(text, str):
@@ -198,8 +233,17 @@ def jsonl_chunks(
     near the end of the file (to a ``2 * spread``-th of what is left, down to ``size / 8``), so that
     the workers finish together rather than one after the other on the last big chunks.
     """
-    with open(path, "rb") as f:
-        end_of_file = os.fstat(f.fileno()).st_size
+    with InputStream(path) as f:
+        reported = 0
+
+        def report(num_bytes: int) -> None:
+            # A compressed file's progress is in bytes of the file on disk, as the run's total is.
+            nonlocal reported
+            if f.compressed:
+                num_bytes = (f.size if num_bytes < 0 else f.consumed()) - reported
+            reported += num_bytes
+            on_bytes(num_bytes)
+
         line_no, skipped = 1, 0
         while skip:  # resuming: the records already done, line by line (a rare, one-off cost)
             raw = f.readline()
@@ -207,27 +251,29 @@ def jsonl_chunks(
                 break
             skipped += len(raw)
             if skipped >= size:  # a progress update costs more than a line: not one per line
-                on_bytes(skipped)
+                report(skipped)
                 skipped = 0
             skip -= bool((raw[3:] if line_no == 1 and raw.startswith(BOM) else raw).strip())
             line_no += raw.endswith(b"\n")
         if skipped:
-            on_bytes(skipped)
+            report(skipped)
         pieces: list[bytes] = []  # a line longer than `size` arrives in several reads
-        while data := f.read(max(1, size // 8, min(size, (end_of_file - f.tell()) // (2 * spread)))):
+        while data := f.read(max(1, size // 8, min(size, f.remaining() // (2 * spread)))):
             end = data.rfind(b"\n") + 1
             if not end:
                 pieces.append(data)
                 continue
             chunk = b"".join([*pieces, data[:end]])
             pieces = [data[end:]] if end < len(data) else []
-            on_bytes(len(chunk))
+            report(len(chunk))
             yield line_no, chunk
             line_no += chunk.count(b"\n")
         if pieces:
             chunk = b"".join(pieces)
-            on_bytes(len(chunk))
+            report(len(chunk))
             yield line_no, chunk
+        if f.compressed:
+            report(-1)  # the rest of the file on disk: the trailer, and what the decompressor read ahead
 
 
 def jsonl_chunk_lines(first_line: int, chunk: bytes) -> Iterator[tuple[int, bytes]]:
@@ -272,15 +318,14 @@ def _read_jsonl(path: Path, text_field: str, on_bytes: Callable[[int], None]) ->
 
 
 def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
-    with open(path, "rb") as f:
+    with InputStream(path) as f:
         head = f.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
     if not head.startswith(b"["):
         yield from _read_jsonl(path, text_field, on_bytes)
         return
     # A top-level JSON array cannot be parsed incrementally with the standard library; such files are
     # read whole. Use JSON lines for corpora larger than memory.
-    data = path.read_bytes()
-    on_bytes(len(data))
+    data = _read_whole(path, on_bytes)
     try:
         items = json.loads(data.decode("utf-8-sig"))
     except (ValueError, RecursionError) as e:  # includes UnicodeDecodeError and JSONDecodeError
@@ -295,8 +340,7 @@ def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> 
 
 
 def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
-    data = path.read_bytes()
-    on_bytes(len(data))
+    data = _read_whole(path, on_bytes)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -308,6 +352,62 @@ def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> 
         )
         return
     yield _text_record(text, str(path))
+
+
+def _read_csv(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+    """The rows of a CSV (or, named .tsv, tab-separated) file with a header row, streamed; the column
+    ``text_field`` is the text. A row the csv module cannot parse, or of the wrong width, is a bad record."""
+    # A document may be longer than the csv module's default field limit (128 KiB).
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+    delimiter = "\t" if inner_name(path).suffix.lower() == ".tsv" else ","
+    with InputStream(path) as f:
+        # surrogateescape: a row that is not UTF-8 becomes a bad record, not the end of the file.
+        text = io.TextIOWrapper(f.stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        rows = csv.reader(text, delimiter=delimiter)
+        header = next(rows, None)
+        if header is None or text_field not in header:
+            columns = ", ".join(header or []) or "none: the file is empty"
+            raise InputError(
+                f"`{path}` has no `{text_field}` column (columns: {columns}); set `--text-field`."
+            )
+        column, width, line_no = header.index(text_field), len(header), rows.line_num + 1
+        reported = reported_at = 0
+        while True:
+            try:
+                row = next(rows, None)
+            except csv.Error as e:
+                yield Record(None, INVALID, f"{path}:{line_no}", f"a row the csv module cannot read ({e})")
+                line_no = rows.line_num + 1
+                continue
+            if row is None:
+                break
+            if row:  # a blank line is not a record, as in JSON lines
+                yield _csv_record(row, column, width, text_field, f"{path}:{line_no}")
+            line_no = rows.line_num + 1
+            if line_no - reported_at >= 4096:  # a progress update costs more than a row: not one per row
+                reported_at = line_no
+                reported += (n := f.raw.tell() - reported)
+                on_bytes(n)
+    on_bytes(f.size - reported)
+
+
+def _csv_record(row: list[str], column: int, width: int, text_field: str, where: str) -> Record:
+    if len(row) != width:
+        return Record(None, INVALID, where, f"{len(row)} fields, the header has {width}")
+    value = row[column]
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return Record(None, INVALID, where, f"invalid UTF-8 at character {e.start} of `{text_field}`")
+    return _text_record(value, where)
+
+
+def _read_whole(path: Path, on_bytes: Callable[[int], None]) -> bytes:
+    """The bytes of a file read whole (one text, or a JSON array), decompressed if its name says so."""
+    with InputStream(path) as f:
+        data = f.read()
+    on_bytes(f.size)
+    return data
 
 
 def _column_records(column: list, start_row: int, path: Path, text_field: str) -> Iterator[Record]:

@@ -162,8 +162,8 @@ def test_inputs_that_match_nothing(sample, tmp_path):
     _, tok = sample
     failed_with(pack(tok, tmp_path / "out", str(tmp_path / "*.jsonl")), "matches no files", "quote it")
     failed_with(pack(tok, tmp_path / "out", tmp_path / "nope.jsonl"), "nope.jsonl` does not exist")
-    (tmp_path / "data.csv").write_text("text\nhello\n")
-    failed_with(pack(tok, tmp_path / "out", tmp_path / "data.csv"), "unsupported type", ".jsonl")
+    (tmp_path / "data.xml").write_text("text\nhello\n")
+    failed_with(pack(tok, tmp_path / "out", tmp_path / "data.xml"), "unsupported type", ".jsonl")
     (tmp_path / "empty_dir").mkdir()
     failed_with(pack(tok, tmp_path / "out", tmp_path / "empty_dir"), "holds no", "saved dataset")
 

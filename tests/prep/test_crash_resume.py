@@ -7,6 +7,7 @@ and tokenized in small batches so that pass 1 has many commit points.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -285,3 +286,30 @@ def test_manifest_marked_incomplete_is_refused(inputs, reference, tmp_path):
     (out / "manifest.json").unlink()
     with pytest.raises(IncompleteDatasetError, match="packing was interrupted"):
         PackedDataset(out)
+
+
+@pytest.mark.parametrize("kill_at", ["tokenize:6", "shard:2"])
+def test_killed_pack_of_gzipped_inputs_resumes_to_the_plain_inputs_bytes(
+    kill_at, inputs, reference, tmp_path, monkeypatch
+):
+    """The same parts gzipped: killed mid-file (the resume skips records inside a compressed stream) or
+    while writing, then resumed; every byte is the plain run's but the inputs' names."""
+    paths, tokenizer = inputs
+    gzipped = []
+    for path in paths:
+        packed = tmp_path / "in" / (Path(path).name + ".gz")
+        packed.parent.mkdir(exist_ok=True)
+        packed.write_bytes(gzip.compress(Path(path).read_bytes()))
+        gzipped.append(str(packed))
+    out = tmp_path / "out"
+    killed = run_cli(pack_args((gzipped, tokenizer), out), kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    if kill_at.startswith("tokenize"):  # the case that matters: the resume starts inside a gzip stream
+        pass1 = json.loads((out / ".pack-work" / "journal.json").read_text())["pass1"]
+        assert pass1["records_done"] > 0 and not pass1["done"], pass1
+    resume_in_process(pack_args((gzipped, tokenizer), out, "--resume"), monkeypatch)
+    files = folder_bytes(out)
+    for name in ("manifest.json", "README.md"):
+        for path, packed in zip(paths, gzipped, strict=True):
+            files[name] = files[name].replace(packed.encode(), path.encode())
+    assert files == reference

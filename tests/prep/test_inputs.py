@@ -205,29 +205,31 @@ def test_documentation_and_earlier_packs_in_a_folder_are_not_documents(sample, t
     )
 
 
-def test_compressed_files_are_reported_in_folders_and_refused_when_named(sample, tmp_path):
+def test_unread_compressions_are_reported_in_folders_and_refused_when_named(sample, tmp_path):
     _, tok = sample
     folder = tmp_path / "corpus"
     docs(folder / "a.jsonl", "read")
-    (folder / "b.jsonl.gz").write_bytes(b"\x1f\x8b not really")
-    (folder / "c.csv").write_text("text\nx\n")
-    reason = f"compressed (.gz); unpack it to pack it (`gunzip -k {folder / 'b.jsonl.gz'}`)"
+    (folder / "b.jsonl.lz4").write_bytes(b"\x04\x22\x4d\x18 not really")
+    (folder / "c.xml").write_text("<text>x</text>\n")
+    reason = f"compressed (.lz4); unpack it to pack it (`unlz4 {folder / 'b.jsonl.lz4'}`)"
     for spec in (folder, folder / "*"):
         assert read(spec) == [str(folder / "a.jsonl")]
-        assert ignored(spec)[str(folder / "b.jsonl.gz")] == reason
-        assert ignored(spec)[str(folder / "c.csv")] == "of a type prep pack does not read (.csv)"
+        assert ignored(spec)[str(folder / "b.jsonl.lz4")] == reason
+        assert ignored(spec)[str(folder / "c.xml")] == "of a type prep pack does not read (.xml)"
     output = ok(pack(tok, tmp_path / "out", folder / "*"))
-    assert f"  {folder / 'b.jsonl.gz'}: {reason}" in output
+    assert f"  {folder / 'b.jsonl.lz4'}: {reason}" in output
     assert [i.path for i in Manifest.load(tmp_path / "out").ignored] == [
-        str(folder / "b.jsonl.gz"),
-        str(folder / "c.csv"),
+        str(folder / "b.jsonl.lz4"),
+        str(folder / "c.xml"),
     ]
     failed_with(
-        pack(tok, tmp_path / "out2", folder / "b.jsonl.gz"),
-        f"input `{folder / 'b.jsonl.gz'}` is compressed (.gz); unpack it to pack it (`gunzip -k",
+        pack(tok, tmp_path / "out2", folder / "b.jsonl.lz4"),
+        f"input `{folder / 'b.jsonl.lz4'}` is compressed (.lz4); unpack it to pack it (`unlz4",
         "then pass the unpacked file.",
     )
-    failed_with(pack(tok, tmp_path / "out3", folder / "*.gz"), "gives no file to read", "is compressed (.gz)")
+    failed_with(
+        pack(tok, tmp_path / "out3", folder / "*.lz4"), "gives no file to read", "is compressed (.lz4)"
+    )
 
 
 def test_hidden_files_and_repeats_are_reported(sample, tmp_path):
@@ -257,10 +259,10 @@ def test_many_ignored_files_are_summarised_and_all_recorded(sample, tmp_path):
     folder = tmp_path / "corpus"
     docs(folder / "a.jsonl", "the one document")
     for i in range(SHOWN + 5):
-        (folder / f"z{i:02d}.csv").write_text("x\n")
+        (folder / f"z{i:02d}.xml").write_text("x\n")
     output = ok(pack(tok, tmp_path / "out", folder))
     assert f"ignored {SHOWN + 5} files" in output and "  and 5 more" in output
-    assert str(folder / "z09.csv") in output and str(folder / "z10.csv") not in output
+    assert str(folder / "z09.xml") in output and str(folder / "z10.xml") not in output
     assert len(Manifest.load(tmp_path / "out").ignored) == SHOWN + 5
     ok(run("verify", tmp_path / "out", "--source", folder))
 
