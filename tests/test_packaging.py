@@ -68,14 +68,14 @@ def test_the_requirement_parser_sees_torch():
 
 
 def test_every_import_is_installed_by_its_extra():
-    """prep and shared run on the base install (plus the optional `fast` and `ray` back-ends they guard);
+    """prep and shared run on the base install (plus the optional `fast`, `ray` and `zstd` back-ends they guard);
     train on the base plus its `train` extra (and `gpu`)."""
     project = _project()
     base = _distributions(project["dependencies"])
     extras = {name: _distributions(reqs) for name, reqs in project["optional-dependencies"].items()}
     provided = {
         "shared": base,
-        "prep": base | extras["fast"] | extras["ray"],
+        "prep": base | extras["fast"] | extras["ray"] | extras["zstd"],
         "train": base | extras["train"] | extras["gpu"],
     }
     for package, allowed in provided.items():

@@ -1,0 +1,352 @@
+"""Rendering a conversation with the tokenizer's chat template into ids and assistant-only labels.
+
+The template is rendered with Jinja exactly as transformers' ``apply_chat_template`` does (a sandboxed
+environment, ``trim_blocks``/``lstrip_blocks``, the same globals and ``tojson``, the tokenizer's named special
+tokens as variables, no generation prompt). What differs is who may produce control tokens: transformers
+tokenizes the rendered string, so a user turn holding the text ``<|im_end|>`` becomes a real turn end. Here
+only the template's own text can:
+
+    rendered   <|im_start|>user\\n[content 0]<|im_end|>\\n<|im_start|>assistant\\n[content 1]<|im_end|>\\n
+    owner      tttttttttttttttttt0000000000ttttttttttttttttttttttttttttttttttttt1111111111tttttttttttt
+    stretches  S----------------------------S S-------------------------------S ---------- S ----
+    labels     -100 ...                                                         content 1 + <|im_end|>
+
+1. Each message's content is replaced by a unique placeholder and the template rendered; splitting at
+   the placeholders gives the template's own text, and putting the contents back must give the real
+   rendering (checked for every conversation: a template that edits content is refused).
+2. Special tokens (S) are looked for in the template's text only. Between two of them, a *stretch* of
+   template text and content is tokenized as a whole with special-token text kept as text, as
+   documents are. `tokenizers` tokenizes the text between special tokens independently, so when no
+   content holds special-token text the ids equal transformers' by construction; when one does, only
+   the stretches holding it differ.
+3. A token is a target when it overlaps the content of a role in ``train_on``; the first template special
+   token after such content (the turn's closing token, ``<|im_end|>``) is a target too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from shared.errors import UserError
+
+IGNORE = -100
+TEMPLATE_FILE = "chat_template.jinja"
+# The named special tokens that transformers passes to every template (its `special_tokens_map`).
+_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+LONG_CHAT_RULES = ("drop", "truncate")
+
+
+class ChatError(UserError):
+    """A conversation, a chat template or a tokenizer cannot be rendered into labelled ids."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    """A chat template and the variables transformers gives it besides the messages."""
+
+    source: str
+    """The Jinja text."""
+    origin: str
+    """Where it came from, for messages: a file path."""
+    named_tokens: dict[str, str]
+    """``bos_token``, ``eos_token`` ... as in ``tokenizer_config.json``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatIds:
+    """One conversation as ids and unshifted labels (``-100`` where nothing is learnt).
+
+    ``turn_ends`` are the indices one past each target span (after the closing token), the only places a
+    long conversation may be cut.
+    """
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    turn_ends: tuple[int, ...]
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def load_chat_template(tokenizer_file: str | Path, template_file: str | Path | None = None) -> ChatTemplate:
+    """The template of ``--chat-template`` if given, else ``chat_template.jinja`` or ``tokenizer_config.json``
+    beside the tokenizer (transformers prefers the ``.jinja`` file when both exist)."""
+    tokenizer_file = Path(tokenizer_file)
+    folder = tokenizer_file if tokenizer_file.is_dir() else tokenizer_file.parent
+    config = _read_config(folder / "tokenizer_config.json")
+    named = {k: v for k in _NAMED_TOKENS if (v := _token_text(config.get(k))) is not None}
+    if template_file is not None:
+        path = Path(template_file)
+        if not path.is_file():
+            raise ChatError(f"--chat-template `{path}` does not exist; pass a Jinja chat template file.")
+        return _checked(ChatTemplate(path.read_text(encoding="utf-8"), str(path), named))
+    if (folder / TEMPLATE_FILE).is_file():
+        path = folder / TEMPLATE_FILE
+        return _checked(ChatTemplate(path.read_text(encoding="utf-8"), str(path), named))
+    source = config.get("chat_template")
+    if isinstance(source, list):  # several named templates: transformers uses the one named "default"
+        source = next(
+            (t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    if not isinstance(source, str):
+        raise ChatError(
+            f"`{folder}` has no chat template (no {TEMPLATE_FILE}, no `chat_template` in tokenizer_config.json)."
+            " Pass one with `--chat-template FILE`."
+        )
+    return _checked(ChatTemplate(source, str(folder / "tokenizer_config.json"), named))
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ChatError(f"`{path}` is not valid JSON ({e}). Fix or remove it.") from e
+    return config if isinstance(config, dict) else {}
+
+
+def _token_text(value: object) -> str | None:
+    if isinstance(value, dict):  # older configs store an AddedToken dict
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _checked(template: ChatTemplate) -> ChatTemplate:
+    try:
+        _compile(template.source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatError(
+            f"chat template `{template.origin}` does not parse (line {e.lineno}: {e.message}). Fix it or pass"
+            " another with `--chat-template FILE`."
+        ) from e
+    return template
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str) -> jinja2.Template:
+    """The environment of transformers' ``_cached_compile_jinja_template``, less its ``{% generation %}``
+    tracker (labels come from content ownership here, so ``generation`` blocks are rendered as plain text)."""
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # noqa: ANN001, ANN202
+        # Jinja's own tojson escapes HTML characters; transformers replaces it, and so must we.
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    class GenerationBlock(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def check_tokenizer_for_chat(tokenizer: Tokenizer) -> None:
+    """Refuse tokenizers for which tokenizing a stretch alone could differ from tokenizing it in place.
+
+    A SentencePiece-style prefix space (Metaspace, ``add_prefix_space``, a ``Prepend`` normalizer) is added
+    to the first piece of a string only, and special tokens that strip or need word boundaries look at
+    their neighbours: both would break the stretch argument of the module docstring.
+    """
+    spec = json.loads(tokenizer.to_str())
+    parts = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    if '"Metaspace"' in parts or '"Prepend"' in parts or '"add_prefix_space": true' in parts:
+        raise ChatError(
+            "this tokenizer adds a prefix space (SentencePiece style); chat packing supports byte-level BPE"
+            " tokenizers without one (Qwen, Llama 3, GPT-2 style). Pack the conversations as text with"
+            " `--format text`, or use such a tokenizer."
+        )
+    for token in spec.get("added_tokens", []):
+        if token.get("special") and (token.get("lstrip") or token.get("rstrip") or token.get("single_word")):
+            raise ChatError(
+                f"special token {token.get('content')!r} strips whitespace or needs word boundaries; chat"
+                " packing supports tokenizers whose special tokens do neither. Use `--format text`."
+            )
+
+
+def encode_chat(
+    tokenizer: Tokenizer, template: ChatTemplate, messages: object, train_on: frozenset[str]
+) -> ChatIds:
+    """Ids and labels of one conversation; ``tokenizer`` must keep special-token text as text
+    (``encode_special_tokens``, as :func:`prep.tokenizer.open_tokenizer` sets it)."""
+    messages = _checked_messages(messages)
+    text, spans = render_with_spans(template, messages)
+    specials = _template_specials(tokenizer, text, spans)
+    ids: list[int] = []
+    labels: list[int] = []
+    turn_ends: list[int] = []
+    targets = sorted((s, e) for s, e, role in spans if role in train_on)
+    pending = [e for _, e in targets]  # content ends still waiting for their closing token
+    cut = 0
+    for start, end, token_id in [*specials, (len(text), len(text), None)]:
+        if start > cut:
+            encoding = tokenizer.encode(text[cut:start], add_special_tokens=False)
+            for tid, (a, b) in zip(encoding.ids, encoding.offsets, strict=True):
+                ids.append(tid)
+                hit = any(s < cut + b and cut + a < e for s, e in targets)
+                labels.append(tid if hit else IGNORE)
+        if token_id is None:
+            break
+        closes = [e for e in pending if e <= start]
+        pending = [e for e in pending if e > start]
+        ids.append(token_id)
+        labels.append(token_id if closes else IGNORE)
+        if closes:
+            turn_ends.append(len(ids))
+        cut = end
+    if not turn_ends and any(lab != IGNORE for lab in labels):
+        turn_ends.append(len(ids))
+    return ChatIds(np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32), tuple(turn_ends))
+
+
+def _checked_messages(messages: object) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise ChatError(
+            f"`messages` must be a non-empty list of {{role, content}} objects, got {_short(messages)}. Fix the record."
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise ChatError(
+                f"message {i} must be an object with exactly `role` and `content`, got {_short(message)}."
+                " Fix the record (tool calls and content blocks are not supported yet)."
+            )
+        if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+            raise ChatError(
+                f"message {i}: `role` and `content` must be strings, got {_short(message)}. Fix the record."
+            )
+    return messages
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def render(template: ChatTemplate, messages: list[dict[str, str]]) -> str:
+    """The rendered conversation, as transformers' ``apply_chat_template(..., tokenize=False)`` gives it."""
+    try:
+        return _compile(template.source).render(
+            messages=messages, add_generation_prompt=False, **template.named_tokens
+        )
+    except jinja2.TemplateError as e:
+        raise ChatError(
+            f"chat template `{template.origin}` refused the conversation: {e}. Fix the record or the template."
+        ) from e
+
+
+def render_with_spans(
+    template: ChatTemplate, messages: list[dict[str, str]]
+) -> tuple[str, list[tuple[int, int, str]]]:
+    """The rendering and the ``(start, end, role)`` of every place a message's content landed in it.
+
+    Templates that trim content (Llama 3's ``content | trim``) are met by placing the stripped content,
+    accepted only if the conversation with stripped contents renders to the very same text.
+    """
+    text = render(template, messages)
+    for strip in (False, True):
+        placed = [
+            {"role": m["role"], "content": m["content"].strip() if strip else m["content"]} for m in messages
+        ]
+        spans = _content_spans(template, placed, text)
+        if spans is not None:
+            return text, spans
+    raise ChatError(
+        f"chat template `{template.origin}` changes message content as it renders it (it splits, tests or"
+        " edits it), so the content's tokens cannot be told from the template's. Pass a template that"
+        " inserts content as is with `--chat-template FILE`, or pack the records with `--format text`."
+    )
+
+
+def _content_spans(
+    template: ChatTemplate, messages: list[dict[str, str]], text: str
+) -> list[tuple[int, int, str]] | None:
+    """Spans of the contents in ``text`` if rendering with placeholders and putting the contents back gives
+    ``text`` exactly, else None."""
+    marker = _free_marker(text, messages)
+    placeholders = [f"{marker}{i}{marker}" for i in range(len(messages))]
+    marked = render(
+        template, [{"role": m["role"], "content": p} for m, p in zip(messages, placeholders, strict=True)]
+    )
+    pieces = re.split(f"{marker}(\\d+){marker}", marked)
+    rebuilt: list[str] = [pieces[0]]
+    spans: list[tuple[int, int, str]] = []
+    pos = len(pieces[0])
+    for index, after in zip(pieces[1::2], pieces[2::2], strict=True):
+        content = messages[int(index)]["content"]
+        spans.append((pos, pos + len(content), messages[int(index)]["role"]))
+        rebuilt += (content, after)
+        pos += len(content) + len(after)
+    return spans if "".join(rebuilt) == text else None
+
+
+def _free_marker(text: str, messages: list[dict[str, str]]) -> str:
+    """A private-use marker that occurs in neither the rendering nor any content."""
+    for code in range(0xE000, 0xF8FF):
+        marker = chr(code)
+        if marker not in text and not any(marker in m["content"] for m in messages):
+            return marker
+    raise ChatError("every private-use character occurs in this conversation; it cannot be rendered.")
+
+
+def _template_specials(
+    tokenizer: Tokenizer, text: str, spans: list[tuple[int, int, str]]
+) -> list[tuple[int, int, int]]:
+    """``(start, end, id)`` of the special tokens in the template's own text, never inside content.
+
+    Matched leftmost-longest, as `tokenizers` matches added tokens."""
+    specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    if not specials:
+        return []
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+    found: list[tuple[int, int, int]] = []
+    cut = 0
+    for start, end in [*sorted((s, e) for s, e, _ in spans), (len(text), len(text))]:
+        found += [
+            (cut + m.start(), cut + m.end(), specials[m.group()]) for m in pattern.finditer(text[cut:start])
+        ]
+        cut = max(cut, end)
+    return found
+
+
+def fit_chat(chat: ChatIds, max_tokens: int, rule: str) -> ChatIds | None:
+    """A conversation that fits ``max_tokens``, or None when it must be dropped.
+
+    ``drop`` drops any conversation longer than a row. ``truncate`` keeps the longest prefix that ends just
+    after a trained turn's closing token, so no turn is ever cut in the middle; with no such prefix the
+    conversation is dropped. The caller counts both outcomes.
+    """
+    if rule not in LONG_CHAT_RULES:
+        raise ChatError(f"--long-chats {rule!r} is not one of {', '.join(LONG_CHAT_RULES)}.")
+    if len(chat.input_ids) <= max_tokens:
+        return chat
+    if rule == "drop":
+        return None
+    cut = max((end for end in chat.turn_ends if end <= max_tokens), default=0)
+    if cut == 0:
+        return None
+    return ChatIds(chat.input_ids[:cut], chat.labels[:cut], tuple(e for e in chat.turn_ends if e <= cut))
