@@ -251,7 +251,7 @@ def verdict(report: dict) -> bool:
     return ok
 
 
-def main() -> int:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for packed data and the JSON")
     parser.add_argument("--json", type=Path, help="the results file (default OUT/gpu_bench.json)")
@@ -276,25 +276,25 @@ def main() -> int:
     )
     parser.add_argument("--cpu-smoke", action="store_true", help="every harness, 2 steps, tiny model, CPU")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.json or args.out / "gpu_bench.json"
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     if args.cpu_smoke:
         from prep.sample import write_sample
 
+        args.out.mkdir(parents=True, exist_ok=True)
         args.corpus, args.tokenizer = write_sample(args.out / "sample")
         args.seq_len, args.tokens_per_batch, args.warmup, args.steps = 256, 512, 1, 1
         args.prep_workers = "1,2" if args.prep_workers else ""
         args.shapes = "tiny"
-    framework_attn = args.framework_attn or (
-        "flash_attention_2" if device.type == "cuda" and flash_attn_available() else "varlen"
-    )
+    return args
+
+
+def _new_report(args: argparse.Namespace, device: torch.device, framework_attn: str) -> dict:
+    """The results record before any run: date, device, versions and the settings every contender shares."""
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU SMOKE RUN (figures meaningless)"
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     peak = (
         next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if device.type == "cuda" else None
     )
-    report = {
+    return {
         "date": time.strftime("%Y-%m-%d"),
         "device": name,
         "versions": versions(),
@@ -313,23 +313,11 @@ def main() -> int:
         },
         "runs": {},
     }
-    print(f"== gpu_bench: {name}, {dtype} ==")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
 
-    def save() -> None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
 
-    data = args.data
-    if data is None:
-        data = args.out / "packed"
-        seconds = pack(
-            args.corpus, args.tokenizer, data, args.seq_len, os.cpu_count() or 1, args.out / "bpe-cache"
-        )
-        print(f"packed {args.corpus} at {args.seq_len} in {seconds:.1f} s -> {data}")
-    workers = [int(n) for n in args.prep_workers.split(",") if n]
-    if workers:
-        report["prep_scaling"] = prep_scaling(args.corpus, args.tokenizer, args.out, args.seq_len, workers)
-        save()
+def _run_contenders(args, report: dict, data: Path, device: torch.device, framework_attn: str, save) -> None:
+    """Every contender on every shape, on the same micro-batches; each result judged against ours."""
+    dtype, peak = report["settings"]["dtype"], report["settings"]["peak_tflops_datasheet"]
     manifest = PackedDataset(data, verify="none").manifest
     tokenizer_file = Path(manifest.tokenizer.path)
     if tokenizer_file.is_dir():
@@ -369,6 +357,35 @@ def main() -> int:
                 f"{shape} {contender}: {result['status']} in {time.perf_counter() - start:.0f} s; losses {losses}"
             )
             save()
+
+
+def main() -> int:
+    args = _arguments()
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.json or args.out / "gpu_bench.json"
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
+    framework_attn = args.framework_attn or (
+        "flash_attention_2" if device.type == "cuda" and flash_attn_available() else "varlen"
+    )
+    report = _new_report(args, device, framework_attn)
+    print(f"== gpu_bench: {report['device']}, {report['settings']['dtype']} ==")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+
+    def save() -> None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+    data = args.data
+    if data is None:
+        data = args.out / "packed"
+        seconds = pack(
+            args.corpus, args.tokenizer, data, args.seq_len, os.cpu_count() or 1, args.out / "bpe-cache"
+        )
+        print(f"packed {args.corpus} at {args.seq_len} in {seconds:.1f} s -> {data}")
+    workers = [int(n) for n in args.prep_workers.split(",") if n]
+    if workers:
+        report["prep_scaling"] = prep_scaling(args.corpus, args.tokenizer, args.out, args.seq_len, workers)
+        save()
+    _run_contenders(args, report, data, device, framework_attn, save)
     for shape, runs in report["runs"].items():
         print_table(shape, runs)
     report["all_agree"] = verdict(report)

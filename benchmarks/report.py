@@ -14,8 +14,16 @@ def _x(v: float) -> str:
     return f"{v:.2f}x"
 
 
-def _targets(r: dict) -> list[tuple[str, str, str, str, bool | None]]:
-    """(figure, measured, target, ratio, met) rows for every result present."""
+Row = tuple[str, str, str, str, bool | None]
+"""(figure, measured, target, ratio, met): one row of the targets table."""
+
+
+def _targets(r: dict) -> list[Row]:
+    """The targets table's rows for every result present."""
+    return _prep_targets(r) + _memory_targets(r) + _train_targets(r)
+
+
+def _prep_targets(r: dict) -> list[Row]:
     rows = []
     for corpus in ("reuters", "ectsum"):
         p = r.get(f"prep_{corpus}")
@@ -57,6 +65,11 @@ def _targets(r: dict) -> list[tuple[str, str, str, str, bool | None]]:
                 p["packing_share"] < 0.05,
             )
         )
+    return rows
+
+
+def _memory_targets(r: dict) -> list[Row]:
+    rows = []
     m = r.get("memory")
     if m:
         f = m["factor"]
@@ -80,6 +93,11 @@ def _targets(r: dict) -> list[tuple[str, str, str, str, bool | None]]:
                 mt["peak_gb"] <= mt["target_gb"],
             )
         )
+    return rows
+
+
+def _train_targets(r: dict) -> list[Row]:
+    rows = []
     lo = r.get("loader")
     if lo:
         for label, v in lo.items():
@@ -173,6 +191,119 @@ def _prep_section(p: dict) -> list[str]:
     return lines + [""]
 
 
+def _memory_section(r: dict) -> list[str]:
+    lines: list[str] = []
+    m, f = r["memory"], r["memory"]["factor"]
+    lines += [
+        "## Memory of `prep pack` as the corpus grows",
+        "",
+        "| corpus | input MiB | tokens | seconds | peak RSS, process tree (MiB) | peak RSS, main process (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label in ("1x", f"{f}x"):
+        v = m[label]
+        lines.append(
+            f"| Reuters {label} | {m['input_bytes'][label] / 2**20:.0f} | {v['num_tokens']:,} | {v['seconds']:.1f} | {v['peak_rss_mib']:.0f} | {v['self_peak_rss_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Reuters x{f}: every document repeated {f} times with a copy tag, generated into benchmarks/_work.",
+        "",
+    ]
+    return lines
+
+
+def _memory_tiny_section(r: dict) -> list[str]:
+    lines: list[str] = []
+    mt = r["memory_tiny"]
+    lines += [
+        "## Memory of `prep pack` per document (tiny documents, sample tokenizer, bfd at 1024)",
+        "",
+        "| documents | tokens | seconds | peak RSS, process tree (MiB) | peak RSS, main process (MiB) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for n in (mt["small"], mt["num_docs"]):
+        v = mt["runs"][str(n)]
+        lines.append(
+            f"| {n:,} | {v['num_tokens']:,} | {v['seconds']:.1f} | {v['peak_rss_mib']:.0f} | {v['self_peak_rss_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        f'Each document is one line like `{{"text": "a b 17"}}`. The main process\'s peak (planning, or the'
+        f" card) grows by {mt['bytes_per_doc']:.1f} bytes per document between the two runs; the smaller"
+        " run's tree peak is the tokenizing workers', which hold batches, not documents.",
+        "",
+    ]
+    return lines
+
+
+def _loader_section(r: dict) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        "## Loader (CPU, batch of 8 rows of up to 1024 tokens)",
+        "",
+        "| dataset | shards MiB | time to first batch | Loader tokens/s | assembly alone tokens/s | RSS after open / end (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, v in r["loader"].items():
+        lines.append(
+            f"| {label} | {v['dataset_mib']:.0f} | {v['time_to_first_batch_s']:.2f}s | {v['loader_tokens_per_s'] / 1e6:.1f} M | {v['assemble_tokens_per_s'] / 1e6:.1f} M | {v['rss_after_open_mib']:.0f} / {v['rss_end_mib']:.0f} |"
+        )
+    runs = {label: v.get("runs_loader_tokens_per_s", []) for label, v in r["loader"].items()}
+    if all(len(x) > 1 for x in runs.values()):
+        listed = "; ".join(f"{label} " + ", ".join(f"{t / 1e6:.1f}" for t in x) for label, x in runs.items())
+        lines += [
+            "",
+            f"Each dataset's median run of {len(next(iter(runs.values())))}, interleaved; loader M tokens/s"
+            f" of all runs: {listed}.",
+        ]
+    lines += [
+        "",
+        "On CPU there is nothing to pin (pinning needs CUDA); assembly alone is the loader's own gather (`Split.views` + `_stage`) into one preallocated int32 host buffer set without the prefetch thread, the work the CUDA path does into pinned ones.",
+        "",
+    ]
+    return lines
+
+
+def _train_step_section(r: dict) -> list[str]:
+    lines: list[str] = []
+    t = r["train_step"]
+    lines += [
+        "## Training step on CPU, tiny Qwen2 (vocab 151,936), Reuters packed at 1024",
+        "",
+        "| run | real tokens | positions computed | seconds | real tokens/s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| packed varlen (cu_seqlens, per-segment SDPA reference) | {t['real_tokens']:,} | {t['real_tokens']:,} | {t['packed_seconds']:.1f} | {t['packed_tokens_per_s']:,.0f} |",
+        f"| padded, one document per row, HF SDPA with padding mask | {t['real_tokens']:,} | {t['padded_positions']:,} | {t['padded_seconds']:.1f} | {t['padded_tokens_per_s']:,.0f} |",
+        "",
+        f"Same {t['num_docs']} documents (the segments of the packed micro-batches), same chunked loss,"
+        f" AdamW step included; padding is {t['padding_share']:.0%} of the padded positions.",
+        "",
+    ]
+    return lines
+
+
+def _loss_memory_section(r: dict) -> list[str]:
+    lines: list[str] = []
+    lm = r["loss_memory"]
+    lines += [
+        f"## Loss memory over a {lm['vocab']:,}-token vocabulary (fp32, forward + backward, peak RSS added)",
+        "",
+        "| tokens | chunked (MiB) | naive full logits (MiB) |",
+        "| ---: | ---: | ---: |",
+    ]
+    for t in sorted({*lm["chunked"], *lm["naive"]}, key=int):
+        c = lm["chunked"].get(t, {}).get("peak_added_mib")
+        n = lm["naive"].get(t, {}).get("peak_added_mib")
+        if int(t) == lm["target_tokens"] and n is None:
+            n_text = f"{lm['naive_at_target_mib']:,.0f} (extrapolated, linear in T)"
+        else:
+            n_text = f"{n:,.0f}" if n is not None else "-"
+        lines.append(f"| {int(t):,} | {f'{c:,.0f}' if c is not None else '-'} | {n_text} |")
+    lines += [""]
+    return lines
+
+
 def render(r: dict) -> str:
     lines = [
         "# Benchmarks",
@@ -199,100 +330,15 @@ def render(r: dict) -> str:
         if f"prep_{corpus}" in r:
             lines += _prep_section(r[f"prep_{corpus}"])
     if "memory" in r:
-        m, f = r["memory"], r["memory"]["factor"]
-        lines += [
-            "## Memory of `prep pack` as the corpus grows",
-            "",
-            "| corpus | input MiB | tokens | seconds | peak RSS, process tree (MiB) | peak RSS, main process (MiB) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for label in ("1x", f"{f}x"):
-            v = m[label]
-            lines.append(
-                f"| Reuters {label} | {m['input_bytes'][label] / 2**20:.0f} | {v['num_tokens']:,} | {v['seconds']:.1f} | {v['peak_rss_mib']:.0f} | {v['self_peak_rss_mib']:.0f} |"
-            )
-        lines += [
-            "",
-            f"Reuters x{f}: every document repeated {f} times with a copy tag, generated into benchmarks/_work.",
-            "",
-        ]
+        lines += _memory_section(r)
     if "memory_tiny" in r:
-        mt = r["memory_tiny"]
-        lines += [
-            "## Memory of `prep pack` per document (tiny documents, sample tokenizer, bfd at 1024)",
-            "",
-            "| documents | tokens | seconds | peak RSS, process tree (MiB) | peak RSS, main process (MiB) |",
-            "| ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for n in (mt["small"], mt["num_docs"]):
-            v = mt["runs"][str(n)]
-            lines.append(
-                f"| {n:,} | {v['num_tokens']:,} | {v['seconds']:.1f} | {v['peak_rss_mib']:.0f} | {v['self_peak_rss_mib']:.0f} |"
-            )
-        lines += [
-            "",
-            f'Each document is one line like `{{"text": "a b 17"}}`. The main process\'s peak (planning, or the'
-            f" card) grows by {mt['bytes_per_doc']:.1f} bytes per document between the two runs; the smaller"
-            " run's tree peak is the tokenizing workers', which hold batches, not documents.",
-            "",
-        ]
+        lines += _memory_tiny_section(r)
     if "loader" in r:
-        lines += [
-            "## Loader (CPU, batch of 8 rows of up to 1024 tokens)",
-            "",
-            "| dataset | shards MiB | time to first batch | Loader tokens/s | assembly alone tokens/s | RSS after open / end (MiB) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for label, v in r["loader"].items():
-            lines.append(
-                f"| {label} | {v['dataset_mib']:.0f} | {v['time_to_first_batch_s']:.2f}s | {v['loader_tokens_per_s'] / 1e6:.1f} M | {v['assemble_tokens_per_s'] / 1e6:.1f} M | {v['rss_after_open_mib']:.0f} / {v['rss_end_mib']:.0f} |"
-            )
-        runs = {label: v.get("runs_loader_tokens_per_s", []) for label, v in r["loader"].items()}
-        if all(len(x) > 1 for x in runs.values()):
-            listed = "; ".join(
-                f"{label} " + ", ".join(f"{t / 1e6:.1f}" for t in x) for label, x in runs.items()
-            )
-            lines += [
-                "",
-                f"Each dataset's median run of {len(next(iter(runs.values())))}, interleaved; loader M tokens/s"
-                f" of all runs: {listed}.",
-            ]
-        lines += [
-            "",
-            "On CPU there is nothing to pin (pinning needs CUDA); assembly alone is the loader's own gather (`Split.views` + `_stage`) into one preallocated int32 host buffer set without the prefetch thread, the work the CUDA path does into pinned ones.",
-            "",
-        ]
+        lines += _loader_section(r)
     if "train_step" in r:
-        t = r["train_step"]
-        lines += [
-            "## Training step on CPU, tiny Qwen2 (vocab 151,936), Reuters packed at 1024",
-            "",
-            "| run | real tokens | positions computed | seconds | real tokens/s |",
-            "| --- | ---: | ---: | ---: | ---: |",
-            f"| packed varlen (cu_seqlens, per-segment SDPA reference) | {t['real_tokens']:,} | {t['real_tokens']:,} | {t['packed_seconds']:.1f} | {t['packed_tokens_per_s']:,.0f} |",
-            f"| padded, one document per row, HF SDPA with padding mask | {t['real_tokens']:,} | {t['padded_positions']:,} | {t['padded_seconds']:.1f} | {t['padded_tokens_per_s']:,.0f} |",
-            "",
-            f"Same {t['num_docs']} documents (the segments of the packed micro-batches), same chunked loss,"
-            f" AdamW step included; padding is {t['padding_share']:.0%} of the padded positions.",
-            "",
-        ]
+        lines += _train_step_section(r)
     if "loss_memory" in r:
-        lm = r["loss_memory"]
-        lines += [
-            f"## Loss memory over a {lm['vocab']:,}-token vocabulary (fp32, forward + backward, peak RSS added)",
-            "",
-            "| tokens | chunked (MiB) | naive full logits (MiB) |",
-            "| ---: | ---: | ---: |",
-        ]
-        for t in sorted({*lm["chunked"], *lm["naive"]}, key=int):
-            c = lm["chunked"].get(t, {}).get("peak_added_mib")
-            n = lm["naive"].get(t, {}).get("peak_added_mib")
-            if int(t) == lm["target_tokens"] and n is None:
-                n_text = f"{lm['naive_at_target_mib']:,.0f} (extrapolated, linear in T)"
-            else:
-                n_text = f"{n:,.0f}" if n is not None else "-"
-            lines.append(f"| {int(t):,} | {f'{c:,.0f}' if c is not None else '-'} | {n_text} |")
-        lines += [""]
+        lines += _loss_memory_section(r)
     lines += render_gpu()
     if NOTES.exists():
         lines += [NOTES.read_text(encoding="utf-8").rstrip(), ""]
