@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -50,8 +51,70 @@ class RichProgress(pipeline.Progress):
         self.progress.console.print(escape(text), highlight=False, soft_wrap=True)
 
 
+class PlainProgress(pipeline.Progress):
+    """Progress as plain lines, one every :attr:`interval` seconds, for a log file, `nohup` or CI.
+
+    A progress bar redrawn in place is noise in a file; a line a few seconds apart says how far a run got,
+    how fast it goes and when it should end, and survives in the log of a job that died.
+    """
+
+    interval = 5.0
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.phase, self.total, self.done = "", None, 0.0
+        self.fields = {"docs": 0, "tokens": 0}
+        self.started = self.last = time.monotonic()
+
+    def start(self, phase: str, total: float | None) -> None:
+        if self.phase:
+            self._line(final=True)
+        self.phase, self.total, self.done = phase, total, 0.0
+        self.started = self.last = time.monotonic()
+
+    def advance(self, amount: float, **fields: int) -> None:
+        self.done += amount
+        self.fields.update(fields)
+        if time.monotonic() - self.last >= self.interval:
+            self._line()
+
+    def message(self, text: str) -> None:
+        self.console.print(escape(text), highlight=False, soft_wrap=True)
+
+    def finish(self) -> None:
+        if self.phase:
+            self._line(final=True)
+
+    def _line(self, final: bool = False) -> None:
+        now = time.monotonic()
+        self.last = now
+        elapsed = max(now - self.started, 1e-9)
+        bytes_phase = self.phase == "tokenize"
+        unit = (lambda v: f"{v / 2**20:,.1f} MiB") if bytes_phase else (lambda v: f"{v:,.0f} rows")
+        parts = []
+        if self.total:
+            parts.append(f"{self.done / self.total:.1%} ({unit(self.done)} of {unit(self.total)})")
+        elif self.done:
+            parts.append(unit(self.done))
+        parts.append(f"{self.fields['docs']:,} docs, {self.fields['tokens']:,} tokens")
+        rate = self.done / elapsed
+        if self.done:
+            parts.append(f"{unit(rate)}/s")
+        if final:
+            parts.append(f"done in {elapsed:.1f} s")
+        elif self.total and rate > 0:
+            parts.append(f"ETA {max(self.total - self.done, 0) / rate:.0f} s")
+        self.console.print(f"{self.phase}: " + ", ".join(parts), highlight=False, soft_wrap=True)
+
+
+CHAT_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "<|eom_id|>")
+"""End-of-turn tokens of chat templates: as the separator of plain documents, each document reads as a turn."""
+
+
 def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
     d = m.documents
+    # Not cut to a terminal's width when the summary goes to a file: a log keeps every column.
+    target = out if out.is_terminal else Console(file=out.file, width=1000, soft_wrap=True)
     table = Table(title=f"packed into {folder}", title_justify="left")
     for col in ("split", "docs", "rows", "lower bound", "tokens", "fill", "shards"):
         table.add_column(col, justify="right")
@@ -67,14 +130,26 @@ def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
             f"{fill:.2%}",
             str(len(s.shards)),
         )
-    out.print(table)
-    out.print(
+    target.print(table)
+    t = m.tokenizer
+    bos = f"BOS {t.bos_token} (id {t.bos_id})" if t.bos_token is not None else "no BOS"
+    target.print(f"separator: EOS {t.eos_token} (id {t.eos_id}); {bos}", highlight=False, markup=False)
+    if t.eos_token in CHAT_TURN_TOKENS:
+        console.print(
+            f"[bold yellow]warning:[/] the EOS `{escape(t.eos_token)}` is a chat template's end-of-turn token"
+            " (a chat model's tokenizer folder names it as its EOS): every document now ends as a chat turn"
+            " does. For plain documents pass the tokenizer's document separator, e.g. `--eos-token"
+            " '<|endoftext|>'`, and pack again with `--overwrite`.",
+            highlight=False,
+            soft_wrap=True,
+        )
+    target.print(
         f"documents: {d.docs_in:,} in = {d.packed:,} packed + {d.dropped:,} dropped + {d.skipped:,} skipped"
         f" (empty {d.skipped_empty:,}, missing field {d.skipped_missing_field:,}, invalid {d.skipped_invalid:,});"
         f" {d.split:,} split, {d.truncated:,} truncated",
         highlight=False,
     )
-    out.print(
+    target.print(
         f"{d.tokens_packed:,} tokens in {seconds:.1f}s ({d.tokens_packed / max(seconds, 1e-9):,.0f} tok/s)",
         highlight=False,
     )
@@ -90,8 +165,13 @@ def run_pack(cfg: pipeline.PackConfig) -> Manifest:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
-        manifest = pipeline.pack(cfg, RichProgress(bar))
+    if console.is_terminal:
+        with Progress(*columns, console=console, transient=False) as bar:
+            manifest = pipeline.pack(cfg, RichProgress(bar))
+    else:
+        plain = PlainProgress(console)
+        manifest = pipeline.pack(cfg, plain)
+        plain.finish()
     print_summary(manifest, cfg.out, time.perf_counter() - start)
     return manifest
 
