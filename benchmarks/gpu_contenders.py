@@ -105,21 +105,28 @@ def _our_attn(work: Work) -> str:
     return "torch_varlen" if work.device.type == "cuda" else "sdpa"
 
 
-def _ours_loop(work: Work, clock: StepClock, model: nn.Module, loss_sum: Callable, labels_off_by_one=False):
-    optimizer = _optimizer(model, work.lr)
-    batches = [batch_from_rows(rows).to(work.device) for rows in work.micro_batches]
-    if labels_off_by_one:
-        # hidden[t] is scored against labels[t + 1]; rolled, that is labels[t], i.e. token t itself.
-        batches = [dataclasses.replace(b, labels=torch.roll(b.labels, 1, dims=1)) for b in batches]
+def _steps(
+    model: nn.Module, lr: float, batches: list, mean_loss: Callable, clock: StepClock
+) -> list[torch.Tensor]:
+    """One AdamW step per batch on ``mean_loss(batch)``; the losses, left on the device (no host sync)."""
+    optimizer = _optimizer(model, lr)
     losses = []
     for i, batch in enumerate(batches):
-        loss = loss_sum(model, batch) / batch.num_target_tokens
+        loss = mean_loss(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
         clock.step_done(i)
     return losses
+
+
+def _ours_loop(work: Work, clock: StepClock, model: nn.Module, loss_sum: Callable, labels_off_by_one=False):
+    batches = [batch_from_rows(rows).to(work.device) for rows in work.micro_batches]
+    if labels_off_by_one:
+        # hidden[t] is scored against labels[t + 1]; rolled, that is labels[t], i.e. token t itself.
+        batches = [dataclasses.replace(b, labels=torch.roll(b.labels, 1, dims=1)) for b in batches]
+    return _steps(model, work.lr, batches, lambda b: loss_sum(model, b) / b.num_target_tokens, clock)
 
 
 def ours(work: Work, clock: StepClock, attn: str | None = None) -> list[torch.Tensor]:
@@ -234,21 +241,16 @@ def hf_missing(attn_kind: str) -> str | None:
 
 def hf_flatten(work: Work, clock: StepClock, attn_kind: str) -> list[torch.Tensor]:
     model = _hf_model(work, attn_kind)
-    optimizer = _optimizer(model, work.lr)
     batches = []
     for rows in work.micro_batches:
         collated = _flatten(_documents(rows), attn_kind)
         batches.append({k: v.to(work.device) if torch.is_tensor(v) else v for k, v in collated.items()})
-    losses = []
-    for i, batch in enumerate(batches):
+
+    def mean_loss(batch: dict) -> torch.Tensor:
         with autocast_for(work.device):
-            loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        clock.step_done(i)
-    return losses
+            return model(**batch, use_cache=False).loss
+
+    return _steps(model, work.lr, batches, mean_loss, clock)
 
 
 def _trainer_args(work: Work, out: str, rows_per_step: int) -> dict:

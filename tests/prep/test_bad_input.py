@@ -13,28 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from prep.cli import app
 from prep.readers import InputFile, jsonl_chunk_lines, jsonl_chunks, read_records
 from shared.manifest import Manifest
+from tests.prep.clirun import failed_with, run
 
 GOOD = json.dumps({"text": "A small trader reported higher cocoa arrivals this week."})
 
 
-def run(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def pack(tokenizer: Path, out: Path, *inputs: Path | str, extra: tuple[str, ...] = ()):
     return run("pack", *inputs, "--tokenizer", tokenizer, "--out", out, "--seq-len", "64", *extra)
-
-
-def failed_with(result, *parts: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "error:" in result.output and "Traceback" not in result.output
-    for part in parts:
-        assert part in result.output, f"{part!r} not in {result.output!r}"
 
 
 def jsonl(path: Path, *lines: bytes | str) -> Path:

@@ -11,38 +11,25 @@ import gzip
 import json
 import lzma
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from prep.cli import app
 from prep.compressed import InputStream, check_name_and_magic
 from prep.discovery import discover_inputs
 from prep.readers import jsonl_chunks
+from tests.prep import clirun
+from tests.prep.clirun import ok, run
 
 COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}
 
-
-def run(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args])
+# Messages wrap at the console's width: parts are matched with whitespace runs as one space.
+failed_with = partial(clirun.failed_with, flat=True)
 
 
 def pack(tok: Path, out: Path, *inputs: str | Path):
     return run("pack", *inputs, "--tokenizer", tok, "--out", out, "--seq-len", "128", "--val-fraction", "0.1")
-
-
-def ok(result) -> str:
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def failed_with(result, *parts: str) -> None:
-    assert result.exit_code == 1, result.output
-    output = " ".join(result.output.split())
-    assert "error:" in output and "Traceback" not in output
-    for part in parts:
-        assert " ".join(part.split()) in output, f"{part!r} not in {output!r}"
 
 
 def compressed_copy(plain: Path, folder: Path, suffix: str) -> Path:

@@ -5,37 +5,23 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+from functools import partial
 from pathlib import Path
 
-from typer.testing import CliRunner
-
-from prep.cli import app
 from prep.readers import InputFile, read_records
+from tests.prep import clirun
+from tests.prep.clirun import ok, run
 
 TEXTS = [f'document {i}, with a comma, a "quote" and\na newline.' * (1 + i % 5) for i in range(60)]
 
-
-def run(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args])
+# Messages wrap at the console's width: parts are matched with whitespace runs as one space.
+failed_with = partial(clirun.failed_with, flat=True)
 
 
 def pack(tok: Path, out: Path, *inputs: str | Path, extra: tuple[str, ...] = ()):
     return run(
         "pack", *inputs, "--tokenizer", tok, "--out", out, "--seq-len", "64", "--val-fraction", "0.1", *extra
     )
-
-
-def ok(result) -> str:
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def failed_with(result, *parts: str) -> None:
-    assert result.exit_code == 1, result.output
-    output = " ".join(result.output.split())
-    assert "error:" in output and "Traceback" not in output
-    for part in parts:
-        assert part in output, f"{part!r} not in {output!r}"
 
 
 def shards(out: Path) -> dict[str, bytes]:

@@ -12,31 +12,14 @@ from pathlib import Path
 
 import datasets
 import pytest
-from typer.testing import CliRunner
 
-from prep.cli import app
 from prep.discovery import SHOWN, discover_inputs
 from shared.manifest import Manifest
-
-
-def run(*args: str | Path):
-    return CliRunner().invoke(app, [str(a) for a in args])
+from tests.prep.clirun import failed_with, ok, run
 
 
 def pack(tok: Path, out: Path, *inputs: str | Path, extra: tuple[str, ...] = ()):
     return run("pack", *inputs, "--tokenizer", tok, "--out", out, "--seq-len", "64", *extra)
-
-
-def ok(result) -> str:
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def failed_with(result, *parts: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "error:" in result.output and "Traceback" not in result.output
-    for part in parts:
-        assert part in result.output, f"{part!r} not in {result.output!r}"
 
 
 def docs(path: Path, *texts: str) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,12 @@ from prep.cli import app
 from prep.outdir import LOCK_NAME, OutputBusyError, output_lock
 from shared.errors import UserError
 from shared.manifest import Manifest
+from tests.prep import clirun
 
 DOCS = [f"Document {i}: the board met and prices of cocoa rose by {i} percent this week." for i in range(40)]
+
+# Messages wrap at the console's width: parts are matched with whitespace runs as one space.
+failed_with = partial(clirun.failed_with, flat=True)
 
 
 def jsonl(path: Path, texts: list[str] = DOCS) -> Path:
@@ -30,14 +35,6 @@ def jsonl(path: Path, texts: list[str] = DOCS) -> Path:
 def pack(tokenizer: Path, out: Path, *inputs: Path, extra: tuple[str, ...] = ()):
     args = ["pack", *map(str, inputs), "--tokenizer", str(tokenizer), "--out", str(out), "--seq-len", "64"]
     return CliRunner().invoke(app, [*args, "--rows-per-shard", "8", *extra])
-
-
-def failed_with(result, *parts: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "error:" in result.output and "Traceback" not in result.output
-    message = " ".join(result.output.split())
-    for part in parts:
-        assert part in message, f"{part!r} not in {message!r}"
 
 
 def tree(folder: Path) -> dict[str, bytes]:
