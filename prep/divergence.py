@@ -60,10 +60,10 @@ def pattern_atoms(pattern: str) -> list[str]:
     literals: set[str] = set()
     for token in _ATOM.findall(pattern):
         if token.startswith(("\\p", "\\P")):
-            atoms.append(token)
+            atoms.append("\\p" + token[2:])  # \P{X} is the complement of \p{X}: the same per-code-point data
         elif token.startswith("\\"):
             if token[1] in _CLASS_ESCAPES:
-                atoms.append(token)
+                atoms.append("\\" + token[1].lower())  # likewise \S, \D, \W
             elif token[1] in ("x", "u"):
                 raise UnsupportedPattern(f"escape {token!r} in the split pattern")
             elif token[1] not in _LITERAL_ESCAPES:

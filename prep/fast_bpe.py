@@ -408,30 +408,17 @@ class FastBPE:
         in :attr:`num_referred`. ``added_docs``, when given, receives the index of every text holding a
         non-special added token (what :meth:`has_added_token` says, without splitting the text twice).
         """
-        encode = self.encoding._core_bpe.encode_ordinary
-        added_rank = self._added_rank
         lengths = np.empty(len(texts), dtype=np.int64)
         ranks: list[int] = []
         referred: dict[int, list[int]] = {}
         for i, text in enumerate(texts):
             before = len(ranks)
-            try:
-                if not self.provable(text):
-                    raise _Refer
-                pieces = self._pieces(text)
-                for piece in pieces:
-                    if isinstance(piece, int):
-                        ranks.append(added_rank[piece])
-                    else:
-                        ranks.extend(encode(self._normalize(piece)))
-            except BaseException as e:
-                if not isinstance(e, _Refer) and type(e).__name__ != "PanicException":
-                    raise
-                del ranks[before:]
+            has_added = self._encode_into(text, ranks) if self.provable(text) else None
+            if has_added is None:
                 referred[i] = self.reference().encode(text, add_special_tokens=False).ids
                 lengths[i] = len(referred[i])
                 continue
-            if added_docs is not None and any(isinstance(piece, int) for piece in pieces):
+            if added_docs is not None and has_added:
                 added_docs.append(i)
             lengths[i] = len(ranks) - before
         ids = self.rank_to_id[np.array(ranks, dtype=np.int64)] if ranks else np.zeros(0, dtype=np.int32)
@@ -440,9 +427,23 @@ class FastBPE:
             self.num_referred += len(referred)
         return EncodedBatch(ids=ids, lengths=lengths)
 
-
-class _Refer(Exception):
-    """A text the fast encoder leaves to `tokenizers`."""
+    def _encode_into(self, text: str, ranks: list[int]) -> bool | None:
+        """Append the ranks of ``text`` to ``ranks``; whether it holds a non-special added token, or ``None``
+        (and nothing appended) when tiktoken's regex engine gives up on it."""
+        before = len(ranks)
+        pieces = self._pieces(text)
+        try:
+            for piece in pieces:
+                if isinstance(piece, int):
+                    ranks.append(self._added_rank[piece])
+                else:
+                    ranks.extend(self.encoding._core_bpe.encode_ordinary(self._normalize(piece)))
+        except BaseException as e:  # a Rust panic reaches Python as pyo3's PanicException, a BaseException
+            if type(e).__name__ != "PanicException":
+                raise
+            del ranks[before:]
+            return None
+        return any(isinstance(piece, int) for piece in pieces)
 
 
 def _splice(ids: np.ndarray, lengths: np.ndarray, referred: dict[int, list[int]]) -> np.ndarray:

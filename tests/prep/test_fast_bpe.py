@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import sys
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer
 
 import prep.encoder as encoder_module
+import prep.fast_bpe as fast_bpe_module
 from prep.encoder import (
     FAST,
     REFERENCE,
@@ -403,6 +405,14 @@ def test_a_million_spaces_go_to_the_reference_without_a_panic(sample_tok, capfd)
 
 
 @pytest.mark.slow
+def test_a_panic_in_tiktoken_is_left_to_the_reference(sample_tok, monkeypatch):
+    """Second line behind the whitespace rule: a text tiktoken's regex engine panics on goes to `tokenizers`."""
+    monkeypatch.setattr(fast_bpe_module, "LONG_WHITESPACE", re.compile(r"(?!)"))  # never matches
+    fast, reference = FastBPE(sample_tok), _reference(sample_tok)
+    _assert_same(fast, reference, ["before", "a" + " " * 1_000_000 + "b", "after"])
+    assert fast.num_referred == 1
+
+
 def test_cached_tables_give_the_same_engine(sample_tok, tmp_path, monkeypatch):
     monkeypatch.setenv("PREP_FAST_BPE_CACHE", str(tmp_path))
     texts = TRICKY + ["The board reported steady demand."]
