@@ -224,10 +224,28 @@ REPEATS = 3
 in the same hour, so every ratio compares medians of interleaved runs rather than two single shots."""
 
 
-def throughput(name: str, repeats: int = REPEATS) -> dict:
-    """Ours versus (a) tokenizers alone and (b) the HF pipeline on one corpus, plus packing quality.
+def gzip_copy(source: Path, target: Path) -> Path:
+    """``source`` gzipped at the default level 6 (what `gzip FILE` writes), once."""
+    import gzip
 
-    Each round runs the three sides one after the other, in an order rotated by one every round (so no
+    with source.open("rb") as src, gzip.open(target, "wb", compresslevel=6) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    return target
+
+
+def shards_identical(a: Path, b: Path) -> bool:
+    """Whether two packed folders hold the same shard files, byte for byte."""
+    names = sorted(p.name for p in a.glob("*.arrow"))
+    return names == sorted(p.name for p in b.glob("*.arrow")) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names
+    )
+
+
+def throughput(name: str, repeats: int = REPEATS) -> dict:
+    """Ours versus (a) tokenizers alone and (b) the HF pipeline on one corpus, plus packing quality, and
+    ours on the same corpus gzipped (`.jsonl.gz`, decompressed in the packing run) against the plain file.
+
+    Each round runs the sides one after the other, in an order rotated by one every round (so no
     side always runs first, on a cooler or a busier box); each side's median run is compared.
     """
     corpus = str(CORPORA[name])
@@ -235,18 +253,21 @@ def throughput(name: str, repeats: int = REPEATS) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ref_ids = work / "reference-ids.npy"
+    gzipped = gzip_copy(Path(corpus), work / f"{name}.jsonl.gz")
     sides = {
         "reference": [SCRIPT, "reference", corpus, str(ref_ids)],
         "ours": [SCRIPT, "pack", corpus, str(work / "packed"), "1024", "bfd"],
         "hf": [SCRIPT, "hf", corpus, str(work / "hf")],
+        "gz": [SCRIPT, "pack", str(gzipped), str(work / "packed-gz"), "1024", "bfd"],
     }
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     order = list(sides)
     for k in range(repeats):
-        for side in order[k % 3 :] + order[: k % 3]:
+        turn = k % len(order)
+        for side in order[turn:] + order[:turn]:
             shutil.rmtree(work / "hf", ignore_errors=True)  # every HF run starts from an empty cache
             runs[side].append(run_child(sides[side]))
-    reference, ours, hf = (median_run(runs[side], "seconds") for side in sides)
+    reference, ours, hf, gz = (median_run(runs[side], "seconds") for side in sides)
     quality = packing_quality(work / "packed")
     for seq_len in SEQ_LENS:
         lower = -(-hf["num_tokens"] // seq_len)
@@ -261,6 +282,13 @@ def throughput(name: str, repeats: int = REPEATS) -> dict:
         "ids_identical": ids_identical(work / "packed", ref_ids),
         "speedup_vs_tokenizers": reference["seconds"] / ours["seconds"],
         "speedup_vs_hf": hf["seconds"] / ours["seconds"],
+        "jsonl_gz": {
+            "ours": gz,
+            "compressed_bytes": gzipped.stat().st_size,
+            "plain_bytes": Path(corpus).stat().st_size,
+            "time_ratio": gz["seconds"] / ours["seconds"],
+            "shards_identical": shards_identical(work / "packed", work / "packed-gz"),
+        },
         "packing_share": ours["phases"].get("pack", 0.0) / ours["seconds"],
         "packing": quality,
     }

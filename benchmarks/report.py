@@ -56,6 +56,8 @@ def _prep_targets(r: dict) -> list[Row]:
                 p["ids_identical"],
             )
         )
+        if "jsonl_gz" in p:
+            rows.append(_gz_target(corpus, p))
         rows.append(
             (
                 f"share of wall time packing, {corpus}",
@@ -66,6 +68,18 @@ def _prep_targets(r: dict) -> list[Row]:
             )
         )
     return rows
+
+
+def _gz_target(corpus: str, p: dict) -> Row:
+    gz = p["jsonl_gz"]
+    same = "same shards" if gz["shards_identical"] else "SHARDS DIFFER"
+    return (
+        f"prep pack on .jsonl.gz vs the plain .jsonl, {corpus}",
+        f"{gz['ours']['seconds']:.1f}s vs {p['ours']['seconds']:.1f}s, {same}",
+        "<= 1.15x, same shards",
+        _x(gz["time_ratio"]),
+        gz["time_ratio"] <= 1.15 and gz["shards_identical"],
+    )
 
 
 def _memory_targets(r: dict) -> list[Row]:
@@ -153,14 +167,27 @@ def _runs_line(p: dict) -> list[str]:
     """Every run's time, where a side ran more than once (the table shows each side's median run)."""
     if p.get("repeats", 1) < 2:
         return []
-    sides = (("`prep pack`", "ours"), ("(a)", "reference_tokenizers"), ("(b)", "hf_pipeline"))
+    sides = [("`prep pack`", p["ours"]), ("(a)", p["reference_tokenizers"]), ("(b)", p["hf_pipeline"])]
+    if "jsonl_gz" in p:
+        sides.append(("`.jsonl.gz`", p["jsonl_gz"]["ours"]))
     times = "; ".join(
-        f"{label} " + ", ".join(f"{t:.2f}" for t in p[key]["runs_seconds"]) for label, key in sides
+        f"{label} " + ", ".join(f"{t:.2f}" for t in side["runs_seconds"]) for label, side in sides
     )
     return [
         f"Each side ran {p['repeats']} times, interleaved, in a rotating order; the table shows each side's"
         f" median run, and the ratios compare medians. All runs (s): {times}.",
         "",
+    ]
+
+
+def _gz_row(p: dict) -> list[str]:
+    if "jsonl_gz" not in p:
+        return []
+    gz = p["jsonl_gz"]
+    o = gz["ours"]
+    size = f"{gz['compressed_bytes'] / 2**20:.1f} MiB gzipped from {gz['plain_bytes'] / 2**20:.1f} MiB"
+    return [
+        f"| `prep pack` on the same file as `.jsonl.gz` ({size}) | {o['seconds']:.2f} | {o['num_tokens'] / o['seconds']:,.0f} | {o['peak_rss_mib']:.0f} |"
     ]
 
 
@@ -176,6 +203,7 @@ def _prep_section(p: dict) -> list[str]:
         f"| `prep pack` (read, tokenize, pack, write, manifest, card) | {o['seconds']:.2f} | {o['num_tokens'] / o['seconds']:,.0f} | {o['peak_rss_mib']:.0f} |",
         f"| (a) `tokenizers` `encode_batch_fast` alone, texts in memory | {ref['seconds']:.2f} | {ref['num_tokens'] / ref['seconds']:,.0f} | {ref['peak_rss_mib']:.0f} |",
         f"| (b) `datasets` map + `trl.pack_dataset(bfd_split)` + `save_to_disk` | {hf['seconds']:.2f} | {hf['num_tokens'] / hf['seconds']:,.0f} | {hf['peak_rss_mib']:.0f} |",
+        *_gz_row(p),
         "",
         *_runs_line(p),
         f"`prep pack` phases: {phases}. Engine notices: {o['notices'] or 'none (the tiktoken engine ran, every batch checked)'}.",
