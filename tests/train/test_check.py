@@ -20,7 +20,7 @@ def _invoke(*args: str):
 def test_check_passes_on_the_packed_sample(packed_sample):
     result = run_check(CheckConfig(data=packed_sample, attn="sdpa", device="cpu", num_rows=3))
     assert result.passed, result
-    assert result.mode == "varlen" and result.attn == "sdpa" and result.dtype == "float32"
+    assert result.mode == "varlen" and result.attn == "sdpa" and result.dtype == "float64"
     assert len(result.rows) == 3
     assert all(r.num_segments >= 2 for r in result.rows)
     assert result.max_abs_diff < 1e-4
