@@ -65,23 +65,47 @@ def export_weights(model: torch.nn.Module, out: Path, state_dict: dict | None = 
     return target
 
 
+def record_kind(entry: dict) -> str:
+    """``train``, ``eval`` or ``resume``: the record's ``kind`` field, or for files written before it
+    existed, what its fields say."""
+    if "kind" in entry:
+        return entry["kind"]
+    if "eval_loss" in entry:
+        return "eval"
+    if "resumed_from" in entry:
+        return "resume"
+    return "train" if "loss" in entry else "other"
+
+
 def plot_losses(metrics_path: Path, png: Path) -> None:
+    """Train and eval loss against the step, the learning rate on a second axis; written atomically,
+    so a reader (or a run killed while drawing) never sees half a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    eval_pts = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    train_records = [r for r in records if record_kind(r) == "train"]
+    train_pts = [(r["step"], r["loss"]) for r in train_records]
+    eval_pts = [(r["step"], r["eval_loss"]) for r in records if record_kind(r) == "eval" and "eval_loss" in r]
+    lr_pts = [(r["step"], r["lr"]) for r in train_records if "lr" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     for points, label, style in ((train_pts, "train", "-"), (eval_pts, "eval", "o-")):
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean CE per target token)")
-    ax.legend()
     ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if lr_pts:
+        lr_ax = ax.twinx()
+        (line,) = lr_ax.plot(*zip(*lr_pts, strict=True), ":", color="tab:gray", label="lr")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        handles, labels = [*handles, line], [*labels, "lr"]
+    if handles:
+        ax.legend(handles, labels, loc="upper right")
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
