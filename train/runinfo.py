@@ -131,7 +131,7 @@ def header_lines(info: RunInfo, plan: RunPlan) -> list[str]:
     else:
         what = f"LoRA r {info.lora_r}, alpha {info.lora_alpha} on {', '.join(info.lora_targets)}"
     lines = [
-        f"{'device':<17}{info.device}{ranks} (--device {info.requested_device}) | torch {info.torch_version}",
+        f"{'device':<17}{info.device}{ranks}, --device {info.requested_device} | torch {info.torch_version}",
         f"{'dtype':<17}weights {info.weights_dtype}, trainable {info.trainable_dtype},"
         f" compute {info.compute_dtype}",
         f"{'attention':<17}{info.attn.backend} ({info.attn.reason})",

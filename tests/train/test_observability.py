@@ -86,7 +86,7 @@ def test_the_header_names_device_dtype_backend_and_why_model_and_trainable_param
     total = sum(p.numel() for p in model.parameters())
     head = {line.split()[0]: line for line in watched_run.lines[:6]}
     assert list(head) == ["device", "dtype", "attention", "model", "trainable", "tokens"]
-    assert head["device"].startswith("device           cpu (") and "(--device cpu)" in head["device"]
+    assert head["device"].startswith("device           cpu (") and ", --device cpu | torch" in head["device"]
     assert head["dtype"] == "dtype            weights float32, trainable float32, compute float32"
     assert head["attention"] == "attention        sdpa (requested with --attn sdpa)"
     targets = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
