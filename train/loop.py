@@ -65,7 +65,7 @@ from train.parallel import (
 from train.plan import DataShape, RunPlan, lr_factor, make_plan
 from train.resume import check_resume, jsonable_config
 from train.runinfo import RunInfo, describe_run, header_lines, step_line, warning_lines, write_run_json
-from train.sinks import Sinks, open_sinks
+from train.sinks import Sinks, open_sinks, require_sinks
 from train.throughput import Pace, mean_causal_context, mfu, train_flops_per_token
 
 
@@ -183,6 +183,7 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
     """Everything before the first step: the run folder, the data and its plan, the model, optimizer
     and loader; with ``cfg.resume``, the newest checkpoint (once its options are accepted); metrics.jsonl."""
     rank, world_size = dist_info()
+    require_sinks(tensorboard=cfg.tensorboard, wandb=cfg.wandb)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

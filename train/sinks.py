@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,29 @@ WANDB_ID_FILE = "wandb-run-id"
 LOGGED_KINDS = ("train", "eval")
 
 
+def installed(name: str) -> bool:
+    """Whether ``import name`` can work, without importing it (a module already imported counts)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
 def tensorboard_installed() -> bool:
-    return importlib.util.find_spec("tensorboard") is not None
+    return installed("tensorboard")
+
+
+def require_sinks(*, tensorboard: bool | None, wandb: bool) -> None:
+    """Refuse a sink asked for but not installed, before the run loads its model."""
+    if tensorboard and not tensorboard_installed():
+        raise UserError(
+            "--tensorboard needs the `tensorboard` package, which is not installed; run `pip install"
+            " tensorboard` (or `pip install 'packed-shards[logging]'`), or drop --tensorboard."
+        )
+    if wandb and not installed("wandb"):
+        raise UserError(
+            "--wandb needs the `wandb` package, which is not installed; run `pip install wandb` (set"
+            " WANDB_MODE=offline to log without an account), or drop --wandb."
+        )
 
 
 def scalars_of(entry: dict[str, Any]) -> dict[str, float]:
@@ -98,6 +120,7 @@ def open_sinks(
 ) -> Sinks:
     """The sinks asked for (``tensorboard=None``: on when installed), each given the run's ``header``
     lines and ``config`` (a ``resumed`` run continues its W&B run); a sink asked for but not installed is a UserError with the install line."""
+    require_sinks(tensorboard=tensorboard, wandb=wandb)
     sinks = Sinks()
     if tensorboard or (tensorboard is None and tensorboard_installed()):
         sinks.tensorboard = _open_tensorboard(out, start_step, header)
@@ -107,11 +130,6 @@ def open_sinks(
 
 
 def _open_tensorboard(out: Path, start_step: int, header: list[str]):
-    if not tensorboard_installed():
-        raise UserError(
-            "--tensorboard needs the `tensorboard` package, which is not installed; run `pip install"
-            " tensorboard` (or `pip install 'packed-shards[logging]'`), or drop --tensorboard."
-        )
     from torch.utils.tensorboard import SummaryWriter
 
     # purge_step: a run killed after its checkpoint logged steps that the resumed run logs again.
@@ -123,13 +141,7 @@ def _open_tensorboard(out: Path, start_step: int, header: list[str]):
 
 
 def _open_wandb(out: Path, config: dict[str, Any], *, resumed: bool):
-    try:
-        wandb = importlib.import_module("wandb")
-    except ModuleNotFoundError:
-        raise UserError(
-            "--wandb needs the `wandb` package, which is not installed; run `pip install wandb` (set"
-            " WANDB_MODE=offline to log without an account), or drop --wandb."
-        ) from None
+    wandb = importlib.import_module("wandb")
     id_file = out / WANDB_ID_FILE
     if resumed and id_file.exists():
         run_id = id_file.read_text(encoding="utf-8").strip()

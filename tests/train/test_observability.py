@@ -188,6 +188,21 @@ def test_a_sink_asked_for_but_not_installed_says_how_to_install_it(tmp_path, mon
     assert sinks.names == [] and not (tmp_path / "tensorboard").exists()
 
 
+def test_run_with_wandb_but_no_wandb_fails_with_the_install_line(packed_sample, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from train.cli import app
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    args = ["run", "--data", str(packed_sample), "--model", "tiny-qwen2", "--out", str(tmp_path / "run")]
+    args += ["--max-steps", "2", "--device", "cpu", "--attn", "sdpa", "--wandb", "--no-tensorboard"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert "--wandb needs the `wandb` package" in " ".join(result.output.split())
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the model loads
+
+
 def _mock_gpu(monkeypatch, name: str, *, flash: bool, varlen: bool) -> None:
     monkeypatch.setattr(attention, "flash_attn_available", lambda: flash)
     monkeypatch.setattr(attention, "torch_varlen_available", lambda: varlen)
@@ -342,3 +357,4 @@ def test_a_run_killed_after_its_first_checkpoint_has_a_loss_plot(packed_sample, 
     assert (out / "checkpoints" / "step-00000002").is_dir()
     assert not (out / "adapter").exists()  # the run did not reach its end
     assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (out / "tensorboard").exists()  # tensorboard=False (--no-tensorboard)
