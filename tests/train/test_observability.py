@@ -8,6 +8,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
@@ -172,6 +173,32 @@ def test_wandb_gets_the_same_scalars_and_the_run_facts(watched_run):
     config = run.init_kwargs["config"]
     assert config["lora_r"] == 8 and config["run"]["attn"]["backend"] == "sdpa"
     assert run.init_kwargs["name"] == "run" and run.init_kwargs["resume"] == "allow"
+
+
+def test_a_resumed_run_continues_its_sinks_without_duplicate_steps(watched_run, packed_sample, tmp_path):
+    """Killed after its step-2 checkpoint (steps 3-4 logged), then resumed: TensorBoard keeps one value
+    per step, the resumed values; W&B continues the same run; run.json gains a second start."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    shutil.copytree(watched_run.out, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    shutil.rmtree(out / "adapter")
+    runs: list[FakeWandbRun] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "wandb", fake_wandb_module(runs))
+        train(config(packed_sample, out, tensorboard=True, wandb=True, resume=True), log=lambda _: None)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = read_metrics(out / "metrics.jsonl")
+    expected = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+    (resumed,) = runs
+    assert resumed.init_kwargs["id"] == watched_run.wandb[0].init_kwargs["id"]
+    assert [step for step, _ in resumed.logged] == [3, 4, 4]
+    assert [start["start_step"] for start in read_run_json(out)] == [0, 2]
 
 
 def test_a_sink_asked_for_but_not_installed_says_how_to_install_it(tmp_path, monkeypatch):
