@@ -66,7 +66,7 @@ from train.plan import DataShape, RunPlan, lr_factor, make_plan
 from train.resume import check_resume, jsonable_config
 from train.runinfo import RunInfo, describe_run, header_lines, step_line, warning_lines, write_run_json
 from train.sinks import Sinks, open_sinks, require_sinks
-from train.throughput import Pace, mean_causal_context, mfu, train_flops_per_token
+from train.throughput import Pace, mean_causal_context, train_flops_per_token
 
 
 @dataclass(slots=True)
@@ -302,10 +302,7 @@ def log_step(run: Run, step: int, stats: StepStats) -> None:
         return
     mem = memory_bytes(run.device)
     eta_s = run.pace.eta_s(step) if run.pace is not None else 0.0
-    info = run.info
-    step_mfu = None
-    if info is not None and info.peak_flops is not None:
-        step_mfu = mfu(stats.tok_per_s, info.flops_per_token, info.peak_flops, run.world_size)
+    step_mfu = run.info.mfu(stats.tok_per_s) if run.info is not None else None
     run.record(
         {
             "step": step,

@@ -77,6 +77,20 @@ def record_kind(entry: dict) -> str:
     return "train" if "loss" in entry else "other"
 
 
+def loss_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """``{"train": [(step, loss)], "eval": [...]}`` from metrics.jsonl records; an eval record with a
+    ``name`` (one of several eval sets) goes to its own curve, ``eval NAME``."""
+    curves: dict[str, list[tuple[int, float]]] = {"train": []}
+    for r in records:
+        kind = record_kind(r)
+        if kind == "train":
+            curves["train"].append((r["step"], r["loss"]))
+        elif kind == "eval" and "eval_loss" in r:
+            label = f"eval {r['name']}" if "name" in r else "eval"
+            curves.setdefault(label, []).append((r["step"], r["eval_loss"]))
+    return curves
+
+
 def plot_losses(metrics_path: Path, png: Path) -> None:
     """Train and eval loss against the step, the learning rate on a second axis; written atomically,
     so a reader (or a run killed while drawing) never sees half a PNG."""
@@ -86,14 +100,12 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    train_records = [r for r in records if record_kind(r) == "train"]
-    train_pts = [(r["step"], r["loss"]) for r in train_records]
-    eval_pts = [(r["step"], r["eval_loss"]) for r in records if record_kind(r) == "eval" and "eval_loss" in r]
-    lr_pts = [(r["step"], r["lr"]) for r in train_records if "lr" in r]
+    curves = loss_curves(records)
+    lr_pts = [(r["step"], r["lr"]) for r in records if record_kind(r) == "train" and "lr" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label, style in ((train_pts, "train", "-"), (eval_pts, "eval", "o-")):
+    for label, points in curves.items():
         if points:
-            ax.plot(*zip(*points, strict=True), style, label=label)
+            ax.plot(*zip(*points, strict=True), "-" if label == "train" else "o-", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean CE per target token)")
     ax.grid(alpha=0.3)

@@ -22,7 +22,7 @@ from shared.fileio import atomic_write_text
 from train.attention import AttnChoice
 from train.model import autocast_for, causal_lm
 from train.plan import RunPlan, describe
-from train.throughput import device_label, format_duration, peak_flops
+from train.throughput import device_label, format_duration, mfu, peak_flops
 
 RUN_JSON = "run.json"
 
@@ -65,6 +65,10 @@ class RunInfo:
     @property
     def trainable_share(self) -> float:
         return self.num_trainable / max(self.num_params, 1)
+
+    def mfu(self, tok_per_s: float) -> float | None:
+        """The MFU of ``tok_per_s`` (all ranks), or None without a known peak (CPU, unknown GPU)."""
+        return mfu(tok_per_s, self.flops_per_token, self.peak_flops, self.world_size)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "trainable_share": self.trainable_share}

@@ -26,7 +26,7 @@ from shared.reader import PackedDataset
 from train.config import RunConfig
 from train.loop import train
 from train.model import LoraSettings, load_model
-from train.outputs import plot_losses, read_metrics, record_kind
+from train.outputs import loss_curves, plot_losses, read_metrics, record_kind
 from train.plan import make_plan
 from train.runinfo import describe_run, header_lines, read_run_json, step_line, warning_lines
 from train.sinks import open_sinks, scalars_of
@@ -141,6 +141,23 @@ def test_metrics_records_say_their_kind_and_old_files_still_read(watched_run, tm
     old_file.write_text("".join(json.dumps(r) + "\n" for r in old))
     plot_losses(old_file, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_loss_curves_split_named_eval_sets_and_read_old_records():
+    records = [
+        {"step": 1, "loss": 3.0, "lr": 1e-3},  # written before records had a kind
+        {"step": 1, "eval_loss": 3.5},
+        {"step": 2, "kind": "train", "loss": 2.5, "lr": 1e-3},
+        {"step": 2, "kind": "eval", "name": "fin", "eval_loss": 2.7},
+        {"step": 2, "kind": "eval", "name": "news", "eval_loss": 2.9},
+        {"step": 2, "kind": "resume", "resumed_from": "step-00000002", "changed": {}},
+    ]
+    assert loss_curves(records) == {
+        "train": [(1, 3.0), (2, 2.5)],
+        "eval": [(1, 3.5)],
+        "eval fin": [(2, 2.7)],
+        "eval news": [(2, 2.9)],
+    }
 
 
 def test_tensorboard_event_files_hold_the_logged_scalars(watched_run):
