@@ -472,6 +472,8 @@ def open_outputs(run: Run) -> None:
     )
     if run.sinks.names:
         run.say(f"{'logging to':<17}metrics.jsonl, {', '.join(run.sinks.names)}")
+    for note in run.sinks.not_opened:
+        run.say(f"warning: not logging to {note}")
     run.pace = Pace(first_step=run.start_step, num_steps=run.plan.num_steps)
 
 

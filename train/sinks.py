@@ -22,7 +22,7 @@ import importlib.util
 import os
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,8 @@ class Sinks:
     tensorboard: Any = None
     """A ``torch.utils.tensorboard.SummaryWriter``."""
     wandb_run: Any = None
+    not_opened: list[str] = field(default_factory=list)
+    """Sinks that were on by default but could not open, with why: the run says so and goes on."""
 
     def write(self, entry: dict[str, Any]) -> None:
         scalars = scalars_of(entry)
@@ -123,7 +125,15 @@ def open_sinks(
     require_sinks(tensorboard=tensorboard, wandb=wandb)
     sinks = Sinks()
     if tensorboard or (tensorboard is None and tensorboard_installed()):
-        sinks.tensorboard = _open_tensorboard(out, start_step, header)
+        try:
+            sinks.tensorboard = _open_tensorboard(out, start_step, header)
+        except ImportError as e:  # installed, but broken (a protobuf or numpy it cannot use)
+            if tensorboard:
+                raise UserError(
+                    f"--tensorboard: torch.utils.tensorboard does not import ({e}); reinstall tensorboard,"
+                    " or drop --tensorboard."
+                ) from None
+            sinks.not_opened.append(f"tensorboard: installed but does not import ({e}); --no-tensorboard")
     if wandb:
         sinks.wandb_run = _open_wandb(out, config, resumed=resumed)
     return sinks

@@ -225,6 +225,16 @@ def test_a_sink_asked_for_but_not_installed_says_how_to_install_it(tmp_path, mon
     monkeypatch.setattr("train.sinks.tensorboard_installed", lambda: False)
     with pytest.raises(UserError, match=r"--tensorboard needs the `tensorboard` package"):
         open_sinks(tmp_path, tensorboard=True, wandb=False, start_step=0, resumed=False, header=[], config={})
+    # installed but broken: refused when asked for by name, reported and skipped by default
+    monkeypatch.setattr("train.sinks.tensorboard_installed", lambda: True)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(UserError, match=r"--tensorboard: torch.utils.tensorboard does not import"):
+        open_sinks(tmp_path, tensorboard=True, wandb=False, start_step=0, resumed=False, header=[], config={})
+    sinks = open_sinks(
+        tmp_path, tensorboard=None, wandb=False, start_step=0, resumed=False, header=[], config={}
+    )
+    assert sinks.names == [] and sinks.not_opened[0].startswith("tensorboard: installed but does not import")
+    monkeypatch.setattr("train.sinks.tensorboard_installed", lambda: False)
     # by default TensorBoard is on only when installed: here it is not, and nothing is opened
     sinks = open_sinks(
         tmp_path, tensorboard=None, wandb=False, start_step=0, resumed=False, header=[], config={}
