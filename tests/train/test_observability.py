@@ -67,14 +67,14 @@ def fake_wandb_module(runs: list[FakeWandbRun]) -> types.ModuleType:
 
 @pytest.fixture(scope="module")
 def watched_run(packed_sample, tmp_path_factory):
-    """A 4-step LoRA run (checkpoint and eval every 2 steps) with TensorBoard and a fake W&B."""
-    pytest.importorskip("tensorboard")
+    """A 4-step LoRA run (checkpoint and eval every 2 steps) with a fake W&B, and TensorBoard when
+    installed (the default)."""
     out = tmp_path_factory.mktemp("observe") / "run"
     lines: list[str] = []
     runs: list[FakeWandbRun] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "wandb", fake_wandb_module(runs))
-        result = train(config(packed_sample, out, tensorboard=True, wandb=True), log=lines.append)
+        result = train(config(packed_sample, out, wandb=True), log=lines.append)
     return types.SimpleNamespace(out=out, lines=lines, wandb=runs, result=result)
 
 
@@ -161,6 +161,7 @@ def test_loss_curves_split_named_eval_sets_and_read_old_records():
 
 
 def test_tensorboard_event_files_hold_the_logged_scalars(watched_run):
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(watched_run.out / "tensorboard"))
@@ -195,6 +196,7 @@ def test_wandb_gets_the_same_scalars_and_the_run_facts(watched_run):
 def test_a_resumed_run_continues_its_sinks_without_duplicate_steps(watched_run, packed_sample, tmp_path):
     """Killed after its step-2 checkpoint (steps 3-4 logged), then resumed: TensorBoard keeps one value
     per step, the resumed values; W&B continues the same run; run.json gains a second start."""
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
