@@ -45,6 +45,7 @@ step "train run tiny-qwen2 ($device)" 0 "$PY" -m train.cli run --data "$data" --
     --out "$work/tiny" --device "$device" --attn auto --max-steps 300 --batch-size 2 --lr 1e-2 --log-every 50
 cp "$work/tiny/metrics.jsonl" "$out/tiny_metrics.jsonl" 2>/dev/null
 cp "$work/tiny/loss.png" "$out/tiny_loss.png" 2>/dev/null
+cp "$work/tiny/run.json" "$out/tiny_run.json" 2>/dev/null  # device, attention backend and why, MFU basis
 if [ "$device" = cuda ]; then
     # A Qwen2-0.5B-shaped model with random weights, saved as a Hugging Face folder, trained through
     # the CLI: loader, pinned copies, varlen attention, chunked loss, LoRA, checkpoint, adapter.
@@ -65,6 +66,7 @@ EOF
         --model "$work/qwen2-0.5b-shape" --out "$work/q05" --device cuda --attn auto --max-steps 40 \
         --batch-size 8 --log-every 10 --eval-every 0
     cp "$work/q05/metrics.jsonl" "$out/q05_metrics.jsonl" 2>/dev/null
+    cp "$work/q05/run.json" "$out/q05_run.json" 2>/dev/null
 fi
 rm -rf "$work"
 echo

@@ -34,6 +34,7 @@ import functools
 import importlib.util
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +73,50 @@ def torch_varlen_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
+@dataclass(frozen=True, slots=True)
+class AttnChoice:
+    """Which backend runs and why: what the run's header prints and run.json records."""
+
+    requested: str
+    """The ``--attn`` value: ``auto`` or a backend name."""
+    backend: str
+    """What runs: ``flash_attn``, ``torch_varlen`` or ``sdpa``."""
+    device_type: str
+    reason: str
+    """One clause a person reads: the request, or what ``auto`` found on this machine."""
+
+    @property
+    def is_gpu_reference(self) -> bool:
+        """A CUDA run on the per-segment reference: correct, but several times slower than varlen."""
+        return self.device_type == "cuda" and self.backend == "sdpa"
+
+
+def choose_attn(attn: str, device: torch.device | str) -> AttnChoice:
+    """The concrete backend for ``attn`` on ``device`` and the reason; raise if the choice cannot run."""
+    device = torch.device(device)
+    backend = resolve_attn(attn, device)
+    if attn != "auto":
+        reason = f"requested with --attn {attn}"
+    elif device.type != "cuda":
+        reason = f"auto on {device.type}: the varlen kernels need CUDA; the per-segment SDPA reference runs anywhere"
+    elif backend == "flash_attn":
+        reason = "auto on cuda: flash-attn is installed and imports"
+    elif backend == "torch_varlen":
+        reason = (
+            f"auto on cuda: flash-attn does not import (not installed, or built for another torch);"
+            f" torch {torch.__version__} has torch.nn.attention.varlen"
+        )
+    else:
+        reason = (
+            f"auto on cuda: flash-attn does not import and torch {torch.__version__} has no"
+            " torch.nn.attention.varlen (torch >= 2.9)"
+        )
+    return AttnChoice(requested=attn, backend=backend, device_type=device.type, reason=reason)
+
+
 def resolve_attn(attn: str, device: torch.device | str) -> str:
-    """The concrete backend for ``attn`` on ``device``; raise if the choice cannot run there."""
+    """The concrete backend for ``attn`` on ``device``; raise if the choice cannot run there
+    (:func:`choose_attn` says why it was chosen)."""
     device = torch.device(device)
     if attn not in ATTN_CHOICES:
         raise AttentionSetupError(f"--attn {attn!r} is unknown; choose one of {', '.join(ATTN_CHOICES)}.")

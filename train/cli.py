@@ -143,6 +143,19 @@ def run(
         str | None, typer.Option(help="Shard check before training: checksum or size (default checksum).")
     ] = None,
     log_every: Annotated[int | None, typer.Option(help="Print a log line every N steps (default 1).")] = None,
+    tensorboard: Annotated[
+        bool | None,
+        typer.Option(
+            "--tensorboard/--no-tensorboard",
+            help="Log to TensorBoard in OUT/tensorboard (default: on when the package is installed).",
+        ),
+    ] = None,
+    wandb: Annotated[
+        bool | None,
+        typer.Option(
+            "--wandb/--no-wandb", help="Log to Weights & Biases (WANDB_MODE=offline works; default off)."
+        ),
+    ] = None,
 ) -> None:
     """Train on a packed dataset: AdamW, warmup + cosine, grad accumulation, checkpoints, resume.
 

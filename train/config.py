@@ -78,6 +78,10 @@ class RunConfig:
     """How shards are checked before training: checksum (sha256 of every byte) or size."""
     log_every: int = 1
     """Print one log line every this many steps."""
+    tensorboard: bool | None = None
+    """Log to TensorBoard (OUT/tensorboard/); None: when the `tensorboard` package is installed."""
+    wandb: bool = False
+    """Log to Weights & Biases (`wandb` package; project $WANDB_PROJECT, WANDB_MODE=offline works)."""
 
     def __post_init__(self) -> None:
         if (self.token_budget is None) == (self.max_steps is None):

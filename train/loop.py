@@ -20,6 +20,7 @@ checkpoint after :func:`train.resume.check_resume` has accepted the options), th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,12 +38,13 @@ from torch.distributed.tensor import DTensor
 from shared.errors import DatasetError, UserError
 from shared.manifest import SplitInfo
 from shared.reader import PackedDataset, Split
+from train.attention import choose_attn
 from train.batch import VarlenBatch
 from train.checkpoint import latest_checkpoint, read_checkpoint_state, restore_checkpoint, save_checkpoint
 from train.config import RunConfig
 from train.loader import Loader, batch_from_rows, sequential_batches
 from train.loss import micro_batch_loss_sum
-from train.model import LoraSettings, input_embeddings, load_model, resolve_device
+from train.model import LoraSettings, causal_lm, input_embeddings, load_model, resolve_device
 from train.outputs import (
     LOSS_PLOT,
     METRICS,
@@ -60,8 +62,11 @@ from train.parallel import (
     full_state,
     shard_fsdp,
 )
-from train.plan import DataShape, RunPlan, describe, lr_factor, make_plan
+from train.plan import DataShape, RunPlan, lr_factor, make_plan
 from train.resume import check_resume, jsonable_config
+from train.runinfo import RunInfo, describe_run, header_lines, step_line, warning_lines, write_run_json
+from train.sinks import Sinks, open_sinks, require_sinks
+from train.throughput import Pace, mean_causal_context, train_flops_per_token
 
 
 @dataclass(slots=True)
@@ -119,6 +124,11 @@ class Run:
     """Every resume of this run so far: its step, its checkpoint and the options it changed."""
     metrics: TextIO | None = None
     """metrics.jsonl, open on rank 0."""
+    info: RunInfo | None = None
+    """What runs (device, dtypes, attention, parameters, plan): the header lines and run.json."""
+    sinks: Sinks = field(default_factory=Sinks)
+    """TensorBoard and W&B, when on (rank 0): they get every record metrics.jsonl gets."""
+    pace: Pace | None = None
 
     @property
     def is_main(self) -> bool:
@@ -133,11 +143,19 @@ class Run:
         if self.metrics is not None:
             self.metrics.write(json.dumps(entry) + "\n")
             self.metrics.flush()
+            self.sinks.write(entry)
+
+    def refresh_outputs(self) -> None:
+        """Redraw loss.png and flush the sinks (at each checkpoint and eval): a killed run keeps them."""
+        if self.metrics is not None:
+            plot_losses(self.cfg.out / METRICS, self.cfg.out / LOSS_PLOT)
+            self.sinks.flush()
 
     def close(self) -> None:
         self.loader.close()
         if self.metrics is not None:
             self.metrics.close()
+        self.sinks.close()
 
 
 def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
@@ -165,7 +183,7 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
     """Everything before the first step: the run folder, the data and its plan, the model, optimizer
     and loader; with ``cfg.resume``, the newest checkpoint (once its options are accepted); metrics.jsonl."""
     rank, world_size = dist_info()
-    say = log if rank == 0 else (lambda _: None)
+    require_sinks(tensorboard=cfg.tensorboard, wandb=cfg.wandb)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -175,8 +193,6 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
     manifest = dataset.manifest
     info = manifest.splits["train"]
     plan = plan_run(cfg, manifest.seq_len, info, world_size)
-    for line in describe(plan):
-        say(line)
 
     model = build_model(cfg, manifest.tokenizer.vocab_size, device)
     if cfg.fsdp and world_size == 1:
@@ -186,10 +202,6 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
         )
     loss_fn = shard_fsdp(model, device) if cfg.fsdp else partial(micro_batch_loss_sum, model)
     params = [p for p in model.parameters() if p.requires_grad]
-    num_trainable = sum(p.numel() for p in params)
-    say(
-        f"model {cfg.model}: {num_trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters"
-    )
     # Dropout (if the model has any) draws from the global generator: seed it per rank.
     torch.manual_seed(cfg.seed + rank)
     optimizer, scheduler = build_optimizer(cfg, params, plan)
@@ -219,6 +231,7 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
         data_fingerprint=hashlib.sha256("".join(sh.sha256 for sh in info.shards).encode()).hexdigest(),
         log=log,
     )
+    announce(run, train_split)
     if cfg.resume:
         resume_from_checkpoint(run)
     if run.is_main:
@@ -226,8 +239,14 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
         if cfg.resume:  # the record says where the run restarted, and what it ran differently from there
             last = run.resumes[-1]
             run.record(
-                {"step": run.start_step, "resumed_from": last["checkpoint"], "changed": last["changed"]}
+                {
+                    "step": run.start_step,
+                    "kind": "resume",
+                    "resumed_from": last["checkpoint"],
+                    "changed": last["changed"],
+                }
             )
+        open_outputs(run)
     return run
 
 
@@ -282,9 +301,12 @@ def log_step(run: Run, step: int, stats: StepStats) -> None:
     if not run.is_main:
         return
     mem = memory_bytes(run.device)
+    eta_s = run.pace.eta_s(step) if run.pace is not None else 0.0
+    step_mfu = run.info.mfu(stats.tok_per_s) if run.info is not None else None
     run.record(
         {
             "step": step,
+            "kind": "train",
             "loss": stats.loss,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
@@ -292,12 +314,22 @@ def log_step(run: Run, step: int, stats: StepStats) -> None:
             "target_tokens": stats.num_target_tokens,
             "tok_per_s": stats.tok_per_s,
             "mem_bytes": mem,
+            "eta_s": eta_s,
+            **({"mfu": step_mfu} if step_mfu is not None else {}),
         }
     )
     if step % run.cfg.log_every == 0 or step == run.plan.num_steps:
         run.say(
-            f"step {step:>6,}/{run.plan.num_steps:,} | loss {stats.loss:.4f} | lr {stats.lr:.2e}"
-            f" | tok/s {stats.tok_per_s:>9,.0f} | mem {mem / 2**30:.2f} GiB"
+            step_line(
+                step=step,
+                num_steps=run.plan.num_steps,
+                loss=stats.loss,
+                lr=stats.lr,
+                tok_per_s=stats.tok_per_s,
+                mfu=step_mfu,
+                mem_bytes=mem,
+                eta_s=eta_s,
+            )
         )
 
 
@@ -327,6 +359,7 @@ def save(run: Run, step: int) -> Path | None:
         )
     if run.world_size > 1:
         dist.barrier()
+    run.refresh_outputs()
     return path
 
 
@@ -379,8 +412,9 @@ def evaluate_run(run: Run, step: int) -> float:
         loss_fn=run.loss_fn,
         lockstep=run.cfg.fsdp,
     )
-    run.record({"step": step, "eval_loss": eval_loss})
+    run.record({"step": step, "kind": "eval", "eval_loss": eval_loss})
     run.say(f"eval step {step:,} | loss {eval_loss:.4f} ({split.name}, {split.num_rows:,} rows)")
+    run.refresh_outputs()
     return eval_loss
 
 
@@ -397,6 +431,50 @@ def finish(run: Run) -> Path | None:
 
 
 # -- setup's parts ---------------------------------------------------------------------------------
+
+
+def announce(run: Run, train_split: Split) -> None:
+    """Work out what runs (`train.runinfo.RunInfo`) and say it: the run's first lines, and a warning
+    when a GPU run is on the per-segment reference."""
+    attn = choose_attn(run.cfg.attn, run.device)
+    flops_per_token = train_flops_per_token(
+        causal_lm(run.model), mean_context=mean_causal_context(train_split)
+    )
+    run.info = describe_run(
+        cfg_model=run.cfg.model,
+        model=run.model,
+        attn=attn,
+        plan=run.plan,
+        device=run.device,
+        requested_device=run.cfg.device,
+        world_size=run.world_size,
+        start_step=0,
+        flops_per_token=flops_per_token,
+    )
+    for line in header_lines(run.info, run.plan) + warning_lines(run.info):
+        run.say(line)
+
+
+def open_outputs(run: Run) -> None:
+    """On rank 0, once the start step is known: run.json, the TensorBoard/W&B sinks, the ETA clock."""
+    cfg, info = run.cfg, dataclasses.replace(run.info, start_step=run.start_step)
+    run.info = info
+    write_run_json(cfg.out, info, resumed=cfg.resume)
+    header = header_lines(info, run.plan)
+    run.sinks = open_sinks(
+        cfg.out,
+        tensorboard=cfg.tensorboard,
+        wandb=cfg.wandb,
+        start_step=run.start_step,
+        resumed=cfg.resume,
+        header=header,
+        config={**jsonable_config(cfg), "run": info.to_json()},
+    )
+    if run.sinks.names:
+        run.say(f"{'logging to':<17}metrics.jsonl, {', '.join(run.sinks.names)}")
+    for note in run.sinks.not_opened:
+        run.say(f"warning: not logging to {note}")
+    run.pace = Pace(first_step=run.start_step, num_steps=run.plan.num_steps)
 
 
 def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, Split | None]:

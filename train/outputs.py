@@ -65,23 +65,59 @@ def export_weights(model: torch.nn.Module, out: Path, state_dict: dict | None = 
     return target
 
 
+def record_kind(entry: dict) -> str:
+    """``train``, ``eval`` or ``resume``: the record's ``kind`` field, or for files written before it
+    existed, what its fields say."""
+    if "kind" in entry:
+        return entry["kind"]
+    if "eval_loss" in entry:
+        return "eval"
+    if "resumed_from" in entry:
+        return "resume"
+    return "train" if "loss" in entry else "other"
+
+
+def loss_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """``{"train": [(step, loss)], "eval": [...]}`` from metrics.jsonl records; an eval record with a
+    ``name`` (one of several eval sets) goes to its own curve, ``eval NAME``."""
+    curves: dict[str, list[tuple[int, float]]] = {"train": []}
+    for r in records:
+        kind = record_kind(r)
+        if kind == "train":
+            curves["train"].append((r["step"], r["loss"]))
+        elif kind == "eval" and "eval_loss" in r:
+            label = f"eval {r['name']}" if "name" in r else "eval"
+            curves.setdefault(label, []).append((r["step"], r["eval_loss"]))
+    return curves
+
+
 def plot_losses(metrics_path: Path, png: Path) -> None:
+    """Train and eval loss against the step, the learning rate on a second axis; written atomically,
+    so a reader (or a run killed while drawing) never sees half a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    eval_pts = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    curves = loss_curves(records)
+    lr_pts = [(r["step"], r["lr"]) for r in records if record_kind(r) == "train" and "lr" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label, style in ((train_pts, "train", "-"), (eval_pts, "eval", "o-")):
+    for label, points in curves.items():
         if points:
-            ax.plot(*zip(*points, strict=True), style, label=label)
+            ax.plot(*zip(*points, strict=True), "-" if label == "train" else "o-", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean CE per target token)")
-    ax.legend()
     ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if lr_pts:
+        lr_ax = ax.twinx()
+        (line,) = lr_ax.plot(*zip(*lr_pts, strict=True), ":", color="tab:gray", label="lr")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        handles, labels = [*handles, line], [*labels, "lr"]
+    if handles:
+        ax.legend(handles, labels, loc="upper right")
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp, dpi=100)

@@ -43,6 +43,8 @@ APPLIED_ON_RESUME = (
     "eval_every",
     "save_every",
     "log_every",
+    "tensorboard",
+    "wandb",
     "verify",
     "attn",
     "device",

@@ -136,7 +136,12 @@ def test_an_applied_change_is_recorded_with_its_step_and_the_record_says_what_ra
     records = read_metrics(run_copy / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [r for r in records if "resumed_from" in r] == [
-        {"step": 2, "resumed_from": "step-00000002", "changed": {"eval_every": [0, 1], "save_every": [2, 0]}}
+        {
+            "step": 2,
+            "kind": "resume",
+            "resumed_from": "step-00000002",
+            "changed": {"eval_every": [0, 1], "save_every": [2, 0]},
+        }
     ]
     state = json.loads((run_copy / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["resumes"] == [

@@ -62,7 +62,8 @@ def test_run_cli_learns_on_the_sample(packed_sample, tmp_path):
     assert result.exit_code == 0, result.output
     step_lines = [line for line in result.output.splitlines() if line.startswith("step ")]
     assert len(step_lines) == 30
-    assert [part.split()[0] for part in step_lines[-1].split(" | ")] == ["step", "loss", "lr", "tok/s", "mem"]
+    fields = [part.split()[0] for part in step_lines[-1].split(" | ")]
+    assert fields == ["step", "loss", "lr", "tok/s", "mem", "eta"]
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -172,7 +173,7 @@ def test_resume_reproduces_the_uninterrupted_losses(packed_sample, tmp_path):
         json.loads(m)["step"] for m in (full / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r for r in records if "resumed_from" in r] == [
-        {"step": 3, "resumed_from": "step-00000003", "changed": {}}
+        {"step": 3, "kind": "resume", "resumed_from": "step-00000003", "changed": {}}
     ]
     a, b = adapter_weights(full), adapter_weights(killed)
     assert all(torch.equal(a[n], b[n]) for n in a)
