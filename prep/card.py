@@ -37,8 +37,8 @@ and every document ends with exactly one EOS. Rows are stored without padding.
 
 ## Sources
 
-| file | format | first doc_id | records |
-| --- | --- | ---: | ---: |
+| file | format | first doc_id | records | sha256 |
+| --- | --- | ---: | ---: | --- |
 $inputs
 
 ## Tokenizer
@@ -184,7 +184,7 @@ def render_card(m: Manifest, stats: dict[str, SplitStats], folder: str = "DIR") 
         format_version=m.format_version,
         inputs="\n".join(
             f"| `{i.path}`{f' (split {i.dataset_split})' if i.dataset_split else ''} | {i.format}"
-            f" | {i.first_doc_id:,} | {i.num_records:,} |"
+            f" | {i.first_doc_id:,} | {i.num_records:,} | {f'`{i.sha256}`' if i.sha256 else '-'} |"
             for i in m.inputs
         ),
         tokenizer_path=t.path,

@@ -21,6 +21,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
+from prep.provenance import InputDigest, drain, is_stdin, open_raw
 from shared.errors import UserError
 
 MAGIC = {
@@ -102,12 +103,19 @@ def _zstandard(path: Path):
 
 class InputStream:
     """A file opened for reading, decompressed as read if its name says so; it knows how much of the file
-    on disk it has consumed (:meth:`consumed`), for progress."""
+    on disk it has consumed (:meth:`consumed`), for progress.
 
-    def __init__(self, path: Path) -> None:
-        self.raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self.size = path.stat().st_size
-        compression = compression_of(path)
+    With a ``digest``, every byte of the file on disk goes into it (prep/provenance.py): those the reader
+    consumed, and, when the ``with`` block ends without an error, the rest of the file. ``-`` is standard
+    input (never compressed; its size is unknown, 0 here).
+    """
+
+    def __init__(self, path: Path, digest: InputDigest | None = None) -> None:
+        self.raw: BinaryIO = open_raw(path, digest)
+        self.digest = digest
+        self.stdin = is_stdin(path)
+        self.size = 0 if self.stdin else path.stat().st_size
+        compression = None if self.stdin else compression_of(path)
         if compression is None:
             self.stream: BinaryIO = self.raw
         elif compression == ".zst":
@@ -137,6 +145,8 @@ class InputStream:
 
     def remaining(self) -> int:
         """About how many bytes reading on yields: exact for a plain file, scaled by the ratio so far if not."""
+        if self.stdin:
+            return 1 << 62  # unknown: as if much is left, so chunks keep their full size
         left = max(0, self.size - self.consumed())
         if not self.compressed:
             return left
@@ -145,10 +155,15 @@ class InputStream:
     def close(self) -> None:
         if self.stream is not self.raw:
             self.stream.close()
-        self.raw.close()
+        if not self.stdin or self.digest is not None:  # the wrapper, not standard input itself
+            self.raw.close()
 
     def __enter__(self) -> InputStream:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None and self.digest is not None:
+                drain(self.raw)  # what the reader left (a trailer, a JSON array's tail) is the file's too
+        finally:
+            self.close()

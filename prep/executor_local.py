@@ -127,7 +127,8 @@ def _tokenize(
     with journal.open_tokens() as out:
         for batch, ids in encoded:
             framed = frame(cfg, tok, batch.job.records, ids, state.next_id, state.counts)
-            journal_batch(journal, out, framed, sources[batch.source_index] if batch.last else None)
+            source = sources[batch.source_index] if batch.last else None
+            journal_batch(journal, out, framed, source, batch.fingerprint)
             progress.advance(0, docs=state.counts["docs_in"], tokens=state.counts["tokens_packed"])
     journal.finish_pass1()
     return Tokenized(state.num_docs, DocumentAccounting(**state.counts), tuple(state.inputs))

@@ -20,6 +20,7 @@ from typing import TypeVar
 import numpy as np
 
 from prep.compressed import DECOMPRESSION_ERRORS, InputStream, inner_name
+from prep.provenance import InputDigest, OrderedHash, is_stdin
 from shared.errors import UserError
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -100,14 +101,28 @@ class InputFile:
 
     @property
     def num_bytes(self) -> int:
+        """Its size on disk (0 for standard input, whose size is not known before it is read)."""
+        if is_stdin(self.path):
+            return 0
+        return sum(p.stat().st_size for p in self.files())
+
+    def files(self) -> list[Path]:
+        """The files on disk it is read from: itself, or a saved dataset's Arrow files, sorted."""
         if self.path.is_dir():
             folder = self.path / self.dataset_split if self.dataset_split else self.path
-            return sum(p.stat().st_size for p in folder.rglob("*.arrow"))
-        return self.path.stat().st_size
+            return sorted(folder.rglob("*.arrow"))
+        return [self.path]
 
 
-def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
-    """All records of one input, in order. ``on_bytes`` is told how many input bytes each step consumed."""
+def read_records(
+    source: InputFile,
+    text_field: str,
+    on_bytes: Callable[[int], None],
+    digest: InputDigest | None = None,
+) -> Iterator[Record]:
+    """All records of one input, in order. ``on_bytes`` is told how many input bytes each step consumed;
+    ``digest``, when given, gets every byte of the input (prep/provenance.py) by the time the last record
+    is read."""
     readers = {
         "jsonl": _read_jsonl,
         "json": _read_json,
@@ -117,18 +132,25 @@ def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], N
         "tsv": _read_csv,
     }
     if source.format == "arrow-dataset":
-        records = _read_saved_dataset(source, text_field, on_bytes)
+        records = _read_saved_dataset(source, text_field, on_bytes, digest)
     else:
-        records = readers[source.format](source.path, text_field, on_bytes)
+        records = readers[source.format](source.path, text_field, on_bytes, digest)
     yield from _named_errors(source, records)
 
 
 def read_jsonl_chunks(
-    source: InputFile, on_bytes: Callable[[int], None], *, size: int, skip: int = 0, spread: int = 1
+    source: InputFile,
+    on_bytes: Callable[[int], None],
+    *,
+    size: int,
+    skip: int = 0,
+    spread: int = 1,
+    digest: InputDigest | None = None,
 ) -> Iterator[tuple[int, bytes]]:
     """:func:`jsonl_chunks` of a ``jsonl`` input, its read errors reported as :func:`read_records` does."""
     assert source.format == "jsonl", source
-    yield from _named_errors(source, jsonl_chunks(source.path, on_bytes, size=size, skip=skip, spread=spread))
+    chunks = jsonl_chunks(source.path, on_bytes, size=size, skip=skip, spread=spread, digest=digest)
+    yield from _named_errors(source, chunks)
 
 
 def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
@@ -222,7 +244,13 @@ BOM = b"\xef\xbb\xbf"
 
 
 def jsonl_chunks(
-    path: Path, on_bytes: Callable[[int], None], *, size: int = 4 << 20, skip: int = 0, spread: int = 1
+    path: Path,
+    on_bytes: Callable[[int], None],
+    *,
+    size: int = 4 << 20,
+    skip: int = 0,
+    spread: int = 1,
+    digest: InputDigest | None = None,
 ) -> Iterator[tuple[int, bytes]]:
     """``(number of its first line, bytes)`` of whole lines of a JSONL file, about ``size`` bytes at a time.
 
@@ -231,9 +259,10 @@ def jsonl_chunks(
     that the one process reading the input does no work per record. ``skip`` records (lines that are
     not blank) are passed over first, to resume after them. With ``spread`` workers, chunks shrink
     near the end of the file (to a ``2 * spread``-th of what is left, down to ``size / 8``), so that
-    the workers finish together rather than one after the other on the last big chunks.
+    the workers finish together rather than one after the other on the last big chunks. ``digest``: see
+    :func:`read_records`.
     """
-    with InputStream(path) as f:
+    with InputStream(path, digest) as f:
         reported = 0
 
         def report(num_bytes: int) -> None:
@@ -310,22 +339,26 @@ def jsonl_record(path: str, line_no: int, raw: bytes, text_field: str) -> Record
     return record
 
 
-def _read_jsonl(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+def _read_jsonl(
+    path: Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
     name = str(path)
-    for first_line, chunk in jsonl_chunks(path, on_bytes):
+    for first_line, chunk in jsonl_chunks(path, on_bytes, digest=digest):
         for line_no, raw in jsonl_chunk_lines(first_line, chunk):
             yield jsonl_record(name, line_no, raw, text_field)
 
 
-def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+def _read_json(
+    path: Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
     with InputStream(path) as f:
         head = f.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
     if not head.startswith(b"["):
-        yield from _read_jsonl(path, text_field, on_bytes)
+        yield from _read_jsonl(path, text_field, on_bytes, digest)
         return
     # A top-level JSON array cannot be parsed incrementally with the standard library; such files are
     # read whole. Use JSON lines for corpora larger than memory.
-    data = _read_whole(path, on_bytes)
+    data = _read_whole(path, on_bytes, digest)
     try:
         items = json.loads(data.decode("utf-8-sig"))
     except (ValueError, RecursionError) as e:  # includes UnicodeDecodeError and JSONDecodeError
@@ -339,8 +372,10 @@ def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> 
         yield record
 
 
-def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
-    data = _read_whole(path, on_bytes)
+def _read_text(
+    path: Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
+    data = _read_whole(path, on_bytes, digest)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -354,13 +389,15 @@ def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> 
     yield _text_record(text, str(path))
 
 
-def _read_csv(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+def _read_csv(
+    path: Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
     """The rows of a CSV (or, named .tsv, tab-separated) file with a header row, streamed; the column
     ``text_field`` is the text. A row the csv module cannot parse, or of the wrong width, is a bad record."""
     # A document may be longer than the csv module's default field limit (128 KiB).
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     delimiter = "\t" if inner_name(path).suffix.lower() == ".tsv" else ","
-    with InputStream(path) as f:
+    with InputStream(path, digest) as f:
         # surrogateescape: a row that is not UTF-8 becomes a bad record, not the end of the file.
         text = io.TextIOWrapper(f.stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
         rows = csv.reader(text, delimiter=delimiter)
@@ -402,9 +439,9 @@ def _csv_record(row: list[str], column: int, width: int, text_field: str, where:
     return _text_record(value, where)
 
 
-def _read_whole(path: Path, on_bytes: Callable[[int], None]) -> bytes:
+def _read_whole(path: Path, on_bytes: Callable[[int], None], digest: InputDigest | None) -> bytes:
     """The bytes of a file read whole (one text, or a JSON array), decompressed if its name says so."""
-    with InputStream(path) as f:
+    with InputStream(path, digest) as f:
         data = f.read()
     on_bytes(f.size)
     return data
@@ -453,7 +490,9 @@ def _utf8_or_not(raw: bytes) -> str | NotUtf8:
         return NotUtf8(raw)
 
 
-def _read_parquet(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+def _read_parquet(
+    path: Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
@@ -466,14 +505,19 @@ def _read_parquet(path: Path, text_field: str, on_bytes: Callable[[int], None]) 
         )
     row = 0
     total = path.stat().st_size
+    hashed = None if digest is None else OrderedHash([path], digest)
     for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
         yield from _column_records(_strings(batch.column(0)), row, path, text_field)
         row += batch.num_rows
         on_bytes(total * batch.num_rows // max(pf.metadata.num_rows, 1))
+        if hashed is not None:
+            hashed.advance(row, pf.metadata.num_rows)
+    if hashed is not None:
+        hashed.finish()
 
 
 def _read_saved_dataset(
-    source: InputFile, text_field: str, on_bytes: Callable[[int], None]
+    source: InputFile, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
 ) -> Iterator[Record]:
     """The records of a saved Dataset, or of the one split of a saved DatasetDict that discovery chose."""
     import datasets
@@ -510,7 +554,12 @@ def _read_saved_dataset(
         ) from e
     total = max(len(ds), 1)
     num_bytes = source.num_bytes
+    hashed = None if digest is None else OrderedHash(source.files(), digest)
     for start in range(0, len(ds), 4096):
         column = ds[start : start + 4096][text_field]
         yield from _column_records(column, start, label, text_field)
         on_bytes(num_bytes * len(column) // total)
+        if hashed is not None:
+            hashed.advance(start + len(column), len(ds))
+    if hashed is not None:
+        hashed.finish()

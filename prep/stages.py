@@ -34,6 +34,7 @@ from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, input_stats, kill_point
 from prep.outdir import WORK_DIR
 from prep.packing import STRATEGIES, RowPlan, index_dtype, make_plan
+from prep.provenance import Fingerprint, InputDigest
 from prep.readers import EMPTY, MISSING_FIELD, BatchRecords, InputError, InputFile
 from prep.streams import build_streams
 from prep.tokenizer import LoadedTokenizer
@@ -156,6 +157,8 @@ class ReadBatch:
     """Whether it is the last batch of its input file (which the journal then closes)."""
     job: Job
     """What the encoder tokenizes; ``job.records`` is set once it is encoded."""
+    fingerprint: Fingerprint | None = None
+    """The input's fingerprint, on its last batch (it is read whole by then)."""
 
 
 def read(
@@ -165,6 +168,7 @@ def read(
     spread = cfg.workers or os.cpu_count() or 1
     for index in range(start[0], len(sources)):
         skip = start[1] if index == start[0] else 0
+        digest = InputDigest()  # a resumed input is read from its start too: the skipped records are hashed
         jobs = source_jobs(
             sources[index],
             text_field=cfg.text_field,
@@ -172,13 +176,15 @@ def read(
             skip=skip,
             spread=spread,
             on_bytes=progress.advance,
+            digest=digest,
         )
         held = None  # one batch held back, to know which is the last of its source
         for job in jobs:
             if held is not None:
                 yield ReadBatch(index, False, held)
             held = job
-        yield ReadBatch(index, True, empty_job(cfg.val_fraction) if held is None else held)
+        last = empty_job(cfg.val_fraction) if held is None else held
+        yield ReadBatch(index, True, last, digest.fingerprint(sources[index].path))
 
 
 def encode(encoder: Encoder, batches: Iterable[ReadBatch]) -> Iterator[tuple[ReadBatch, EncodedBatch]]:
@@ -278,21 +284,37 @@ def fingerprint(cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile],
     }
 
 
-def journal_batch(journal: Journal, tokens: BinaryIO, framed: Framed, source: InputFile | None) -> None:
-    """Append one framed batch to the work files and commit it; ``source``: the input file it closes, if any."""
+def input_info(source: InputFile, first_doc_id: int, num_records: int, fingerprint: Fingerprint) -> InputInfo:
+    """What the manifest records of one input read whole (both executors make it here)."""
+    return InputInfo(
+        path=str(source.path),
+        format=source.format,
+        first_doc_id=first_doc_id,
+        num_records=num_records,
+        dataset_split=source.dataset_split,
+        num_bytes=fingerprint.num_bytes,
+        mtime_ns=fingerprint.mtime_ns,
+        sha256=fingerprint.sha256,
+    )
+
+
+def journal_batch(
+    journal: Journal,
+    tokens: BinaryIO,
+    framed: Framed,
+    source: InputFile | None,
+    fingerprint: Fingerprint | None = None,
+) -> None:
+    """Append one framed batch to the work files and commit it; ``source``: the input file it closes, if any,
+    with its ``fingerprint``."""
     state = journal.pass1
     journal.append_docs(doc_id=framed.doc_id, doc_len=framed.doc_len, is_val=framed.is_val)
     tokens.write(memoryview(framed.tokens))
     state.next_id += framed.num_records
     journal.commit_batch(tokens, framed.num_records)
     if source is not None:
-        info = InputInfo(
-            path=str(source.path),
-            format=source.format,
-            first_doc_id=state.first_id,
-            num_records=state.next_id - state.first_id,
-            dataset_split=source.dataset_split,
-        )
+        assert fingerprint is not None, source
+        info = input_info(source, state.first_id, state.next_id - state.first_id, fingerprint)
         journal.commit_source(tokens, info)
 
 

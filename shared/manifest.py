@@ -51,6 +51,17 @@ class InputInfo:
     num_records: int
     dataset_split: str | None = None
     """The split read, when the input is a saved DatasetDict."""
+    num_bytes: int | None = None
+    """Provenance (prep/provenance.py), taken while the input was read: its size in bytes on disk (a saved
+    dataset: its Arrow files'; standard input: the bytes read). None in manifests written before."""
+    mtime_ns: int | None = None
+    """Its modification time, ns since the epoch (a saved dataset: its newest Arrow file; None for stdin)."""
+    sha256: str | None = None
+    """sha256 of its bytes on disk (compressed as stored; a saved dataset's Arrow files in sorted order)."""
+
+
+INPUT_OPTIONAL = ("dataset_split", "num_bytes", "mtime_ns", "sha256")
+"""Fields of :class:`InputInfo` written only when known."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -151,8 +162,9 @@ class Manifest:
         if raw["options"]["dataset_split"] is None:
             del raw["options"]["dataset_split"]
         for info in raw["inputs"]:
-            if info["dataset_split"] is None:
-                del info["dataset_split"]
+            for key in INPUT_OPTIONAL:
+                if info[key] is None:
+                    del info[key]
         return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 
     def save(self, folder: str | Path) -> None:
