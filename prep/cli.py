@@ -306,7 +306,9 @@ def demo(
                 overwrite=True,
             )
         )
-        report = verify_dataset(VerifyConfig(root=packed, tokenizer=str(tok_dir), sources=(str(corpus),)))
+        report = verify_dataset(
+            VerifyConfig(root=packed, tokenizer=str(tok_dir), sources=(str(corpus),), inputs=True)
+        )
     except UserError as e:
         raise fail(e) from None
     print_verify_report(report, out)
@@ -333,15 +335,25 @@ def verify(
         ),
     ] = None,
     sample: Annotated[int, typer.Option(help="Source records to re-tokenize with --source.")] = 256,
+    inputs: Annotated[
+        bool,
+        typer.Option(
+            "--inputs",
+            help="Hash the inputs again (at the paths the manifest records) and compare their size and"
+            " sha256 with the manifest's: fails if they changed since packing.",
+        ),
+    ] = False,
 ) -> None:
     """Check every row of every shard against the manifest and the shard contract; exit 1 at the first failure.
 
-    Example: prep verify packed/ --tokenizer Qwen2.5-0.5B/ --source data/a.jsonl --source data/b.jsonl
+    Example: prep verify packed/ --tokenizer Qwen2.5-0.5B/ --source data/a.jsonl --source data/b.jsonl --inputs
     """
     from prep.verify import VerifyConfig, verify_dataset
 
     try:
-        cfg = VerifyConfig(root=folder, tokenizer=tokenizer, sources=tuple(source or ()), sample=sample)
+        cfg = VerifyConfig(
+            root=folder, tokenizer=tokenizer, sources=tuple(source or ()), sample=sample, inputs=inputs
+        )
         report = verify_dataset(cfg)
     except UserError as e:
         raise fail(e) from None
