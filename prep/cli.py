@@ -245,6 +245,27 @@ def pack(
             " local Ray. --out and the inputs must be on storage every node sees."
         ),
     ] = None,
+    license: Annotated[
+        str | None,
+        typer.Option(
+            help="The data's license for the card, an SPDX-style id (apache-2.0, cc-by-4.0) or other."
+        ),
+    ] = None,
+    language: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A language of the documents for the card, ISO 639-1/3 (en, yue); repeat for several."
+        ),
+    ] = None,
+    source_dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A dataset the documents come from, for the card's source_datasets; repeat for several."
+        ),
+    ] = None,
+    description: Annotated[
+        str | None, typer.Option(help="What the data is, in words: the card's description section.")
+    ] = None,
 ) -> None:
     """Tokenize documents, separate them with EOS, pack them into rows and write Arrow shards.
 
@@ -270,6 +291,10 @@ def pack(
             resume=resume,
             executor=engine if engine is not None else executor,
             ray_address=ray_address,
+            license=license,
+            language=tuple(language or ()),
+            source_datasets=tuple(source_dataset or ()),
+            description=description,
         )
         run_pack(cfg)
     except UserError as e:

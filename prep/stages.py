@@ -19,6 +19,7 @@ writing (see docs/reliability.md, "Memory: bytes per document").
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from shared.contract import SPLITS, shard_metadata
 from shared.errors import UserError
 from shared.manifest import (
     MAX_INT32,
+    CardInfo,
     DocumentAccounting,
     IgnoredInput,
     InputInfo,
@@ -88,8 +90,17 @@ class PackConfig:
     """``local`` (every core of this machine) or ``ray`` (Ray tasks across a cluster; same output bytes)."""
     ray_address: str | None = None
     """Ray cluster to join with ``executor="ray"``; default ``RAY_ADDRESS``, else a Ray started on this machine."""
+    license: str | None = None
+    """The data's license, an SPDX-style id or ``other``: the card's ``license`` (and the manifest's)."""
+    language: tuple[str, ...] = ()
+    """ISO 639-1/639-3 codes of the documents' languages: the card's ``language``."""
+    source_datasets: tuple[str, ...] = ()
+    """The datasets the documents come from: the card's ``source_datasets``."""
+    description: str | None = None
+    """What the data is, in words: the card's description."""
 
     def __post_init__(self) -> None:
+        check_card_fields(self)
         if self.executor not in EXECUTORS:
             raise UserError(f"--executor {self.executor!r} is unknown; choose one of {', '.join(EXECUTORS)}.")
         if self.ray_address is not None and self.executor != "ray":
@@ -132,6 +143,45 @@ class PackConfig:
             raise UserError("no inputs given; pass one or more files, folders or globs.")
         if self.dataset_split is not None and not self.dataset_split.strip():
             raise UserError("--dataset-split is empty; name a split of the DatasetDict input, or drop it.")
+
+
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[a-z0-9]{2,8})*")
+
+
+def check_card_fields(cfg: PackConfig) -> None:
+    """Light checks of what goes into the data card's YAML: ids the Hugging Face Hub reads, not prose."""
+    if cfg.license is not None and not LICENSE_ID.fullmatch(cfg.license):
+        raise UserError(
+            f"--license {cfg.license!r} is not a license id. Pass an SPDX-style id in lower case, such as"
+            " `apache-2.0`, `mit`, `cc-by-4.0` or `cc-by-nc-sa-4.0`, or `other` and name the license in"
+            " --description."
+        )
+    for code in cfg.language:
+        if not LANGUAGE_CODE.fullmatch(code):
+            raise UserError(
+                f"--language {code!r} is not a language code. Pass ISO 639-1 or 639-3 codes in lower case"
+                " (`en`, `de`, `yue`; a region may follow, `en-gb`), repeating --language for each language."
+            )
+    for name in cfg.source_datasets:
+        if not name.strip() or "\n" in name:
+            raise UserError(
+                f"--source-dataset {name!r} is empty or spans lines; pass one dataset name (e.g."
+                " `reuters21578`, or a Hub id such as `org/name`) per --source-dataset."
+            )
+    if cfg.description is not None and not cfg.description.strip():
+        raise UserError("--description is empty; say what the data is, or drop the option.")
+
+
+def card_info(cfg: PackConfig) -> CardInfo | None:
+    """What the manifest records for the card, or None when no card option was given."""
+    info = CardInfo(
+        license=cfg.license,
+        language=tuple(cfg.language),
+        source_datasets=tuple(cfg.source_datasets),
+        description=cfg.description,
+    )
+    return None if info == CardInfo() else info
 
 
 class Progress:
@@ -407,6 +457,7 @@ def finish(
         splits=splits,
         created_by=f"prep {__version__}",
         ignored=ignored,
+        card=card_info(cfg),
     )
     problems = docs.problems()
     assert not problems, f"internal accounting error: {problems}"
