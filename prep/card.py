@@ -16,6 +16,7 @@ from pathlib import Path
 from string import Template
 
 from prep.card_plot import card_figure
+from prep.provenance import is_stdin
 from prep.stats import SplitStats, dataset_stats, summary
 from shared.contract import CARD_NAME
 from shared.fileio import atomic_write_text, atomic_writer
@@ -158,7 +159,9 @@ def _card_options(m: Manifest) -> str:
 
 def _commands(folder: str, m: Manifest) -> str:
     d = shlex.quote(folder)
-    sources = " ".join(f"--source {shlex.quote(i.path)}" for i in m.inputs)
+    # Standard input cannot be given again: then the sources are not compared.
+    stdin = any(is_stdin(i.path) for i in m.inputs)
+    sources = "" if stdin else " ".join(f"--source {shlex.quote(i.path)}" for i in m.inputs)
     o, t = m.options, m.tokenizer
     repack = (
         f"prep pack {' '.join(shlex.quote(i.path) for i in m.inputs)} --tokenizer {shlex.quote(t.path)}"

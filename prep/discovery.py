@@ -2,6 +2,7 @@
 
 The rule, in one place (``prep verify --source`` applies it again to find the same files):
 
+- ``-`` is standard input, read as JSON lines (``./-`` is a file named ``-``), at most once per run.
 - An input that exists is that path, whatever its name holds (``data[1].jsonl`` is that file). Only an
   input that does not exist is a glob pattern; its matches are taken in sorted order.
 - A file named as an input is read if its type is supported (.jsonl .json .ndjson .parquet .txt .text .md
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prep.compressed import MAGIC, check_name_and_magic, compression_of, inner_name
+from prep.provenance import STDIN, is_stdin
 from prep.readers import (
     CSV_SUFFIXES,
     JSON_SUFFIXES,
@@ -94,7 +96,11 @@ def discover_inputs(inputs: Sequence[str], dataset_split: str | None = None) -> 
     for spec in inputs:
         num_files, num_ignored = len(walk.files), len(walk.ignored)
         path = Path(spec)
-        if path.exists():
+        if is_stdin(spec):
+            if any(is_stdin(f.path) for f in walk.files):
+                raise InputError("input `-` (standard input) is given twice; it can be read only once.")
+            walk.files.append(InputFile(Path(STDIN), "jsonl"))
+        elif path.exists():
             walk.given(path)
         elif any(c in spec for c in "*?["):
             matches = sorted(glob.glob(spec, recursive=True))

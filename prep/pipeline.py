@@ -11,6 +11,7 @@ from pathlib import Path
 from prep.discovery import describe, discover_inputs
 from prep.executor_local import pack_local
 from prep.outdir import output_lock, refuse_overlap
+from prep.provenance import is_stdin
 from prep.stages import PackConfig, Progress
 from shared.manifest import Manifest
 
@@ -21,7 +22,8 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     """Pack ``cfg.inputs`` into ``cfg.out``; return the manifest written there."""
     progress = progress or Progress()
     found = discover_inputs(cfg.inputs, cfg.dataset_split)
-    refuse_overlap(cfg.out, [Path(i) for i in cfg.inputs if Path(i).exists()] + [s.path for s in found.files])
+    given = [Path(i) for i in cfg.inputs if not is_stdin(i) and Path(i).exists()]
+    refuse_overlap(cfg.out, given + [s.path for s in found.files if not is_stdin(s.path)])
     progress.message(describe(found))
     with output_lock(cfg.out):
         if cfg.executor == "ray":

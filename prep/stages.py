@@ -35,7 +35,7 @@ from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, input_stats, kill_point
 from prep.outdir import WORK_DIR
 from prep.packing import STRATEGIES, RowPlan, index_dtype, make_plan
-from prep.provenance import Fingerprint, InputDigest
+from prep.provenance import STDIN, Fingerprint, InputDigest
 from prep.readers import EMPTY, MISSING_FIELD, BatchRecords, InputError, InputFile
 from prep.streams import build_streams
 from prep.tokenizer import LoadedTokenizer
@@ -111,6 +111,17 @@ class PackConfig:
             raise UserError(
                 "`--resume` is not supported with `--executor ray` (a Ray pack keeps no journal); pass"
                 " `--overwrite` to pack again from the start, or finish the run with `--executor local`."
+            )
+        if STDIN in self.inputs and self.resume:
+            raise UserError(
+                "`--resume` cannot continue a pack that reads standard input (`-`): what was read is gone."
+                " Save the input to a file and pack that (`... > corpus.jsonl`), or pass `--overwrite` to"
+                " pack again from the start."
+            )
+        if STDIN in self.inputs and self.executor == "ray":
+            raise UserError(
+                "`--executor ray` cannot read standard input (`-`): Ray tasks read inputs by path. Save it to"
+                " a file on storage every node sees, or use `--executor local`."
             )
         if self.resume and self.overwrite:
             raise UserError(

@@ -53,6 +53,11 @@ class VerifyConfig:
     """Hash every input again (at the manifest's paths) and compare with the fingerprints it records."""
 
     def __post_init__(self) -> None:
+        if any(is_stdin(s) for s in self.sources):
+            raise UserError(
+                "--source - : standard input cannot be compared (it would be read again, here). Save what"
+                " you packed from it to a file, pack and verify that."
+            )
         if self.sample < 1:
             raise UserError(f"--sample {self.sample} must be at least 1.")
 
