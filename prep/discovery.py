@@ -3,6 +3,8 @@
 The rule, in one place (``prep verify --source`` applies it again to find the same files):
 
 - ``-`` is standard input, read as JSON lines (``./-`` is a file named ``-``), at most once per run.
+- ``hf:ORG/NAME`` is a Hugging Face dataset by name, read through `datasets` (prep/hub.py; ``./hf:x`` is a
+  file); a DatasetDict rule as below chooses its split.
 - An input that exists is that path, whatever its name holds (``data[1].jsonl`` is that file). Only an
   input that does not exist is a glob pattern; its matches are taken in sorted order.
 - A file named as an input is read if its type is supported (.jsonl .json .ndjson .parquet .txt .text .md
@@ -38,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from prep import hub
 from prep.compressed import MAGIC, check_name_and_magic, compression_of, inner_name
 from prep.provenance import STDIN, is_stdin
 from prep.readers import (
@@ -100,6 +103,8 @@ def discover_inputs(inputs: Sequence[str], dataset_split: str | None = None) -> 
             if any(is_stdin(f.path) for f in walk.files):
                 raise InputError("input `-` (standard input) is given twice; it can be read only once.")
             walk.files.append(InputFile(Path(STDIN), "jsonl"))
+        elif hub.is_hub(spec):
+            walk.hub(spec)
         elif path.exists():
             walk.given(path)
         elif any(c in spec for c in "*?["):
@@ -301,6 +306,21 @@ class _Walk:
             ) from e
         for child in children:
             self.met(child)
+
+    def hub(self, spec: str) -> None:
+        """A Hugging Face dataset by name (prep/hub.py); the split to read under the DatasetDict rule."""
+        name = hub.hub_name(spec)
+        self.num_dataset_dicts += 1
+        splits = hub.splits(name)
+        if self.dataset_split is None and len(splits) > 1:
+            raise InputError(
+                f"dataset `{spec}` has splits {', '.join(splits)}; choose the one to pack with"
+                " `--dataset-split NAME`."
+            )
+        split = self.dataset_split or splits[0]
+        hub.split(name, split)  # refuses a split it does not have
+        if self._first_reach(Path(spec)):
+            self.files.append(InputFile(Path(spec), hub.FORMAT, dataset_split=split))
 
     def _dataset(self, folder: Path) -> InputFile:
         """A saved dataset; for a DatasetDict, the split to read under the rule."""

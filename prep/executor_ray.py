@@ -35,6 +35,7 @@ import numpy as np
 
 from prep.discovery import Discovery
 from prep.encoder import Encoder, record_jobs
+from prep.hub import is_hub
 from prep.outdir import WORK_DIR, prepare_output_folder
 from prep.packing import RowPlan
 from prep.provenance import Fingerprint, InputDigest
@@ -265,7 +266,7 @@ def _tokenize_all(
     refs = [
         task.remote(
             task_cfg,
-            replace(s, path=s.path.resolve()),
+            replace(s, path=s.path if is_hub(s.path) else s.path.resolve()),
             s.num_bytes,
             tok.info.sha256,
             str(_part_path(work.resolve(), i)),

@@ -42,6 +42,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from prep.hub import is_hub
 from prep.provenance import is_stdin
 from shared.errors import ShardIntegrityError, UserError
 from shared.fileio import atomic_write_text, fsync_dir
@@ -76,8 +77,8 @@ def input_stats(paths: list[Path]) -> list[dict[str, Any]]:
     """What identifies an input's content cheaply: path, size and modification time (of every file in a folder)."""
     stats = []
     for path in paths:
-        if is_stdin(path):  # standard input: nothing to compare (a run reading it is never resumed)
-            stats.append({"path": "-"})
+        if is_stdin(path) or is_hub(path):  # stdin is never resumed; a Hub dataset is known by name
+            stats.append({"path": str(path)})
             continue
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:

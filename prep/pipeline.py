@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prep.discovery import describe, discover_inputs
 from prep.executor_local import pack_local
+from prep.hub import is_hub
 from prep.outdir import output_lock, refuse_overlap
 from prep.provenance import is_stdin
 from prep.stages import PackConfig, Progress
@@ -22,8 +23,9 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     """Pack ``cfg.inputs`` into ``cfg.out``; return the manifest written there."""
     progress = progress or Progress()
     found = discover_inputs(cfg.inputs, cfg.dataset_split)
-    given = [Path(i) for i in cfg.inputs if not is_stdin(i) and Path(i).exists()]
-    refuse_overlap(cfg.out, given + [s.path for s in found.files if not is_stdin(s.path)])
+    given = [Path(i) for i in cfg.inputs if not (is_stdin(i) or is_hub(i)) and Path(i).exists()]
+    on_disk = [s.path for s in found.files if not (is_stdin(s.path) or is_hub(s.path))]
+    refuse_overlap(cfg.out, given + on_disk)
     progress.message(describe(found))
     with output_lock(cfg.out):
         if cfg.executor == "ray":

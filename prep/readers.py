@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from prep import hub
 from prep.compressed import DECOMPRESSION_ERRORS, InputStream, inner_name
 from prep.provenance import InputDigest, OrderedHash, is_stdin
 from shared.errors import UserError
@@ -95,7 +96,7 @@ def summarize(records: list[Record], val_fraction: float) -> BatchRecords:
 class InputFile:
     path: Path
     format: str
-    """`jsonl`, `json`, `parquet`, `text`, `csv`, `tsv` or `arrow-dataset`."""
+    """`jsonl`, `json`, `parquet`, `text`, `csv`, `tsv`, `arrow-dataset` or `hf-dataset` (prep/hub.py)."""
     dataset_split: str | None = None
     """The split to read of a saved DatasetDict (prep/discovery.py chooses it)."""
 
@@ -107,7 +108,11 @@ class InputFile:
         return sum(p.stat().st_size for p in self.files())
 
     def files(self) -> list[Path]:
-        """The files on disk it is read from: itself, or a saved dataset's Arrow files, sorted."""
+        """The files on disk it is read from: itself, a saved dataset's Arrow files, sorted, or those of a
+        Hub dataset's split in the `datasets` cache, in its order."""
+        if self.format == hub.FORMAT:
+            assert self.dataset_split is not None, self
+            return hub.arrow_files(hub.hub_name(self.path), self.dataset_split)
         if self.path.is_dir():
             folder = self.path / self.dataset_split if self.dataset_split else self.path
             return sorted(folder.rglob("*.arrow"))
@@ -131,8 +136,8 @@ def read_records(
         "csv": _read_csv,
         "tsv": _read_csv,
     }
-    if source.format == "arrow-dataset":
-        records = _read_saved_dataset(source, text_field, on_bytes, digest)
+    if source.format in ("arrow-dataset", hub.FORMAT):
+        records = _read_dataset(source, text_field, on_bytes, digest)
     else:
         records = readers[source.format](source.path, text_field, on_bytes, digest)
     yield from _named_errors(source, records)
@@ -516,12 +521,9 @@ def _read_parquet(
         hashed.finish()
 
 
-def _read_saved_dataset(
-    source: InputFile, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
-) -> Iterator[Record]:
-    """The records of a saved Dataset, or of the one split of a saved DatasetDict that discovery chose."""
+def _load_saved(source: InputFile):
+    """A saved Dataset, or the one split of a saved DatasetDict that discovery chose; and its name for messages."""
     import datasets
-    import pyarrow as pa
 
     path, name = source.path, source.dataset_split
     try:
@@ -536,8 +538,21 @@ def _read_saved_dataset(
             f"dataset `{path}` changed while being read (it is {'no longer ' if name else ''}a DatasetDict);"
             " run the command again."
         )
-    ds = loaded[name] if name is not None else loaded
-    label = path / name if name else path
+    return (loaded[name] if name is not None else loaded), (path / name if name else path)
+
+
+def _read_dataset(
+    source: InputFile, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
+    """The records of a saved dataset (:func:`_load_saved`) or of a Hub dataset's split (prep/hub.py)."""
+    import pyarrow as pa
+
+    if source.format == hub.FORMAT:
+        assert source.dataset_split is not None, source
+        ds = hub.split(hub.hub_name(source.path), source.dataset_split)
+        label = f"{source.path} (split {source.dataset_split})"
+    else:
+        ds, label = _load_saved(source)
     if text_field not in ds.column_names:
         raise InputError(
             f"dataset `{label}` has no `{text_field}` column (columns: {', '.join(ds.column_names)});"

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.hub import is_hub
 from prep.provenance import fingerprint_files, is_stdin
 from prep.readers import InputFile
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
@@ -305,7 +306,7 @@ def check_inputs(m: Manifest) -> list[str]:
             notes.append(f"`{info.path}` has no fingerprint (packed before manifests recorded them)")
             continue
         source = InputFile(Path(info.path), info.format, info.dataset_split)
-        if not source.path.exists():
+        if not (source.path.exists() or is_hub(info.path)):
             changed.append(f"`{info.path}` is gone")
             continue
         now = fingerprint_files(source.files(), info.path)
