@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-from prep.provenance import InputDigest, drain, is_stdin, open_raw
+from prep.provenance import InputDigest, drain, is_stdin, open_raw, size_of
 from shared.errors import UserError
 
 MAGIC = {
@@ -65,11 +65,14 @@ def magic_of(head: bytes) -> str | None:
     return next((c for c, magics in MAGIC.items() if head.startswith(magics)), None)
 
 
-def check_name_and_magic(path: Path) -> str | None:
-    """``path``'s compression, once its name and first bytes agree; raise :class:`CompressionError` if not."""
+def check_name_and_magic(location: str | Path) -> str | None:
+    """``path``'s compression, once its name and first bytes agree; raise :class:`CompressionError` if not.
+
+    ``location``: a path, or a URL as given (prep/urls.py)."""
+    path = Path(location)
     named = compression_of(path)
     try:
-        with open(path, "rb") as f:
+        with open_raw(location, None) as f:
             head = f.read(10)
     except OSError:
         return named  # unreadable: the reader names the file and the fix when it gets to it
@@ -77,12 +80,12 @@ def check_name_and_magic(path: Path) -> str | None:
     if named and found != named and head:  # an empty file is an empty input, whatever its name
         what = f"starts like a {NAMES[found]} file" if found else "does not start with its magic bytes"
         raise CompressionError(
-            f"input `{path}` is named as {NAMES[named]} ({named}) but {what}. Rename it to what it holds,"
+            f"input `{location}` is named as {NAMES[named]} ({named}) but {what}. Rename it to what it holds,"
             f" or compress it again (e.g. `{NAMES[named]} -t {path}` tests it)."
         )
     if not named and found:
         raise CompressionError(
-            f"input `{path}` is {NAMES[found]}-compressed but its name does not end in {found}. Rename it to"
+            f"input `{location}` is {NAMES[found]}-compressed but its name does not end in {found}. Rename it to"
             f" `{path.name}{found}` so that it is read decompressed."
         )
     if named == ".zst":
@@ -110,17 +113,19 @@ class InputStream:
     input (never compressed; its size is unknown, 0 here).
     """
 
-    def __init__(self, path: Path, digest: InputDigest | None = None) -> None:
+    def __init__(self, path: str | Path, digest: InputDigest | None = None) -> None:
         self.raw: BinaryIO = open_raw(path, digest)
         self.digest = digest
         self.stdin = is_stdin(path)
-        self.size = 0 if self.stdin else path.stat().st_size
-        compression = None if self.stdin else compression_of(path)
+        self.size = size_of(path)
+        compression = None if self.stdin else compression_of(Path(path))
         if compression is None:
             self.stream: BinaryIO = self.raw
         elif compression == ".zst":
             # Buffered: zstandard's reader has no readline, which a resume uses to skip records.
-            reader = _zstandard(path).ZstdDecompressor().stream_reader(self.raw, read_across_frames=True)
+            reader = (
+                _zstandard(Path(path)).ZstdDecompressor().stream_reader(self.raw, read_across_frames=True)
+            )
             self.stream = io.BufferedReader(reader)
         elif compression == ".gz":
             self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")

@@ -288,7 +288,7 @@ def source_jobs(
         chunks = read_jsonl_chunks(
             source, on_bytes, size=BATCH_CHARS, skip=skip, spread=spread, digest=digest
         )
-        name = "<stdin>" if is_stdin(source.path) else str(source.path)
+        name = "<stdin>" if is_stdin(source.path) else source.name
         return (JsonlChunk(name, text_field, val_fraction, *chunk) for chunk in chunks)
     records = read_records(source, text_field, lambda n: on_bytes(n), digest)
     return record_jobs(islice(records, skip, None), val_fraction)

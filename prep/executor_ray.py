@@ -266,7 +266,7 @@ def _tokenize_all(
     refs = [
         task.remote(
             task_cfg,
-            replace(s, path=s.path if is_hub(s.path) else s.path.resolve()),
+            replace(s, path=s.path if s.url or is_hub(s.path) else s.path.resolve()),
             s.num_bytes,
             tok.info.sha256,
             str(_part_path(work.resolve(), i)),

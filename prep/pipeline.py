@@ -24,7 +24,7 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     progress = progress or Progress()
     found = discover_inputs(cfg.inputs, cfg.dataset_split)
     given = [Path(i) for i in cfg.inputs if not (is_stdin(i) or is_hub(i)) and Path(i).exists()]
-    on_disk = [s.path for s in found.files if not (is_stdin(s.path) or is_hub(s.path))]
+    on_disk = [s.path for s in found.files if not (s.url or is_stdin(s.path) or is_hub(s.path))]
     refuse_overlap(cfg.out, given + on_disk)
     progress.message(describe(found))
     with output_lock(cfg.out):

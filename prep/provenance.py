@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from prep.urls import is_url, open_url, url_fs
 from shared.errors import UserError
 
 STDIN = "-"
@@ -109,9 +110,27 @@ class _HashedFile(io.RawIOBase):
         super().close()
 
 
-def open_raw(path: Path, digest: InputDigest | None) -> BinaryIO:
-    """``path`` (or standard input, for ``-``) opened for reading, through ``digest`` when one is given."""
-    if is_stdin(path):
+def size_of(location: str | Path) -> int:
+    """Bytes of a file or URL (0 for standard input, whose size is not known before it is read)."""
+    if is_stdin(location):
+        return 0
+    if is_url(location):
+        fs, path = url_fs(str(location))
+        return int(fs.size(path))
+    return Path(location).stat().st_size
+
+
+def open_raw(path: str | Path, digest: InputDigest | None) -> BinaryIO:
+    """``path`` (standard input for ``-``, an fsspec URL) opened for reading, through ``digest`` if given.
+
+    A URL's modification time is not recorded: filesystems report it in different ways, or not at all.
+    """
+    if is_url(path):
+        f, size = open_url(str(path))
+        if digest is None:
+            return f
+        digest.opened(size, None)
+    elif is_stdin(path):
         f: BinaryIO = sys.stdin.buffer
         if digest is None:
             return f
@@ -134,10 +153,10 @@ def drain(f: BinaryIO) -> None:
 class OrderedHash:
     """Hashes ``files`` in order, as far along as a reader that reads them out of order has got."""
 
-    def __init__(self, files: list[Path], digest: InputDigest) -> None:
+    def __init__(self, files: list[str | Path], digest: InputDigest) -> None:
         self.files = files
         self.digest = digest
-        self.total = sum(p.stat().st_size for p in files)
+        self.total = sum(size_of(p) for p in files)
         self._next = 0
         self._open: BinaryIO | None = None
 
@@ -165,7 +184,7 @@ class OrderedHash:
         self._next, self._open = len(self.files), None
 
 
-def fingerprint_files(files: list[Path], name: str | Path) -> Fingerprint:
+def fingerprint_files(files: list[str | Path], name: str | Path) -> Fingerprint:
     """The fingerprint of ``files`` read in full (what `prep verify --inputs` compares with the manifest)."""
     digest = InputDigest()
     OrderedHash(files, digest).finish()

@@ -21,7 +21,8 @@ import numpy as np
 
 from prep import hub
 from prep.compressed import DECOMPRESSION_ERRORS, InputStream, inner_name
-from prep.provenance import InputDigest, OrderedHash, is_stdin
+from prep.provenance import InputDigest, OrderedHash, is_stdin, open_raw, size_of
+from prep.urls import is_url
 from shared.errors import UserError
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -99,17 +100,29 @@ class InputFile:
     """`jsonl`, `json`, `parquet`, `text`, `csv`, `tsv`, `arrow-dataset` or `hf-dataset` (prep/hub.py)."""
     dataset_split: str | None = None
     """The split to read of a saved DatasetDict (prep/discovery.py chooses it)."""
+    url: str | None = None
+    """The fsspec URL it is read from, as given (prep/urls.py); ``path`` then holds it only for its name."""
+
+    @property
+    def location(self) -> str | Path:
+        """What the readers open: the URL, or the path."""
+        return self.url or self.path
+
+    @property
+    def name(self) -> str:
+        """The input as the manifest and messages name it."""
+        return self.url or str(self.path)
 
     @property
     def num_bytes(self) -> int:
         """Its size on disk (0 for standard input, whose size is not known before it is read)."""
-        if is_stdin(self.path):
-            return 0
-        return sum(p.stat().st_size for p in self.files())
+        return sum(size_of(p) for p in self.files())
 
-    def files(self) -> list[Path]:
-        """The files on disk it is read from: itself, a saved dataset's Arrow files, sorted, or those of a
-        Hub dataset's split in the `datasets` cache, in its order."""
+    def files(self) -> list[str | Path]:
+        """The files it is read from: itself (a path, a URL, stdin), a saved dataset's Arrow files, sorted,
+        or those of a Hub dataset's split in the `datasets` cache, in its order."""
+        if self.url or is_stdin(self.path):
+            return [self.location]
         if self.format == hub.FORMAT:
             assert self.dataset_split is not None, self
             return hub.arrow_files(hub.hub_name(self.path), self.dataset_split)
@@ -139,7 +152,7 @@ def read_records(
     if source.format in ("arrow-dataset", hub.FORMAT):
         records = _read_dataset(source, text_field, on_bytes, digest)
     else:
-        records = readers[source.format](source.path, text_field, on_bytes, digest)
+        records = readers[source.format](source.location, text_field, on_bytes, digest)
     yield from _named_errors(source, records)
 
 
@@ -154,7 +167,7 @@ def read_jsonl_chunks(
 ) -> Iterator[tuple[int, bytes]]:
     """:func:`jsonl_chunks` of a ``jsonl`` input, its read errors reported as :func:`read_records` does."""
     assert source.format == "jsonl", source
-    chunks = jsonl_chunks(source.path, on_bytes, size=size, skip=skip, spread=spread, digest=digest)
+    chunks = jsonl_chunks(source.location, on_bytes, size=size, skip=skip, spread=spread, digest=digest)
     yield from _named_errors(source, chunks)
 
 
@@ -163,20 +176,20 @@ def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
     try:
         yield from items
     except PermissionError as e:
-        raise InputError(f"cannot read `{source.path}`: permission denied. Fix its permissions.") from e
+        raise InputError(f"cannot read `{source.name}`: permission denied. Fix its permissions.") from e
     except IsADirectoryError as e:
         raise InputError(
-            f"`{source.path}` is a folder, not a {source.format} file. Pass the files inside it, or rename it."
+            f"`{source.name}` is a folder, not a {source.format} file. Pass the files inside it, or rename it."
         ) from e
     except DECOMPRESSION_ERRORS as e:
         raise InputError(
-            f"`{source.path}` cannot be decompressed ({type(e).__name__}: {str(e)[:160]}); it is damaged or"
+            f"`{source.name}` cannot be decompressed ({type(e).__name__}: {str(e)[:160]}); it is damaged or"
             " cut short. Compress it again from the original, or pass the uncompressed file."
         ) from e
     except OSError as e:
         # Device errors, vanished network mounts, special files: name the file rather than show a traceback.
         raise InputError(
-            f"cannot read `{source.path}` ({e.strerror or e}). Check the file and the disk it is on."
+            f"cannot read `{source.name}` ({e.strerror or e}). Check the file and the disk it is on."
         ) from e
 
 
@@ -249,7 +262,7 @@ BOM = b"\xef\xbb\xbf"
 
 
 def jsonl_chunks(
-    path: Path,
+    path: str | Path,
     on_bytes: Callable[[int], None],
     *,
     size: int = 4 << 20,
@@ -345,7 +358,7 @@ def jsonl_record(path: str, line_no: int, raw: bytes, text_field: str) -> Record
 
 
 def _read_jsonl(
-    path: Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+    path: str | Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
 ) -> Iterator[Record]:
     name = str(path)
     for first_line, chunk in jsonl_chunks(path, on_bytes, digest=digest):
@@ -354,7 +367,7 @@ def _read_jsonl(
 
 
 def _read_json(
-    path: Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+    path: str | Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
 ) -> Iterator[Record]:
     with InputStream(path) as f:
         head = f.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
@@ -378,7 +391,7 @@ def _read_json(
 
 
 def _read_text(
-    path: Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+    path: str | Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
 ) -> Iterator[Record]:
     data = _read_whole(path, on_bytes, digest)
     try:
@@ -395,13 +408,13 @@ def _read_text(
 
 
 def _read_csv(
-    path: Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+    path: str | Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
 ) -> Iterator[Record]:
     """The rows of a CSV (or, named .tsv, tab-separated) file with a header row, streamed; the column
     ``text_field`` is the text. A row the csv module cannot parse, or of the wrong width, is a bad record."""
     # A document may be longer than the csv module's default field limit (128 KiB).
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    delimiter = "\t" if inner_name(path).suffix.lower() == ".tsv" else ","
+    delimiter = "\t" if inner_name(Path(path)).suffix.lower() == ".tsv" else ","
     with InputStream(path, digest) as f:
         # surrogateescape: a row that is not UTF-8 becomes a bad record, not the end of the file.
         text = io.TextIOWrapper(f.stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
@@ -444,7 +457,7 @@ def _csv_record(row: list[str], column: int, width: int, text_field: str, where:
     return _text_record(value, where)
 
 
-def _read_whole(path: Path, on_bytes: Callable[[int], None], digest: InputDigest | None) -> bytes:
+def _read_whole(path: str | Path, on_bytes: Callable[[int], None], digest: InputDigest | None) -> bytes:
     """The bytes of a file read whole (one text, or a JSON array), decompressed if its name says so."""
     with InputStream(path, digest) as f:
         data = f.read()
@@ -452,7 +465,7 @@ def _read_whole(path: Path, on_bytes: Callable[[int], None], digest: InputDigest
     return data
 
 
-def _column_records(column: list, start_row: int, path: Path, text_field: str) -> Iterator[Record]:
+def _column_records(column: list, start_row: int, path: str | Path, text_field: str) -> Iterator[Record]:
     for i, text in enumerate(column):
         where = f"{path}:row {start_row + i}"
         if text is None:
@@ -496,12 +509,12 @@ def _utf8_or_not(raw: bytes) -> str | NotUtf8:
 
 
 def _read_parquet(
-    path: Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+    path: str | Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
 ) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(open_raw(path, None) if is_url(path) else path)
     except Exception as e:  # pyarrow raises several types for a damaged footer
         raise InputError(f"`{path}` is not a readable Parquet file ({e}).") from e
     if text_field not in pf.schema_arrow.names:
@@ -509,7 +522,7 @@ def _read_parquet(
             f"`{path}` has no `{text_field}` column (columns: {', '.join(pf.schema_arrow.names)}); set `--text-field`."
         )
     row = 0
-    total = path.stat().st_size
+    total = size_of(path)
     hashed = None if digest is None else OrderedHash([path], digest)
     for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
         yield from _column_records(_strings(batch.column(0)), row, path, text_field)

@@ -329,7 +329,7 @@ def fingerprint(cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile],
     """Everything that shapes the output bytes: `--resume` continues a run only if all of it still matches."""
     return {
         "inputs": list(cfg.inputs),
-        "input_files": input_stats([s.path for s in sources]),
+        "input_files": input_stats([s.location for s in sources]),
         "tokenizer": cfg.tokenizer,
         "tokenizer_sha256": tok.info.sha256,
         "seq_len": cfg.seq_len,
@@ -348,7 +348,7 @@ def fingerprint(cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile],
 def input_info(source: InputFile, first_doc_id: int, num_records: int, fingerprint: Fingerprint) -> InputInfo:
     """What the manifest records of one input read whole (both executors make it here)."""
     return InputInfo(
-        path=str(source.path),
+        path=source.name,
         format=source.format,
         first_doc_id=first_doc_id,
         num_records=num_records,

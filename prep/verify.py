@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from prep.hub import is_hub
 from prep.provenance import fingerprint_files, is_stdin
 from prep.readers import InputFile
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
+from prep.urls import is_url
 from shared.checks import CHECKS, RowCheckError, SplitSegments, TokenRules, check_batch, check_documents
 from shared.contract import DOC_IDS, FORMAT_NAME, FORMAT_VERSION, SHARD_SUFFIX
 from shared.errors import ManifestError, UserError
@@ -305,11 +305,13 @@ def check_inputs(m: Manifest) -> list[str]:
         if info.sha256 is None:
             notes.append(f"`{info.path}` has no fingerprint (packed before manifests recorded them)")
             continue
-        source = InputFile(Path(info.path), info.format, info.dataset_split)
-        if not (source.path.exists() or is_hub(info.path)):
+        url = info.path if is_url(info.path) else None
+        source = InputFile(Path(info.path), info.format, info.dataset_split, url=url)
+        try:
+            now = fingerprint_files(source.files(), info.path)
+        except FileNotFoundError:
             changed.append(f"`{info.path}` is gone")
             continue
-        now = fingerprint_files(source.files(), info.path)
         if (now.num_bytes, now.sha256) != (info.num_bytes, info.sha256):
             changed.append(
                 f"`{info.path}` is {now.num_bytes:,} bytes with sha256 {now.sha256[:12]}..., it was"
