@@ -181,7 +181,9 @@ def pack(
     inputs: Annotated[
         list[str],
         typer.Argument(
-            help="JSONL/JSON, Parquet or text files, folders, globs, or datasets saved with save_to_disk."
+            help="JSONL/JSON, CSV/TSV, Parquet or text files (also .gz .bz2 .xz .zst), folders, globs, datasets"
+            " saved with save_to_disk, `-` (JSON lines on stdin), hf:ORG/NAME (a Hugging Face dataset by"
+            " name, via datasets) or fsspec URLs (s3://, gs://, hf://, file://)."
         ),
     ],
     tokenizer: Annotated[str, typer.Option(help="A tokenizer.json, or a model folder that holds one.")],
