@@ -10,11 +10,13 @@ same card, and `prep card DIR` rebuilds it at any time. The template lives in :d
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from string import Template
 
 from prep.card_plot import card_figure
+from prep.provenance import is_stdin
 from prep.stats import SplitStats, dataset_stats, summary
 from shared.contract import CARD_NAME
 from shared.fileio import atomic_write_text, atomic_writer
@@ -34,11 +36,11 @@ Token sequences packed by `$created_by` (format `$format` version $format_versio
 training with variable-length attention. Every row lists its document boundaries (`cu_seqlens`),
 position ids restart at 0 in every segment, the first token of every segment is not a target (label -100),
 and every document ends with exactly one EOS. Rows are stored without padding.
-
+$description
 ## Sources
 
-| file | format | first doc_id | records |
-| --- | --- | ---: | ---: |
+| file | format | first doc_id | records | sha256 |
+| --- | --- | ---: | ---: | --- |
 $inputs
 
 ## Tokenizer
@@ -97,8 +99,22 @@ def _size_category(n: int) -> str:
     return "n>1M"
 
 
+def _card_keys(m: Manifest) -> list[str]:
+    """The Hugging Face card keys given to `prep pack` (license, language, source_datasets), as YAML lines."""
+    c = m.card
+    if c is None:
+        return []
+    lines = [f"license: {c.license}"] if c.license else []
+    for key, values in (("language", c.language), ("source_datasets", c.source_datasets)):
+        if values:
+            # JSON strings are YAML double-quoted scalars: a name with `:` or `#` stays one string.
+            lines += [f"{key}:"] + [f"  - {json.dumps(v)}" for v in values]
+    return lines
+
+
 def _front_matter(m: Manifest) -> str:
     lines = [
+        *_card_keys(m),
         f"pretty_name: packed {m.options.strategy} seq_len {m.seq_len}",
         "task_categories:",
         "  - text-generation",
@@ -132,9 +148,20 @@ def _stat_row(split: str, what: str, values) -> str:
     return f"| {split} | {what} | {cells} |"
 
 
+def _card_options(m: Manifest) -> str:
+    c = m.card
+    if c is None:
+        return ""
+    given = [("--license", c.license), ("--description", c.description)]
+    given += [("--language", v) for v in c.language] + [("--source-dataset", v) for v in c.source_datasets]
+    return "".join(f" {flag} {shlex.quote(value)}" for flag, value in given if value)
+
+
 def _commands(folder: str, m: Manifest) -> str:
     d = shlex.quote(folder)
-    sources = " ".join(f"--source {shlex.quote(i.path)}" for i in m.inputs)
+    # Standard input cannot be given again: then the sources are not compared.
+    stdin = any(is_stdin(i.path) for i in m.inputs)
+    sources = "" if stdin else " ".join(f"--source {shlex.quote(i.path)}" for i in m.inputs)
     o, t = m.options, m.tokenizer
     repack = (
         f"prep pack {' '.join(shlex.quote(i.path) for i in m.inputs)} --tokenizer {shlex.quote(t.path)}"
@@ -143,6 +170,7 @@ def _commands(folder: str, m: Manifest) -> str:
         + (f" --bos-token {shlex.quote(t.bos_token)}" if t.bos_token else "")
         + (" --skip-invalid" if o.skip_invalid else "")
         + (f" --dataset-split {shlex.quote(o.dataset_split)}" if o.dataset_split else "")
+        + _card_options(m)
     )
     return "\n".join(
         [
@@ -182,9 +210,12 @@ def render_card(m: Manifest, stats: dict[str, SplitStats], folder: str = "DIR") 
         created_by=m.created_by,
         format=m.format,
         format_version=m.format_version,
+        description=f"\n## Description\n\n{m.card.description.strip()}\n"
+        if m.card and m.card.description
+        else "",
         inputs="\n".join(
             f"| `{i.path}`{f' (split {i.dataset_split})' if i.dataset_split else ''} | {i.format}"
-            f" | {i.first_doc_id:,} | {i.num_records:,} |"
+            f" | {i.first_doc_id:,} | {i.num_records:,} | {f'`{i.sha256}`' if i.sha256 else '-'} |"
             for i in m.inputs
         ),
         tokenizer_path=t.path,

@@ -181,7 +181,9 @@ def pack(
     inputs: Annotated[
         list[str],
         typer.Argument(
-            help="JSONL/JSON, Parquet or text files, folders, globs, or datasets saved with save_to_disk."
+            help="JSONL/JSON, CSV/TSV, Parquet or text files (also .gz .bz2 .xz .zst), folders, globs, datasets"
+            " saved with save_to_disk, `-` (JSON lines on stdin), hf:ORG/NAME (a Hugging Face dataset by"
+            " name, via datasets) or fsspec URLs (s3://, gs://, hf://, file://)."
         ),
     ],
     tokenizer: Annotated[str, typer.Option(help="A tokenizer.json, or a model folder that holds one.")],
@@ -245,6 +247,27 @@ def pack(
             " local Ray. --out and the inputs must be on storage every node sees."
         ),
     ] = None,
+    license: Annotated[
+        str | None,
+        typer.Option(
+            help="The data's license for the card, an SPDX-style id (apache-2.0, cc-by-4.0) or other."
+        ),
+    ] = None,
+    language: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A language of the documents for the card, ISO 639-1/3 (en, yue); repeat for several."
+        ),
+    ] = None,
+    source_dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A dataset the documents come from, for the card's source_datasets; repeat for several."
+        ),
+    ] = None,
+    description: Annotated[
+        str | None, typer.Option(help="What the data is, in words: the card's description section.")
+    ] = None,
 ) -> None:
     """Tokenize documents, separate them with EOS, pack them into rows and write Arrow shards.
 
@@ -270,6 +293,10 @@ def pack(
             resume=resume,
             executor=engine if engine is not None else executor,
             ray_address=ray_address,
+            license=license,
+            language=tuple(language or ()),
+            source_datasets=tuple(source_dataset or ()),
+            description=description,
         )
         run_pack(cfg)
     except UserError as e:
@@ -306,7 +333,9 @@ def demo(
                 overwrite=True,
             )
         )
-        report = verify_dataset(VerifyConfig(root=packed, tokenizer=str(tok_dir), sources=(str(corpus),)))
+        report = verify_dataset(
+            VerifyConfig(root=packed, tokenizer=str(tok_dir), sources=(str(corpus),), inputs=True)
+        )
     except UserError as e:
         raise fail(e) from None
     print_verify_report(report, out)
@@ -333,15 +362,25 @@ def verify(
         ),
     ] = None,
     sample: Annotated[int, typer.Option(help="Source records to re-tokenize with --source.")] = 256,
+    inputs: Annotated[
+        bool,
+        typer.Option(
+            "--inputs",
+            help="Hash the inputs again (at the paths the manifest records) and compare their size and"
+            " sha256 with the manifest's: fails if they changed since packing.",
+        ),
+    ] = False,
 ) -> None:
     """Check every row of every shard against the manifest and the shard contract; exit 1 at the first failure.
 
-    Example: prep verify packed/ --tokenizer Qwen2.5-0.5B/ --source data/a.jsonl --source data/b.jsonl
+    Example: prep verify packed/ --tokenizer Qwen2.5-0.5B/ --source data/a.jsonl --source data/b.jsonl --inputs
     """
     from prep.verify import VerifyConfig, verify_dataset
 
     try:
-        cfg = VerifyConfig(root=folder, tokenizer=tokenizer, sources=tuple(source or ()), sample=sample)
+        cfg = VerifyConfig(
+            root=folder, tokenizer=tokenizer, sources=tuple(source or ()), sample=sample, inputs=inputs
+        )
         report = verify_dataset(cfg)
     except UserError as e:
         raise fail(e) from None

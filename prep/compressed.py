@@ -21,6 +21,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
+from prep.provenance import InputDigest, drain, is_stdin, open_raw, size_of
 from shared.errors import UserError
 
 MAGIC = {
@@ -64,11 +65,14 @@ def magic_of(head: bytes) -> str | None:
     return next((c for c, magics in MAGIC.items() if head.startswith(magics)), None)
 
 
-def check_name_and_magic(path: Path) -> str | None:
-    """``path``'s compression, once its name and first bytes agree; raise :class:`CompressionError` if not."""
+def check_name_and_magic(location: str | Path) -> str | None:
+    """``path``'s compression, once its name and first bytes agree; raise :class:`CompressionError` if not.
+
+    ``location``: a path, or a URL as given (prep/urls.py)."""
+    path = Path(location)
     named = compression_of(path)
     try:
-        with open(path, "rb") as f:
+        with open_raw(location, None) as f:
             head = f.read(10)
     except OSError:
         return named  # unreadable: the reader names the file and the fix when it gets to it
@@ -76,12 +80,12 @@ def check_name_and_magic(path: Path) -> str | None:
     if named and found != named and head:  # an empty file is an empty input, whatever its name
         what = f"starts like a {NAMES[found]} file" if found else "does not start with its magic bytes"
         raise CompressionError(
-            f"input `{path}` is named as {NAMES[named]} ({named}) but {what}. Rename it to what it holds,"
+            f"input `{location}` is named as {NAMES[named]} ({named}) but {what}. Rename it to what it holds,"
             f" or compress it again (e.g. `{NAMES[named]} -t {path}` tests it)."
         )
     if not named and found:
         raise CompressionError(
-            f"input `{path}` is {NAMES[found]}-compressed but its name does not end in {found}. Rename it to"
+            f"input `{location}` is {NAMES[found]}-compressed but its name does not end in {found}. Rename it to"
             f" `{path.name}{found}` so that it is read decompressed."
         )
     if named == ".zst":
@@ -102,17 +106,26 @@ def _zstandard(path: Path):
 
 class InputStream:
     """A file opened for reading, decompressed as read if its name says so; it knows how much of the file
-    on disk it has consumed (:meth:`consumed`), for progress."""
+    on disk it has consumed (:meth:`consumed`), for progress.
 
-    def __init__(self, path: Path) -> None:
-        self.raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self.size = path.stat().st_size
-        compression = compression_of(path)
+    With a ``digest``, every byte of the file on disk goes into it (prep/provenance.py): those the reader
+    consumed, and, when the ``with`` block ends without an error, the rest of the file. ``-`` is standard
+    input (never compressed; its size is unknown, 0 here).
+    """
+
+    def __init__(self, path: str | Path, digest: InputDigest | None = None) -> None:
+        self.raw: BinaryIO = open_raw(path, digest)
+        self.digest = digest
+        self.stdin = is_stdin(path)
+        self.size = size_of(path)
+        compression = None if self.stdin else compression_of(Path(path))
         if compression is None:
             self.stream: BinaryIO = self.raw
         elif compression == ".zst":
             # Buffered: zstandard's reader has no readline, which a resume uses to skip records.
-            reader = _zstandard(path).ZstdDecompressor().stream_reader(self.raw, read_across_frames=True)
+            reader = (
+                _zstandard(Path(path)).ZstdDecompressor().stream_reader(self.raw, read_across_frames=True)
+            )
             self.stream = io.BufferedReader(reader)
         elif compression == ".gz":
             self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")
@@ -137,6 +150,8 @@ class InputStream:
 
     def remaining(self) -> int:
         """About how many bytes reading on yields: exact for a plain file, scaled by the ratio so far if not."""
+        if self.stdin:
+            return 1 << 62  # unknown: as if much is left, so chunks keep their full size
         left = max(0, self.size - self.consumed())
         if not self.compressed:
             return left
@@ -145,10 +160,15 @@ class InputStream:
     def close(self) -> None:
         if self.stream is not self.raw:
             self.stream.close()
-        self.raw.close()
+        if not self.stdin or self.digest is not None:  # the wrapper, not standard input itself
+            self.raw.close()
 
     def __enter__(self) -> InputStream:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None and self.digest is not None:
+                drain(self.raw)  # what the reader left (a trailer, a JSON array's tail) is the file's too
+        finally:
+            self.close()

@@ -2,6 +2,11 @@
 
 The rule, in one place (``prep verify --source`` applies it again to find the same files):
 
+- ``-`` is standard input, read as JSON lines (``./-`` is a file named ``-``), at most once per run.
+- A URL (``s3://``, ``gs://``, ``hf://``, ``file://``, ``memory://``: what fsspec opens) names a file or, by a
+  glob, files of the types below, read through fsspec (prep/urls.py); a folder URL is an error.
+- ``hf:ORG/NAME`` is a Hugging Face dataset by name, read through `datasets` (prep/hub.py; ``./hf:x`` is a
+  file); a DatasetDict rule as below chooses its split.
 - An input that exists is that path, whatever its name holds (``data[1].jsonl`` is that file). Only an
   input that does not exist is a glob pattern; its matches are taken in sorted order.
 - A file named as an input is read if its type is supported (.jsonl .json .ndjson .parquet .txt .text .md
@@ -37,7 +42,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from prep import hub
 from prep.compressed import MAGIC, check_name_and_magic, compression_of, inner_name
+from prep.provenance import STDIN, is_stdin
 from prep.readers import (
     CSV_SUFFIXES,
     JSON_SUFFIXES,
@@ -47,6 +54,7 @@ from prep.readers import (
     InputError,
     InputFile,
 )
+from prep.urls import expand, is_url
 from shared.contract import FORMAT_NAME, MANIFEST_NAME
 from shared.manifest import IgnoredInput
 
@@ -94,7 +102,15 @@ def discover_inputs(inputs: Sequence[str], dataset_split: str | None = None) -> 
     for spec in inputs:
         num_files, num_ignored = len(walk.files), len(walk.ignored)
         path = Path(spec)
-        if path.exists():
+        if is_stdin(spec):
+            if any(is_stdin(f.path) for f in walk.files):
+                raise InputError("input `-` (standard input) is given twice; it can be read only once.")
+            walk.files.append(InputFile(Path(STDIN), "jsonl"))
+        elif hub.is_hub(spec):
+            walk.hub(spec)
+        elif is_url(spec):
+            walk.urls(spec)
+        elif path.exists():
             walk.given(path)
         elif any(c in spec for c in "*?["):
             matches = sorted(glob.glob(spec, recursive=True))
@@ -118,7 +134,7 @@ def discover_inputs(inputs: Sequence[str], dataset_split: str | None = None) -> 
 
 def describe(found: Discovery) -> str:
     """What a run reads and ignores, for the user: the first :data:`SHOWN` of each, and a count of the rest."""
-    names = [str(f.path) + (f" (split {f.dataset_split})" if f.dataset_split else "") for f in found.files]
+    names = [f.name + (f" (split {f.dataset_split})" if f.dataset_split else "") for f in found.files]
     lines = [f"reading {_count(len(names), 'input file')}: {', '.join(names[:SHOWN])}{_more(len(names))}"]
     if found.ignored:
         lines.append(f"ignored {_count(len(found.ignored), 'file')} (recorded in manifest.json):")
@@ -295,6 +311,36 @@ class _Walk:
             ) from e
         for child in children:
             self.met(child)
+
+    def urls(self, spec: str) -> None:
+        """Files named by an fsspec URL or URL glob (prep/urls.py), each read under the rule for files."""
+        for url in expand(spec):
+            fmt = _format_of(Path(url))
+            if fmt is None or (reason := _compressed(Path(url))):
+                what = "an unsupported type" if fmt is None else reason
+                raise InputError(
+                    f"input `{url}` is {what}; a URL names a {', '.join(SUPPORTED)} file (also compressed:"
+                    f" {' '.join(MAGIC)}). Saved datasets are read from local folders."
+                )
+            if fmt != "parquet":
+                check_name_and_magic(url)
+            if self._first_reach(Path(url)):
+                self.files.append(InputFile(Path(url), fmt, url=url))
+
+    def hub(self, spec: str) -> None:
+        """A Hugging Face dataset by name (prep/hub.py); the split to read under the DatasetDict rule."""
+        name = hub.hub_name(spec)
+        self.num_dataset_dicts += 1
+        splits = hub.splits(name)
+        if self.dataset_split is None and len(splits) > 1:
+            raise InputError(
+                f"dataset `{spec}` has splits {', '.join(splits)}; choose the one to pack with"
+                " `--dataset-split NAME`."
+            )
+        split = self.dataset_split or splits[0]
+        hub.split(name, split)  # refuses a split it does not have
+        if self._first_reach(Path(spec)):
+            self.files.append(InputFile(Path(spec), hub.FORMAT, dataset_split=split))
 
     def _dataset(self, folder: Path) -> InputFile:
         """A saved dataset; for a DatasetDict, the split to read under the rule."""

@@ -53,6 +53,7 @@ from tokenizers import Tokenizer
 from prep.fast_bpe import EncodedBatch, FastBPE, Unsupported
 from prep.faults import worker_died
 from prep.journal import kill_point
+from prep.provenance import InputDigest, is_stdin
 from prep.readers import (
     BatchRecords,
     InputFile,
@@ -275,17 +276,21 @@ def source_jobs(
     skip: int,
     spread: int,
     on_bytes: Callable[[int], None],
+    digest: InputDigest | None = None,
 ) -> Iterator[Job]:
     """The records of ``source`` from its ``skip``-th on, as jobs.
 
     A JSONL input goes as chunks of whole lines that the worker encoding them decodes; other inputs are
-    read here. ``spread``: the number of workers, which chunks are sized to keep busy.
+    read here. ``spread``: the number of workers, which chunks are sized to keep busy. ``digest`` gets
+    every byte of the input, the skipped records' included, by the time the last job is made.
     """
     if source.format == "jsonl":
-        chunks = read_jsonl_chunks(source, on_bytes, size=BATCH_CHARS, skip=skip, spread=spread)
-        name = str(source.path)
+        chunks = read_jsonl_chunks(
+            source, on_bytes, size=BATCH_CHARS, skip=skip, spread=spread, digest=digest
+        )
+        name = "<stdin>" if is_stdin(source.path) else source.name
         return (JsonlChunk(name, text_field, val_fraction, *chunk) for chunk in chunks)
-    records = read_records(source, text_field, lambda n: on_bytes(n))
+    records = read_records(source, text_field, lambda n: on_bytes(n), digest)
     return record_jobs(islice(records, skip, None), val_fraction)
 
 

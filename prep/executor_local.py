@@ -28,6 +28,7 @@ from prep.faults import ResumableError, output_error
 from prep.journal import DOC_ARRAYS, Journal
 from prep.outdir import WORK_DIR, prepare_output_folder
 from prep.packing import RowPlan, index_dtype
+from prep.provenance import is_stdin
 from prep.readers import InputFile
 from prep.stages import (
     READ_BLOCK,
@@ -80,7 +81,9 @@ def pack_local(cfg: PackConfig, found: Discovery, progress: Progress) -> Manifes
 
 def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progress) -> Manifest:
     sources = list(found.files)
-    progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
+    # Standard input's size is not known ahead: then the progress has no total.
+    total = None if any(is_stdin(s.path) for s in sources) else float(sum(s.num_bytes for s in sources))
+    progress.start("tokenize", total)
     # A new run starts at the first record: hand the workers their first jobs now, while the tokenizer's
     # details (EOS, BOS: for the journal and the streams) are still being resolved. A resumed run first
     # reads where to start from the journal, which needs them.
@@ -127,7 +130,8 @@ def _tokenize(
     with journal.open_tokens() as out:
         for batch, ids in encoded:
             framed = frame(cfg, tok, batch.job.records, ids, state.next_id, state.counts)
-            journal_batch(journal, out, framed, sources[batch.source_index] if batch.last else None)
+            source = sources[batch.source_index] if batch.last else None
+            journal_batch(journal, out, framed, source, batch.fingerprint)
             progress.advance(0, docs=state.counts["docs_in"], tokens=state.counts["tokens_packed"])
     journal.finish_pass1()
     return Tokenized(state.num_docs, DocumentAccounting(**state.counts), tuple(state.inputs))

@@ -35,15 +35,26 @@ import numpy as np
 
 from prep.discovery import Discovery
 from prep.encoder import Encoder, record_jobs
+from prep.hub import is_hub
 from prep.outdir import WORK_DIR, prepare_output_folder
 from prep.packing import RowPlan
+from prep.provenance import Fingerprint, InputDigest
 from prep.readers import InputError, InputFile, read_records
-from prep.stages import PackConfig, Progress, finish, frame, plan, require_documents, split_metadata
+from prep.stages import (
+    PackConfig,
+    Progress,
+    finish,
+    frame,
+    input_info,
+    plan,
+    require_documents,
+    split_metadata,
+)
 from prep.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, shard_ranges, split_info, write_shard
 from shared.contract import schema_with_metadata, shard_file_name
 from shared.errors import UserError
-from shared.manifest import DocumentAccounting, InputInfo, Manifest, ShardInfo
+from shared.manifest import DocumentAccounting, Manifest, ShardInfo
 
 INSTALL_HINT = "pip install '.[ray]'"
 CONNECT_TIMEOUT_S = 5.0
@@ -115,6 +126,7 @@ class FilePart:
     is_val: np.ndarray
     num_tokens: int
     notices: list[str]
+    fingerprint: Fingerprint
 
 
 # One encoder per Ray worker process and tokenizer: building the fast encoder takes a while, files are many.
@@ -152,7 +164,8 @@ def tokenize_file(
         counts = dict.fromkeys(DocumentAccounting.__dataclass_fields__, 0)
         ids, lens, flags = [], [], []
         next_id = num_tokens = 0
-        jobs = record_jobs(read_records(source, cfg.text_field, lambda n: None), cfg.val_fraction)
+        digest = InputDigest()
+        jobs = record_jobs(read_records(source, cfg.text_field, lambda n: None, digest), cfg.val_fraction)
         with open(part, "wb") as out:
             for job, encoded in encoder.map((job, job) for job in jobs):
                 framed = frame(cfg, tok, job.records, encoded, next_id, counts)
@@ -164,6 +177,7 @@ def tokenize_file(
                 next_id += framed.num_records
             out.flush()
             os.fsync(out.fileno())  # shard tasks on other nodes read this file next
+        fingerprint = digest.fingerprint(source.path)
     except UserError as e:
         return e
 
@@ -178,6 +192,7 @@ def tokenize_file(
         is_val=joined(flags, np.int8),
         num_tokens=num_tokens,
         notices=notices,
+        fingerprint=fingerprint,
     )
 
 
@@ -251,7 +266,7 @@ def _tokenize_all(
     refs = [
         task.remote(
             task_cfg,
-            replace(s, path=s.path.resolve()),
+            replace(s, path=s.path if s.url or is_hub(s.path) else s.path.resolve()),
             s.num_bytes,
             tok.info.sha256,
             str(_part_path(work.resolve(), i)),
@@ -372,13 +387,7 @@ def pack_with_ray(cfg: PackConfig, found: Discovery, progress: Progress) -> Mani
         if started:
             ray.shutdown()
     inputs = tuple(
-        InputInfo(
-            path=str(s.path),
-            format=s.format,
-            first_doc_id=int(first),
-            num_records=p.num_records,
-            dataset_split=s.dataset_split,
-        )
+        input_info(s, int(first), p.num_records, p.fingerprint)
         for s, p, first in zip(sources, parts, first_doc_ids(parts), strict=True)
     )
     return finish(cfg, tok, inputs, docs, splits, found.ignored)

@@ -42,6 +42,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from prep.hub import is_hub
+from prep.provenance import is_stdin, size_of
+from prep.urls import is_url
 from shared.errors import ShardIntegrityError, UserError
 from shared.fileio import atomic_write_text, fsync_dir
 from shared.manifest import InputInfo, ShardInfo
@@ -71,10 +74,18 @@ def kill_point(phase: str) -> None:
             os.kill(os.getpid(), sig)
 
 
-def input_stats(paths: list[Path]) -> list[dict[str, Any]]:
-    """What identifies an input's content cheaply: path, size and modification time (of every file in a folder)."""
+def input_stats(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """What identifies an input's content cheaply: path, size and modification time (of every file in a folder;
+    a URL's size alone)."""
     stats = []
     for path in paths:
+        if is_stdin(path) or is_hub(path):  # stdin is never resumed; a Hub dataset is known by name
+            stats.append({"path": str(path)})
+            continue
+        if is_url(path):
+            stats.append({"path": str(path), "size": size_of(path), "mtime_ns": None})
+            continue
+        path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
             st = f.stat()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from prep.discovery import describe, discover_inputs
 from prep.executor_local import pack_local
+from prep.hub import is_hub
 from prep.outdir import output_lock, refuse_overlap
+from prep.provenance import is_stdin
 from prep.stages import PackConfig, Progress
 from shared.manifest import Manifest
 
@@ -21,7 +23,9 @@ def pack(cfg: PackConfig, progress: Progress | None = None) -> Manifest:
     """Pack ``cfg.inputs`` into ``cfg.out``; return the manifest written there."""
     progress = progress or Progress()
     found = discover_inputs(cfg.inputs, cfg.dataset_split)
-    refuse_overlap(cfg.out, [Path(i) for i in cfg.inputs if Path(i).exists()] + [s.path for s in found.files])
+    given = [Path(i) for i in cfg.inputs if not (is_stdin(i) or is_hub(i)) and Path(i).exists()]
+    on_disk = [s.path for s in found.files if not (s.url or is_stdin(s.path) or is_hub(s.path))]
+    refuse_overlap(cfg.out, given + on_disk)
     progress.message(describe(found))
     with output_lock(cfg.out):
         if cfg.executor == "ray":

@@ -19,7 +19,10 @@ from typing import TypeVar
 
 import numpy as np
 
+from prep import hub
 from prep.compressed import DECOMPRESSION_ERRORS, InputStream, inner_name
+from prep.provenance import InputDigest, OrderedHash, is_stdin, open_raw, size_of
+from prep.urls import is_url
 from shared.errors import UserError
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -94,20 +97,50 @@ def summarize(records: list[Record], val_fraction: float) -> BatchRecords:
 class InputFile:
     path: Path
     format: str
-    """`jsonl`, `json`, `parquet`, `text`, `csv`, `tsv` or `arrow-dataset`."""
+    """`jsonl`, `json`, `parquet`, `text`, `csv`, `tsv`, `arrow-dataset` or `hf-dataset` (prep/hub.py)."""
     dataset_split: str | None = None
     """The split to read of a saved DatasetDict (prep/discovery.py chooses it)."""
+    url: str | None = None
+    """The fsspec URL it is read from, as given (prep/urls.py); ``path`` then holds it only for its name."""
+
+    @property
+    def location(self) -> str | Path:
+        """What the readers open: the URL, or the path."""
+        return self.url or self.path
+
+    @property
+    def name(self) -> str:
+        """The input as the manifest and messages name it."""
+        return self.url or str(self.path)
 
     @property
     def num_bytes(self) -> int:
+        """Its size on disk (0 for standard input, whose size is not known before it is read)."""
+        return sum(size_of(p) for p in self.files())
+
+    def files(self) -> list[str | Path]:
+        """The files it is read from: itself (a path, a URL, stdin), a saved dataset's Arrow files, sorted,
+        or those of a Hub dataset's split in the `datasets` cache, in its order."""
+        if self.url or is_stdin(self.path):
+            return [self.location]
+        if self.format == hub.FORMAT:
+            assert self.dataset_split is not None, self
+            return hub.arrow_files(hub.hub_name(self.path), self.dataset_split)
         if self.path.is_dir():
             folder = self.path / self.dataset_split if self.dataset_split else self.path
-            return sum(p.stat().st_size for p in folder.rglob("*.arrow"))
-        return self.path.stat().st_size
+            return sorted(folder.rglob("*.arrow"))
+        return [self.path]
 
 
-def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
-    """All records of one input, in order. ``on_bytes`` is told how many input bytes each step consumed."""
+def read_records(
+    source: InputFile,
+    text_field: str,
+    on_bytes: Callable[[int], None],
+    digest: InputDigest | None = None,
+) -> Iterator[Record]:
+    """All records of one input, in order. ``on_bytes`` is told how many input bytes each step consumed;
+    ``digest``, when given, gets every byte of the input (prep/provenance.py) by the time the last record
+    is read."""
     readers = {
         "jsonl": _read_jsonl,
         "json": _read_json,
@@ -116,19 +149,26 @@ def read_records(source: InputFile, text_field: str, on_bytes: Callable[[int], N
         "csv": _read_csv,
         "tsv": _read_csv,
     }
-    if source.format == "arrow-dataset":
-        records = _read_saved_dataset(source, text_field, on_bytes)
+    if source.format in ("arrow-dataset", hub.FORMAT):
+        records = _read_dataset(source, text_field, on_bytes, digest)
     else:
-        records = readers[source.format](source.path, text_field, on_bytes)
+        records = readers[source.format](source.location, text_field, on_bytes, digest)
     yield from _named_errors(source, records)
 
 
 def read_jsonl_chunks(
-    source: InputFile, on_bytes: Callable[[int], None], *, size: int, skip: int = 0, spread: int = 1
+    source: InputFile,
+    on_bytes: Callable[[int], None],
+    *,
+    size: int,
+    skip: int = 0,
+    spread: int = 1,
+    digest: InputDigest | None = None,
 ) -> Iterator[tuple[int, bytes]]:
     """:func:`jsonl_chunks` of a ``jsonl`` input, its read errors reported as :func:`read_records` does."""
     assert source.format == "jsonl", source
-    yield from _named_errors(source, jsonl_chunks(source.path, on_bytes, size=size, skip=skip, spread=spread))
+    chunks = jsonl_chunks(source.location, on_bytes, size=size, skip=skip, spread=spread, digest=digest)
+    yield from _named_errors(source, chunks)
 
 
 def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
@@ -136,20 +176,20 @@ def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
     try:
         yield from items
     except PermissionError as e:
-        raise InputError(f"cannot read `{source.path}`: permission denied. Fix its permissions.") from e
+        raise InputError(f"cannot read `{source.name}`: permission denied. Fix its permissions.") from e
     except IsADirectoryError as e:
         raise InputError(
-            f"`{source.path}` is a folder, not a {source.format} file. Pass the files inside it, or rename it."
+            f"`{source.name}` is a folder, not a {source.format} file. Pass the files inside it, or rename it."
         ) from e
     except DECOMPRESSION_ERRORS as e:
         raise InputError(
-            f"`{source.path}` cannot be decompressed ({type(e).__name__}: {str(e)[:160]}); it is damaged or"
+            f"`{source.name}` cannot be decompressed ({type(e).__name__}: {str(e)[:160]}); it is damaged or"
             " cut short. Compress it again from the original, or pass the uncompressed file."
         ) from e
     except OSError as e:
         # Device errors, vanished network mounts, special files: name the file rather than show a traceback.
         raise InputError(
-            f"cannot read `{source.path}` ({e.strerror or e}). Check the file and the disk it is on."
+            f"cannot read `{source.name}` ({e.strerror or e}). Check the file and the disk it is on."
         ) from e
 
 
@@ -222,7 +262,13 @@ BOM = b"\xef\xbb\xbf"
 
 
 def jsonl_chunks(
-    path: Path, on_bytes: Callable[[int], None], *, size: int = 4 << 20, skip: int = 0, spread: int = 1
+    path: str | Path,
+    on_bytes: Callable[[int], None],
+    *,
+    size: int = 4 << 20,
+    skip: int = 0,
+    spread: int = 1,
+    digest: InputDigest | None = None,
 ) -> Iterator[tuple[int, bytes]]:
     """``(number of its first line, bytes)`` of whole lines of a JSONL file, about ``size`` bytes at a time.
 
@@ -231,9 +277,10 @@ def jsonl_chunks(
     that the one process reading the input does no work per record. ``skip`` records (lines that are
     not blank) are passed over first, to resume after them. With ``spread`` workers, chunks shrink
     near the end of the file (to a ``2 * spread``-th of what is left, down to ``size / 8``), so that
-    the workers finish together rather than one after the other on the last big chunks.
+    the workers finish together rather than one after the other on the last big chunks. ``digest``: see
+    :func:`read_records`.
     """
-    with InputStream(path) as f:
+    with InputStream(path, digest) as f:
         reported = 0
 
         def report(num_bytes: int) -> None:
@@ -310,22 +357,26 @@ def jsonl_record(path: str, line_no: int, raw: bytes, text_field: str) -> Record
     return record
 
 
-def _read_jsonl(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+def _read_jsonl(
+    path: str | Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
     name = str(path)
-    for first_line, chunk in jsonl_chunks(path, on_bytes):
+    for first_line, chunk in jsonl_chunks(path, on_bytes, digest=digest):
         for line_no, raw in jsonl_chunk_lines(first_line, chunk):
             yield jsonl_record(name, line_no, raw, text_field)
 
 
-def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+def _read_json(
+    path: str | Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
     with InputStream(path) as f:
         head = f.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
     if not head.startswith(b"["):
-        yield from _read_jsonl(path, text_field, on_bytes)
+        yield from _read_jsonl(path, text_field, on_bytes, digest)
         return
     # A top-level JSON array cannot be parsed incrementally with the standard library; such files are
     # read whole. Use JSON lines for corpora larger than memory.
-    data = _read_whole(path, on_bytes)
+    data = _read_whole(path, on_bytes, digest)
     try:
         items = json.loads(data.decode("utf-8-sig"))
     except (ValueError, RecursionError) as e:  # includes UnicodeDecodeError and JSONDecodeError
@@ -339,8 +390,10 @@ def _read_json(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> 
         yield record
 
 
-def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
-    data = _read_whole(path, on_bytes)
+def _read_text(
+    path: str | Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
+    data = _read_whole(path, on_bytes, digest)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -354,13 +407,15 @@ def _read_text(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> 
     yield _text_record(text, str(path))
 
 
-def _read_csv(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+def _read_csv(
+    path: str | Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
     """The rows of a CSV (or, named .tsv, tab-separated) file with a header row, streamed; the column
     ``text_field`` is the text. A row the csv module cannot parse, or of the wrong width, is a bad record."""
     # A document may be longer than the csv module's default field limit (128 KiB).
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    delimiter = "\t" if inner_name(path).suffix.lower() == ".tsv" else ","
-    with InputStream(path) as f:
+    delimiter = "\t" if inner_name(Path(path)).suffix.lower() == ".tsv" else ","
+    with InputStream(path, digest) as f:
         # surrogateescape: a row that is not UTF-8 becomes a bad record, not the end of the file.
         text = io.TextIOWrapper(f.stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
         rows = csv.reader(text, delimiter=delimiter)
@@ -402,15 +457,15 @@ def _csv_record(row: list[str], column: int, width: int, text_field: str, where:
     return _text_record(value, where)
 
 
-def _read_whole(path: Path, on_bytes: Callable[[int], None]) -> bytes:
+def _read_whole(path: str | Path, on_bytes: Callable[[int], None], digest: InputDigest | None) -> bytes:
     """The bytes of a file read whole (one text, or a JSON array), decompressed if its name says so."""
-    with InputStream(path) as f:
+    with InputStream(path, digest) as f:
         data = f.read()
     on_bytes(f.size)
     return data
 
 
-def _column_records(column: list, start_row: int, path: Path, text_field: str) -> Iterator[Record]:
+def _column_records(column: list, start_row: int, path: str | Path, text_field: str) -> Iterator[Record]:
     for i, text in enumerate(column):
         where = f"{path}:row {start_row + i}"
         if text is None:
@@ -453,11 +508,13 @@ def _utf8_or_not(raw: bytes) -> str | NotUtf8:
         return NotUtf8(raw)
 
 
-def _read_parquet(path: Path, text_field: str, on_bytes: Callable[[int], None]) -> Iterator[Record]:
+def _read_parquet(
+    path: str | Path, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(open_raw(path, None) if is_url(path) else path)
     except Exception as e:  # pyarrow raises several types for a damaged footer
         raise InputError(f"`{path}` is not a readable Parquet file ({e}).") from e
     if text_field not in pf.schema_arrow.names:
@@ -465,19 +522,21 @@ def _read_parquet(path: Path, text_field: str, on_bytes: Callable[[int], None]) 
             f"`{path}` has no `{text_field}` column (columns: {', '.join(pf.schema_arrow.names)}); set `--text-field`."
         )
     row = 0
-    total = path.stat().st_size
+    total = size_of(path)
+    hashed = None if digest is None else OrderedHash([path], digest)
     for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
         yield from _column_records(_strings(batch.column(0)), row, path, text_field)
         row += batch.num_rows
         on_bytes(total * batch.num_rows // max(pf.metadata.num_rows, 1))
+        if hashed is not None:
+            hashed.advance(row, pf.metadata.num_rows)
+    if hashed is not None:
+        hashed.finish()
 
 
-def _read_saved_dataset(
-    source: InputFile, text_field: str, on_bytes: Callable[[int], None]
-) -> Iterator[Record]:
-    """The records of a saved Dataset, or of the one split of a saved DatasetDict that discovery chose."""
+def _load_saved(source: InputFile):
+    """A saved Dataset, or the one split of a saved DatasetDict that discovery chose; and its name for messages."""
     import datasets
-    import pyarrow as pa
 
     path, name = source.path, source.dataset_split
     try:
@@ -492,8 +551,21 @@ def _read_saved_dataset(
             f"dataset `{path}` changed while being read (it is {'no longer ' if name else ''}a DatasetDict);"
             " run the command again."
         )
-    ds = loaded[name] if name is not None else loaded
-    label = path / name if name else path
+    return (loaded[name] if name is not None else loaded), (path / name if name else path)
+
+
+def _read_dataset(
+    source: InputFile, text_field: str, on_bytes: Callable[[int], None], digest: InputDigest | None
+) -> Iterator[Record]:
+    """The records of a saved dataset (:func:`_load_saved`) or of a Hub dataset's split (prep/hub.py)."""
+    import pyarrow as pa
+
+    if source.format == hub.FORMAT:
+        assert source.dataset_split is not None, source
+        ds = hub.split(hub.hub_name(source.path), source.dataset_split)
+        label = f"{source.path} (split {source.dataset_split})"
+    else:
+        ds, label = _load_saved(source)
     if text_field not in ds.column_names:
         raise InputError(
             f"dataset `{label}` has no `{text_field}` column (columns: {', '.join(ds.column_names)});"
@@ -510,7 +582,12 @@ def _read_saved_dataset(
         ) from e
     total = max(len(ds), 1)
     num_bytes = source.num_bytes
+    hashed = None if digest is None else OrderedHash(source.files(), digest)
     for start in range(0, len(ds), 4096):
         column = ds[start : start + 4096][text_field]
         yield from _column_records(column, start, label, text_field)
         on_bytes(num_bytes * len(column) // total)
+        if hashed is not None:
+            hashed.advance(start + len(column), len(ds))
+    if hashed is not None:
+        hashed.finish()

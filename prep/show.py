@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from rich import box
 from rich.console import Console, Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -63,6 +64,8 @@ def print_verify_report(report: VerifyReport, console: Console) -> None:
         )
     for why in report.skipped:
         console.print(f"[yellow]not checked:[/] {why}", highlight=False)
+    for note in report.input_notes:
+        console.print(f"[yellow]inputs:[/] {escape(note)}", highlight=False)
     console.print(
         f"{report.num_tokens:,} tokens, {report.num_bytes / 1e6:,.1f} MB in {report.seconds:.2f}s"
         f" ({report.tokens_per_second:,.0f} tok/s); row checks {report.row_seconds:.2f}s"

@@ -19,6 +19,7 @@ writing (see docs/reliability.md, "Memory: bytes per document").
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, input_stats, kill_point
 from prep.outdir import WORK_DIR
 from prep.packing import STRATEGIES, RowPlan, index_dtype, make_plan
+from prep.provenance import STDIN, Fingerprint, InputDigest
 from prep.readers import EMPTY, MISSING_FIELD, BatchRecords, InputError, InputFile
 from prep.streams import build_streams
 from prep.tokenizer import LoadedTokenizer
@@ -41,6 +43,7 @@ from shared.contract import SPLITS, shard_metadata
 from shared.errors import UserError
 from shared.manifest import (
     MAX_INT32,
+    CardInfo,
     DocumentAccounting,
     IgnoredInput,
     InputInfo,
@@ -87,8 +90,17 @@ class PackConfig:
     """``local`` (every core of this machine) or ``ray`` (Ray tasks across a cluster; same output bytes)."""
     ray_address: str | None = None
     """Ray cluster to join with ``executor="ray"``; default ``RAY_ADDRESS``, else a Ray started on this machine."""
+    license: str | None = None
+    """The data's license, an SPDX-style id or ``other``: the card's ``license`` (and the manifest's)."""
+    language: tuple[str, ...] = ()
+    """ISO 639-1/639-3 codes of the documents' languages: the card's ``language``."""
+    source_datasets: tuple[str, ...] = ()
+    """The datasets the documents come from: the card's ``source_datasets``."""
+    description: str | None = None
+    """What the data is, in words: the card's description."""
 
     def __post_init__(self) -> None:
+        check_card_fields(self)
         if self.executor not in EXECUTORS:
             raise UserError(f"--executor {self.executor!r} is unknown; choose one of {', '.join(EXECUTORS)}.")
         if self.ray_address is not None and self.executor != "ray":
@@ -99,6 +111,17 @@ class PackConfig:
             raise UserError(
                 "`--resume` is not supported with `--executor ray` (a Ray pack keeps no journal); pass"
                 " `--overwrite` to pack again from the start, or finish the run with `--executor local`."
+            )
+        if STDIN in self.inputs and self.resume:
+            raise UserError(
+                "`--resume` cannot continue a pack that reads standard input (`-`): what was read is gone."
+                " Save the input to a file and pack that (`... > corpus.jsonl`), or pass `--overwrite` to"
+                " pack again from the start."
+            )
+        if STDIN in self.inputs and self.executor == "ray":
+            raise UserError(
+                "`--executor ray` cannot read standard input (`-`): Ray tasks read inputs by path. Save it to"
+                " a file on storage every node sees, or use `--executor local`."
             )
         if self.resume and self.overwrite:
             raise UserError(
@@ -133,6 +156,45 @@ class PackConfig:
             raise UserError("--dataset-split is empty; name a split of the DatasetDict input, or drop it.")
 
 
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[a-z0-9]{2,8})*")
+
+
+def check_card_fields(cfg: PackConfig) -> None:
+    """Light checks of what goes into the data card's YAML: ids the Hugging Face Hub reads, not prose."""
+    if cfg.license is not None and not LICENSE_ID.fullmatch(cfg.license):
+        raise UserError(
+            f"--license {cfg.license!r} is not a license id. Pass an SPDX-style id in lower case, such as"
+            " `apache-2.0`, `mit`, `cc-by-4.0` or `cc-by-nc-sa-4.0`, or `other` and name the license in"
+            " --description."
+        )
+    for code in cfg.language:
+        if not LANGUAGE_CODE.fullmatch(code):
+            raise UserError(
+                f"--language {code!r} is not a language code. Pass ISO 639-1 or 639-3 codes in lower case"
+                " (`en`, `de`, `yue`; a region may follow, `en-gb`), repeating --language for each language."
+            )
+    for name in cfg.source_datasets:
+        if not name.strip() or "\n" in name:
+            raise UserError(
+                f"--source-dataset {name!r} is empty or spans lines; pass one dataset name (e.g."
+                " `reuters21578`, or a Hub id such as `org/name`) per --source-dataset."
+            )
+    if cfg.description is not None and not cfg.description.strip():
+        raise UserError("--description is empty; say what the data is, or drop the option.")
+
+
+def card_info(cfg: PackConfig) -> CardInfo | None:
+    """What the manifest records for the card, or None when no card option was given."""
+    info = CardInfo(
+        license=cfg.license,
+        language=tuple(cfg.language),
+        source_datasets=tuple(cfg.source_datasets),
+        description=cfg.description,
+    )
+    return None if info == CardInfo() else info
+
+
 class Progress:
     """What `prep pack` reports while it runs; the CLI draws it, tests ignore it."""
 
@@ -156,6 +218,8 @@ class ReadBatch:
     """Whether it is the last batch of its input file (which the journal then closes)."""
     job: Job
     """What the encoder tokenizes; ``job.records`` is set once it is encoded."""
+    fingerprint: Fingerprint | None = None
+    """The input's fingerprint, on its last batch (it is read whole by then)."""
 
 
 def read(
@@ -165,6 +229,7 @@ def read(
     spread = cfg.workers or os.cpu_count() or 1
     for index in range(start[0], len(sources)):
         skip = start[1] if index == start[0] else 0
+        digest = InputDigest()  # a resumed input is read from its start too: the skipped records are hashed
         jobs = source_jobs(
             sources[index],
             text_field=cfg.text_field,
@@ -172,13 +237,15 @@ def read(
             skip=skip,
             spread=spread,
             on_bytes=progress.advance,
+            digest=digest,
         )
         held = None  # one batch held back, to know which is the last of its source
         for job in jobs:
             if held is not None:
                 yield ReadBatch(index, False, held)
             held = job
-        yield ReadBatch(index, True, empty_job(cfg.val_fraction) if held is None else held)
+        last = empty_job(cfg.val_fraction) if held is None else held
+        yield ReadBatch(index, True, last, digest.fingerprint(sources[index].path))
 
 
 def encode(encoder: Encoder, batches: Iterable[ReadBatch]) -> Iterator[tuple[ReadBatch, EncodedBatch]]:
@@ -262,7 +329,7 @@ def fingerprint(cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile],
     """Everything that shapes the output bytes: `--resume` continues a run only if all of it still matches."""
     return {
         "inputs": list(cfg.inputs),
-        "input_files": input_stats([s.path for s in sources]),
+        "input_files": input_stats([s.location for s in sources]),
         "tokenizer": cfg.tokenizer,
         "tokenizer_sha256": tok.info.sha256,
         "seq_len": cfg.seq_len,
@@ -278,21 +345,37 @@ def fingerprint(cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile],
     }
 
 
-def journal_batch(journal: Journal, tokens: BinaryIO, framed: Framed, source: InputFile | None) -> None:
-    """Append one framed batch to the work files and commit it; ``source``: the input file it closes, if any."""
+def input_info(source: InputFile, first_doc_id: int, num_records: int, fingerprint: Fingerprint) -> InputInfo:
+    """What the manifest records of one input read whole (both executors make it here)."""
+    return InputInfo(
+        path=source.name,
+        format=source.format,
+        first_doc_id=first_doc_id,
+        num_records=num_records,
+        dataset_split=source.dataset_split,
+        num_bytes=fingerprint.num_bytes,
+        mtime_ns=fingerprint.mtime_ns,
+        sha256=fingerprint.sha256,
+    )
+
+
+def journal_batch(
+    journal: Journal,
+    tokens: BinaryIO,
+    framed: Framed,
+    source: InputFile | None,
+    fingerprint: Fingerprint | None = None,
+) -> None:
+    """Append one framed batch to the work files and commit it; ``source``: the input file it closes, if any,
+    with its ``fingerprint``."""
     state = journal.pass1
     journal.append_docs(doc_id=framed.doc_id, doc_len=framed.doc_len, is_val=framed.is_val)
     tokens.write(memoryview(framed.tokens))
     state.next_id += framed.num_records
     journal.commit_batch(tokens, framed.num_records)
     if source is not None:
-        info = InputInfo(
-            path=str(source.path),
-            format=source.format,
-            first_doc_id=state.first_id,
-            num_records=state.next_id - state.first_id,
-            dataset_split=source.dataset_split,
-        )
+        assert fingerprint is not None, source
+        info = input_info(source, state.first_id, state.next_id - state.first_id, fingerprint)
         journal.commit_source(tokens, info)
 
 
@@ -385,6 +468,7 @@ def finish(
         splits=splits,
         created_by=f"prep {__version__}",
         ignored=ignored,
+        card=card_info(cfg),
     )
     problems = docs.problems()
     assert not problems, f"internal accounting error: {problems}"

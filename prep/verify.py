@@ -12,7 +12,10 @@ names the shard, row, segment and token (see :data:`shared.checks.CHECKS`):
   in one row; the manifest's accounting adds up. Fragments store no offsets, so a lost middle fragment
   shows up in the token accounting (and under ``--source``);
 - sources: with ``--source``, a sample of records re-read and re-tokenized must equal, token for token,
-  what the shards store, in the split their content hash chooses.
+  what the shards store, in the split their content hash chooses;
+- inputs: with ``--inputs``, every input at the path the manifest records is hashed again (read once, not
+  parsed or tokenized) and must have the size and sha256 recorded when it was packed (prep/provenance.py);
+  a different modification time alone is a note, not a failure (a copy or checkout sets it).
 
 A check that cannot run is listed in the report as skipped, with the reason.
 """
@@ -25,7 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.provenance import fingerprint_files, is_stdin
+from prep.readers import InputFile
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
+from prep.urls import is_url
 from shared.checks import CHECKS, RowCheckError, SplitSegments, TokenRules, check_batch, check_documents
 from shared.contract import DOC_IDS, FORMAT_NAME, FORMAT_VERSION, SHARD_SUFFIX
 from shared.errors import ManifestError, UserError
@@ -44,8 +50,15 @@ class VerifyConfig:
     """The inputs given to `prep pack`, in the same order: re-tokenize a sample and compare."""
     sample: int = DEFAULT_SAMPLE
     """Source records to re-tokenize (chosen with a fixed seed, plus up to 16 split documents)."""
+    inputs: bool = False
+    """Hash every input again (at the manifest's paths) and compare with the fingerprints it records."""
 
     def __post_init__(self) -> None:
+        if any(is_stdin(s) for s in self.sources):
+            raise UserError(
+                "--source - : standard input cannot be compared (it would be read again, here). Save what"
+                " you packed from it to a file, pack and verify that."
+            )
         if self.sample < 1:
             raise UserError(f"--sample {self.sample} must be at least 1.")
 
@@ -79,6 +92,8 @@ class VerifyReport:
     """Wall time of the whole verification (tokenizer load, checksums, rows, sources)."""
     row_seconds: float
     """Wall time of the per-row checks alone."""
+    input_notes: tuple[str, ...] = ()
+    """What the inputs check found worth saying that is not a failure (an input it could not check, say)."""
 
     @property
     def num_tokens(self) -> int:
@@ -277,6 +292,45 @@ def _split_reports(m: Manifest, fragmented: dict[str, int]) -> tuple[SplitReport
     )
 
 
+def check_inputs(m: Manifest) -> list[str]:
+    """Inputs check: each input's size and sha256 now against the manifest's; the notes that are no failure.
+
+    Raises a ``RowCheckError`` naming every input that changed or is gone.
+    """
+    notes, changed = [], []
+    for info in m.inputs:
+        if is_stdin(info.path):
+            notes.append("`-` was standard input, which cannot be read again")
+            continue
+        if info.sha256 is None:
+            notes.append(f"`{info.path}` has no fingerprint (packed before manifests recorded them)")
+            continue
+        url = info.path if is_url(info.path) else None
+        source = InputFile(Path(info.path), info.format, info.dataset_split, url=url)
+        try:
+            now = fingerprint_files(source.files(), info.path)
+        except FileNotFoundError:
+            changed.append(f"`{info.path}` is gone")
+            continue
+        if (now.num_bytes, now.sha256) != (info.num_bytes, info.sha256):
+            changed.append(
+                f"`{info.path}` is {now.num_bytes:,} bytes with sha256 {now.sha256[:12]}..., it was"
+                f" {info.num_bytes or 0:,} bytes with sha256 {info.sha256[:12]}..."
+            )
+        elif now.mtime_ns != info.mtime_ns:
+            notes.append(
+                f"`{info.path}` has the same bytes, a different modification time (copied or touched)"
+            )
+    if changed:
+        raise _fail(
+            "inputs",
+            f"inputs changed since packing: {'; '.join(changed)}.",
+            "Pack the current inputs again (`prep pack ... --overwrite`), or restore the ones this dataset"
+            " was packed from. Paths are as given to `prep pack`: run this from the folder it ran in.",
+        )
+    return notes
+
+
 def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
     """Run every check on ``cfg.root``; raise a :class:`UserError` at the first failure, else report."""
     start = time.perf_counter()
@@ -300,6 +354,9 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
         num_source = compare_sources(m, tok, cfg.sources, shards, segs, cfg.sample)
     else:
         skipped["sources"] = "sources (pass --source with the inputs given to `prep pack`)"
+    input_notes = check_inputs(m) if cfg.inputs else []
+    if not cfg.inputs:
+        skipped["inputs"] = "inputs' fingerprints (pass --inputs to hash the inputs again and compare)"
     checks = tuple(c for c in CHECKS if c not in skipped)
     return VerifyReport(
         root=cfg.root,
@@ -311,4 +368,5 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
         num_bytes=sum(sh.num_bytes for s in m.splits.values() for sh in s.shards),
         seconds=time.perf_counter() - start,
         row_seconds=row_seconds,
+        input_notes=tuple(input_notes),
     )

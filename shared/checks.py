@@ -29,9 +29,11 @@ CHECKS = (
     "special",
     "documents",
     "sources",
+    "inputs",
 )
 """Check classes in the order `prep verify` runs them; a failure names one of them. This module implements
-structure through documents; `tokenizer`, `files` and `sources` need the manifest, files and inputs."""
+structure through documents; `tokenizer`, `files`, `sources` and `inputs` need the manifest, files and
+inputs."""
 
 _REPACK = "The shard does not hold what `prep pack` writes; re-run `prep pack` (or restore the file)."
 

@@ -51,6 +51,17 @@ class InputInfo:
     num_records: int
     dataset_split: str | None = None
     """The split read, when the input is a saved DatasetDict."""
+    num_bytes: int | None = None
+    """Provenance (prep/provenance.py), taken while the input was read: its size in bytes on disk (a saved
+    dataset: its Arrow files'; standard input: the bytes read). None in manifests written before."""
+    mtime_ns: int | None = None
+    """Its modification time, ns since the epoch (a saved dataset: its newest Arrow file; None for stdin)."""
+    sha256: str | None = None
+    """sha256 of its bytes on disk (compressed as stored; a saved dataset's Arrow files in sorted order)."""
+
+
+INPUT_OPTIONAL = ("dataset_split", "num_bytes", "mtime_ns", "sha256")
+"""Fields of :class:`InputInfo` written only when known."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -123,6 +134,21 @@ class SplitInfo:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class CardInfo:
+    """What the data card says about the data beyond the packing (`prep pack --license ...`), under the
+    Hugging Face dataset-card keys; each written only when given."""
+
+    license: str | None = None
+    """An SPDX-style license id (`apache-2.0`, `cc-by-4.0`) or `other`."""
+    language: tuple[str, ...] = ()
+    """ISO 639-1 or 639-3 codes (`en`, `yue`)."""
+    source_datasets: tuple[str, ...] = ()
+    """The datasets the documents come from, by name."""
+    description: str | None = None
+    """Free text, the card's description section."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Manifest:
     tokenizer: TokenizerInfo
     options: PackOptions
@@ -137,6 +163,8 @@ class Manifest:
     """Free-form facts for humans (timings, engine); never read by the tools."""
     ignored: tuple[IgnoredInput, ...] = ()
     """Files and folders met among the inputs but not read, each with its reason."""
+    card: CardInfo | None = None
+    """License, languages, source datasets and description, when `prep pack` was given any."""
 
     @property
     def seq_len(self) -> int:
@@ -148,11 +176,16 @@ class Manifest:
         # ignores nothing and reads no DatasetDict keeps the manifest bytes it always had.
         if not raw["ignored"]:
             del raw["ignored"]
+        if raw["card"] is None:
+            del raw["card"]
+        else:
+            raw["card"] = {k: v for k, v in raw["card"].items() if v not in (None, ())}
         if raw["options"]["dataset_split"] is None:
             del raw["options"]["dataset_split"]
         for info in raw["inputs"]:
-            if info["dataset_split"] is None:
-                del info["dataset_split"]
+            for key in INPUT_OPTIONAL:
+                if info[key] is None:
+                    del info[key]
         return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 
     def save(self, folder: str | Path) -> None:
@@ -196,6 +229,7 @@ class Manifest:
                     IgnoredInput(**check.fields(IgnoredInput, i, f"ignored[{k}]."))
                     for k, i in enumerate(check.items(top.get("ignored", []), "ignored"))
                 ),
+                "card": None if top.get("card") is None else check.card(top["card"]),
             }
         )
         check.ranges(manifest)
@@ -257,6 +291,17 @@ class _FieldCheck:
         if not isinstance(value, list):
             raise self.fail(name, f"is {_json(value)}, expected a list")
         return value
+
+    def card(self, raw: object) -> CardInfo:
+        """The ``card`` record: its scalars as :meth:`fields` checks them, its lists of strings here."""
+        values = self.fields(CardInfo, raw, "card.")
+        for key in ("language", "source_datasets"):
+            if key in values:
+                items = self.items(values[key], f"card.{key}")
+                if not all(isinstance(v, str) for v in items):
+                    raise self.fail(f"card.{key}", f"is {_json(items)}, expected a list of strings")
+                values[key] = tuple(items)
+        return CardInfo(**values)
 
     def fields(self, cls: type, raw: object, prefix: str) -> dict[str, Any]:
         """``raw``'s values for the fields of dataclass ``cls``: each scalar of its declared type, none unknown."""

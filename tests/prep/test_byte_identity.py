@@ -1,13 +1,17 @@
 """`prep pack` writes the same bytes as the code these sha256 were recorded from, on the sample and both corpora.
 
-The hashes were recorded before `prep pack` was split into stages, so any refactor that changes an output
-byte fails here. The manifest records where the inputs and the tokenizer were read from; those folders are
-replaced by placeholders before hashing. The card is left out: it embeds the output folder's path.
+The shard hashes were recorded before `prep pack` was split into stages, so any refactor that changes an
+output byte fails here. The manifest records where the inputs and the tokenizer were read from; those folders
+are replaced by placeholders before hashing, and so is each input's modification time (`mtime_ns`, which a
+checkout or copy sets). The manifest hashes were recorded again when the manifest began to record each
+input's size, mtime and sha256 (the shards kept theirs). The card is left out: it embeds the output folder's
+path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -33,23 +37,23 @@ CORPUS = ["--seq-len", "1024"]
 RECORDED = {
     "sample-default": {
         "train-00000-of-00001.arrow": "724c8d972d2312e5bf9da67267a722b5a84d9f545de97cf82c0bcbaa0bf339f5",
-        "manifest.json": "9e73dc6a443f2c282d2bf70315546108b3ae2faeee9101d2c66b02d55232e366",
+        "manifest.json": "6fb00aa88c34d03ae88b538df0ca876b36c492733b6b05b12d61d74c7948d562",
     },
     "sample-varied": {
         "train-00000-of-00001.arrow": "179d08bf43f0dae9113372ebee339ba444fbb2b6e55bd83fc56325f888742c92",
         "val-00000-of-00001.arrow": "9a0020e6b8c2de3be821d775470f68ade9de4d4b0980f2fd1c4de9e126b36aa8",
-        "manifest.json": "234148d62a3c4225fe3ae8697359dcad00dc584e4e88d937f05d3473f952dff7",
+        "manifest.json": "d395c3b6f6c935d865a5c97364b1de0ce74659267f98a7534c19b4bb0e96f97b",
     },
     "reuters-1024": {
         "train-00000-of-00001.arrow": "074397662b8fac828746cca419ca78e9ccfba7cf6a4bfc80f25c595c6d9a66ad",
-        "manifest.json": "e55c2e32f448028609135f0f6ae325aa25e29898888ff7dc8a28f274d04b32c7",
+        "manifest.json": "e31367e4dc11bff3f5c4b01809694d3deee5a1d12b2d2ea893abdcd0d72d4d6e",
     },
     "ectsum-1024": {
         "train-00000-of-00001.arrow": "a9665d5d0291dc663df256beea139201fa047c251ff924ae0360e4a36d55e8a3",
-        "manifest.json": "435950a3d90c30e7b1bcfb5dbe71ff526d9c4cc1dbf633657f33142d402de848",
+        "manifest.json": "baf7438d682fc48da90a69b19e09259e438d2201535ae8316abeae6ed81e1007",
     },
 }
-"""sha256 of every shard and of the neutralised manifest.json, per configuration, recorded at the first commit."""
+"""sha256 of every shard (recorded at the first commit) and of the neutralised manifest.json, per configuration."""
 
 
 def output_hashes(out: Path, folders: dict[str, Path]) -> dict[str, str]:
@@ -60,6 +64,7 @@ def output_hashes(out: Path, folders: dict[str, Path]) -> dict[str, str]:
     manifest = (out / MANIFEST_NAME).read_text(encoding="utf-8")
     for placeholder, folder in folders.items():
         manifest = manifest.replace(str(folder), placeholder)
+    manifest = re.sub(r'"mtime_ns": \d+', '"mtime_ns": "<MTIME>"', manifest)
     hashes[MANIFEST_NAME] = hashlib.sha256(manifest.encode()).hexdigest()
     return hashes
 

@@ -110,6 +110,7 @@ def test_ray_executor_writes_the_local_executor_bytes(ray_cluster, inputs, local
     assert len(manifest.splits["train"].shards) >= 3 and len(manifest.splits["val"].shards) >= 1
     assert [i.num_records for i in manifest.inputs][:4] == [101, 0, 100, 3]
     assert manifest.inputs[2].first_doc_id == 101 and manifest.inputs[4].first_doc_id == 204
+    assert all(i.sha256 and i.mtime_ns for i in manifest.inputs)  # the fingerprints, hashed in the tasks
     docs = manifest.documents
     assert (docs.skipped_empty, docs.skipped_invalid) == (2, 1)  # the sample has one blank record too
 

@@ -185,7 +185,7 @@ def fragmented_doc(folder: Path) -> tuple[int, list[tuple[str, int, int]]]:
 
 def test_untouched_sample_passes_every_check(packed, sample):
     corpus, _ = sample
-    report = verify_dataset(VerifyConfig(root=packed, sources=(str(corpus),)))
+    report = verify_dataset(VerifyConfig(root=packed, sources=(str(corpus),), inputs=True))
     assert report.checks == CHECKS
     assert report.skipped == ()
     m = manifest_of(packed)
