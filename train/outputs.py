@@ -73,9 +73,13 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 
     records = read_metrics(metrics_path)
     train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    eval_pts = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    eval_pts: dict[str, list] = {}  # by eval set; records written before sets had names are `eval`
+    for r in records:
+        if "eval_loss" in r:
+            label = f"eval {r['eval_set']}" if "eval_set" in r else "eval"
+            eval_pts.setdefault(label, []).append((r["step"], r["eval_loss"]))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label, style in ((train_pts, "train", "-"), (eval_pts, "eval", "o-")):
+    for points, label, style in ((train_pts, "train", "-"), *((p, n, "o-") for n, p in eval_pts.items())):
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label)
     ax.set_xlabel("step")
