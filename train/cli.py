@@ -284,7 +284,10 @@ def print_eval(report: EvalReport) -> None:
             how = f"{s.rows.num_rows:,} of {s.split.num_rows:,} packed rows"
         table = Table(title=f"{s.name}: {s.path} ({s.split.name} split, {how})", title_justify="left")
         for name in ("model", "loss", "ppl", "vs base", "bits/byte", "target tokens"):
-            table.add_column(name, justify="left" if name == "model" else "right")
+            if name == "model":
+                table.add_column(name, overflow="fold")  # a checkpoint's name, whole
+            else:
+                table.add_column(name, justify="right")
         for row in report.rows:
             f = report.results[row.name][s.name]
             change = "" if base is None or row.name == BASE else f"{f.ppl / base[s.name].ppl - 1:+.1%}"

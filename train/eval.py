@@ -14,8 +14,8 @@ Document-level (:func:`evaluate_documents`): each document is rebuilt from its f
 storage order; see :func:`read_documents`) and scored in windows of at most ``window`` tokens that
 start every ``stride`` tokens, like lm-evaluation-harness's rolling log-likelihood and the strided
 perplexity of the transformers docs. Every token but the document's first is scored exactly once, in
-the first window that holds it but does not start with it, so with at least ``window - stride`` tokens
-of context (all earlier tokens when the document is shorter)::
+the first window that holds it (never at that window's start: ``stride < window``), so with at least
+``window - stride`` tokens of context (all earlier tokens near the document's start)::
 
     window 6, stride 3:   [d0 d1 d2 d3 d4 d5]             scores d1..d5
                                    [d3 d4 d5 d6 EOS]      scores d6 EOS (d3..d5 are context)

@@ -269,6 +269,27 @@ def test_every_checkpoint_of_a_run_and_the_json(packed_sample, trained, tmp_path
     assert adapter.results[str(trained / "adapter")]["val"].nll_sum == pytest.approx(figures[2]["nll_sum"])
 
 
+def test_full_fine_tuning_checkpoints_equal_their_exported_model(packed_sample, tmp_path):
+    """A --no-lora run's checkpoint (model.safetensors) scores as its exported `model/` folder does
+    in plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    cfg = RunConfig(
+        data=packed_sample, out=out, model="tiny-qwen2", max_steps=1, batch_size=2, lr=3e-2, lora=False,
+        eval_every=0, device="cpu", attn="sdpa", seed=SEED,
+    )  # fmt: skip
+    train(cfg, log=quiet)
+    report = run_eval(EvalConfig(data=(("val", packed_sample),), runs=(out,), max_rows=4), log=quiet)
+    reference = AutoModelForCausalLM.from_pretrained(out / "model", attn_implementation="eager").double()
+    split = PackedDataset(packed_sample).split("val")
+    nll, count = packed_reference(reference.eval(), split, 4)
+    figures = report.results["full/step-00000001"]["val"]
+    assert figures.num_targets == count
+    close(figures.nll_sum, nll)
+    assert abs(report.results["base"]["val"].nll_sum - nll) > 1.0  # negative control: the base differs
+
+
 def test_run_evaluates_every_named_set_at_step_0_and_after(packed_sample, packed_64, trained):
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["eval_set"]) for r in records if "eval_loss" in r]
