@@ -100,6 +100,8 @@ class EvalSet:
     rows: FirstRows
     """The rows evaluated (packed), or the rows whose documents are (document-level)."""
     documents: list[Document] = field(default_factory=list)
+    document_rows: int = 0
+    """Rows the documents' fragments lie in (document-level)."""
     window: int = 0
     stride: int = 0
 
@@ -267,7 +269,9 @@ def open_sets(cfg: EvalConfig, notes: list[str]) -> list[EvalSet]:
         if cfg.doc_level:
             eval_set.window = cfg.window or manifest.seq_len
             eval_set.stride = cfg.stride or max(eval_set.window // 2, 1)
-            eval_set.documents, _ = read_documents(split, max_rows=cfg.max_rows, max_tokens=cfg.max_tokens)
+            eval_set.documents, eval_set.document_rows = read_documents(
+                split, max_rows=cfg.max_rows, max_tokens=cfg.max_tokens
+            )
         eval_set.rows = FirstRows(split, rows_within(split, max_rows=cfg.max_rows, max_tokens=cfg.max_tokens))
         sets.append(eval_set)
     return sets
@@ -282,7 +286,7 @@ def score(model: torch.nn.Module, eval_set: EvalSet, cfg: EvalConfig, device: to
             stride=eval_set.stride,
             batch_tokens=cfg.batch_size * eval_set.manifest.seq_len,
             device=device,
-            num_rows=eval_set.rows.num_rows,
+            num_rows=eval_set.document_rows,
             byte_lengths=eval_set.byte_lengths,
         )
     return evaluate_split(

@@ -163,6 +163,7 @@ def jsonable_config(cfg: RunConfig) -> dict[str, Any]:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, tuple):  # eval_data's (name, path) pairs: NAME=PATH, as on the command line
-        return [f"{v[0]}={v[1]}" if isinstance(v, tuple) else _jsonable(v) for v in value]
+    if isinstance(value, tuple):  # eval_data's (name, path) pairs: NAME=PATH, as on the command line;
+        # none is null, as checkpoints wrote it before eval sets had names
+        return [f"{v[0]}={v[1]}" if isinstance(v, tuple) else _jsonable(v) for v in value] or None
     return value

@@ -193,6 +193,7 @@ def test_doc_level_equals_strided_plain_transformers_on_the_source_documents(sam
         figures = report.results[row]["val"]
         assert figures.num_targets == count == sum(len(d.input_ids) - 1 for d in documents)
         assert figures.num_bytes == num_bytes
+        assert figures.num_rows == PackedDataset(packed_sample).split("val").num_rows  # every row's documents
         close(figures.nll_sum, nll)
         close(figures.bits_per_byte, nll / math.log(2) / num_bytes)
     # packed perplexity scores fewer tokens (each fragment's first) with less context
