@@ -235,8 +235,9 @@ def base_of(cfg: EvalConfig, rows: list[ModelRow]) -> tuple[str, int]:
 # -- the eval sets ---------------------------------------------------------------------------------
 
 
-def open_sets(cfg: EvalConfig, notes: list[str]) -> list[EvalSet]:
-    """Each eval set opened (sizes checked), its rows chosen, its documents rebuilt (document-level)."""
+def open_sets(cfg: EvalConfig, base_model: str, notes: list[str]) -> list[EvalSet]:
+    """Each eval set opened (sizes checked), its rows chosen, its documents rebuilt (document-level),
+    and its tokenizer found (for bits per byte): --tokenizer, the base model's folder, the manifest's path."""
     sets = []
     first_sha = None
     for name, path in cfg.data:
@@ -249,7 +250,7 @@ def open_sets(cfg: EvalConfig, notes: list[str]) -> list[EvalSet]:
                 f" {cfg.data[0][0]}=`{cfg.data[0][1]}`; one model reads one tokenizer's ids: pack both with it."
             )
         split = dataset.split(cfg.split or ("val" if "val" in dataset.split_names else "train"))
-        candidates = [p for p in (cfg.tokenizer, cfg.model and Path(cfg.model)) if p]
+        candidates = [p for p in (cfg.tokenizer, Path(base_model)) if p]
         tokenizer_file = find_tokenizer(manifest, candidates)
         byte_lengths = None
         if tokenizer_file is not None:
@@ -306,7 +307,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
     if not rows:
         raise EvalError("nothing to evaluate: --no-base and no --adapter or --run.")
     report = EvalReport(cfg=cfg, base_model=base_model, sets=[], rows=rows)
-    report.sets = open_sets(cfg, report.notes)
+    report.sets = open_sets(cfg, base_model, report.notes)
     device = resolve_device(cfg.device)
     vocab_size = report.sets[0].manifest.tokenizer.vocab_size
 
