@@ -234,9 +234,13 @@ def read_documents(
     (:func:`rows_within`), each rebuilt whole from wherever its other fragments are.
     """
     lead = rows_within(split, max_rows=max_rows, max_tokens=max_tokens)
+    eos_id = split.shards[0].metadata.get("eos_id") if split.shards else None
     pieces: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     rows_of: dict[int, set[int]] = {}
+    unfinished: set[int] = set()  # documents whose EOS (ending their last fragment) is still to come
     for index in range(split.num_rows):
+        if index >= lead and not unfinished and eos_id is not None:
+            break  # every document of the leading rows is whole
         row = split.row(index)
         for k, doc in enumerate(row.doc_ids.tolist()):
             if doc not in pieces and index >= lead:
@@ -244,6 +248,10 @@ def read_documents(
             a, b = int(row.cu_seqlens[k]), int(row.cu_seqlens[k + 1])
             pieces.setdefault(doc, []).append((row.input_ids[a:b], row.labels[a:b]))
             rows_of.setdefault(doc, set()).add(index)
+            if row.input_ids[b - 1] == eos_id:
+                unfinished.discard(doc)
+            else:
+                unfinished.add(doc)
     documents = []
     for doc, parts in pieces.items():
         input_ids = np.concatenate([p[0] for p in parts]).astype(np.int64)
