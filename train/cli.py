@@ -14,6 +14,7 @@ from shared.errors import UserError
 
 if TYPE_CHECKING:
     from train.check import CheckResult
+    from train.compare import EvalReport
 
 app = typer_app("train", "Plan, run and check LoRA training on packed varlen shards.")
 
@@ -108,10 +109,15 @@ def run(
         float | None, typer.Option(help="Max global grad norm; 0 = off (default 1.0).")
     ] = None,
     eval_data: Annotated[
-        Path | None, typer.Option(help="Packed dataset to evaluate on (default --data's val split).")
+        list[str] | None,
+        typer.Option(
+            help="Eval set NAME=PATH (repeatable): a packed dataset's val split (else train), besides"
+            " --data's val split, named `val`."
+        ),
     ] = None,
     eval_every: Annotated[
-        int | None, typer.Option(help="Evaluate every N steps; 0 = off (default 100).")
+        int | None,
+        typer.Option(help="Evaluate at step 0, every N steps and at the end; 0 = off (default 100)."),
     ] = None,
     save_every: Annotated[
         int | None, typer.Option(help="Checkpoint every N steps; 0 = at the end (default 0).")
@@ -181,6 +187,126 @@ def run(
                 dist.destroy_process_group()
     except UserError as e:
         raise fail(e) from None
+
+
+@app.command("eval")
+def eval_command(
+    data: Annotated[
+        list[str],
+        typer.Option(help="Eval set NAME=PATH (repeatable): a packed dataset; its val split, else train."),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Base model: a Hugging Face folder or `tiny-qwen2`; default the runs' model."),
+    ] = None,
+    adapter: Annotated[
+        list[Path] | None,
+        typer.Option(help="A run's adapter/ or a checkpoint folder, put on the base (repeatable)."),
+    ] = None,
+    run: Annotated[
+        list[Path] | None, typer.Option("--run", help="A run folder: every checkpoint of it (repeatable).")
+    ] = None,
+    base: Annotated[bool, typer.Option("--base/--no-base", help="Evaluate the base model too.")] = True,
+    split: Annotated[
+        str | None, typer.Option(help="Split of every eval set (default val where there is one, else train).")
+    ] = None,
+    max_rows: Annotated[int | None, typer.Option(help="Evaluate the first N rows of each set.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Evaluate leading rows up to this many tokens of each set.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Packed rows per forward.")] = 8,
+    doc_level: Annotated[
+        bool,
+        typer.Option(
+            "--doc-level",
+            help="Score whole documents (fragments rejoined) in rolling windows, not packed rows.",
+        ),
+    ] = False,
+    window: Annotated[
+        int | None, typer.Option(help="--doc-level: tokens per window (default the dataset's seq_len).")
+    ] = None,
+    stride: Annotated[
+        int | None, typer.Option(help="--doc-level: tokens between window starts (default window / 2).")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write every figure to this JSON file.")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="tokenizer.json for bits per byte (default the manifest's path).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    attn: Annotated[str, typer.Option(help="auto, flash_attn, torch_varlen or sdpa.")] = "auto",
+    seed: Annotated[
+        int | None, typer.Option(help="Weights of a `tiny-qwen2` base (default the run's).")
+    ] = None,
+) -> None:
+    """Loss, perplexity and bits per byte of a base model and what was trained on it, per eval set.
+
+    Rows: the base, each --adapter, each checkpoint of each --run. Packed (default): the rows as
+    training reads them; a long document's fragments are scored without their earlier context.
+    --doc-level rejoins each document and scores it in windows that carry context (docs/training.md).
+
+    Example: train eval --run runs/r1 --data fin=packed/fin --data news=packed/news --json eval.json
+    """
+    from train.compare import EvalConfig, run_eval
+    from train.config import named_paths
+
+    try:
+        cfg = EvalConfig(
+            data=named_paths(data, "--data"),
+            model=model,
+            adapters=tuple(adapter or ()),
+            runs=tuple(run or ()),
+            base=base,
+            split=split,
+            max_rows=max_rows,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            doc_level=doc_level,
+            window=window,
+            stride=stride,
+            tokenizer=tokenizer,
+            device=device,
+            attn=attn,
+            seed=seed,
+        )
+        report = run_eval(cfg, log=lambda line: err.print(line, highlight=False, soft_wrap=True))
+        if json_out is not None:
+            report.write_json(json_out)
+    except UserError as e:
+        raise fail(e) from None
+    print_eval(report)
+    for note in report.notes:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if json_out is not None:
+        out.print(f"wrote {json_out}", highlight=False, soft_wrap=True)
+
+
+def print_eval(report: EvalReport) -> None:
+    """A table per eval set: a row per model (the base first) with loss, perplexity and its change
+    against the base, bits per byte and the target tokens scored."""
+    from rich.table import Table
+
+    from train.compare import BASE
+
+    base = report.results.get(BASE)
+    for s in report.sets:
+        if report.cfg.doc_level:
+            how = f"{len(s.documents):,} documents, window {s.window}, stride {s.stride}"
+        else:
+            how = f"{s.rows.num_rows:,} of {s.split.num_rows:,} packed rows"
+        table = Table(title=f"{s.name}: {s.path} ({s.split.name} split, {how})", title_justify="left")
+        for name in ("model", "loss", "ppl", "vs base", "bits/byte", "target tokens"):
+            if name == "model":
+                table.add_column(name, overflow="fold")  # a checkpoint's name, whole
+            else:
+                table.add_column(name, justify="right")
+        for row in report.rows:
+            f = report.results[row.name][s.name]
+            change = "" if base is None or row.name == BASE else f"{f.ppl / base[s.name].ppl - 1:+.1%}"
+            bpb = "n/a" if f.bits_per_byte is None else f"{f.bits_per_byte:.4f}"
+            table.add_row(row.name, f"{f.loss:.4f}", f"{f.ppl:,.3f}", change, bpb, f"{f.num_targets:,}")
+        out.print(table)
 
 
 @app.command()

@@ -52,10 +52,12 @@ class RunConfig:
     """AdamW decoupled weight decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    eval_data: Path | None = None
-    """Packed dataset to evaluate on (its `val` split if it has one, else `train`). Default: --data's `val`."""
+    eval_data: tuple[tuple[str, Path], ...] = ()
+    """Named eval sets (``--eval-data NAME=PATH``, repeatable): packed datasets, each read from its `val`
+    split if it has one, else `train`. --data's own `val` split is always the set `val` unless an eval
+    set takes that name (a PATH without NAME= does, as before eval sets had names)."""
     eval_every: int = 100
-    """Evaluate every this many steps (and after the last); 0 disables evaluation."""
+    """Evaluate at step 0, every this many steps and after the last; 0 disables evaluation."""
     save_every: int = 0
     """Write a checkpoint every this many steps (0: only at the end)."""
     resume: bool = False
@@ -122,6 +124,14 @@ class RunConfig:
             raise ConfigError(
                 f"--verify {self.verify!r} is unknown; choose one of {', '.join(VERIFY_CHOICES)}."
             )
+        if not isinstance(self.eval_data, tuple) or not all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], Path)
+            for p in self.eval_data
+        ):
+            raise ConfigError(
+                f"eval_data {self.eval_data!r} must be (name, Path) pairs; on the command line"
+                " --eval-data NAME=PATH (repeatable)."
+            )
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"--device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N.")
 
@@ -131,7 +141,31 @@ def _positive(flag: str, value: int | None) -> None:
         raise ConfigError(f"{flag} {value} must be at least 1.")
 
 
-_PATH_FIELDS = {"data", "out", "eval_data"}
+_PATH_FIELDS = {"data", "out"}
+
+
+def named_paths(
+    values: list[str] | tuple[str, ...], flag: str, *, bare_name: str | None = None
+) -> tuple[tuple[str, Path], ...]:
+    """``NAME=PATH`` values as (name, path) pairs; a bare PATH is named ``bare_name`` (default: the
+    folder's name). Names must differ."""
+    pairs = []
+    for value in values:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{flag} {value!r} must be a string NAME=PATH (a packed dataset folder).")
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = bare_name or Path(value).name, value
+        if not name or not path or not name.replace("-", "_").replace(".", "_").isidentifier():
+            raise ConfigError(
+                f"{flag} {value!r}: give NAME=PATH with a NAME of letters, digits, `_`, `-` or `.`"
+                " (it names the set in the log, the table and the JSON)."
+            )
+        pairs.append((name, Path(path)))
+    names = [name for name, _ in pairs]
+    if duplicated := sorted({n for n in names if names.count(n) > 1}):
+        raise ConfigError(f"{flag}: the name {duplicated[0]!r} is given twice; each set needs its own name.")
+    return tuple(pairs)
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -152,6 +186,15 @@ def load_toml(path: Path) -> dict[str, Any]:
             raise ConfigError(
                 f"--config `{path}`: unknown option `{key}`; valid options are {', '.join(sorted(known))}."
             )
+        if name == "eval_data":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list):
+                raise ConfigError(
+                    f'--config `{path}`: `{key}` is {value!r}; give a list of "NAME=PATH" strings'
+                    ' (eval-data = ["fin=packed/fin", "news=packed/news"]).'
+                )
+            value = named_paths(value, f"--config `{path}`: `{key}`", bare_name="val")
         options[name] = Path(value) if name in _PATH_FIELDS and value is not None else value
     return options
 
@@ -160,6 +203,8 @@ def build_run_config(config_file: Path | None, flags: dict[str, Any]) -> RunConf
     """Defaults, then the TOML file, then every flag that was given (``None`` means "not given")."""
     options = load_toml(config_file) if config_file is not None else {}
     options.update({k: v for k, v in flags.items() if v is not None})
+    if isinstance(options.get("eval_data"), list):  # the command line's NAME=PATH strings
+        options["eval_data"] = named_paths(options["eval_data"], "--eval-data", bare_name="val")
     missing = [f"--{name.replace('_', '-')}" for name in ("data", "model", "out") if name not in options]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)}: give them as flags or in --config.")

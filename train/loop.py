@@ -14,8 +14,9 @@ all-reduces of the trainable gradients (replicated model, LoRA), or by FSDP2's r
 
 The loop in :func:`train` reads in one screen: :func:`setup` builds everything (and restores a
 checkpoint after :func:`train.resume.check_resume` has accepted the options), then each step is
-:func:`train_step`, :func:`log_step`, :func:`save` when due and :func:`evaluate_run` when due;
-:func:`finish` exports the weights and the loss plot.
+:func:`train_step`, :func:`log_step`, :func:`save` when due and :func:`evaluate_run` when due (and
+once before the first step); :func:`finish` exports the weights and the loss plot. What an eval
+computes (packed perplexity over each named eval set) is `train.eval`'s.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from train.attention import choose_attn
 from train.batch import VarlenBatch
 from train.checkpoint import latest_checkpoint, read_checkpoint_state, restore_checkpoint, save_checkpoint
 from train.config import RunConfig
-from train.loader import Loader, batch_from_rows, sequential_batches
+from train.eval import EvalFigures, evaluate_split
+from train.loader import Loader
 from train.loss import micro_batch_loss_sum
 from train.model import LoraSettings, causal_lm, input_embeddings, load_model, resolve_device
 from train.outputs import (
@@ -75,6 +77,9 @@ class RunResult:
     losses: dict[int, float] = field(default_factory=dict)
     """Training loss of each step taken in this call (1-based step numbers)."""
     eval_losses: dict[int, float] = field(default_factory=dict)
+    """Eval loss of the first eval set (`val` by default) at each eval step (0: before training)."""
+    eval_set_losses: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Eval loss of every eval set, by name, at each eval step."""
     last_checkpoint: Path | None = None
     export: Path | None = None
     """The final adapter (peft ``save_pretrained``) or model folder."""
@@ -114,7 +119,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loader: Loader
-    eval_split: Split | None
+    eval_sets: dict[str, Split]
+    """The eval sets by name (`val`: --data's val split, unless --eval-data names a set so)."""
     data_fingerprint: str
     """sha256 over the train shards' checksums: a checkpoint's loader position means something only
     for the same rows in the same shards."""
@@ -162,7 +168,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     """Run ``cfg`` to its last step (or from its newest checkpoint with ``cfg.resume``)."""
     run = setup(cfg, log)
     result = RunResult(plan=run.plan)
+    evaluating = bool(run.eval_sets and cfg.eval_every)
     try:
+        if evaluating and run.start_step == 0:  # the baseline every later eval is compared with
+            record_eval(result, 0, evaluate_run(run, 0))
         for step in range(run.start_step + 1, run.plan.num_steps + 1):
             stats = train_step(run)
             result.losses[step] = stats.loss
@@ -171,8 +180,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
             # Save before evaluating: a slow or failing eval never costs the steps since the last save.
             if is_last or (cfg.save_every and step % cfg.save_every == 0):
                 result.last_checkpoint = save(run, step)
-            if run.eval_split is not None and cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
-                result.eval_losses[step] = evaluate_run(run, step)
+            if evaluating and (step % cfg.eval_every == 0 or is_last):
+                record_eval(result, step, evaluate_run(run, step))
     finally:
         run.close()
     result.export = finish(run)
@@ -189,7 +198,7 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
         device = torch.device("cuda", torch.cuda.current_device())
     if rank == 0:
         make_out_folder(cfg.out)
-    dataset, train_split, eval_split = open_data(cfg)
+    dataset, train_split, eval_sets = open_data(cfg)
     manifest = dataset.manifest
     info = manifest.splits["train"]
     plan = plan_run(cfg, manifest.seq_len, info, world_size)
@@ -227,7 +236,7 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
         optimizer=optimizer,
         scheduler=scheduler,
         loader=loader,
-        eval_split=eval_split,
+        eval_sets=eval_sets,
         data_fingerprint=hashlib.sha256("".join(sh.sha256 for sh in info.shards).encode()).hexdigest(),
         log=log,
     )
@@ -363,59 +372,41 @@ def save(run: Run, step: int) -> Path | None:
     return path
 
 
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    split: Split,
-    *,
-    batch_size: int,
-    device: torch.device,
-    loss_fn: Callable[[VarlenBatch], torch.Tensor] | None = None,
-    lockstep: bool = False,
-) -> float:
-    """Mean cross-entropy over every target token of the split (all ranks), the training normalisation.
-
-    ``loss_fn`` computes a micro-batch's loss sum (the FSDP root under --fsdp); default: ``model``'s.
-    ``lockstep``: every rank runs as many forwards as the busiest one (FSDP gathers parameters with
-    collectives, so a rank with one batch fewer would leave the others waiting forever); the extra
-    forwards are not counted.
-    """
-    rank, world_size = dist_info()
-    loss_fn = loss_fn or partial(micro_batch_loss_sum, model)
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    num_batches = math.ceil(len(range(rank, split.num_rows, world_size)) / batch_size)
-    num_extra = 0
-    if lockstep and world_size > 1:
-        # Agreed before the first forward: collectives must pair up in the same order on every rank.
-        most = torch.tensor([num_batches], device=device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        num_extra = int(most) - num_batches
-    for batch in sequential_batches(split, batch_size=batch_size, rank=rank, world_size=world_size):
-        totals[0] += loss_fn(batch.to(device)).double()
-        totals[1] += batch.num_target_tokens
-    for _ in range(num_extra):
-        loss_fn(batch_from_rows([split.row(0)]).to(device))
-    model.train()
-    all_reduce_sum(totals)
-    return float(totals[0] / totals[1].clamp(min=1))
-
-
-def evaluate_run(run: Run, step: int) -> float:
-    """:func:`evaluate` on the run's eval split after ``step``, recorded and logged."""
-    split = run.eval_split
-    eval_loss = evaluate(
-        run.model,
-        split,
-        batch_size=run.cfg.batch_size,
-        device=run.device,
-        loss_fn=run.loss_fn,
-        lockstep=run.cfg.fsdp,
-    )
-    run.record({"step": step, "kind": "eval", "eval_loss": eval_loss})
-    run.say(f"eval step {step:,} | loss {eval_loss:.4f} ({split.name}, {split.num_rows:,} rows)")
+def evaluate_run(run: Run, step: int) -> dict[str, EvalFigures]:
+    """Packed loss and perplexity of every eval set after ``step`` (`train.eval.evaluate_split`), each
+    recorded in metrics.jsonl with its set's name and logged."""
+    found = {}
+    for name, split in run.eval_sets.items():
+        figures = evaluate_split(
+            run.model,
+            split,
+            batch_size=run.cfg.batch_size,
+            device=run.device,
+            loss_fn=run.loss_fn,
+            lockstep=run.cfg.fsdp,
+        )
+        found[name] = figures
+        run.record(
+            {
+                "step": step,
+                "kind": "eval",
+                "eval_set": name,
+                "eval_loss": figures.loss,
+                "eval_ppl": figures.ppl,
+                "eval_target_tokens": figures.num_targets,
+            }
+        )
+        run.say(
+            f"eval step {step:,} | {name} | loss {figures.loss:.4f} | ppl {figures.ppl:,.3f}"
+            f" | {split.num_rows:,} rows, {figures.num_targets:,} target tokens"
+        )
     run.refresh_outputs()
-    return eval_loss
+    return found
+
+
+def record_eval(result: RunResult, step: int, found: dict[str, EvalFigures]) -> None:
+    result.eval_set_losses[step] = {name: f.loss for name, f in found.items()}
+    result.eval_losses[step] = next(iter(found.values())).loss
 
 
 def finish(run: Run) -> Path | None:
@@ -477,24 +468,25 @@ def open_outputs(run: Run) -> None:
     run.pace = Pace(first_step=run.start_step, num_steps=run.plan.num_steps)
 
 
-def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, Split | None]:
-    """The train split, and the split evaluated on (if any); shards are verified before training."""
+def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, dict[str, Split]]:
+    """The train split and the eval sets by name; shards are verified before training.
+
+    --data's `val` split (if any) is the set `val`; each --eval-data set is its dataset's `val` split if
+    it has one, else its `train` split, and replaces `val` when it takes that name.
+    """
     dataset = PackedDataset(cfg.data, verify=cfg.verify)
     train_split = dataset.split("train")
-    if cfg.eval_data is not None:
-        eval_set = PackedDataset(cfg.eval_data, verify=cfg.verify)
+    eval_sets = {"val": dataset.split("val")} if "val" in dataset.split_names else {}
+    for name, path in cfg.eval_data:
+        eval_set = PackedDataset(path, verify=cfg.verify)
         if eval_set.manifest.tokenizer.sha256 != dataset.manifest.tokenizer.sha256:
             raise DatasetError(
-                f"--eval-data `{cfg.eval_data}` was packed with another tokenizer"
+                f"--eval-data {name}=`{path}` was packed with another tokenizer"
                 f" ({eval_set.manifest.tokenizer.path}) than --data ({dataset.manifest.tokenizer.path});"
                 " pack both with the same tokenizer."
             )
-        eval_split = eval_set.split("val" if "val" in eval_set.split_names else "train")
-    elif "val" in dataset.split_names:
-        eval_split = dataset.split("val")
-    else:
-        eval_split = None
-    return dataset, train_split, eval_split
+        eval_sets[name] = eval_set.split("val" if "val" in eval_set.split_names else "train")
+    return dataset, train_split, eval_sets
 
 
 def build_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> torch.nn.Module:

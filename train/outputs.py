@@ -78,15 +78,15 @@ def record_kind(entry: dict) -> str:
 
 
 def loss_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """``{"train": [(step, loss)], "eval": [...]}`` from metrics.jsonl records; an eval record with a
-    ``name`` (one of several eval sets) goes to its own curve, ``eval NAME``."""
+    """``{"train": [(step, loss)], "eval NAME": [...]}`` from metrics.jsonl records, one eval curve per
+    eval set (``eval_set``); eval records written before sets had names make the curve ``eval``."""
     curves: dict[str, list[tuple[int, float]]] = {"train": []}
     for r in records:
         kind = record_kind(r)
         if kind == "train":
             curves["train"].append((r["step"], r["loss"]))
         elif kind == "eval" and "eval_loss" in r:
-            label = f"eval {r['name']}" if "name" in r else "eval"
+            label = f"eval {r['eval_set']}" if "eval_set" in r else "eval"
             curves.setdefault(label, []).append((r["step"], r["eval_loss"]))
     return curves
 

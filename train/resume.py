@@ -159,7 +159,13 @@ def _rows(config: dict[str, Any], world_size: Any, rows_per_step: int) -> str:
 
 def jsonable_config(cfg: RunConfig) -> dict[str, Any]:
     """``cfg`` as it is stored in a checkpoint's state.json (paths as strings)."""
-    return {
-        name: (str(value) if isinstance(value, Path) else value)
-        for name, value in ((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__)
-    }
+    return {name: _jsonable(getattr(cfg, name)) for name in cfg.__dataclass_fields__}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):  # eval_data's (name, path) pairs: NAME=PATH, as on the command line;
+        # none is null, as checkpoints wrote it before eval sets had names
+        return [f"{v[0]}={v[1]}" if isinstance(v, tuple) else _jsonable(v) for v in value] or None
+    return value

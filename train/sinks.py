@@ -2,7 +2,7 @@
 
 Every record the loop writes to metrics.jsonl (`train.loop.Run.record`) also goes to :meth:`Sinks.write`,
 which sends its numbers as scalars named ``KIND/FIELD`` (``train/loss``, ``train/tok_per_s``,
-``eval/loss``; an eval record's ``eval_`` prefix is dropped), at the record's step. So the three
+``eval/val/loss``, ``eval/val/ppl``: an eval record is tagged by its eval set and's ``eval_`` prefix is dropped), at the record's step. So the three
 sinks hold the same figures, and a new field of a record reaches all of them.
 
 - TensorBoard (``torch.utils.tensorboard``; the ``tensorboard`` package, the ``logging`` extra):
@@ -64,7 +64,7 @@ def scalars_of(entry: dict[str, Any]) -> dict[str, float]:
     kind = record_kind(entry)
     if kind not in LOGGED_KINDS:
         return {}
-    prefix = kind if "name" not in entry else f"{kind}/{entry['name']}"
+    prefix = kind if "eval_set" not in entry else f"{kind}/{entry['eval_set']}"
     return {
         f"{prefix}/{key.removeprefix('eval_') if kind == 'eval' else key}": float(value)
         for key, value in entry.items()

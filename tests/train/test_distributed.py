@@ -169,7 +169,7 @@ class FirstRows:
 def _eval_rank(rank: int, world_size: int, port: int, data: Path, lockstep: bool, out: Path) -> None:
     from datetime import timedelta
 
-    from train.loop import evaluate
+    from train.eval import evaluate
     from train.parallel import shard_fsdp
 
     torch.set_num_threads(1)
@@ -198,7 +198,7 @@ def _eval_rank(rank: int, world_size: int, port: int, data: Path, lockstep: bool
 @pytest.mark.slow
 def test_fsdp_eval_keeps_ranks_in_lockstep_over_unequal_shares(packed_sample, tmp_path):
     """5 rows on 2 ranks: rank 0 evaluates 3, rank 1 only 2; rank 1 must still join the third gather."""
-    from train.loop import evaluate
+    from train.eval import evaluate
 
     out = tmp_path / "eval.json"
     mp.start_processes(

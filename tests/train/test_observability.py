@@ -124,6 +124,7 @@ def test_step_lines_give_tokens_per_second_eta_and_memory(watched_run):
 def test_metrics_records_say_their_kind_and_old_files_still_read(watched_run, tmp_path):
     records = read_metrics(watched_run.out / "metrics.jsonl")
     assert [(r["step"], r["kind"]) for r in records] == [
+        (0, "eval"),
         (1, "train"),
         (2, "train"),
         (2, "eval"),
@@ -132,7 +133,7 @@ def test_metrics_records_say_their_kind_and_old_files_still_read(watched_run, tm
         (4, "eval"),
     ]
     assert all({"loss", "lr", "tok_per_s", "eta_s"} <= r.keys() for r in records if r["kind"] == "train")
-    assert "mfu" not in records[0]  # CPU
+    assert "mfu" not in records[1]  # CPU
     # a metrics.jsonl written before records had a kind: the same kinds are read from the fields
     old = [{k: v for k, v in r.items() if k != "kind"} for r in records]
     assert [record_kind(r) for r in old] == [r["kind"] for r in records]
@@ -148,8 +149,8 @@ def test_loss_curves_split_named_eval_sets_and_read_old_records():
         {"step": 1, "loss": 3.0, "lr": 1e-3},  # written before records had a kind
         {"step": 1, "eval_loss": 3.5},
         {"step": 2, "kind": "train", "loss": 2.5, "lr": 1e-3},
-        {"step": 2, "kind": "eval", "name": "fin", "eval_loss": 2.7},
-        {"step": 2, "kind": "eval", "name": "news", "eval_loss": 2.9},
+        {"step": 2, "kind": "eval", "eval_set": "fin", "eval_loss": 2.7},
+        {"step": 2, "kind": "eval", "eval_set": "news", "eval_loss": 2.9},
         {"step": 2, "kind": "resume", "resumed_from": "step-00000002", "changed": {}},
     ]
     assert loss_curves(records) == {
@@ -170,7 +171,7 @@ def test_tensorboard_event_files_hold_the_logged_scalars(watched_run):
     for kind, field, tag in (
         ("train", "loss", "train/loss"),
         ("train", "lr", "train/lr"),
-        ("eval", "eval_loss", "eval/loss"),
+        ("eval", "eval_loss", "eval/val/loss"),
     ):
         expected = [(r["step"], r[field]) for r in records if r["kind"] == kind]
         logged = [(e.step, e.value) for e in events.Scalars(tag)]
@@ -186,7 +187,9 @@ def test_wandb_gets_the_same_scalars_and_the_run_facts(watched_run):
     records = read_metrics(watched_run.out / "metrics.jsonl")
     expected = [(r["step"], scalars_of(r)) for r in records if r["kind"] in ("train", "eval")]
     assert run.logged == expected
-    assert run.logged[2] == (2, {"eval/loss": records[2]["eval_loss"]})
+    step, scalars = run.logged[3]  # step 0's eval, two steps, then step 2's eval
+    assert step == 2 and scalars["eval/val/loss"] == records[3]["eval_loss"]
+    assert scalars["eval/val/ppl"] == records[3]["eval_ppl"]
     assert run.finished
     config = run.init_kwargs["config"]
     assert config["lora_r"] == 8 and config["run"]["attn"]["backend"] == "sdpa"

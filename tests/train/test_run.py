@@ -68,7 +68,7 @@ def test_run_cli_learns_on_the_sample(packed_sample, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-    assert len(losses) == 30 and len(evals) == 2
+    assert len(losses) == 30 and len(evals) == 3  # steps 0, 15 and 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 1.0, (first, last)  # ln(639) = 6.5 at random init; it must learn a lot
     assert evals[-1] < losses[0] - 1.0
@@ -312,12 +312,12 @@ def test_two_ranks_match_one_rank_with_twice_the_micro_batches(packed_sample, tm
 def test_eval_data_must_share_the_tokenizer(packed_sample, tmp_path):
     from train.loop import open_data
 
-    same = tiny(packed_sample, tmp_path / "r", max_steps=1, eval_data=packed_sample)
-    assert open_data(same)[2].name == "val"
+    same = tiny(packed_sample, tmp_path / "r", max_steps=1, eval_data=(("again", packed_sample),))
+    assert {name: split.name for name, split in open_data(same)[2].items()} == {"val": "val", "again": "val"}
     other = tmp_path / "other"
     shutil.copytree(packed_sample, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["tokenizer"]["sha256"] = "0" * 64
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DatasetError, match="another tokenizer"):
-        open_data(tiny(packed_sample, tmp_path / "r", max_steps=1, eval_data=other))
+        open_data(tiny(packed_sample, tmp_path / "r", max_steps=1, eval_data=(("other", other),)))
