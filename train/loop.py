@@ -62,6 +62,7 @@ from train.parallel import (
 )
 from train.plan import DataShape, RunPlan, describe, lr_factor, make_plan
 from train.resume import check_resume, jsonable_config
+from train.tokenizer_files import dataset_tokenizer
 
 
 @dataclass(slots=True)
@@ -324,6 +325,7 @@ def save(run: Run, step: int) -> Path | None:
                 "world_size": run.world_size,
             },
             full=full,
+            tokenizer=dataset_tokenizer(run.cfg.data),
         )
     if run.world_size > 1:
         dist.barrier()
@@ -390,7 +392,9 @@ def finish(run: Run) -> Path | None:
     export_state = full_model_state(run.model) if run.cfg.fsdp else None
     if not run.is_main:
         return None
-    export = export_weights(run.model, run.cfg.out, state_dict=export_state)
+    export = export_weights(
+        run.model, run.cfg.out, state_dict=export_state, tokenizer=dataset_tokenizer(run.cfg.data)
+    )
     plot_losses(run.cfg.out / METRICS, run.cfg.out / LOSS_PLOT)
     run.say(f"wrote {export}, {run.cfg.out / METRICS}, {run.cfg.out / LOSS_PLOT}")
     return export
