@@ -143,6 +143,13 @@ def run(
         str | None, typer.Option(help="Shard check before training: checksum or size (default checksum).")
     ] = None,
     log_every: Annotated[int | None, typer.Option(help="Print a log line every N steps (default 1).")] = None,
+    sample_prompt: Annotated[
+        list[str] | None,
+        typer.Option(help="A prompt to continue greedily after each eval, logged (repeatable)."),
+    ] = None,
+    sample_tokens: Annotated[
+        int | None, typer.Option(help="Most new tokens per --sample-prompt (default 32).")
+    ] = None,
 ) -> None:
     """Train on a packed dataset: AdamW, warmup + cosine, grad accumulation, checkpoints, resume.
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,7 +213,10 @@ def _with_run_weights(model: torch.nn.Module, checkpoint: Path, lora: bool) -> t
     if lora:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, checkpoint / "adapter").merge_and_unload()
+        with warnings.catch_warnings():
+            # peft 0.21 calls a transformers 5 property that warns of its own deprecation: not ours to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(model, checkpoint / "adapter").merge_and_unload()
     import safetensors.torch
 
     missing, unexpected = safetensors.torch.load_model(

@@ -62,6 +62,7 @@ from train.parallel import (
 )
 from train.plan import DataShape, RunPlan, describe, lr_factor, make_plan
 from train.resume import check_resume, jsonable_config
+from train.samples import log_samples
 from train.tokenizer_files import dataset_tokenizer
 
 
@@ -156,6 +157,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
                 result.last_checkpoint = save(run, step)
             if run.eval_split is not None and cfg.eval_every and (step % cfg.eval_every == 0 or is_last):
                 result.eval_losses[step] = evaluate_run(run, step)
+                log_samples(run, step)
     finally:
         run.close()
     result.export = finish(run)

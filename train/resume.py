@@ -49,6 +49,8 @@ APPLIED_ON_RESUME = (
     "fsdp",
     "batch_size",  # with grad_accum and ranks: the rows per step are enforced instead
     "grad_accum",
+    "sample_prompt",
+    "sample_tokens",
 )
 """Options a resumed run may change; the change is recorded with the step it applies from."""
 
@@ -158,6 +160,6 @@ def _rows(config: dict[str, Any], world_size: Any, rows_per_step: int) -> str:
 def jsonable_config(cfg: RunConfig) -> dict[str, Any]:
     """``cfg`` as it is stored in a checkpoint's state.json (paths as strings)."""
     return {
-        name: (str(value) if isinstance(value, Path) else value)
+        name: (str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value)
         for name, value in ((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__)
     }

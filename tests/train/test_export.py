@@ -71,10 +71,9 @@ def export(root: Path, *args: str):
         return runner.invoke(app, ["export", *args])
 
 
-def greedy(model, input_ids: torch.Tensor, **options) -> torch.Tensor:
-    return model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, **options)[
-        0, input_ids.shape[1] :
-    ]
+def greedy(model, input_ids: torch.Tensor, max_new_tokens: int = NEW_TOKENS, **options) -> torch.Tensor:
+    out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, **options)
+    return out[0, input_ids.shape[1] :]
 
 
 def test_merged_export_equals_the_adapter_on_its_base(trained):
@@ -218,3 +217,89 @@ def test_generate_on_a_project_loaded_model_equals_plain_transformers(trained, u
         use_cache=use_cache,
     )
     assert torch.equal(got[0, input_ids.shape[1] :], greedy(plain_lora.eval(), input_ids))
+
+
+def test_sample_generations_at_each_eval_are_the_model_s_greedy_continuations(
+    trained, packed_sample, tmp_path
+):
+    from tokenizers import Tokenizer
+
+    from train.outputs import read_metrics
+
+    out = tmp_path / "run"
+    cfg = RunConfig(
+        data=packed_sample,
+        model=str(trained / "base"),
+        out=out,
+        max_steps=2,
+        batch_size=2,
+        lr=1e-2,
+        eval_every=1,
+        device="cpu",
+        attn="sdpa",
+        lora_r=4,
+        lora_alpha=8,
+        sample_prompt=[PROMPT, "Shares"],  # a TOML list becomes a tuple
+        sample_tokens=6,
+    )
+    lines: list[str] = []
+    train(cfg, log=lines.append)
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "samples" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    assert [s["prompt"] for s in records[-1]["samples"]] == [PROMPT, "Shares"]
+    assert any(line.startswith(f"sample step 2 | {PROMPT!r} -> ") for line in lines)
+    # the same continuation from plain transformers and peft, with the run's final adapter
+    info = PackedDataset(packed_sample).manifest.tokenizer
+    tokenizer = Tokenizer.from_file(str(out / "adapter" / "tokenizer.json"))
+    ids = ([] if info.bos_id is None else [info.bos_id]) + tokenizer.encode(
+        PROMPT, add_special_tokens=False
+    ).ids
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(trained / "base"), out / "adapter"
+    ).eval()
+    expected = greedy(plain, torch.tensor([ids]), 6, eos_token_id=info.eos_id, pad_token_id=info.eos_id)
+    first = records[-1]["samples"][0]
+    assert first["num_tokens"] == len(expected) and 0 < len(expected) <= 6
+    assert first["completion"] == tokenizer.decode(expected.tolist(), skip_special_tokens=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sample_prompt": [""]}, "non-empty texts"),
+        ({"sample_prompt": "one string"}, "non-empty texts"),
+        ({"sample_prompt": ["x"], "sample_tokens": 0}, "--sample-tokens 0"),
+        ({"sample_prompt": ["x"], "fsdp": True, "lora": False}, "--fsdp"),
+    ],
+)
+def test_bad_sample_options_name_the_flag(packed_sample, tmp_path, options, message):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(data=packed_sample, model="tiny-qwen2", out=tmp_path, max_steps=1, **options)
+
+
+def test_full_fine_tuning_run_exports_its_model(trained, packed_sample, tmp_path):
+    cfg = RunConfig(
+        data=packed_sample,
+        model=str(trained / "base"),
+        out=tmp_path / "run",
+        max_steps=2,
+        batch_size=2,
+        lr=1e-2,
+        eval_every=0,
+        device="cpu",
+        attn="sdpa",
+        lora=False,
+    )
+    train(cfg, log=lambda _: None)
+    result = export(tmp_path, "run", "--out", "model")
+    assert result.exit_code == 0, result.output
+    assert "exported the model of" in result.output
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")  # the run's own export
+    base = AutoModelForCausalLM.from_pretrained(trained / "base")
+    names = dict(exported.named_parameters())
+    assert all(torch.equal(names[n], p) for n, p in final.named_parameters())
+    assert any(not torch.equal(names[n], p) for n, p in base.named_parameters())  # trained
+    assert (tmp_path / "model" / "tokenizer.json").is_file()
