@@ -17,8 +17,9 @@ run used. What is written:
 
 Every form carries the tokenizer files (chat template included): the checkpoint's own copy, else the
 dataset's tokenizer if unchanged (`train.tokenizer_files`), else the base folder's; ``--tokenizer``
-overrides. The folder is written under a temporary name beside ``--out`` and renamed into place, so a
-failed export leaves nothing half-written; a non-empty ``--out`` is replaced only with ``--overwrite``.
+overrides. A model whose generation config names no EOS gets the dataset's. The folder is written
+under a temporary name beside ``--out`` and renamed into place, so a failed export leaves nothing
+half-written; a non-empty ``--out`` is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def export_run(cfg: ExportConfig) -> ExportResult:
         else:
             model = load_base(base, vocab_size=_vocab_size(base, run_cfg["data"]), seed=run_cfg["seed"])
             model = _with_run_weights(model, checkpoint, lora)
+            _default_eos(model, run_cfg["data"])
             model.save_pretrained(tmp, safe_serialization=True)
         copy_tokenizer(tokenizer, tmp)
         files = sorted(p.name for p in tmp.iterdir())
@@ -228,6 +230,21 @@ def _with_run_weights(model: torch.nn.Module, checkpoint: Path, lora: bool) -> t
             f" {unexpected[:3]}); pass --base with the model the run trained."
         )
     return model
+
+
+def _default_eos(model: torch.nn.Module, data: str) -> None:
+    """A model with no EOS in its generation config stops at the dataset's EOS (what it was trained to end
+    documents with), when the dataset is readable from here."""
+    generation = getattr(model, "generation_config", None)
+    if generation is None or generation.eos_token_id is not None:
+        return
+    try:
+        eos_id = Manifest.load(Path(data)).tokenizer.eos_id
+    except UserError:
+        return
+    generation.eos_token_id = eos_id
+    if generation.pad_token_id is None:
+        generation.pad_token_id = eos_id
 
 
 def write_adapter(adapter: Path, base: str, dest: Path) -> None:
