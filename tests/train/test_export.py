@@ -71,12 +71,28 @@ def export(root: Path, *args: str):
         return runner.invoke(app, ["export", *args])
 
 
-def greedy(model, input_ids: torch.Tensor, max_new_tokens: int = NEW_TOKENS, **options) -> torch.Tensor:
-    out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, **options)
+@pytest.fixture(scope="module")
+def eos(packed_sample) -> int:
+    return PackedDataset(packed_sample).manifest.tokenizer.eos_id
+
+
+def greedy(
+    model, input_ids: torch.Tensor, eos: int, max_new_tokens: int = NEW_TOKENS, **options
+) -> torch.Tensor:
+    """The new tokens of greedy decoding, stopping at ``eos`` whatever the model's generation config says
+    (a merged export names the dataset's EOS; the base folder names none)."""
+    out = model.generate(
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        **options,
+    )
     return out[0, input_ids.shape[1] :]
 
 
-def test_merged_export_equals_the_adapter_on_its_base(trained):
+def test_merged_export_equals_the_adapter_on_its_base(eos, trained):
     result = export(trained, "runs/r1", "--merge", "--out", "merged")
     assert result.exit_code == 0, result.output
     assert "exported the merged model of runs/r1/checkpoints/step-00000004" in result.output
@@ -85,12 +101,13 @@ def test_merged_export_equals_the_adapter_on_its_base(trained):
     assert "packed_varlen" not in config and "attn_implementation" not in config
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert merged.config._attn_implementation in ("sdpa", "eager")
+    assert merged.generation_config.eos_token_id == eos  # the base named none: the dataset's
     adapter = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(trained / "base"), trained / "runs/r1/adapter"
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    assert torch.equal(greedy(merged, input_ids), greedy(adapter, input_ids))
+    assert torch.equal(greedy(merged, input_ids, eos), greedy(adapter, input_ids, eos))
     with torch.no_grad():
         merged_logits = merged.double()(input_ids).logits
         adapter_logits = adapter.double()(input_ids).logits
@@ -103,7 +120,7 @@ def test_merged_export_equals_the_adapter_on_its_base(trained):
     assert (base_logits - adapter_logits).abs().max() > 1e-2 * scale
 
 
-def test_adapter_export_loads_from_another_working_directory(trained, tmp_path):
+def test_adapter_export_loads_from_another_working_directory(eos, trained, tmp_path):
     result = export(trained, "runs/r1", "--out", "adapter")
     assert result.exit_code == 0, result.output
     adapter_dir = trained / "adapter"
@@ -122,7 +139,7 @@ def test_adapter_export_loads_from_another_working_directory(trained, tmp_path):
     reference = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(trained / "base"), trained / "runs/r1/adapter"
     ).eval()
-    assert torch.equal(greedy(loaded, input_ids), greedy(reference, input_ids))
+    assert torch.equal(greedy(loaded, input_ids, eos), greedy(reference, input_ids, eos))
 
 
 def test_export_picks_a_checkpoint(trained):
@@ -162,7 +179,7 @@ def test_export_without_the_base_says_how_to_find_it(trained, tmp_path):
     assert result.exit_code == 1 and "--base PATH" in result.output
 
 
-def test_tiny_qwen2_run_exports_merged_only(packed_sample, tmp_path):
+def test_tiny_qwen2_run_exports_merged_only(eos, packed_sample, tmp_path):
     cfg = RunConfig(
         data=packed_sample,
         model="tiny-qwen2",
@@ -187,11 +204,11 @@ def test_tiny_qwen2_run_exports_merged_only(packed_sample, tmp_path):
     )
     set_peft_model_state_dict(project, load_file(tmp_path / "run/adapter/adapter_model.safetensors"))
     input_ids = AutoTokenizer.from_pretrained(tmp_path / "merged")(PROMPT, return_tensors="pt").input_ids
-    assert torch.equal(greedy(merged.eval(), input_ids), greedy(project.eval(), input_ids))
+    assert torch.equal(greedy(merged.eval(), input_ids, eos), greedy(project.eval(), input_ids, eos))
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_generate_on_a_project_loaded_model_equals_plain_transformers(trained, use_cache):
+def test_generate_on_a_project_loaded_model_equals_plain_transformers(eos, trained, use_cache):
     """The project's attention (no boundaries: one sequence) generates what transformers' own does, for the
     model alone and with the run's adapter loaded the project's way."""
     base = trained / "base"
@@ -202,7 +219,9 @@ def test_generate_on_a_project_loaded_model_equals_plain_transformers(trained, u
         plain = AutoModelForCausalLM.from_pretrained(
             base, dtype=torch.float64, attn_implementation=implementation
         )
-        assert torch.equal(greedy(project, input_ids, use_cache=use_cache), greedy(plain.eval(), input_ids))
+        assert torch.equal(
+            greedy(project, input_ids, eos, use_cache=use_cache), greedy(plain.eval(), input_ids, eos)
+        )
     lora = load_model(str(base), vocab_size=None, attn="sdpa", lora=LoraSettings(r=8, alpha=16)).eval()
     set_peft_model_state_dict(lora, load_file(trained / "runs/r1/adapter/adapter_model.safetensors"))
     plain_lora = PeftModel.from_pretrained(
@@ -215,8 +234,10 @@ def test_generate_on_a_project_loaded_model_equals_plain_transformers(trained, u
         max_new_tokens=NEW_TOKENS,
         do_sample=False,
         use_cache=use_cache,
+        eos_token_id=eos,
+        pad_token_id=eos,
     )
-    assert torch.equal(got[0, input_ids.shape[1] :], greedy(plain_lora.eval(), input_ids))
+    assert torch.equal(got[0, input_ids.shape[1] :], greedy(plain_lora.eval(), input_ids, eos))
 
 
 def test_sample_generations_at_each_eval_are_the_model_s_greedy_continuations(
@@ -257,7 +278,7 @@ def test_sample_generations_at_each_eval_are_the_model_s_greedy_continuations(
     plain = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(trained / "base"), out / "adapter"
     ).eval()
-    expected = greedy(plain, torch.tensor([ids]), 6, eos_token_id=info.eos_id, pad_token_id=info.eos_id)
+    expected = greedy(plain, torch.tensor([ids]), info.eos_id, 6)
     first = records[-1]["samples"][0]
     assert first["num_tokens"] == len(expected) and 0 < len(expected) <= 6
     assert first["completion"] == tokenizer.decode(expected.tolist(), skip_special_tokens=False)
