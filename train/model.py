@@ -2,9 +2,9 @@
 
 The model trains on one flat ``[1, T]`` stream with explicit ``cu_seqlens`` (see `train.batch`): no
 padding, no 2D attention mask, no KV cache. Without boundaries it runs one sequence at a time (so
-``generate()`` works on one prompt); `train.attention` states the rule. :func:`forward_hidden` returns the final hidden states
-``[1, T, D]``; the loss (`train.loss`) applies the output head in chunks, so the full ``[T, V]`` logits
-never exist at once.
+``generate()`` works on one prompt); `train.attention` states the rule. :func:`forward_hidden` returns
+the final hidden states ``[1, T, D]``; the loss (`train.loss`) applies the output head in chunks, so the
+full ``[T, V]`` logits never exist at once.
 
 :func:`forward_hidden_naive` runs the same model over the packed row with a plain causal mask (one
 segment spanning the row) and the row's restarting position ids. It leaks across documents, which is
