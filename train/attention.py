@@ -23,9 +23,21 @@ Backends, chosen with ``attn``:
 Each backend is registered with ``transformers.AttentionInterface`` under its own name, and the
 boundaries travel through the model's forward kwargs with the names transformers' own flash path uses
 (``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``). Isolation never comes from
-``position_ids``: the functions here refuse to run without ``cu_seq_lens_q``, and refuse any attention
-mask, because a mask is how a leaky setup (a causal mask over the whole packed row) gets in.
-Our names are not registered as mask functions, so transformers builds no mask for them.
+``position_ids``, and never from a mask: a mask is how a leaky setup (a causal mask over the whole
+packed row) gets in, so any attention mask that reaches these functions is refused. Our names are not
+registered as mask functions, so transformers builds no mask for them.
+
+The rule for a forward without boundaries (no ``cu_seq_lens_q``), e.g. ``model.generate()``:
+
+- one unpacked sequence runs standard causal attention (SDPA, any device, with or without a KV cache):
+  batch size 1, no mask, and position ids that count up by one (``p, p+1, ..., p+T-1``). A sequence
+  alone has nothing to leak into, so this is what plain transformers computes;
+- anything else is refused: position ids that restart (a packed row without its ``cu_seqlens``),
+  several rows, no position ids at all, or any mask. A 2D padding mask never reaches attention (no mask
+  is built for our names), so :func:`refuse_padding_mask`, a pre-hook on the decoder, refuses one that
+  hides any token; an all-ones mask (what a tokenizer returns for one prompt) says nothing and passes.
+
+Training never takes this path: `train.model.forward_hidden` always passes the batch's boundaries.
 """
 
 from __future__ import annotations
@@ -155,21 +167,20 @@ def varlen_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict[str, torch.
     }
 
 
-def _boundaries(module: torch.nn.Module, query: torch.Tensor, attention_mask, kwargs: dict):
-    """Validate the call and return ``(cu_seqlens, max_seqlen)``; refuse anything that could leak."""
+def _refuse_mask(attention_mask) -> None:
     if attention_mask is not None:
         raise AttentionSetupError(
             f"varlen attention got an attention mask of shape {tuple(attention_mask.shape)}; a mask over a"
             " packed row lets documents see each other. Pass no mask: boundaries come from `cu_seqlens`"
             " (call the model through `train.model.forward_hidden`)."
         )
+
+
+def _boundaries(module: torch.nn.Module, query: torch.Tensor, attention_mask, kwargs: dict):
+    """Validate the call and return ``(cu_seqlens, max_seqlen)``; refuse anything that could leak."""
+    _refuse_mask(attention_mask)
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None:
-        raise AttentionSetupError(
-            "varlen attention was called without `cu_seq_lens_q`: the model cannot tell where documents"
-            " start, and position ids do not isolate them. Call the model through"
-            " `train.model.forward_hidden(model, batch)`, which passes the batch's cu_seqlens."
-        )
+    assert cu_q is not None, "calls without boundaries go to one_sequence_attention"
     if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
         raise AttentionSetupError(
             "cu_seq_lens_k differs from cu_seq_lens_q; training attention is self-attention."
@@ -190,6 +201,91 @@ def _boundaries(module: torch.nn.Module, query: torch.Tensor, attention_mask, kw
             f" --seq-len <= {window}."
         )
     return cu_q, int(max_seqlen)
+
+
+def _has_boundaries(kwargs: dict) -> bool:
+    return kwargs.get("cu_seq_lens_q") is not None
+
+
+def _check_one_sequence(module: torch.nn.Module, query, key, attention_mask, kwargs: dict) -> None:
+    """Refuse a forward without boundaries unless it is one unpacked sequence (the module docstring's rule)."""
+    _refuse_mask(attention_mask)
+    unbounded = "varlen attention was called without `cu_seq_lens_q`"
+    fix = (
+        " Call the model through `train.model.forward_hidden(model, batch)`, which passes the batch's"
+        " cu_seqlens; to generate, pass one prompt (batch size 1) and no padding."
+    )
+    if query.shape[0] != 1:
+        raise AttentionSetupError(
+            f"{unbounded} on a batch of {query.shape[0]} rows; without boundaries only one sequence at a"
+            f" time runs (a batch needs padding masks, which these backends refuse).{fix}"
+        )
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        raise AttentionSetupError(
+            f"{unbounded} and without position ids, so it cannot tell one sequence from a packed row.{fix}"
+        )
+    positions = position_ids.reshape(-1)
+    num_queries = query.shape[2]
+    if positions.numel() != num_queries:
+        raise AttentionSetupError(
+            f"{unbounded} with {positions.numel()} position ids for {num_queries} tokens.{fix}"
+        )
+    # One device sync per layer, for prompts only: a decoding step (one token) has nothing to check.
+    if num_queries > 1 and not torch.equal(positions[1:] - positions[:-1], torch.ones_like(positions[1:])):
+        raise AttentionSetupError(
+            f"{unbounded} on a packed row (its position ids restart): the model cannot tell where"
+            f" documents start, and position ids do not isolate them.{fix}"
+        )
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:
+        raise AttentionSetupError(
+            f"layer {getattr(module, 'layer_idx', '?')} uses sliding-window attention (window {window}) and"
+            f" the sequence has {key.shape[2]} tokens; these backends do not implement windows."
+        )
+
+
+def one_sequence_attention(query, key, value, scale: float | None) -> torch.Tensor:
+    """Causal attention of one unpacked sequence, its queries being the last of its keys (a KV cache
+    holds the earlier ones). ``[1, H, T, D]`` in (transformers layout), ``[1, T, H, D]`` out."""
+    num_queries, num_keys = query.shape[2], key.shape[2]
+    mask = None
+    if 1 < num_queries < num_keys:  # a chunk after cached tokens: causal, aligned to the last key
+        mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device)
+        mask = mask.tril(diagonal=num_keys - num_queries)
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        # One query (a decoding step) sees every key; a prompt without cache is plainly causal.
+        is_causal=num_queries == num_keys and num_queries > 1,
+        scale=scale,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2)
+
+
+def _unbounded(module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    """A forward without boundaries: one sequence runs standard causal attention, anything else is refused."""
+    _check_one_sequence(module, query, key, attention_mask, kwargs)
+    _refuse_dropout(dropout)
+    return one_sequence_attention(query, key, value, scaling), None
+
+
+def refuse_padding_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the decoder: refuse a 2D mask that hides tokens (padding); see the module docstring.
+
+    transformers builds no 4D mask for our implementation names, so such a mask would otherwise be dropped
+    without a word and the padding attended to.
+    """
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+        raise AttentionSetupError(
+            f"the model got a padding mask (attention_mask of shape {tuple(mask.shape)} with zeros); these"
+            " attention backends take no mask, so padded prompts cannot run. Generate one prompt at a time"
+            " without padding, or export the model (`train export --merge`) and use plain transformers."
+        )
 
 
 def _to_flat(query, key, value):
@@ -231,6 +327,8 @@ def reference_varlen(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, scale: float
 
 
 def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if not _has_boundaries(kwargs):
+        return _unbounded(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     cu_seqlens, _ = _boundaries(module, query, attention_mask, kwargs)
     _refuse_dropout(dropout)
     q, k, v = _to_flat(query, key, value)
@@ -239,6 +337,8 @@ def _sdpa_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 
 def _torch_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if not _has_boundaries(kwargs):
+        return _unbounded(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     cu_seqlens, max_seqlen = _boundaries(module, query, attention_mask, kwargs)
     _refuse_dropout(dropout)
     q, k, v = (_half(x) for x in _to_flat(query, key, value))
@@ -285,6 +385,8 @@ def torch_varlen_call(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen: int, scale: f
 
 
 def _flash_attn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if not _has_boundaries(kwargs):
+        return _unbounded(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     from flash_attn import flash_attn_varlen_func
 
     cu_seqlens, max_seqlen = _boundaries(module, query, attention_mask, kwargs)

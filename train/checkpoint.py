@@ -3,7 +3,8 @@
 A checkpoint is a folder ``checkpoints/step-00000100/``::
 
     adapter/                  LoRA runs: peft ``save_pretrained`` (adapter_model.safetensors + config),
-                              so ``PeftModel.from_pretrained(base, adapter/)`` loads it as it is
+                              so ``PeftModel.from_pretrained(base, adapter/)`` loads it as it is;
+                              with the dataset's tokenizer files (`train.tokenizer_files`)
     model.safetensors         full fine-tuning: every weight, unsharded (one copy of tied weights)
     optimizer.pt              AdamW state (tensors and numbers only; read with ``weights_only=True``);
                               keyed by parameter name for full fine-tuning, so that a run saved with
@@ -37,6 +38,7 @@ from torch import nn
 
 from shared.errors import UserError
 from shared.fileio import atomic_write_text, fsync_dir, sha256_file
+from train.tokenizer_files import copy_tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "checkpoint.json"
@@ -72,8 +74,12 @@ def save_checkpoint(
     loader_state: dict[str, int],
     extra: dict[str, Any] | None = None,
     full: tuple[dict, dict] | None = None,
+    tokenizer: Path | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` under ``out/checkpoints``; return its folder.
+
+    ``tokenizer`` is a folder whose tokenizer files are copied into the adapter folder, which then
+    loads alone (`train.tokenizer_files`).
 
     ``full`` is (model, optimizer) state gathered by `train.parallel.full_state` for full fine-tuning
     (required when the model is sharded: this rank alone cannot read the other shards).
@@ -90,7 +96,7 @@ def save_checkpoint(
             safetensors.torch.save_file(full[0], tmp / "model.safetensors")
             torch.save(full[1], tmp / "optimizer.pt")
         else:
-            _write_weights(tmp, model)
+            _write_weights(tmp, model, tokenizer)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         safetensors.torch.save_file(_torch_rng_state(), tmp / "rng.safetensors")
         state = {
@@ -134,10 +140,11 @@ def save_checkpoint(
     return final
 
 
-def _write_weights(folder: Path, model: nn.Module) -> None:
+def _write_weights(folder: Path, model: nn.Module, tokenizer: Path | None) -> None:
     model = unwrap(model)
     if is_peft(model):
         model.save_pretrained(folder / "adapter", safe_serialization=True)
+        copy_tokenizer(tokenizer, folder / "adapter")
     else:
         # save_model (not save_file) handles tied weights such as a shared embedding/output head.
         safetensors.torch.save_model(model, str(folder / "model.safetensors"))

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from train.check import CheckResult
     from train.compare import EvalReport
 
-app = typer_app("train", "Plan, run and check LoRA training on packed varlen shards.")
+app = typer_app("train", "Plan, run, check and export LoRA training on packed varlen shards.")
 
 
 @app.command()
@@ -161,6 +161,13 @@ def run(
         typer.Option(
             "--wandb/--no-wandb", help="Log to Weights & Biases (WANDB_MODE=offline works; default off)."
         ),
+    ] = None,
+    sample_prompt: Annotated[
+        list[str] | None,
+        typer.Option(help="A prompt to continue greedily after each eval, logged (repeatable)."),
+    ] = None,
+    sample_tokens: Annotated[
+        int | None, typer.Option(help="Most new tokens per --sample-prompt (default 32).")
     ] = None,
 ) -> None:
     """Train on a packed dataset: AdamW, warmup + cosine, grad accumulation, checkpoints, resume.
@@ -376,6 +383,62 @@ def check(
         f" <= tolerance ({result.relative_tolerance:g} x max(1, |logit|), {result.dtype}).",
         highlight=False,
     )
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder (`train run --out`).")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder to write (created; replaced with --overwrite).")
+    ],
+    checkpoint: Annotated[
+        int | None, typer.Option(help="Step of the checkpoint to export (default the newest).")
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Merge the LoRA adapter into the base: a complete model folder.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    base: Annotated[
+        str | None, typer.Option(help="Base model folder, if the run's --model is not found from here.")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder to ship (default: the one the run's data names).")
+    ] = None,
+) -> None:
+    """Write a run's weights as a Hugging Face folder with the tokenizer: merged model or adapter.
+
+    --merge: AutoModelForCausalLM.from_pretrained(OUT) loads it; without: PeftModel.from_pretrained(base, OUT),
+    the base named by its absolute path.
+
+    Example: train export runs/r1 --merge --out r1-merged/
+    """
+    from train.export import ExportConfig, export_run
+
+    try:
+        cfg = ExportConfig(
+            run=run_dir,
+            out=out_dir,
+            checkpoint=checkpoint,
+            merge=merge,
+            overwrite=overwrite,
+            base=base,
+            tokenizer=tokenizer,
+        )
+        result = export_run(cfg)
+    except UserError as e:
+        raise fail(e) from None
+    if result.kind == "adapter":
+        load = f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({result.base!r}), {str(result.out)!r})"
+    else:
+        load = f"AutoModelForCausalLM.from_pretrained({str(result.out)!r})"
+    for line in (
+        f"exported the {result.kind} of {result.checkpoint} to {result.out}",
+        f"  base       {result.base}",
+        f"  tokenizer  {result.tokenizer}",
+        f"  files      {', '.join(result.files)}",
+        f"load it with {load}",
+    ):
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 def print_check(result: CheckResult) -> None:

@@ -84,6 +84,10 @@ class RunConfig:
     """Log to TensorBoard (OUT/tensorboard/); None: when the `tensorboard` package is installed."""
     wandb: bool = False
     """Log to Weights & Biases (`wandb` package; project $WANDB_PROJECT, WANDB_MODE=offline works)."""
+    sample_prompt: tuple[str, ...] = ()
+    """Prompts continued greedily after every evaluation, logged and recorded (`train.samples`)."""
+    sample_tokens: int = 32
+    """Most new tokens per sample generation."""
 
     def __post_init__(self) -> None:
         if (self.token_budget is None) == (self.max_steps is None):
@@ -134,6 +138,21 @@ class RunConfig:
             )
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"--device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N.")
+        self._check_samples()
+
+    def _check_samples(self) -> None:
+        prompts = self.sample_prompt
+        if isinstance(prompts, str) or not all(isinstance(p, str) and p for p in prompts):
+            raise ConfigError(
+                f"--sample-prompt {prompts!r} must be non-empty texts (a list of strings in a --config file)."
+            )
+        object.__setattr__(self, "sample_prompt", tuple(prompts))  # a TOML list, kept hashable
+        _positive("--sample-tokens", self.sample_tokens)
+        if prompts and self.fsdp:
+            raise ConfigError(
+                "--sample-prompt generates on rank 0 alone, which a model sharded with --fsdp cannot do;"
+                " drop --sample-prompt, or export a checkpoint (`train export`) and generate with that."
+            )
 
 
 def _positive(flag: str, value: int | None) -> None:

@@ -67,8 +67,10 @@ from train.parallel import (
 from train.plan import DataShape, RunPlan, lr_factor, make_plan
 from train.resume import check_resume, jsonable_config
 from train.runinfo import RunInfo, describe_run, header_lines, step_line, warning_lines, write_run_json
+from train.samples import log_samples
 from train.sinks import Sinks, open_sinks, require_sinks
 from train.throughput import Pace, mean_causal_context, train_flops_per_token
+from train.tokenizer_files import dataset_tokenizer
 
 
 @dataclass(slots=True)
@@ -182,6 +184,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
                 result.last_checkpoint = save(run, step)
             if evaluating and (step % cfg.eval_every == 0 or is_last):
                 record_eval(result, step, evaluate_run(run, step))
+                log_samples(run, step)
     finally:
         run.close()
     result.export = finish(run)
@@ -365,6 +368,7 @@ def save(run: Run, step: int) -> Path | None:
                 "world_size": run.world_size,
             },
             full=full,
+            tokenizer=dataset_tokenizer(run.cfg.data),
         )
     if run.world_size > 1:
         dist.barrier()
@@ -415,7 +419,9 @@ def finish(run: Run) -> Path | None:
     export_state = full_model_state(run.model) if run.cfg.fsdp else None
     if not run.is_main:
         return None
-    export = export_weights(run.model, run.cfg.out, state_dict=export_state)
+    export = export_weights(
+        run.model, run.cfg.out, state_dict=export_state, tokenizer=dataset_tokenizer(run.cfg.data)
+    )
     plot_losses(run.cfg.out / METRICS, run.cfg.out / LOSS_PLOT)
     run.say(f"wrote {export}, {run.cfg.out / METRICS}, {run.cfg.out / LOSS_PLOT}")
     return export

@@ -1,9 +1,10 @@
 """Load a causal LM (a local Hugging Face folder or the built-in `tiny-qwen2`) and run it the varlen way.
 
-The model runs on one flat ``[1, T]`` stream with explicit ``cu_seqlens`` (see `train.batch`): no
-padding, no 2D attention mask, no KV cache. :func:`forward_hidden` returns the final hidden states
-``[1, T, D]``; the loss (`train.loss`) applies the output head in chunks, so the full ``[T, V]`` logits
-never exist at once.
+The model trains on one flat ``[1, T]`` stream with explicit ``cu_seqlens`` (see `train.batch`): no
+padding, no 2D attention mask, no KV cache. Without boundaries it runs one sequence at a time (so
+``generate()`` works on one prompt); `train.attention` states the rule. :func:`forward_hidden` returns
+the final hidden states ``[1, T, D]``; the loss (`train.loss`) applies the output head in chunks, so the
+full ``[T, V]`` logits never exist at once.
 
 :func:`forward_hidden_naive` runs the same model over the packed row with a plain causal mask (one
 segment spanning the row) and the row's restarting position ids. It leaks across documents, which is
@@ -23,7 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwen2Config
 
 from shared.errors import UserError
-from train.attention import backend_of, implementation_name, varlen_kwargs
+from train.attention import backend_of, implementation_name, refuse_padding_mask, varlen_kwargs
 from train.batch import VarlenBatch
 
 TINY_QWEN2 = "tiny-qwen2"
@@ -118,15 +119,31 @@ def load_model(
     ``seed``; its vocabulary is ``vocab_size``, from the dataset manifest). ``lora=None`` trains every
     weight; otherwise only a peft LoRA adapter is trainable.
     """
+    device = resolve_device(device)
+    dtype = dtype or default_dtype(device, lora=lora is not None)
+    model = load_base(spec, vocab_size=vocab_size, dtype=dtype, device=device, seed=seed)
+    return _prepare(model, attn=attn, lora=lora, device=device, seed=seed)
+
+
+def load_base(
+    spec: str,
+    *,
+    vocab_size: int | None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> nn.Module:
+    """The plain transformers model ``spec`` names, with its standard attention: the weights
+    :func:`load_model` starts from (a folder's, or `tiny-qwen2`'s seeded random ones) before our attention
+    and LoRA. ``dtype=None`` keeps a folder's stored dtype (fp32 for `tiny-qwen2`)."""
     if spec == TINY_QWEN2:
         if vocab_size is None:
             raise ModelError("`tiny-qwen2` needs the vocabulary size (the dataset manifest's tokenizer).")
-        config = tiny_qwen2_config(vocab_size)
-        return model_from_config(config, attn=attn, lora=lora, dtype=dtype, device=device, seed=seed)
-    device = resolve_device(device)
-    dtype = dtype or default_dtype(device, lora=lora is not None)
-    model = _load_pretrained(spec, vocab_size, dtype)
-    return _prepare(model, attn=attn, lora=lora, device=device, seed=seed)
+        device = resolve_device(device)
+        with _seeded(seed, device), device:
+            model = AutoModelForCausalLM.from_config(tiny_qwen2_config(vocab_size))
+        return model.to(dtype or torch.float32)
+    return _load_pretrained(spec, vocab_size, dtype or "auto").to(resolve_device(device))
 
 
 def model_from_config(
@@ -159,6 +176,7 @@ def _seeded(seed: int, device: torch.device):
 
 def _prepare(model: nn.Module, *, attn: str, lora: LoraSettings | None, device: torch.device, seed: int):
     model.set_attn_implementation(implementation_name(attn, device))
+    model.get_decoder().register_forward_pre_hook(refuse_padding_mask, with_kwargs=True)
     model.config.use_cache = False
     if lora is not None:
         with _seeded(seed, device):
@@ -169,7 +187,7 @@ def _prepare(model: nn.Module, *, attn: str, lora: LoraSettings | None, device: 
     return model
 
 
-def _load_pretrained(spec: str, vocab_size: int | None, dtype: torch.dtype) -> nn.Module:
+def _load_pretrained(spec: str, vocab_size: int | None, dtype: torch.dtype | str) -> nn.Module:
     folder = Path(spec)
     if not (folder / "config.json").is_file():
         raise ModelError(
@@ -183,9 +201,13 @@ def _load_pretrained(spec: str, vocab_size: int | None, dtype: torch.dtype) -> n
             f" {config.vocab_size:,}: they do not belong together. Pack with this model's tokenizer."
         )
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model `{spec}` ({e}).") from e
+    # peft writes this into adapter_config.json as the base: absolute, so that the adapter loads from
+    # any working directory.
+    model.name_or_path = model.config._name_or_path = str(folder.resolve())
+    return model
 
 
 def _apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:

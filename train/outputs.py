@@ -13,6 +13,7 @@ import torch
 from shared.errors import UserError
 from shared.fileio import atomic_write_text
 from train.checkpoint import unwrap
+from train.tokenizer_files import copy_tokenizer
 
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
@@ -56,17 +57,20 @@ def memory_bytes(device: torch.device) -> int:
     return psutil.Process().memory_info().rss
 
 
-def export_weights(model: torch.nn.Module, out: Path, state_dict: dict | None = None) -> Path:
-    """The trained adapter via peft ``save_pretrained`` (or the whole model) under ``out``;
-    ``state_dict`` holds the unsharded weights of an FSDP model."""
+def export_weights(
+    model: torch.nn.Module, out: Path, state_dict: dict | None = None, tokenizer: Path | None = None
+) -> Path:
+    """The trained adapter via peft ``save_pretrained`` (or the whole model) under ``out``, with the
+    tokenizer files of folder ``tokenizer``; ``state_dict`` holds the unsharded weights of an FSDP model."""
     model = unwrap(model)
     target = out / ("adapter" if hasattr(model, "peft_config") else "model")
     model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
+    copy_tokenizer(tokenizer, target)
     return target
 
 
 def record_kind(entry: dict) -> str:
-    """``train``, ``eval`` or ``resume``: the record's ``kind`` field, or for files written before it
+    """``train``, ``eval``, ``resume`` or ``samples``: the record's ``kind`` field, or for files written before it
     existed, what its fields say."""
     if "kind" in entry:
         return entry["kind"]

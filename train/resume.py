@@ -51,6 +51,8 @@ APPLIED_ON_RESUME = (
     "fsdp",
     "batch_size",  # with grad_accum and ranks: the rows per step are enforced instead
     "grad_accum",
+    "sample_prompt",
+    "sample_tokens",
 )
 """Options a resumed run may change; the change is recorded with the step it applies from."""
 

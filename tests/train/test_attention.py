@@ -9,7 +9,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.attention import AttentionSetupError, reference_varlen, resolve_attn, varlen_kwargs
+from train.attention import (
+    AttentionSetupError,
+    one_sequence_attention,
+    reference_varlen,
+    resolve_attn,
+    varlen_kwargs,
+)
 from train.model import (
     LoraSettings,
     ModelError,
@@ -139,6 +145,60 @@ def test_forward_with_a_mask_is_refused(model):
             position_ids=batch.position_ids,
             **varlen_kwargs(batch.cu_seqlens, batch.max_seqlen),
         )
+
+
+@torch.no_grad()
+def test_one_sequence_without_boundaries_runs_plain_causal_attention(model64):
+    """The generation rule: one unpacked sequence (no cu_seqlens, no cache) computes what the varlen
+    forward computes for it, with or without an all-ones 2D mask (which says nothing)."""
+    one = segment(make_batch(LENGTHS, VOCAB, seed=2), 1)
+    expected = forward_hidden(model64, one)
+    decoder = model64.get_decoder()
+    got = decoder(input_ids=one.input_ids, position_ids=one.position_ids).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=TOLERANCE)
+    ones = torch.ones_like(one.input_ids)
+    got = decoder(input_ids=one.input_ids, attention_mask=ones).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_one_sequence_attention_after_a_cache_is_causal_from_the_last_key():
+    """A chunk of queries after cached keys (q < k) equals the last rows of the whole sequence's attention."""
+    torch.manual_seed(0)
+    num_tokens, num_queries = 11, 4
+    q = torch.randn(1, 4, num_tokens, 8, dtype=torch.float64)
+    k = torch.randn(1, 2, num_tokens, 8, dtype=torch.float64)
+    v = torch.randn(1, 2, num_tokens, 8, dtype=torch.float64)
+    whole = one_sequence_attention(q, k, v, 8**-0.5)
+    for n in (num_queries, 1):
+        chunk = one_sequence_attention(q[:, :, -n:], k, v, 8**-0.5)
+        torch.testing.assert_close(chunk, whole[:, -n:], atol=TOLERANCE, rtol=TOLERANCE)
+    # negative control: top-left causal alignment (SDPA's is_causal for q < k) gives other rows
+    wrong = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, -num_queries:], k, v, is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    assert (wrong - whole[:, -num_queries:]).abs().max() > 1e-2
+
+
+def test_forwards_without_boundaries_that_could_leak_are_refused(model):
+    batch = make_batch(LENGTHS, VOCAB)
+    # a packed row with an all-ones 2D mask: its position ids still restart
+    with pytest.raises(AttentionSetupError, match="packed row"):
+        model(
+            input_ids=batch.input_ids,
+            attention_mask=torch.ones_like(batch.input_ids),
+            position_ids=batch.position_ids,
+        )
+    # several rows without boundaries
+    two_rows = batch.input_ids[:, :10].repeat(2, 1)
+    with pytest.raises(AttentionSetupError, match="batch of 2 rows"):
+        model(input_ids=two_rows)
+    # a padding mask never reaches attention (no mask is built for our names): the decoder's hook refuses it
+    padded = torch.ones(1, 10, dtype=torch.long)
+    padded[0, :3] = 0
+    with pytest.raises(AttentionSetupError, match="padding mask"):
+        model(input_ids=batch.input_ids[:, :10], attention_mask=padded)
+    with pytest.raises(AttentionSetupError, match="padding mask"):
+        model.generate(input_ids=batch.input_ids[:, :10], attention_mask=padded, max_new_tokens=2)
 
 
 def test_tiny_model_is_deterministic_and_lora_trains_only_the_adapter():
