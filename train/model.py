@@ -14,6 +14,8 @@ exactly why it exists: it is the negative control the isolation tests and `train
 from __future__ import annotations
 
 import contextlib
+import platform
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,24 +84,101 @@ def tiny_qwen2_config(vocab_size: int) -> Qwen2Config:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> cuda if available, else cpu."""
+    """``auto`` -> cuda, else mps, else cpu (see :func:`auto_device`); a named device must be usable."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return auto_device()[0]
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise ModelError(f"--device {device!r} is unknown; use auto, cpu, cuda or cuda:N.") from None
+        raise ModelError(f"--device {device!r} is unknown; use auto, cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"--device {device} was asked for, but CUDA is not available; use --device cpu.")
+        why = unusable_gpu() or "this machine has no CUDA GPU that torch can see"
+        raise ModelError(
+            f"--device {device} was asked for, but CUDA is not available: {why}. Or use --device cpu."
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        why = (
+            "MPS needs macOS 12.3 or newer on Apple silicon"
+            if torch.backends.mps.is_built()
+            else f"torch {torch.__version__} was built without MPS (install the macOS wheel: `pip install torch`)"
+        )
+        raise ModelError(f"--device mps was asked for, but MPS is not available: {why}. Or use --device cpu.")
     return device
 
 
-def default_dtype(device: torch.device, *, lora: bool) -> torch.dtype:
-    """fp32 on CPU. On GPU, frozen LoRA base weights in bf16; full fine-tuning keeps fp32 master weights
-    (compute is bf16 through autocast either way)."""
-    if device.type == "cuda" and lora:
-        return torch.bfloat16
-    return torch.float32
+def auto_device() -> tuple[torch.device, str]:
+    """What ``--device auto`` picks, and why: cuda, else mps, else cpu. A machine with a GPU that torch
+    cannot use is refused rather than trained on the CPU without anyone noticing."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), f"auto: CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"
+    if torch.backends.mps.is_available():
+        return torch.device("mps"), "auto: Apple MPS"
+    problem = unusable_gpu()
+    if problem is not None:
+        raise ModelError(
+            f"--device auto found a GPU that torch cannot use: {problem}. Training would silently run"
+            " on the CPU instead; fix the install, or pass --device cpu to train on the CPU on purpose."
+        )
+    return torch.device("cpu"), "auto: no CUDA or MPS device"
+
+
+def unusable_gpu() -> str | None:
+    """Why a GPU this machine has cannot be used by this torch, or None when there is no such GPU."""
+    nvidia = next((p for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl") if Path(p).exists()), None)
+    if nvidia is None and shutil.which("nvidia-smi"):
+        nvidia = "nvidia-smi"
+    if nvidia is not None and not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return (
+                f"it has an NVIDIA GPU ({nvidia}) but torch {torch.__version__} is a CPU-only build; install"
+                " a CUDA build (README: Install)"
+            )
+        return (
+            f"it has an NVIDIA GPU ({nvidia}) and torch {torch.__version__} is built for CUDA"
+            f" {torch.version.cuda}, but torch.cuda.is_available() is False (a driver older than the build,"
+            " or CUDA_VISIBLE_DEVICES hides every GPU; `nvidia-smi` shows the driver)"
+        )
+    if (
+        platform.system() == "Darwin"
+        and platform.machine() == "arm64"
+        and not torch.backends.mps.is_available()
+    ):
+        if not torch.backends.mps.is_built():
+            return f"it is an Apple silicon Mac but torch {torch.__version__} was built without MPS"
+        return "it is an Apple silicon Mac but MPS is not available (it needs macOS 12.3 or newer)"
+    return None
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+"""``--dtype`` choices the loop runs (``auto`` resolves to one of them; fp16 is refused)."""
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in for ``--dtype precision`` on ``device``: ``auto`` is bf16 on a CUDA GPU
+    that supports it, else fp32 (CPU results stay exact references; MPS stays on the tested path)."""
+    if precision == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else torch.float32
+    if precision == "fp16":
+        raise ModelError(
+            "--dtype fp16 is not supported: it needs loss scaling (a GradScaler) that this loop does not do;"
+            " use --dtype bf16 or --dtype fp32."
+        )
+    if precision not in PRECISIONS:
+        raise ModelError(f"--dtype {precision!r} is unknown; choose auto, bf16 or fp32.")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelError(
+            f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 support (it needs NVIDIA Ampere"
+            " or newer); use --dtype fp32."
+        )
+    return PRECISIONS[precision]
+
+
+def default_dtype(device: torch.device, *, lora: bool, precision: str = "auto") -> torch.dtype:
+    """The dtype weights are stored in. Frozen LoRA base weights take the compute dtype (bf16 halves
+    them); trained weights stay fp32 master weights, computed in bf16 through autocast."""
+    compute = compute_dtype(precision, device)
+    return compute if lora else torch.float32
 
 
 def load_model(
@@ -111,22 +190,40 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    precision: str = "auto",
+    grad_checkpointing: bool = False,
 ) -> nn.Module:
     """The model ready for varlen training: on ``device``, in train mode, with our attention backend.
 
     ``spec`` is a local Hugging Face causal-LM folder or ``tiny-qwen2`` (random weights seeded by
     ``seed``; its vocabulary is ``vocab_size``, from the dataset manifest). ``lora=None`` trains every
-    weight; otherwise only a peft LoRA adapter is trainable.
+    weight; otherwise only a peft LoRA adapter is trainable. ``precision`` is ``--dtype`` (the compute
+    dtype, `compute_dtype`); ``dtype`` overrides the dtype the weights are stored in (tests use float64).
+    ``grad_checkpointing`` recomputes each decoder layer in the backward (`enable_grad_checkpointing`).
     """
     if spec == TINY_QWEN2:
         if vocab_size is None:
             raise ModelError("`tiny-qwen2` needs the vocabulary size (the dataset manifest's tokenizer).")
         config = tiny_qwen2_config(vocab_size)
-        return model_from_config(config, attn=attn, lora=lora, dtype=dtype, device=device, seed=seed)
+        return model_from_config(
+            config,
+            attn=attn,
+            lora=lora,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            precision=precision,
+            grad_checkpointing=grad_checkpointing,
+        )
     device = resolve_device(device)
-    dtype = dtype or default_dtype(device, lora=lora is not None)
+    compute = compute_dtype(precision, device)
+    dtype = dtype or default_dtype(device, lora=lora is not None, precision=precision)
     model = _load_pretrained(spec, vocab_size, dtype)
-    return _prepare(model, attn=attn, lora=lora, device=device, seed=seed)
+    model = _prepare(
+        model, attn=attn, lora=lora, device=device, seed=seed, grad_checkpointing=grad_checkpointing
+    )
+    causal_lm(model).packed_compute_dtype = compute
+    return model
 
 
 def model_from_config(
@@ -137,16 +234,23 @@ def model_from_config(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    precision: str = "auto",
+    grad_checkpointing: bool = False,
 ) -> nn.Module:
     """A causal LM with random weights (seeded) for ``config``, prepared like :func:`load_model`'s.
 
     The weights are initialised directly on ``device``, so a GPU builds a 1.5B model in seconds.
     """
     device = resolve_device(device)
-    dtype = dtype or default_dtype(device, lora=lora is not None)
+    compute = compute_dtype(precision, device)
+    dtype = dtype or default_dtype(device, lora=lora is not None, precision=precision)
     with _seeded(seed, device), device:
         model = AutoModelForCausalLM.from_config(config).to(dtype)
-    return _prepare(model, attn=attn, lora=lora, device=device, seed=seed)
+    model = _prepare(
+        model, attn=attn, lora=lora, device=device, seed=seed, grad_checkpointing=grad_checkpointing
+    )
+    causal_lm(model).packed_compute_dtype = compute
+    return model
 
 
 @contextlib.contextmanager
@@ -157,9 +261,19 @@ def _seeded(seed: int, device: torch.device):
         yield
 
 
-def _prepare(model: nn.Module, *, attn: str, lora: LoraSettings | None, device: torch.device, seed: int):
+def _prepare(
+    model: nn.Module,
+    *,
+    attn: str,
+    lora: LoraSettings | None,
+    device: torch.device,
+    seed: int,
+    grad_checkpointing: bool = False,
+):
     model.set_attn_implementation(implementation_name(attn, device))
     model.config.use_cache = False
+    if grad_checkpointing:
+        enable_grad_checkpointing(model)
     if lora is not None:
         with _seeded(seed, device):
             model = _apply_lora(model, lora)
@@ -167,6 +281,22 @@ def _prepare(model: nn.Module, *, attn: str, lora: LoraSettings | None, device: 
     model.train()
     assert backend_of(causal_lm(model)) in ("flash_attn", "torch_varlen", "sdpa")
     return model
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Keep only each decoder layer's input in the forward and recompute the layer in the backward.
+
+    Non-reentrant ``torch.utils.checkpoint``: the reentrant kind returns no gradient to a LoRA adapter
+    when the layer's input does not require grad (the frozen embedding's output does not), which is why
+    peft recipes call ``enable_input_require_grads``; non-reentrant checkpointing needs no such hook.
+    The varlen boundaries reach the recomputed attention as keyword arguments, as in the forward.
+    """
+    lm = causal_lm(model)
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _load_pretrained(spec: str, vocab_size: int | None, dtype: torch.dtype) -> nn.Module:
@@ -244,11 +374,19 @@ def input_embeddings(model: nn.Module) -> nn.Module:
     return causal_lm(model).get_input_embeddings()
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU; nothing on CPU (fp32 there, so CPU results are exact references)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_for(device: torch.device, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
+    """Autocast to the compute ``dtype`` (nothing for fp32 or fp64); without one, bf16 on CUDA and
+    nothing elsewhere (fp32 there, so CPU results are exact references)."""
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype in (torch.float32, torch.float64):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def autocast_of(model: nn.Module, device: torch.device) -> contextlib.AbstractContextManager:
+    """:func:`autocast_for` at the compute dtype ``model`` was loaded with (``--dtype``)."""
+    return autocast_for(device, getattr(causal_lm(model), "packed_compute_dtype", None))
 
 
 def forward_hidden(
@@ -280,7 +418,7 @@ def forward_hidden_naive(
 def _run_decoder(model, batch: VarlenBatch, cu_seqlens, max_seqlen, inputs_embeds) -> torch.Tensor:
     decoder = causal_lm(model).get_decoder()
     inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.input_ids}
-    with autocast_for(batch.input_ids.device):
+    with autocast_of(model, batch.input_ids.device):
         out = decoder(
             **inputs,
             position_ids=batch.position_ids,
