@@ -138,7 +138,30 @@ def run(
     seed: Annotated[
         int | None, typer.Option(help="Data order, LoRA init, built-in model weights (default 0).")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default auto).")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, else mps, else cpu)."),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="auto, bf16 or fp32 (default auto: bf16 on a GPU that has it, else fp32)."),
+    ] = None,
+    grad_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--grad-checkpointing/--no-grad-checkpointing",
+            help="Recompute each layer in the backward: less memory, same gradients (default off).",
+        ),
+    ] = None,
+    init_adapter: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this LoRA adapter (adapter folder, run or checkpoint); optimizer fresh."
+        ),
+    ] = None,
+    keep_checkpoints: Annotated[
+        int | None, typer.Option(help="Keep the newest N checkpoints; 0 keeps all (default 0).")
+    ] = None,
     verify: Annotated[
         str | None, typer.Option(help="Shard check before training: checksum or size (default checksum).")
     ] = None,

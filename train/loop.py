@@ -38,11 +38,19 @@ from shared.errors import DatasetError, UserError
 from shared.manifest import SplitInfo
 from shared.reader import PackedDataset, Split
 from train.batch import VarlenBatch
-from train.checkpoint import latest_checkpoint, read_checkpoint_state, restore_checkpoint, save_checkpoint
+from train.checkpoint import (
+    init_adapter,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_checkpoint_state,
+    restore_checkpoint,
+    save_checkpoint,
+    step_dir,
+)
 from train.config import RunConfig
 from train.loader import Loader, batch_from_rows, sequential_batches
 from train.loss import micro_batch_loss_sum
-from train.model import LoraSettings, input_embeddings, load_model, resolve_device
+from train.model import LoraSettings, hardware_lines, input_embeddings, load_model, resolve_device
 from train.outputs import (
     LOSS_PLOT,
     METRICS,
@@ -61,7 +69,7 @@ from train.parallel import (
     shard_fsdp,
 )
 from train.plan import DataShape, RunPlan, describe, lr_factor, make_plan
-from train.resume import check_resume, jsonable_config
+from train.resume import check_not_finished, check_resume, jsonable_config
 
 
 @dataclass(slots=True)
@@ -179,6 +187,13 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
         say(line)
 
     model = build_model(cfg, manifest.tokenizer.vocab_size, device)
+    for line in hardware_lines(
+        model, device, device_spec=cfg.device, grad_checkpointing=cfg.grad_checkpointing
+    ):
+        say(line)
+    if cfg.init_adapter is not None and not cfg.resume:  # on resume the checkpoint holds the weights
+        folder = init_adapter(cfg.init_adapter, model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+        say(f"initialised the LoRA adapter from {folder} (optimizer and lr schedule fresh, step 0)")
     if cfg.fsdp and world_size == 1:
         raise UserError(
             "--fsdp shards the model over ranks, but this is a single process; start it with torchrun"
@@ -325,6 +340,9 @@ def save(run: Run, step: int) -> Path | None:
             },
             full=full,
         )
+    if run.is_main and run.cfg.keep_checkpoints:
+        resumed_from = step_dir(run.cfg.out, run.start_step) if run.cfg.resume else None
+        prune_checkpoints(run.cfg.out, run.cfg.keep_checkpoints, protect=resumed_from)
     if run.world_size > 1:
         dist.barrier()
     return path
@@ -422,7 +440,14 @@ def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, Split | None]:
 def build_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> torch.nn.Module:
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora else None
     model = load_model(
-        cfg.model, vocab_size=vocab_size, attn=cfg.attn, lora=lora, device=device, seed=cfg.seed
+        cfg.model,
+        vocab_size=vocab_size,
+        attn=cfg.attn,
+        lora=lora,
+        device=device,
+        seed=cfg.seed,
+        precision=cfg.dtype,
+        grad_checkpointing=cfg.grad_checkpointing,
     )
     num_embeddings = input_embeddings(model).num_embeddings
     if num_embeddings < vocab_size:
@@ -478,6 +503,7 @@ def resume_from_checkpoint(run: Run) -> None:
         world_size=run.world_size,
         data_fingerprint=run.data_fingerprint,
     )
+    check_not_finished(path, state, run.cfg)
     restore_checkpoint(path, state, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
     run.loader.load_state_dict(state["loader"])
     run.start_step = state["step"]

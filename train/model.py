@@ -447,3 +447,39 @@ def _check_batch(batch: VarlenBatch) -> None:
         raise ModelError(
             f"cu_seqlens ends at {int(batch.cu_seqlens[-1])} but the batch has {batch.num_tokens} tokens."
         )
+
+
+VARLEN_TORCH = (2, 9)
+"""The torch release that ships ``torch.nn.attention.varlen.varlen_attn`` (pyproject's floor)."""
+
+
+def torch_release(version: str = torch.__version__) -> tuple[int, int]:
+    """``"2.13.0+cpu"`` -> ``(2, 13)``."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def hardware_lines(
+    model: nn.Module, device: torch.device, *, device_spec: str, grad_checkpointing: bool
+) -> list[str]:
+    """What the run computes on, for the log's first lines: device (and why), compute dtype, weight
+    dtype, attention backend, gradient checkpointing; a WARNING where a GPU runs below its speed."""
+    why = auto_device()[1] if device_spec == "auto" else "asked for"
+    lm = causal_lm(model)
+    compute = str(getattr(lm, "packed_compute_dtype", "default")).removeprefix("torch.")
+    backend = backend_of(lm)
+    lines = [
+        f"device {device} ({why}) | compute {compute} | weights {str(lm.dtype).removeprefix('torch.')}"
+        f" | attention {backend} | grad checkpointing {'on' if grad_checkpointing else 'off'}"
+    ]
+    if device.type == "cuda" and backend == "sdpa":
+        reason = (
+            f"torch {torch.__version__} predates varlen_attn (torch >= {VARLEN_TORCH[0]}.{VARLEN_TORCH[1]})"
+            if torch_release() < VARLEN_TORCH
+            else "it was asked for (--attn sdpa)"
+        )
+        lines.append(
+            f"WARNING: this GPU run uses the per-segment SDPA reference attention, several times slower"
+            f" than a varlen kernel: {reason}. Upgrade torch or install flash-attn (the `gpu` extra)."
+        )
+    return lines
