@@ -52,6 +52,7 @@ from gpu_check import (  # noqa: E402
 
 from shared.reader import PackedDataset  # noqa: E402
 from train.attention import flash_attn_available  # noqa: E402
+from train.memory import estimate_memory, shape_of_config  # noqa: E402
 from train.model import tiny_qwen2_config  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -196,7 +197,18 @@ def run_one(name: str, fn, work: c.Work, warmup: int, peak_tflops: float | None)
         }
     if work.device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if name == REFERENCE:  # `train plan --model`'s estimate of this step, to be checked against the peak
+        result["estimate_gib"] = memory_estimate_gib(work)
     return result
+
+
+def memory_estimate_gib(work: c.Work) -> float:
+    """`train.memory.estimate_memory` for ours on ``work``: LoRA, bf16 (fp32 on the CPU smoke run), the
+    largest micro-batch's tokens."""
+    tokens = max(sum(r.num_tokens for r in rows) for rows in work.micro_batches)
+    precision = "bf16" if work.device.type == "cuda" else "fp32"
+    shape = shape_of_config(work.config, name="bench")
+    return estimate_memory(shape, tokens=tokens, lora_r=c.LORA.r, precision=precision).total / 2**30
 
 
 def judge(result: dict, reference: dict | None, tolerance: float) -> None:
@@ -232,6 +244,8 @@ def print_table(shape: str, runs: dict) -> None:
         if "tokens_per_s" in r:
             mfu = f"MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "MFU n/a"
             peak = f", peak {r['peak_gib']:.1f} GiB" if "peak_gib" in r else ""
+            if "estimate_gib" in r:
+                peak += f" (train plan estimate {r['estimate_gib']:.1f} GiB)"
             ratio = f" ({r['tokens_per_s'] / ours:.2f}x ours)" if ours else ""
             speed = f"{r['tokens_per_s']:>10,.0f} tok/s{ratio}, {r['step_ms']:.0f} ms/step, {mfu}{peak}; "
         print(f"  {name:>22}: {speed}loss diff {r.get('loss_max_rel_diff', float('nan')):.2e} -> {verdict}")

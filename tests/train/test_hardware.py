@@ -181,3 +181,141 @@ def test_bf16_on_cpu_autocasts_the_forward_and_keeps_lora_master_weights_fp32():
     causal_lm(model).model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     loss = micro_batch_loss_sum(model, batch)
     assert seen == [torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+# -- memory estimate (`train plan --model`) -----------------------------------------------------------
+
+
+def test_the_parameter_counts_equal_the_real_models():
+    from train.memory import model_shape
+
+    shape = model_shape("tiny-qwen2", vocab_size=VOCAB)
+    full = load_model("tiny-qwen2", vocab_size=VOCAB, attn="sdpa")
+    assert shape.num_params == sum(p.numel() for p in full.parameters())
+    lora = load_model("tiny-qwen2", vocab_size=VOCAB, attn="sdpa", lora=LoraSettings(r=8, alpha=16))
+    assert shape.num_lora_params(8) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+
+
+def test_the_estimate_equals_a_hand_computation():
+    from train.memory import estimate_memory, model_shape
+
+    shape = model_shape("tiny-qwen2", vocab_size=VOCAB)
+    # tiny-qwen2: D 64, I 128, 4 heads of 16 (Q 64), 2 kv heads (K 32), 2 layers; LoRA r 8; bf16 (b = 2)
+    per_layer = 2 * (4 * 64 + 2 * 64 + 2 * 32 + 4 * 128 + 7 * 8) + 8 * 64 + 8 + 4 * 4
+    assert per_layer == 2568
+    extra = 4 * 64 + 4 + 2 * 64 + 2 * 2 * 16
+    lora_params = 2 * 8 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + 3 * (64 + 128))
+    tokens = 256
+    est = estimate_memory(shape, tokens=tokens, lora_r=8, precision="bf16")
+    assert est.num_trainable == lora_params == 16_384
+    assert est.weights == shape.num_params * 2 + lora_params * 4
+    assert est.train_state == lora_params * (4 + 8)
+    assert est.activations == tokens * (2 * per_layer + extra)
+    assert est.loss_chunk == tokens * VOCAB * (12 + 2)  # 256 tokens: less than one 1024-token chunk
+    ckpt = estimate_memory(shape, tokens=tokens, lora_r=8, precision="bf16", grad_checkpointing=True)
+    assert ckpt.activations == tokens * (2 * 2 * 64 + extra + per_layer)
+    full = estimate_memory(shape, tokens=tokens, lora_r=None, precision="fp32")
+    assert (full.weights, full.train_state) == (shape.num_params * 4, shape.num_params * 12)
+
+
+def test_checkpointing_keeps_only_each_layers_input():
+    """The saved-tensor bytes of a checkpointed forward are the estimate's kept part, exactly: each
+    layer's input (b x D per token) and the final norm's fp32 input and 1/rms (4D + 4)."""
+    from train.model import forward_hidden
+
+    for precision, b in (("fp32", 4), ("bf16", 2)):
+        model = load_model(
+            "tiny-qwen2", vocab_size=VOCAB, attn="sdpa", lora=LoraSettings(r=8, alpha=16), precision=precision
+        )
+        for ckpt in (False, True):  # the plain forward first: enabling cannot be undone here
+            if ckpt:
+                from train.model import enable_grad_checkpointing
+
+                enable_grad_checkpointing(model)
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            saved: dict[int, int] = {}
+
+            def pack(t, saved=saved, params=params):
+                if t.untyped_storage().data_ptr() not in params:
+                    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            batch = make_batch([16] * 8, VOCAB)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                forward_hidden(model, batch)
+            kept = batch.num_tokens * (2 * b * 64 + 4 * 64 + 4)
+            if ckpt:
+                assert sum(saved.values()) == kept, precision
+            else:  # the control: without checkpointing every layer keeps many times more
+                assert sum(saved.values()) > 4 * kept, precision
+
+
+QWEN_05B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": True,
+}
+"""Qwen2.5-0.5B's config.json (the shape fields): `train plan --model` reads nothing else."""
+
+
+def _plan(*args: str):
+    from typer.testing import CliRunner
+
+    from train.cli import app
+
+    return CliRunner().invoke(app, ["plan", "--max-steps", "10", *args])
+
+
+def test_plan_model_prints_the_estimate_and_whether_it_fits(tmp_path):
+    import json
+    import re
+
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(QWEN_05B))
+    fits = _plan("--batch-size", "8", "--seq-len", "1024", "--model", str(folder), "--gpu-memory", "24GiB")
+    assert fits.exit_code == 0, fits.output
+    out = fits.output
+    # Qwen2.5-0.5B has 494,032,768 parameters (tied embeddings); LoRA r=32 on all 7 projections: 17.6M
+    assert "494,032,768 parameters, 24 layers, 17,596,416 trainable (LoRA r=32)" in out
+    assert re.search(r"^memory estimate +13\.85 GiB peak +\(bf16, 8,192 tokens per micro-batch", out, re.M), (
+        out
+    )
+    assert re.search(r"^fits +yes$", out, re.M), out
+
+    tight = _plan("--batch-size", "16", "--seq-len", "4096", "--model", str(folder), "--gpu-memory", "24GB")
+    assert tight.exit_code == 0, tight.output
+    match = re.search(
+        r"fits +no; with --batch-size (\d+) --grad-accum (\d+) \(same tokens per step", tight.output
+    )
+    assert match, tight.output
+    rows, accum = int(match[1]), int(match[2])
+    assert rows * accum == 16 and rows < 16  # the same tokens per step, in smaller micro-batches
+
+    from train.memory import estimate_memory, model_shape
+
+    shape = model_shape(str(folder))
+    assert estimate_memory(shape, tokens=rows * 4096, lora_r=32).total <= 0.9 * 24 * 2**30
+    assert estimate_memory(shape, tokens=2 * rows * 4096, lora_r=32).total > 0.9 * 24 * 2**30  # the largest
+
+    hopeless = _plan(
+        "--seq-len", "32768", "--batch-size", "1", "--model", str(folder), "--gpu-memory", "2GiB"
+    )
+    assert "fits             no, not even 1 row per micro-batch with --grad-checkpointing" in hopeless.output
+
+
+def test_plan_model_refuses_what_it_cannot_read(tmp_path, packed_sample):
+    assert "not a model folder (no config.json there)" in _plan("--model", str(tmp_path)).output
+    assert "takes its vocabulary from the data: add --data" in _plan("--model", "tiny-qwen2").output
+    bad = _plan("--model", "tiny-qwen2", "--data", str(packed_sample), "--gpu-memory", "lots")
+    assert bad.exit_code == 1 and "--gpu-memory 'lots' is not a size" in bad.output
+    assert "--gpu-memory needs --model" in _plan("--gpu-memory", "24GiB").output
+    ok = _plan("--model", "tiny-qwen2", "--data", str(packed_sample), "--batch-size", "2")
+    assert ok.exit_code == 0 and "trainable (LoRA r=32)" in ok.output
