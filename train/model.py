@@ -131,7 +131,8 @@ def unusable_gpu() -> str | None:
         if torch.version.cuda is None:
             return (
                 f"it has an NVIDIA GPU ({nvidia}) but torch {torch.__version__} is a CPU-only build; install"
-                " a CUDA build (README: Install)"
+                " a CUDA build (`pip install torch --index-url https://download.pytorch.org/whl/cuXYZ`, the"
+                " README's table)"
             )
         return (
             f"it has an NVIDIA GPU ({nvidia}) and torch {torch.__version__} is built for CUDA"
