@@ -254,7 +254,7 @@ def check(
     split: Annotated[str, typer.Option(help="Split to sample rows from.")] = "train",
     num_rows: Annotated[int, typer.Option(help="Rows with two or more segments to check.")] = 4,
     seed: Annotated[int, typer.Option(help="Chooses the rows (and a built-in model's weights).")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     negative_control: Annotated[
         bool, typer.Option(help="Run the packed row with a plain causal mask (leaks); the check must fail.")
     ] = False,
