@@ -50,7 +50,14 @@ from train.checkpoint import (
 from train.config import RunConfig
 from train.loader import Loader, batch_from_rows, sequential_batches
 from train.loss import micro_batch_loss_sum
-from train.model import LoraSettings, hardware_lines, input_embeddings, load_model, resolve_device
+from train.model import (
+    LoraSettings,
+    hardware_lines,
+    input_embeddings,
+    load_model,
+    resolve_device,
+    sum_dtype,
+)
 from train.outputs import (
     LOSS_PLOT,
     METRICS,
@@ -254,13 +261,13 @@ def train_step(run: Run) -> StepStats:
     micro_batches: list[VarlenBatch] = [next(run.loader) for _ in range(cfg.grad_accum)]
     counts = torch.tensor(
         [sum(b.num_target_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches)],
-        dtype=torch.float64,
+        dtype=sum_dtype(run.device),
         device=run.device,
     )
     num_step_targets, num_step_tokens = (int(v) for v in all_reduce_sum(counts).tolist())
     # FSDP averages gradients over ranks; our loss is already divided by the targets of ALL ranks.
     loss_scale = run.world_size if cfg.fsdp else 1
-    step_loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    step_loss_sum = torch.zeros((), dtype=sum_dtype(run.device), device=run.device)
     for i, batch in enumerate(micro_batches):
         if cfg.fsdp:  # reduce-scatter once per step, after the last micro-batch
             run.loss_fn.set_requires_gradient_sync(i == len(micro_batches) - 1)
@@ -268,7 +275,7 @@ def train_step(run: Run) -> StepStats:
         # Each rank's sum over its targets / the step's targets on ALL ranks; summing the
         # gradients over ranks then gives the gradient of the global mean.
         (loss_sum * (loss_scale / max(num_step_targets, 1))).backward()
-        step_loss_sum += loss_sum.detach().double()
+        step_loss_sum += loss_sum.detach().to(step_loss_sum.dtype)
     if not cfg.fsdp:
         all_reduce_grads(run.params)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -368,7 +375,7 @@ def evaluate(
     rank, world_size = dist_info()
     loss_fn = loss_fn or partial(micro_batch_loss_sum, model)
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals = torch.zeros(2, dtype=sum_dtype(device), device=device)
     num_batches = math.ceil(len(range(rank, split.num_rows, world_size)) / batch_size)
     num_extra = 0
     if lockstep and world_size > 1:
@@ -377,7 +384,7 @@ def evaluate(
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         num_extra = int(most) - num_batches
     for batch in sequential_batches(split, batch_size=batch_size, rank=rank, world_size=world_size):
-        totals[0] += loss_fn(batch.to(device)).double()
+        totals[0] += loss_fn(batch.to(device)).to(totals.dtype)
         totals[1] += batch.num_target_tokens
     for _ in range(num_extra):
         loss_fn(batch_from_rows([split.row(0)]).to(device))

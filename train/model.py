@@ -484,3 +484,8 @@ def hardware_lines(
             f" than a varlen kernel: {reason}. Upgrade torch or install flash-attn (the `gpu` extra)."
         )
     return lines
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype loss sums and token counts accumulate in: float64, except on MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64

@@ -150,6 +150,14 @@ def test_mps_runs_the_per_segment_reference_attention():
         resolve_attn("torch_varlen", "mps")
 
 
+def test_loss_sums_avoid_float64_on_mps_only():
+    from train.model import sum_dtype
+
+    # MPS has no float64: the loop's loss sums and token counts accumulate in float32 there
+    assert sum_dtype(torch.device("mps")) == torch.float32
+    assert sum_dtype(torch.device("cpu")) == sum_dtype(torch.device("cuda")) == torch.float64
+
+
 # -- dtype -------------------------------------------------------------------------------------------
 
 
