@@ -12,7 +12,8 @@ Agreement: the loss of each of the first steps (same micro-batches, same initial
 ``tolerance x max(1, |loss of ours|)`` of ours: bf16 on a GPU, fp32 in ``--cpu-smoke``. A contender that
 disagrees is marked so and not ranked; the control (labels off by one) must disagree. Figures: real
 tokens/s over the timed steps (after ``--warmup``), MFU as ``gpu_check.py`` counts it (useful LoRA FLOPs of
-the real tokens against the datasheet bf16 peak), peak allocated memory (model, optimizer and step).
+the real tokens against the datasheet bf16 peak), peak allocated memory (model, optimizer and step), and
+for ours (with and without gradient checkpointing) `train plan --model`'s estimate of that peak.
 
 Also ``prep pack`` scaling: the same corpus packed with 1, 2, 4, 8 and 16 workers, each timed.
 Results go to ``--json`` after every run, so a run cut short keeps what it measured. Exit status 1 when
@@ -65,6 +66,7 @@ rounding order; in fp32 every contender computes the same sums and may differ on
 COMPARED_STEPS = 3
 """Losses compared: the first steps, the first on the initial weights, the next after AdamW updates."""
 REFERENCE = "ours"
+GRAD_CKPT = "ours_grad_ckpt"
 CONTROL = "control_wrong_labels"
 
 
@@ -81,6 +83,7 @@ def contenders(framework_attn: str) -> list[tuple[str, object, str | None, str]]
     return [
         (REFERENCE, c.ours, None, ours_attn),
         ("ours_flash_attn", c.ours_flash_attn, no_flash, "flash_attn"),
+        (GRAD_CKPT, c.ours_grad_ckpt, None, ours_attn),
         ("hf_flatten_sdpa", lambda w, k: c.hf_flatten(w, k, "sdpa"), None, "sdpa"),
         (
             "hf_flatten_fa2",
@@ -197,18 +200,21 @@ def run_one(name: str, fn, work: c.Work, warmup: int, peak_tflops: float | None)
         }
     if work.device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if name == REFERENCE:  # `train plan --model`'s estimate of this step, to be checked against the peak
-        result["estimate_gib"] = memory_estimate_gib(work)
+    if name in (REFERENCE, GRAD_CKPT):  # `train plan --model`'s estimate of this step, to check the peak
+        result["estimate_gib"] = memory_estimate_gib(work, grad_checkpointing=name == GRAD_CKPT)
     return result
 
 
-def memory_estimate_gib(work: c.Work) -> float:
+def memory_estimate_gib(work: c.Work, *, grad_checkpointing: bool) -> float:
     """`train.memory.estimate_memory` for ours on ``work``: LoRA, bf16 (fp32 on the CPU smoke run), the
     largest micro-batch's tokens."""
     tokens = max(sum(r.num_tokens for r in rows) for rows in work.micro_batches)
     precision = "bf16" if work.device.type == "cuda" else "fp32"
     shape = shape_of_config(work.config, name="bench")
-    return estimate_memory(shape, tokens=tokens, lora_r=c.LORA.r, precision=precision).total / 2**30
+    estimate = estimate_memory(
+        shape, tokens=tokens, lora_r=c.LORA.r, precision=precision, grad_checkpointing=grad_checkpointing
+    )
+    return estimate.total / 2**30
 
 
 def judge(result: dict, reference: dict | None, tolerance: float) -> None:
