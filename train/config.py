@@ -145,7 +145,7 @@ class RunConfig:
             raise ConfigError(
                 "--dtype fp16 is not supported: fp16's 5-bit exponent underflows small gradients unless the"
                 " loss is scaled (a GradScaler), which this loop does not do. Use --dtype bf16 (same speed on"
-                " GPUs that have it: NVIDIA Ampere or newer, Apple M2 or newer) or --dtype fp32."
+                " GPUs that have it: NVIDIA Ampere or newer) or --dtype fp32."
             )
         if self.init_adapter is not None and not self.lora:
             raise ConfigError(

@@ -48,16 +48,10 @@ from train.checkpoint import (
     step_dir,
 )
 from train.config import RunConfig
+from train.hardware import resolve_device, sum_dtype
 from train.loader import Loader, batch_from_rows, sequential_batches
 from train.loss import micro_batch_loss_sum
-from train.model import (
-    LoraSettings,
-    hardware_lines,
-    input_embeddings,
-    load_model,
-    resolve_device,
-    sum_dtype,
-)
+from train.model import LoraSettings, hardware_lines, input_embeddings, load_model
 from train.outputs import (
     LOSS_PLOT,
     METRICS,

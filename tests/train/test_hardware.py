@@ -9,16 +9,9 @@ from unittest import mock
 import pytest
 import torch
 
+from train.hardware import DeviceError, auto_device, compute_dtype, resolve_device
 from train.loss import micro_batch_loss_sum
-from train.model import (
-    LoraSettings,
-    ModelError,
-    auto_device,
-    causal_lm,
-    compute_dtype,
-    load_model,
-    resolve_device,
-)
+from train.model import LoraSettings, causal_lm, load_model
 
 from .segments import make_batch
 
@@ -74,7 +67,7 @@ def _machine(*, cuda=False, mps=False, mps_built=False, gpu_problem=None):
         mock.patch("torch.cuda.is_available", return_value=cuda),
         mock.patch("torch.backends.mps.is_available", return_value=mps),
         mock.patch("torch.backends.mps.is_built", return_value=mps_built),
-        mock.patch("train.model.unusable_gpu", return_value=gpu_problem),
+        mock.patch("train.hardware.unusable_gpu", return_value=gpu_problem),
     ]
 
 
@@ -109,7 +102,7 @@ def test_auto_is_cpu_only_where_there_is_no_gpu(machine):
 
 def test_auto_refuses_to_train_a_gpu_machine_on_the_cpu(machine):
     machine(gpu_problem="it has an NVIDIA GPU (/dev/nvidiactl) but torch 2.13.0+cpu is a CPU-only build")
-    with pytest.raises(ModelError, match="found a GPU that torch cannot use: it has an NVIDIA GPU") as e:
+    with pytest.raises(DeviceError, match="found a GPU that torch cannot use: it has an NVIDIA GPU") as e:
         resolve_device("auto")
     assert "pass --device cpu to train on the CPU on purpose" in str(e.value)
     assert resolve_device("cpu") == torch.device("cpu")  # asked for by name: allowed
@@ -117,14 +110,14 @@ def test_auto_refuses_to_train_a_gpu_machine_on_the_cpu(machine):
 
 def test_mps_asked_for_where_there_is_none_says_why(machine):
     machine(mps=False, mps_built=False)
-    with pytest.raises(ModelError, match="built without MPS"):
+    with pytest.raises(DeviceError, match="built without MPS"):
         resolve_device("mps")
-    with pytest.raises(ModelError, match="CUDA is not available"):
+    with pytest.raises(DeviceError, match="CUDA is not available"):
         resolve_device("cuda")
 
 
 def test_unusable_gpu_names_a_cpu_build_on_an_nvidia_machine():
-    from train import model as model_module
+    from train import hardware as model_module
 
     real_exists = model_module.Path.exists
     with (
@@ -151,7 +144,7 @@ def test_mps_runs_the_per_segment_reference_attention():
 
 
 def test_loss_sums_avoid_float64_on_mps_only():
-    from train.model import sum_dtype
+    from train.hardware import sum_dtype
 
     # MPS has no float64: the loop's loss sums and token counts accumulate in float32 there
     assert sum_dtype(torch.device("mps")) == torch.float32
@@ -170,10 +163,10 @@ def test_dtype_auto_is_fp32_on_cpu_and_mps_and_bf16_on_a_bf16_gpu():
         assert compute_dtype("auto", torch.device("cuda")) == torch.float32
         with (
             mock.patch("torch.cuda.get_device_name", return_value="Tesla V100"),
-            pytest.raises(ModelError, match="Tesla V100 has no bf16 support"),
+            pytest.raises(DeviceError, match="Tesla V100 has no bf16 support"),
         ):
             compute_dtype("bf16", torch.device("cuda"))
-    with pytest.raises(ModelError, match="GradScaler"):
+    with pytest.raises(DeviceError, match="GradScaler"):
         compute_dtype("fp16", torch.device("cpu"))
 
 
