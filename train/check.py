@@ -111,9 +111,10 @@ def run_check(cfg: CheckConfig) -> CheckResult:
     """Load the dataset and model, compare packed and alone logits on sampled rows, return the record."""
     # torch and transformers load here, not at import, so that `train --help` stays instant.
     from train.attention import backend_of
+    from train.hardware import resolve_device
     from train.isolation import compare_row
     from train.loader import batch_from_rows
-    from train.model import causal_lm, load_model, resolve_device
+    from train.model import causal_lm, load_model
 
     dataset = PackedDataset(cfg.data, verify="checksum")
     split = dataset.split(cfg.split)
