@@ -320,3 +320,33 @@ def test_plan_model_refuses_what_it_cannot_read(tmp_path, packed_sample):
     assert "--gpu-memory needs --model" in _plan("--gpu-memory", "24GiB").output
     ok = _plan("--model", "tiny-qwen2", "--data", str(packed_sample), "--batch-size", "2")
     assert ok.exit_code == 0 and "trainable (LoRA r=32)" in ok.output
+
+
+def test_a_checkpointed_run_logs_the_losses_of_a_plain_one(packed_sample, tmp_path):
+    """Through `train run`'s loop (accumulation, chunked loss, AdamW): the same losses, fp32 on CPU."""
+    from train.config import RunConfig
+    from train.loop import train
+
+    def run(name: str, **kw) -> dict[int, float]:
+        cfg = RunConfig(
+            data=packed_sample,
+            out=tmp_path / name,
+            model="tiny-qwen2",
+            max_steps=3,
+            batch_size=2,
+            grad_accum=2,
+            lr=1e-2,
+            eval_every=0,
+            device="cpu",
+            attn="sdpa",
+            lora_r=8,
+            lora_alpha=16,
+            **kw,
+        )
+        return train(cfg, log=lambda _: None).losses
+
+    plain, ckpt = run("plain"), run("ckpt", grad_checkpointing=True)
+    assert plain.keys() == ckpt.keys() == {1, 2, 3}
+    for step, loss in plain.items():
+        assert ckpt[step] == pytest.approx(loss, rel=1e-6, abs=0.0), step
+    assert plain[3] != pytest.approx(plain[1], rel=1e-3)  # the steps trained: later losses differ
