@@ -92,6 +92,7 @@ def _eval_at_start(cfg: RunConfig) -> tuple[float, dict]:
         run.close()
 
 
+@pytest.mark.slow
 def test_init_adapter_starts_from_the_trained_weights_with_a_fresh_optimizer(
     packed_sample, tmp_path, finished_run
 ):
@@ -145,6 +146,7 @@ def test_a_finished_run_is_not_resumed_and_the_message_says_how_to_train_further
     assert "--max-steps was 4 in the checkpoint, now 8" in message and "This run finished." in message
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_keeps_the_newest_and_never_the_one_resumed_from(packed_sample, tmp_path):
     out = tmp_path / "r"
     train(tiny(packed_sample, out, max_steps=5, save_every=1, keep_checkpoints=2), log=quiet)

@@ -322,6 +322,7 @@ def test_plan_model_refuses_what_it_cannot_read(tmp_path, packed_sample):
     assert ok.exit_code == 0 and "trainable (LoRA r=32)" in ok.output
 
 
+@pytest.mark.slow
 def test_a_checkpointed_run_logs_the_losses_of_a_plain_one(packed_sample, tmp_path):
     """Through `train run`'s loop (accumulation, chunked loss, AdamW): the same losses, fp32 on CPU."""
     from train.config import RunConfig
