@@ -83,7 +83,7 @@ class RunConfig:
     on a CUDA GPU that supports it, else fp32). fp16 is refused: it needs loss scaling the loop lacks."""
     grad_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them: less memory
-    (see `train plan --model`), about a third more compute, the same loss and gradients."""
+    (see `train plan --model`) for one more forward of each layer per step; the same loss and gradients."""
     init_adapter: Path | None = None
     """Start from a trained LoRA adapter (an adapter folder, a run folder or a checkpoint): its weights
     are loaded, the optimizer and schedule start fresh at step 0."""
@@ -144,8 +144,8 @@ class RunConfig:
         if self.dtype == "fp16":
             raise ConfigError(
                 "--dtype fp16 is not supported: fp16's 5-bit exponent underflows small gradients unless the"
-                " loss is scaled (a GradScaler), which this loop does not do. Use --dtype bf16 (same speed on"
-                " GPUs that have it: NVIDIA Ampere or newer) or --dtype fp32."
+                " loss is scaled (a GradScaler), which this loop does not do. Use --dtype bf16 where the GPU"
+                " has it (NVIDIA Ampere or newer), or --dtype fp32."
             )
         if self.init_adapter is not None and not self.lora:
             raise ConfigError(
