@@ -179,9 +179,18 @@ _TYPE_WORDS = {
 }
 
 
-def typed_value(key: str, value: Any, kind: type, source: str) -> Any:
+def typed_value(key: str, value: Any, kind: Any, source: str) -> Any:
     """``value`` from a TOML file as RunConfig's field type ``kind``; a ConfigError naming ``key`` if
-    it is not of that type (TOML has types: ``batch-size = "8"`` is a string, not 8)."""
+    it is not of that type (TOML has types: ``batch-size = "8"`` is a string, not 8). A ``tuple[X, ...]``
+    or ``list[X]`` field takes a TOML array of X."""
+    origin = typing.get_origin(kind)
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: `{key}` must be an array (`{key} = [...]`), not {value!r}.")
+        item = typing.get_args(kind)[0]
+        return origin(typed_value(f"{key}[{i}]", v, item, source) for i, v in enumerate(value))
+    if kind not in _TYPE_WORDS:  # a field type this reader does not know: let RunConfig judge the value
+        return value
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

@@ -173,3 +173,14 @@ def test_dtype_and_grad_checkpointing_reach_the_model_and_the_log(packed_sample,
     assert header == (
         "device cpu (asked for) | compute bfloat16 | weights bfloat16 | attention sdpa | grad checkpointing on"
     )
+
+
+def test_array_fields_check_each_item():
+    """For options other helpers may add as repeatable flags (`tuple[str, ...]` fields)."""
+    from train.config import typed_value
+
+    assert typed_value("eval-data", ["a=x", "b=y"], tuple[str, ...], "f") == ("a=x", "b=y")
+    with pytest.raises(ConfigError, match=r"`eval-data\[1\]` must be a string, not int 2"):
+        typed_value("eval-data", ["a=x", 2], tuple[str, ...], "f")
+    with pytest.raises(ConfigError, match=r"`eval-data` must be an array"):
+        typed_value("eval-data", "a=x", tuple[str, ...], "f")
