@@ -12,7 +12,8 @@ Agreement: the loss of each of the first steps (same micro-batches, same initial
 ``tolerance x max(1, |loss of ours|)`` of ours: bf16 on a GPU, fp32 in ``--cpu-smoke``. A contender that
 disagrees is marked so and not ranked; the control (labels off by one) must disagree. Figures: real
 tokens/s over the timed steps (after ``--warmup``), MFU as ``gpu_check.py`` counts it (useful LoRA FLOPs of
-the real tokens against the datasheet bf16 peak), peak allocated memory (model, optimizer and step).
+the real tokens against the datasheet bf16 peak), peak allocated memory (model, optimizer and step), and
+for ours (with and without gradient checkpointing) `train plan --model`'s estimate of that peak.
 
 Also ``prep pack`` scaling: the same corpus packed with 1, 2, 4, 8 and 16 workers, each timed.
 Results go to ``--json`` after every run, so a run cut short keeps what it measured. Exit status 1 when
@@ -52,6 +53,7 @@ from gpu_check import (  # noqa: E402
 
 from shared.reader import PackedDataset  # noqa: E402
 from train.attention import flash_attn_available  # noqa: E402
+from train.memory import estimate_memory, shape_of_config  # noqa: E402
 from train.model import tiny_qwen2_config  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -64,6 +66,7 @@ rounding order; in fp32 every contender computes the same sums and may differ on
 COMPARED_STEPS = 3
 """Losses compared: the first steps, the first on the initial weights, the next after AdamW updates."""
 REFERENCE = "ours"
+GRAD_CKPT = "ours_grad_ckpt"
 CONTROL = "control_wrong_labels"
 
 
@@ -80,6 +83,7 @@ def contenders(framework_attn: str) -> list[tuple[str, object, str | None, str]]
     return [
         (REFERENCE, c.ours, None, ours_attn),
         ("ours_flash_attn", c.ours_flash_attn, no_flash, "flash_attn"),
+        (GRAD_CKPT, c.ours_grad_ckpt, None, ours_attn),
         ("hf_flatten_sdpa", lambda w, k: c.hf_flatten(w, k, "sdpa"), None, "sdpa"),
         (
             "hf_flatten_fa2",
@@ -196,7 +200,21 @@ def run_one(name: str, fn, work: c.Work, warmup: int, peak_tflops: float | None)
         }
     if work.device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if name in (REFERENCE, GRAD_CKPT):  # `train plan --model`'s estimate of this step, to check the peak
+        result["estimate_gib"] = memory_estimate_gib(work, grad_checkpointing=name == GRAD_CKPT)
     return result
+
+
+def memory_estimate_gib(work: c.Work, *, grad_checkpointing: bool) -> float:
+    """`train.memory.estimate_memory` for ours on ``work``: LoRA, bf16 (fp32 on the CPU smoke run), the
+    largest micro-batch's tokens."""
+    tokens = max(sum(r.num_tokens for r in rows) for rows in work.micro_batches)
+    precision = "bf16" if work.device.type == "cuda" else "fp32"
+    shape = shape_of_config(work.config, name="bench")
+    estimate = estimate_memory(
+        shape, tokens=tokens, lora_r=c.LORA.r, precision=precision, grad_checkpointing=grad_checkpointing
+    )
+    return estimate.total / 2**30
 
 
 def judge(result: dict, reference: dict | None, tolerance: float) -> None:
@@ -232,6 +250,8 @@ def print_table(shape: str, runs: dict) -> None:
         if "tokens_per_s" in r:
             mfu = f"MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "MFU n/a"
             peak = f", peak {r['peak_gib']:.1f} GiB" if "peak_gib" in r else ""
+            if "estimate_gib" in r:
+                peak += f" (train plan estimate {r['estimate_gib']:.1f} GiB)"
             ratio = f" ({r['tokens_per_s'] / ours:.2f}x ours)" if ours else ""
             speed = f"{r['tokens_per_s']:>10,.0f} tok/s{ratio}, {r['step_ms']:.0f} ms/step, {mfu}{peak}; "
         print(f"  {name:>22}: {speed}loss diff {r.get('loss_max_rel_diff', float('nan')):.2e} -> {verdict}")

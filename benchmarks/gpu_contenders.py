@@ -38,7 +38,15 @@ from train.attention import flash_attn_available, implementation_name
 from train.batch import VarlenBatch
 from train.loader import batch_from_rows
 from train.loss import micro_batch_loss_sum
-from train.model import LoraSettings, autocast_for, causal_lm, forward_hidden, model_from_config, output_head
+from train.model import (
+    LoraSettings,
+    autocast_for,
+    causal_lm,
+    enable_grad_checkpointing,
+    forward_hidden,
+    model_from_config,
+    output_head,
+)
 
 LORA = LoraSettings(r=32, alpha=64)
 
@@ -135,6 +143,13 @@ def ours(work: Work, clock: StepClock, attn: str | None = None) -> list[torch.Te
 
 def ours_flash_attn(work: Work, clock: StepClock) -> list[torch.Tensor]:
     return ours(work, clock, attn="flash_attn")
+
+
+def ours_grad_ckpt(work: Work, clock: StepClock) -> list[torch.Tensor]:
+    """Ours with `--grad-checkpointing`: the same losses, less memory, one more forward per step."""
+    model = _model(work, _our_attn(work))
+    enable_grad_checkpointing(model)
+    return _ours_loop(work, clock, model, micro_batch_loss_sum)
 
 
 def ours_compile(work: Work, clock: StepClock) -> list[torch.Tensor]:

@@ -124,6 +124,8 @@ def _bench_cell(r: dict | None, control: bool = False) -> str:
         return "ran (not timed)"
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
     peak = f"{r['peak_gib']:.1f} GiB" if "peak_gib" in r else "-"
+    if "estimate_gib" in r:
+        peak += f" (estimate {r['estimate_gib']:.1f})"
     agree = "agrees" if r.get("agrees") else "**disagrees, not ranked**"
     if control:
         agree = "negative control: disagrees, as it must" if not r.get("agrees") else "**control NOT caught**"

@@ -116,9 +116,10 @@ def run_check(cfg: CheckConfig) -> CheckResult:
     import torch
 
     from train.attention import backend_of
+    from train.hardware import resolve_device
     from train.isolation import compare_row
     from train.loader import batch_from_rows
-    from train.model import causal_lm, load_model, resolve_device
+    from train.model import causal_lm, load_model
 
     dataset = PackedDataset(cfg.data, verify="checksum")
     split = dataset.split(cfg.split)

@@ -164,6 +164,23 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def prune_checkpoints(out: Path, keep: int, *, protect: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints under ``out`` (never ``protect``, the checkpoint
+    a resumed run started from); return the deleted folders.
+
+    Each folder is first renamed to a hidden ``.step-*.tmp-*`` name, which `list_checkpoints` never
+    returns and the next save removes, so a run killed while deleting leaves only whole checkpoints.
+    """
+    found = list_checkpoints(out)
+    doomed = [p for p in found[: max(0, len(found) - keep)] if protect is None or p.name != protect.name]
+    for path in doomed:
+        hidden = path.parent / f".{path.name}.tmp-del-{os.getpid()}"
+        os.replace(path, hidden)
+        fsync_dir(path.parent)
+        shutil.rmtree(hidden, ignore_errors=True)
+    return doomed
+
+
 def latest_checkpoint(out: Path) -> Path:
     found = list_checkpoints(out)
     if not found:
@@ -314,14 +331,25 @@ def _load_full(
 
 
 def _load_adapter(path: Path, model: nn.Module) -> None:
-    from peft import set_peft_model_state_dict
-
     file = path / "adapter" / "adapter_model.safetensors"
     if not file.is_file():
         raise CheckpointError(
             f"checkpoint `{path}` holds full model weights; this run trains a LoRA adapter. Resume with"
             " --no-lora, or start a new --out."
         )
+    load_adapter_weights(
+        file,
+        model,
+        what=f"checkpoint `{path}`",
+        fix="resume with the same --model, --lora-r and --lora-alpha",
+    )
+
+
+def load_adapter_weights(file: Path, model: nn.Module, *, what: str, fix: str) -> None:
+    """Load a peft ``adapter_model.safetensors`` into the LoRA ``model`` in place; a CheckpointError
+    that names ``what`` and says ``fix`` when its tensors do not fit."""
+    from peft import set_peft_model_state_dict
+
     device = next(model.parameters()).device
     weights = safetensors.torch.load_file(file, device=str(device))
     try:
@@ -329,15 +357,11 @@ def _load_adapter(path: Path, model: nn.Module) -> None:
     except RuntimeError as e:  # another LoRA rank or target modules: the tensors' shapes differ
         mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
         raise CheckpointError(
-            f"checkpoint `{path}`: its adapter does not fit this model ({mismatch[:300]}); resume with the"
-            " same --model, --lora-r and --lora-alpha."
+            f"{what}: its adapter does not fit this model ({mismatch[:300]}); {fix}."
         ) from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
-        raise CheckpointError(
-            f"checkpoint `{path}`: adapter weights {unexpected[:3]} do not fit this model; resume with the"
-            " same --model, --lora-r and --lora-alpha."
-        )
+        raise CheckpointError(f"{what}: adapter weights {unexpected[:3]} do not fit this model; {fix}.")
 
 
 def _torch_rng_state() -> dict[str, torch.Tensor]:
@@ -370,3 +394,40 @@ def _numpy_rng_state() -> list:
 def _numpy_from_json(state: list) -> tuple:
     kind, keys, pos, has_gauss, cached = state
     return kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached
+
+
+def init_adapter(source: Path, model: nn.Module, *, lora_r: int, lora_alpha: int) -> Path:
+    """Load the LoRA weights of ``source`` into ``model`` (`--init-adapter`); return the adapter folder.
+
+    ``source`` is an adapter folder (peft ``save_pretrained``: a run's ``adapter/``), a run folder
+    (its ``adapter/``), or a checkpoint folder (verified first). Its rank and alpha must be this run's:
+    the adapter is continued, not reshaped.
+    """
+    source = Path(source)
+    if (source / MANIFEST).is_file():
+        verify_checkpoint(source)
+    folder = next(
+        (f for f in (source, source / "adapter") if (f / "adapter_model.safetensors").is_file()), None
+    )
+    if folder is None:
+        raise CheckpointError(
+            f"--init-adapter `{source}` holds no LoRA adapter (no adapter_model.safetensors there or in"
+            " its adapter/); pass a run's adapter/ folder, the run folder, or one of its checkpoints."
+        )
+    try:
+        saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"--init-adapter `{folder}`: cannot read adapter_config.json ({e}).") from None
+    if (saved.get("r"), saved.get("lora_alpha")) != (lora_r, lora_alpha):
+        raise CheckpointError(
+            f"--init-adapter `{folder}` has LoRA r {saved.get('r')} and alpha {saved.get('lora_alpha')}, this"
+            f" run --lora-r {lora_r} --lora-alpha {lora_alpha}; give --lora-r {saved.get('r')}"
+            f" --lora-alpha {saved.get('lora_alpha')}."
+        )
+    load_adapter_weights(
+        folder / "adapter_model.safetensors",
+        unwrap(model),
+        what=f"--init-adapter `{folder}`",
+        fix="give the --model it was trained on",
+    )
+    return folder

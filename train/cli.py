@@ -39,10 +39,30 @@ def plan(
         Path | None,
         typer.Option(help="Packed dataset: adds epochs and rows left out (reads the manifest only)."),
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model folder (only config.json is read) or tiny-qwen2: adds a peak memory estimate."
+        ),
+    ] = None,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option(help="With --model: say whether the step fits this much GPU memory, e.g. 24GiB."),
+    ] = None,
+    lora: Annotated[
+        bool, typer.Option("--lora/--no-lora", help="LoRA or every weight (with --model).")
+    ] = True,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank (with --model).")] = 32,
+    dtype: Annotated[str, typer.Option(help="Compute dtype of the estimate: bf16 or fp32.")] = "bf16",
+    grad_checkpointing: Annotated[
+        bool,
+        typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Estimate with checkpointing."),
+    ] = False,
 ) -> None:
-    """Print what a run will do before it runs: tokens per step, steps, warmup, tokens used, epochs.
+    """Print what a run will do before it runs: tokens per step, steps, warmup, tokens used, epochs;
+    with --model, its peak GPU memory, and with --gpu-memory whether it fits (and what would).
 
-    Example: train plan --token-budget 100000000 --batch-size 8 --seq-len 1024 --warmup-ratio 0.1
+    Example: train plan --token-budget 100000000 --batch-size 8 --seq-len 1024 --model Qwen2.5-0.5B/ --gpu-memory 24GiB
     """
     from shared.manifest import Manifest
     from train.plan import DataShape, describe, make_plan
@@ -73,10 +93,43 @@ def plan(
             warmup_ratio=warmup_ratio,
             data=shape,
         )
+        lines = describe(result)
+        if model is not None:
+            vocab = None if data is None else Manifest.load(data).tokenizer.vocab_size
+            lines += memory_lines(
+                model, result, vocab, gpu_memory, lora_r if lora else None, dtype, grad_checkpointing
+            )
+        elif gpu_memory is not None:
+            raise UserError("--gpu-memory needs --model (the estimate is of a model); add --model.")
     except UserError as e:
         raise fail(e) from None
-    for line in describe(result):
+    for line in lines:
         out.print(line, highlight=False, soft_wrap=True)
+
+
+def memory_lines(spec, plan, vocab_size, gpu_memory, lora_r, dtype, grad_checkpointing) -> list[str]:
+    """`train plan --model`'s lines: the estimate by part, and whether it fits --gpu-memory."""
+    from train.memory import (
+        describe_fit,
+        describe_memory,
+        estimate_memory,
+        find_fit,
+        model_shape,
+        parse_memory,
+    )
+
+    if dtype not in ("bf16", "fp32"):
+        raise UserError(f"--dtype {dtype!r}: the estimate is for bf16 or fp32.")
+    shape = model_shape(spec, vocab_size=vocab_size)
+    tokens = plan.batch_size * plan.seq_len
+    kw = {"lora_r": lora_r, "precision": dtype, "grad_checkpointing": grad_checkpointing}
+    lines = describe_memory(shape, estimate_memory(shape, tokens=tokens, **kw), **kw)
+    if gpu_memory is not None:
+        gpu_bytes = parse_memory(gpu_memory)
+        size = {"batch_size": plan.batch_size, "grad_accum": plan.grad_accum}
+        fit = find_fit(shape, gpu_bytes=gpu_bytes, seq_len=plan.seq_len, **size, **kw)
+        lines += describe_fit(fit, gpu_bytes, **size)
+    return lines
 
 
 @app.command()
@@ -144,7 +197,30 @@ def run(
     seed: Annotated[
         int | None, typer.Option(help="Data order, LoRA init, built-in model weights (default 0).")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default auto).")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="auto, cpu, cuda, cuda:N or mps (default auto: cuda, else mps, else cpu)."),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="auto, bf16 or fp32 (default auto: bf16 on a GPU that has it, else fp32)."),
+    ] = None,
+    grad_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--grad-checkpointing/--no-grad-checkpointing",
+            help="Recompute each layer in the backward: less memory, same gradients (default off).",
+        ),
+    ] = None,
+    init_adapter: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this LoRA adapter (adapter folder, run or checkpoint); optimizer fresh."
+        ),
+    ] = None,
+    keep_checkpoints: Annotated[
+        int | None, typer.Option(help="Keep the newest N checkpoints; 0 keeps all (default 0).")
+    ] = None,
     verify: Annotated[
         str | None, typer.Option(help="Shard check before training: checksum or size (default checksum).")
     ] = None,
@@ -324,7 +400,7 @@ def check(
     split: Annotated[str, typer.Option(help="Split to sample rows from.")] = "train",
     num_rows: Annotated[int, typer.Option(help="Rows with two or more segments to check.")] = 4,
     seed: Annotated[int, typer.Option(help="Chooses the rows (and a built-in model's weights).")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     negative_control: Annotated[
         bool, typer.Option(help="Run the packed row with a plain causal mask (leaks); the check must fail.")
     ] = False,

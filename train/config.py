@@ -6,7 +6,8 @@ the same names as the flags, with ``-`` or ``_`` (``batch-size = 8`` or ``batch_
 
 from __future__ import annotations
 
-import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
 VERIFY_CHOICES = ("checksum", "size")
+DTYPE_CHOICES = ("auto", "bf16", "fp32", "fp16")
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 
 
 class ConfigError(UserError):
@@ -75,7 +78,19 @@ class RunConfig:
     seed: int = 0
     """Seeds the weights of a built-in model, LoRA init, the data order and dropout."""
     device: str = "auto"
-    """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    """auto (cuda, else mps, else cpu; refused when a GPU is present that torch cannot use), cpu, cuda,
+    cuda:N or mps."""
+    dtype: str = "auto"
+    """Compute precision: bf16 (autocast; frozen LoRA base weights stored in bf16), fp32, or auto (bf16
+    on a CUDA GPU that supports it, else fp32). fp16 is refused: it needs loss scaling the loop lacks."""
+    grad_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them: less memory
+    (see `train plan --model`) for one more forward of each layer per step; the same loss and gradients."""
+    init_adapter: Path | None = None
+    """Start from a trained LoRA adapter (an adapter folder, a run folder or a checkpoint): its weights
+    are loaded, the optimizer and schedule start fresh at step 0."""
+    keep_checkpoints: int = 0
+    """Keep only the newest this many checkpoints (0 keeps all); the one resumed from is never deleted."""
     verify: str = "checksum"
     """How shards are checked before training: checksum (sha256 of every byte) or size."""
     log_every: int = 1
@@ -102,6 +117,10 @@ class RunConfig:
         _positive("--lora-r", self.lora_r)
         _positive("--lora-alpha", self.lora_alpha)
         _positive("--log-every", self.log_every)
+        if self.keep_checkpoints < 0:
+            raise ConfigError(
+                f"--keep-checkpoints {self.keep_checkpoints} must not be negative (0 keeps all)."
+            )
         if not self.lr > 0:
             raise ConfigError(f"--lr {self.lr} must be positive.")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -136,8 +155,21 @@ class RunConfig:
                 f"eval_data {self.eval_data!r} must be (name, Path) pairs; on the command line"
                 " --eval-data NAME=PATH (repeatable)."
             )
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ConfigError(f"--device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N.")
+        if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
+            raise ConfigError(f"--device {self.device!r} is unknown; use {DEVICE_HELP}.")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"--dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPE_CHOICES)}.")
+        if self.dtype == "fp16":
+            raise ConfigError(
+                "--dtype fp16 is not supported: fp16's 5-bit exponent underflows small gradients unless the"
+                " loss is scaled (a GradScaler), which this loop does not do. Use --dtype bf16 where the GPU"
+                " has it (NVIDIA Ampere or newer), or --dtype fp32."
+            )
+        if self.init_adapter is not None and not self.lora:
+            raise ConfigError(
+                "--init-adapter loads a LoRA adapter, but this run trains every weight (--no-lora); to"
+                " continue a full fine-tune, pass its exported model folder (RUN/model) as --model."
+            )
         self._check_samples()
 
     def _check_samples(self) -> None:
@@ -158,9 +190,6 @@ class RunConfig:
 def _positive(flag: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise ConfigError(f"{flag} {value} must be at least 1.")
-
-
-_PATH_FIELDS = {"data", "out"}
 
 
 def named_paths(
@@ -187,6 +216,61 @@ def named_paths(
     return tuple(pairs)
 
 
+def field_types() -> dict[str, type]:
+    """RunConfig's field -> the type a value must have (``int | None`` -> ``int``)."""
+    hints = typing.get_type_hints(RunConfig)
+    kinds = {}
+    for name, hint in hints.items():
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        kinds[name] = hint
+    return kinds
+
+
+_TYPE_WORDS = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    Path: "a path string",
+}
+
+
+def typed_value(key: str, value: Any, kind: Any, source: str) -> Any:
+    """``value`` from a TOML file as RunConfig's field type ``kind``; a ConfigError naming ``key`` if
+    it is not of that type (TOML has types: ``batch-size = "8"`` is a string, not 8). A ``tuple[X, ...]``
+    or ``list[X]`` field takes a TOML array of X."""
+    origin = typing.get_origin(kind)
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: `{key}` must be an array (`{key} = [...]`), not {value!r}.")
+        item = typing.get_args(kind)[0]
+        return origin(typed_value(f"{key}[{i}]", v, item, source) for i, v in enumerate(value))
+    if kind not in _TYPE_WORDS:  # a field type this reader does not know: let RunConfig judge the value
+        return value
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        Path: isinstance(value, str),
+    }[kind]
+    if not ok:
+        hint = ""
+        if kind is bool:
+            hint = f" Write `{key} = true` or `{key} = false` (no quotes)."
+        elif isinstance(value, str) and kind in (int, float):
+            hint = f" Write it without quotes: `{key} = {value}`."
+        elif kind is int and isinstance(value, float):
+            hint = " Give a whole number."
+        raise ConfigError(
+            f"{source}: `{key}` must be {_TYPE_WORDS[kind]}, not {type(value).__name__} {value!r}.{hint}"
+        )
+    if kind is Path:
+        return Path(value)
+    return float(value) if kind is float else value
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     """The options in a TOML file, keyed by RunConfig field name; unknown keys are an error."""
     try:
@@ -195,15 +279,16 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config `{path}` does not exist.") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config `{path}` is not valid TOML ({e}).") from None
-    known = {f.name for f in dataclasses.fields(RunConfig)}
+    kinds = field_types()
+    source = f"--config `{path}`"
     options = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name == "no_lora":
-            name, value = "lora", not value
-        if name not in known:
+            name, value = "lora", not typed_value(key, value, bool, source)
+        if name not in kinds:
             raise ConfigError(
-                f"--config `{path}`: unknown option `{key}`; valid options are {', '.join(sorted(known))}."
+                f"{source}: unknown option `{key}`; valid options are {', '.join(sorted(kinds))}."
             )
         if name == "eval_data":
             if isinstance(value, str):
@@ -214,7 +299,9 @@ def load_toml(path: Path) -> dict[str, Any]:
                     ' (eval-data = ["fin=packed/fin", "news=packed/news"]).'
                 )
             value = named_paths(value, f"--config `{path}`: `{key}`", bare_name="val")
-        options[name] = Path(value) if name in _PATH_FIELDS and value is not None else value
+        else:
+            value = typed_value(key, value, kinds[name], source)
+        options[name] = value
     return options
 
 

@@ -45,6 +45,7 @@ from shared.fileio import sha256_file
 from shared.manifest import Manifest
 from shared.reader import PackedRow, Split
 from train.batch import VarlenBatch
+from train.hardware import sum_dtype
 from train.loader import batch_from_rows, sequential_batches
 from train.loss import micro_batch_loss_sum
 from train.parallel import all_reduce_sum, dist_info
@@ -161,8 +162,9 @@ def evaluate_split(
     loss_fn = loss_fn or partial(micro_batch_loss_sum, model)
     was_training = model.training
     model.eval()
-    # nll, targets, bytes, tokens; float64 counts are exact far beyond any eval set
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    # nll, targets, bytes, tokens; float64 counts (float32 on MPS, which has none) are exact far beyond
+    # any eval set
+    totals = torch.zeros(4, dtype=sum_dtype(device), device=device)
     num_batches = math.ceil(len(range(rank, split.num_rows, world_size)) / batch_size)
     num_extra = 0
     if lockstep and world_size > 1:
@@ -174,7 +176,7 @@ def evaluate_split(
         num_extra = int(most) - num_batches
     counts = np.zeros(3, dtype=np.float64)
     for batch in sequential_batches(split, batch_size=batch_size, rank=rank, world_size=world_size):
-        totals[0] += loss_fn(batch.to(device)).double()
+        totals[0] += loss_fn(batch.to(device)).to(totals.dtype)
         counts += (batch.num_target_tokens, target_bytes(batch, byte_lengths), batch.num_tokens)
     for _ in range(num_extra):
         loss_fn(batch_from_rows([split.row(0)]).to(device))
@@ -334,10 +336,10 @@ def evaluate_documents(
     (the module docstring's); one process, eval mode."""
     was_training = model.training
     model.eval()
-    nll = torch.zeros((), dtype=torch.float64, device=device)
+    nll = torch.zeros((), dtype=sum_dtype(device), device=device)
     num_targets = num_bytes = num_tokens = 0
     for batch in window_batches(documents, window=window, stride=stride, batch_tokens=batch_tokens):
-        nll += micro_batch_loss_sum(model, batch.to(device)).double()
+        nll += micro_batch_loss_sum(model, batch.to(device)).to(nll.dtype)
         num_targets += batch.num_target_tokens
         num_bytes += target_bytes(batch, byte_lengths)
         num_tokens += batch.num_tokens

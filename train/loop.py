@@ -41,12 +41,21 @@ from shared.manifest import SplitInfo
 from shared.reader import PackedDataset, Split
 from train.attention import choose_attn
 from train.batch import VarlenBatch
-from train.checkpoint import latest_checkpoint, read_checkpoint_state, restore_checkpoint, save_checkpoint
+from train.checkpoint import (
+    init_adapter,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_checkpoint_state,
+    restore_checkpoint,
+    save_checkpoint,
+    step_dir,
+)
 from train.config import RunConfig
 from train.eval import EvalFigures, evaluate_split
+from train.hardware import auto_device, resolve_device, sum_dtype
 from train.loader import Loader
 from train.loss import micro_batch_loss_sum
-from train.model import LoraSettings, causal_lm, input_embeddings, load_model, resolve_device
+from train.model import LoraSettings, causal_lm, input_embeddings, load_model
 from train.outputs import (
     LOSS_PLOT,
     METRICS,
@@ -65,7 +74,7 @@ from train.parallel import (
     shard_fsdp,
 )
 from train.plan import DataShape, RunPlan, lr_factor, make_plan
-from train.resume import check_resume, jsonable_config
+from train.resume import check_not_finished, check_resume, jsonable_config
 from train.runinfo import RunInfo, describe_run, header_lines, step_line, warning_lines, write_run_json
 from train.samples import log_samples
 from train.sinks import Sinks, open_sinks, require_sinks
@@ -207,6 +216,9 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
     plan = plan_run(cfg, manifest.seq_len, info, world_size)
 
     model = build_model(cfg, manifest.tokenizer.vocab_size, device)
+    initialised_from = None
+    if cfg.init_adapter is not None and not cfg.resume:  # on resume the checkpoint holds the weights
+        initialised_from = init_adapter(cfg.init_adapter, model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     if cfg.fsdp and world_size == 1:
         raise UserError(
             "--fsdp shards the model over ranks, but this is a single process; start it with torchrun"
@@ -244,6 +256,10 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
         log=log,
     )
     announce(run, train_split)
+    if initialised_from is not None:
+        run.say(
+            f"initialised the LoRA adapter from {initialised_from} (optimizer and lr schedule fresh, step 0)"
+        )
     if cfg.resume:
         resume_from_checkpoint(run)
     if run.is_main:
@@ -270,13 +286,13 @@ def train_step(run: Run) -> StepStats:
     micro_batches: list[VarlenBatch] = [next(run.loader) for _ in range(cfg.grad_accum)]
     counts = torch.tensor(
         [sum(b.num_target_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches)],
-        dtype=torch.float64,
+        dtype=sum_dtype(run.device),
         device=run.device,
     )
     num_step_targets, num_step_tokens = (int(v) for v in all_reduce_sum(counts).tolist())
     # FSDP averages gradients over ranks; our loss is already divided by the targets of ALL ranks.
     loss_scale = run.world_size if cfg.fsdp else 1
-    step_loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    step_loss_sum = torch.zeros((), dtype=sum_dtype(run.device), device=run.device)
     for i, batch in enumerate(micro_batches):
         if cfg.fsdp:  # reduce-scatter once per step, after the last micro-batch
             run.loss_fn.set_requires_gradient_sync(i == len(micro_batches) - 1)
@@ -284,7 +300,7 @@ def train_step(run: Run) -> StepStats:
         # Each rank's sum over its targets / the step's targets on ALL ranks; summing the
         # gradients over ranks then gives the gradient of the global mean.
         (loss_sum * (loss_scale / max(num_step_targets, 1))).backward()
-        step_loss_sum += loss_sum.detach().double()
+        step_loss_sum += loss_sum.detach().to(step_loss_sum.dtype)
     if not cfg.fsdp:
         all_reduce_grads(run.params)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -370,6 +386,9 @@ def save(run: Run, step: int) -> Path | None:
             full=full,
             tokenizer=dataset_tokenizer(run.cfg.data),
         )
+    if run.is_main and run.cfg.keep_checkpoints:
+        resumed_from = step_dir(run.cfg.out, run.start_step) if run.cfg.resume else None
+        prune_checkpoints(run.cfg.out, run.cfg.keep_checkpoints, protect=resumed_from)
     if run.world_size > 1:
         dist.barrier()
     run.refresh_outputs()
@@ -447,6 +466,8 @@ def announce(run: Run, train_split: Split) -> None:
         world_size=run.world_size,
         start_step=0,
         flops_per_token=flops_per_token,
+        grad_checkpointing=run.cfg.grad_checkpointing,
+        device_reason=auto_device()[1] if run.cfg.device == "auto" else "asked for",
     )
     for line in header_lines(run.info, run.plan) + warning_lines(run.info):
         run.say(line)
@@ -498,7 +519,14 @@ def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, dict[str, Split]]:
 def build_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> torch.nn.Module:
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora else None
     model = load_model(
-        cfg.model, vocab_size=vocab_size, attn=cfg.attn, lora=lora, device=device, seed=cfg.seed
+        cfg.model,
+        vocab_size=vocab_size,
+        attn=cfg.attn,
+        lora=lora,
+        device=device,
+        seed=cfg.seed,
+        precision=cfg.dtype,
+        grad_checkpointing=cfg.grad_checkpointing,
     )
     num_embeddings = input_embeddings(model).num_embeddings
     if num_embeddings < vocab_size:
@@ -554,6 +582,7 @@ def resume_from_checkpoint(run: Run) -> None:
         world_size=run.world_size,
         data_fingerprint=run.data_fingerprint,
     )
+    check_not_finished(path, state, run.cfg)
     restore_checkpoint(path, state, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
     run.loader.load_state_dict(state["loader"])
     run.start_step = state["step"]

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from shared.contract import IGNORE_INDEX
 from train.batch import VarlenBatch
-from train.model import autocast_for, forward_hidden, output_head
+from train.model import autocast_of, forward_hidden, output_head
 
 DEFAULT_CHUNK_TOKENS = 1024
 """Positions per chunk: 1024 x 151,936 fp32 logits are 0.6 GB, a fair price on a GPU."""
@@ -81,7 +81,7 @@ def micro_batch_loss_sum(
     Divide by the target tokens of the whole optimizer step before ``backward()``.
     """
     hidden = forward_hidden(model, batch)
-    with autocast_for(hidden.device):
+    with autocast_of(model, hidden.device):
         loss_sum, _ = chunked_cross_entropy_sum(
             hidden, output_head(model), batch.labels, chunk_tokens=chunk_tokens
         )

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwe
 from shared.errors import UserError
 from train.attention import backend_of, implementation_name, refuse_padding_mask, varlen_kwargs
 from train.batch import VarlenBatch
+from train.hardware import compute_dtype, resolve_device
 
 TINY_QWEN2 = "tiny-qwen2"
 
@@ -82,25 +83,11 @@ def tiny_qwen2_config(vocab_size: int) -> Qwen2Config:
     )
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> cuda if available, else cpu."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ModelError(f"--device {device!r} is unknown; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"--device {device} was asked for, but CUDA is not available; use --device cpu.")
-    return device
-
-
-def default_dtype(device: torch.device, *, lora: bool) -> torch.dtype:
-    """fp32 on CPU. On GPU, frozen LoRA base weights in bf16; full fine-tuning keeps fp32 master weights
-    (compute is bf16 through autocast either way)."""
-    if device.type == "cuda" and lora:
-        return torch.bfloat16
-    return torch.float32
+def default_dtype(device: torch.device, *, lora: bool, precision: str = "auto") -> torch.dtype:
+    """The dtype weights are stored in. Frozen LoRA base weights take the compute dtype (bf16 halves
+    them); trained weights stay fp32 master weights, computed in bf16 through autocast."""
+    compute = compute_dtype(precision, device)
+    return compute if lora else torch.float32
 
 
 def load_model(
@@ -112,17 +99,26 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    precision: str = "auto",
+    grad_checkpointing: bool = False,
 ) -> nn.Module:
     """The model ready for varlen training: on ``device``, in train mode, with our attention backend.
 
     ``spec`` is a local Hugging Face causal-LM folder or ``tiny-qwen2`` (random weights seeded by
     ``seed``; its vocabulary is ``vocab_size``, from the dataset manifest). ``lora=None`` trains every
-    weight; otherwise only a peft LoRA adapter is trainable.
+    weight; otherwise only a peft LoRA adapter is trainable. ``precision`` is ``--dtype`` (the compute
+    dtype, `compute_dtype`); ``dtype`` overrides the dtype the weights are stored in (tests use float64).
+    ``grad_checkpointing`` recomputes each decoder layer in the backward (`enable_grad_checkpointing`).
     """
     device = resolve_device(device)
-    dtype = dtype or default_dtype(device, lora=lora is not None)
+    compute = compute_dtype(precision, device)
+    dtype = dtype or default_dtype(device, lora=lora is not None, precision=precision)
     model = load_base(spec, vocab_size=vocab_size, dtype=dtype, device=device, seed=seed)
-    return _prepare(model, attn=attn, lora=lora, device=device, seed=seed)
+    model = _prepare(
+        model, attn=attn, lora=lora, device=device, seed=seed, grad_checkpointing=grad_checkpointing
+    )
+    causal_lm(model).packed_compute_dtype = compute
+    return model
 
 
 def load_base(
@@ -154,16 +150,23 @@ def model_from_config(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    precision: str = "auto",
+    grad_checkpointing: bool = False,
 ) -> nn.Module:
     """A causal LM with random weights (seeded) for ``config``, prepared like :func:`load_model`'s.
 
     The weights are initialised directly on ``device``, so a GPU builds a 1.5B model in seconds.
     """
     device = resolve_device(device)
-    dtype = dtype or default_dtype(device, lora=lora is not None)
+    compute = compute_dtype(precision, device)
+    dtype = dtype or default_dtype(device, lora=lora is not None, precision=precision)
     with _seeded(seed, device), device:
         model = AutoModelForCausalLM.from_config(config).to(dtype)
-    return _prepare(model, attn=attn, lora=lora, device=device, seed=seed)
+    model = _prepare(
+        model, attn=attn, lora=lora, device=device, seed=seed, grad_checkpointing=grad_checkpointing
+    )
+    causal_lm(model).packed_compute_dtype = compute
+    return model
 
 
 @contextlib.contextmanager
@@ -174,10 +177,20 @@ def _seeded(seed: int, device: torch.device):
         yield
 
 
-def _prepare(model: nn.Module, *, attn: str, lora: LoraSettings | None, device: torch.device, seed: int):
+def _prepare(
+    model: nn.Module,
+    *,
+    attn: str,
+    lora: LoraSettings | None,
+    device: torch.device,
+    seed: int,
+    grad_checkpointing: bool = False,
+):
     model.set_attn_implementation(implementation_name(attn, device))
     model.get_decoder().register_forward_pre_hook(refuse_padding_mask, with_kwargs=True)
     model.config.use_cache = False
+    if grad_checkpointing:
+        enable_grad_checkpointing(model)
     if lora is not None:
         with _seeded(seed, device):
             model = _apply_lora(model, lora)
@@ -185,6 +198,22 @@ def _prepare(model: nn.Module, *, attn: str, lora: LoraSettings | None, device: 
     model.train()
     assert backend_of(causal_lm(model)) in ("flash_attn", "torch_varlen", "sdpa")
     return model
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Keep only each decoder layer's input in the forward and recompute the layer in the backward.
+
+    Non-reentrant ``torch.utils.checkpoint``: the reentrant kind returns no gradient to a LoRA adapter
+    when the layer's input does not require grad (the frozen embedding's output does not), which is why
+    peft recipes call ``enable_input_require_grads``; non-reentrant checkpointing needs no such hook.
+    The varlen boundaries reach the recomputed attention as keyword arguments, as in the forward.
+    """
+    lm = causal_lm(model)
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _load_pretrained(spec: str, vocab_size: int | None, dtype: torch.dtype | str) -> nn.Module:
@@ -266,11 +295,19 @@ def input_embeddings(model: nn.Module) -> nn.Module:
     return causal_lm(model).get_input_embeddings()
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU; nothing on CPU (fp32 there, so CPU results are exact references)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_for(device: torch.device, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
+    """Autocast to the compute ``dtype`` (nothing for fp32 or fp64); without one, bf16 on CUDA and
+    nothing elsewhere (fp32 there, so CPU results are exact references)."""
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype in (torch.float32, torch.float64):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def autocast_of(model: nn.Module, device: torch.device) -> contextlib.AbstractContextManager:
+    """:func:`autocast_for` at the compute dtype ``model`` was loaded with (``--dtype``)."""
+    return autocast_for(device, getattr(causal_lm(model), "packed_compute_dtype", None))
 
 
 def forward_hidden(
@@ -302,7 +339,7 @@ def forward_hidden_naive(
 def _run_decoder(model, batch: VarlenBatch, cu_seqlens, max_seqlen, inputs_embeds) -> torch.Tensor:
     decoder = causal_lm(model).get_decoder()
     inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.input_ids}
-    with autocast_for(batch.input_ids.device):
+    with autocast_of(model, batch.input_ids.device):
         out = decoder(
             **inputs,
             position_ids=batch.position_ids,

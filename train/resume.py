@@ -34,6 +34,7 @@ FIXED_ON_RESUME = (
     "grad_clip",
     "token_budget",
     "max_steps",
+    "init_adapter",
 )
 """Options that must equal the checkpoint's: each changes what the remaining steps compute."""
 
@@ -53,6 +54,9 @@ APPLIED_ON_RESUME = (
     "grad_accum",
     "sample_prompt",
     "sample_tokens",
+    "dtype",  # like device: the same math at another precision
+    "grad_checkpointing",  # the same math, recomputed
+    "keep_checkpoints",
 )
 """Options a resumed run may change; the change is recorded with the step it applies from."""
 
@@ -61,6 +65,33 @@ NOT_COMPARED = ("out", "resume")
 
 class ResumeError(UserError):
     """`train run --resume` was given options that would make the resumed run another run."""
+
+
+def check_not_finished(checkpoint: Path, state: dict[str, Any], cfg: RunConfig) -> None:
+    """Refuse to "resume" a run whose newest checkpoint is its last step: there is nothing left to
+    run, and a longer run is another schedule. Training further is a new stage, said explicitly."""
+    stage = _next_stage(checkpoint, state, cfg)
+    if stage is not None:
+        raise ResumeError(
+            f"`{cfg.out}` finished: its newest checkpoint {checkpoint.name} is its last step, so --resume has"
+            f" nothing to continue. {stage}"
+        )
+
+
+def _next_stage(checkpoint: Path, state: dict[str, Any], cfg: RunConfig) -> str | None:
+    """How to train a finished run further (None unless the checkpoint is its last step and the
+    run exported its weights)."""
+    step, num_steps = state.get("step"), state.get("num_steps")
+    lora = state.get("config", {}).get("lora", True)
+    export = cfg.out / ("adapter" if lora else "model")
+    # Killed after its last checkpoint but before the export: resuming finishes it (runs no step).
+    if step is None or num_steps is None or step < num_steps or not export.is_dir():
+        return None
+    start = f"--init-adapter {export}" if lora else f"--model {export}"
+    return (
+        f"To train further, start a new stage from its weights in a new --out: `train run --out NEW {start}"
+        " --max-steps N ...` (fresh optimizer and lr schedule, from step 0)."
+    )
 
 
 def check_resume(
@@ -128,6 +159,7 @@ def check_resume(
             f"cannot resume `{cfg.out}` from {checkpoint.name}: {'; '.join(problems)}. A resumed run must"
             f" compute what the interrupted one would have: {'; '.join(fixes)}. Or start a new --out to"
             " train with the new values."
+            + (f" This run finished. {stage}" if (stage := _next_stage(checkpoint, state, cfg)) else "")
         )
     return {
         name: [saved[name], mine[name]]

@@ -20,7 +20,7 @@ from torch import nn
 
 from shared.fileio import atomic_write_text
 from train.attention import AttnChoice
-from train.model import autocast_for, causal_lm
+from train.model import autocast_of, causal_lm
 from train.plan import RunPlan, describe
 from train.throughput import device_label, format_duration, mfu, peak_flops
 
@@ -35,14 +35,17 @@ class RunInfo:
     """``cuda:0 (NVIDIA H100 80GB HBM3, 79.1 GiB)``, ``cpu (2 threads)``."""
     device_type: str
     requested_device: str
-    """The ``--device`` value (``auto`` picks cuda when CUDA is available)."""
+    """The ``--device`` value (``auto`` picks cuda, else mps, else cpu: `train.hardware.auto_device`)."""
+    device_reason: str
+    """Why this device: ``asked for``, or what ``auto`` found."""
     world_size: int
     torch_version: str
     weights_dtype: str
     """The frozen base's dtype under LoRA, every weight's otherwise."""
     trainable_dtype: str
     compute_dtype: str
-    """The matmuls' dtype: the autocast dtype on GPU, the weights' on CPU."""
+    """The matmuls' dtype: the autocast dtype of ``--dtype`` (bf16 on a GPU by default), else the weights'."""
+    grad_checkpointing: bool
     attn: AttnChoice
     model: str
     model_type: str
@@ -85,6 +88,8 @@ def describe_run(
     world_size: int,
     start_step: int,
     flops_per_token: float,
+    grad_checkpointing: bool = False,
+    device_reason: str = "asked for",
 ) -> RunInfo:
     """The facts of a run about to take step ``start_step + 1`` with ``model`` on ``device``."""
     params = list(model.parameters())
@@ -92,7 +97,7 @@ def describe_run(
     frozen = [p for p in params if not p.requires_grad]
     lm = causal_lm(model)
     peft_config = getattr(model, "peft_config", {}).get("default")
-    autocast = autocast_for(device)
+    autocast = autocast_of(model, device)
     weights_dtype = (frozen or trainable)[0].dtype
     compute = autocast.fast_dtype if isinstance(autocast, torch.autocast) else weights_dtype
     return RunInfo(
@@ -100,11 +105,13 @@ def describe_run(
         device=device_label(device),
         device_type=device.type,
         requested_device=requested_device,
+        device_reason=device_reason,
         world_size=world_size,
         torch_version=torch.__version__,
         weights_dtype=_dtype(weights_dtype),
         trainable_dtype=_dtype(trainable[0].dtype) if trainable else "-",
         compute_dtype=_dtype(compute),
+        grad_checkpointing=grad_checkpointing,
         attn=attn,
         model=cfg_model,
         model_type=lm.config.model_type,
@@ -135,9 +142,10 @@ def header_lines(info: RunInfo, plan: RunPlan) -> list[str]:
     else:
         what = f"LoRA r {info.lora_r}, alpha {info.lora_alpha} on {', '.join(info.lora_targets)}"
     lines = [
-        f"{'device':<17}{info.device}{ranks}, --device {info.requested_device} | torch {info.torch_version}",
+        f"{'device':<17}{info.device}{ranks}, --device {info.requested_device} ({info.device_reason})"
+        f" | torch {info.torch_version}",
         f"{'dtype':<17}weights {info.weights_dtype}, trainable {info.trainable_dtype},"
-        f" compute {info.compute_dtype}",
+        f" compute {info.compute_dtype} | grad checkpointing {'on' if info.grad_checkpointing else 'off'}",
         f"{'attention':<17}{info.attn.backend} ({info.attn.reason})",
         f"{'model':<17}{info.model} ({info.model_type}, {info.num_layers} layers) | {what}",
         f"{'trainable':<17}{info.num_trainable:,} of {info.num_params:,} parameters"

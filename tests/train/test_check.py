@@ -107,5 +107,5 @@ def test_check_errors_print_brackets_as_text(tmp_path):
 def test_unknown_device_is_an_error_line_not_a_traceback(packed_sample):
     result = _invoke(packed_sample, "--device", "gpu")
     assert result.exit_code == 1
-    assert "--device 'gpu' is unknown; use auto, cpu, cuda or cuda:N." in result.output
+    assert "--device 'gpu' is unknown; use auto, cpu, cuda, cuda:N or mps." in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)

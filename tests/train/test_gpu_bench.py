@@ -36,7 +36,7 @@ def test_cpu_smoke_runs_every_contender_and_they_agree(tmp_path):
     runs = report["runs"]["tiny"]
     assert report["all_agree"] is True
     assert report["settings"]["dtype"] == "float32"
-    expected = {"ours", "hf_flatten_sdpa", "hf_flatten_varlen", "ours_compile"}
+    expected = {"ours", "ours_grad_ckpt", "hf_flatten_sdpa", "hf_flatten_varlen", "ours_compile"}
     # Trainer needs accelerate and SFTTrainer trl, which the bench extra installs and CI need not.
     if importlib.util.find_spec("accelerate") is not None:
         expected.add("hf_trainer")
@@ -50,6 +50,8 @@ def test_cpu_smoke_runs_every_contender_and_they_agree(tmp_path):
     for name in GPU_ONLY:
         assert runs[name]["status"] == "not_available" and runs[name]["why"], runs[name]
         assert f"{name}: not available: " in done.stdout
+    # the memory estimate of `train plan --model` rides along, to be checked against a GPU's measured peak
+    assert 0 < runs["ours_grad_ckpt"]["estimate_gib"] < runs["ours"]["estimate_gib"]
     control = runs["control_wrong_labels"]
     assert control["status"] == "ok" and control["agrees"] is False
     # Caught by a wide margin, not by round-off: the check tells a wrong step from a right one.

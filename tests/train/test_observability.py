@@ -25,7 +25,7 @@ from shared.errors import UserError
 from shared.reader import PackedDataset
 from train.config import RunConfig
 from train.loop import train
-from train.model import LoraSettings, load_model
+from train.model import LoraSettings, causal_lm, load_model
 from train.outputs import loss_curves, plot_losses, read_metrics, record_kind
 from train.plan import make_plan
 from train.runinfo import describe_run, header_lines, read_run_json, step_line, warning_lines
@@ -87,8 +87,13 @@ def test_the_header_names_device_dtype_backend_and_why_model_and_trainable_param
     total = sum(p.numel() for p in model.parameters())
     head = {line.split()[0]: line for line in watched_run.lines[:6]}
     assert list(head) == ["device", "dtype", "attention", "model", "trainable", "tokens"]
-    assert head["device"].startswith("device           cpu (") and ", --device cpu | torch" in head["device"]
-    assert head["dtype"] == "dtype            weights float32, trainable float32, compute float32"
+    assert (
+        head["device"].startswith("device           cpu (")
+        and ", --device cpu (asked for) | torch" in head["device"]
+    )
+    assert head["dtype"] == (
+        "dtype            weights float32, trainable float32, compute float32 | grad checkpointing off"
+    )
     assert head["attention"] == "attention        sdpa (requested with --attn sdpa)"
     targets = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
     assert head["model"] == f"model            tiny-qwen2 (qwen2, 2 layers) | LoRA r 8, alpha 16 on {targets}"
@@ -272,6 +277,9 @@ def _mock_gpu(monkeypatch, name: str, *, flash: bool, varlen: bool) -> None:
 def _gpu_info(requested: str, packed_sample: Path):
     vocab_size = PackedDataset(packed_sample).manifest.tokenizer.vocab_size
     model = load_model("tiny-qwen2", vocab_size=vocab_size, attn="sdpa", lora=LoraSettings(r=8, alpha=16))
+    causal_lm(
+        model
+    ).packed_compute_dtype = torch.bfloat16  # --dtype auto on a bf16 GPU, as load_model sets it
     plan = make_plan(batch_size=8, seq_len=1024, max_steps=100, warmup_ratio=0.1)
     with warnings.catch_warnings():  # autocast("cuda") warns that CUDA is not available: it is mocked
         warnings.simplefilter("ignore")
@@ -285,6 +293,7 @@ def _gpu_info(requested: str, packed_sample: Path):
             world_size=1,
             start_step=0,
             flops_per_token=1e9,
+            device_reason="auto: CUDA 12.8, 1 GPU(s)",
         )
     return info, plan
 
