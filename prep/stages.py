@@ -32,6 +32,7 @@ from prep.card import write_card
 from prep.encoder import Encoder, Job, empty_job, source_jobs
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, input_stats, kill_point
+from prep.mixture import Mixture, Selection, doc_sources, select
 from prep.outdir import WORK_DIR
 from prep.packing import STRATEGIES, RowPlan, index_dtype, make_plan
 from prep.readers import EMPTY, MISSING_FIELD, BatchRecords, InputError, InputFile
@@ -45,6 +46,7 @@ from shared.manifest import (
     IgnoredInput,
     InputInfo,
     Manifest,
+    MixtureInfo,
     PackOptions,
     SplitInfo,
 )
@@ -87,6 +89,8 @@ class PackConfig:
     """``local`` (every core of this machine) or ``ray`` (Ray tasks across a cluster; same output bytes)."""
     ray_address: str | None = None
     """Ray cluster to join with ``executor="ray"``; default ``RAY_ADDRESS``, else a Ray started on this machine."""
+    mixture: Mixture | None = None
+    """Sources mixed to shares or epochs (prep/mixture.py); their inputs are ``inputs``."""
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -99,6 +103,11 @@ class PackConfig:
             raise UserError(
                 "`--resume` is not supported with `--executor ray` (a Ray pack keeps no journal); pass"
                 " `--overwrite` to pack again from the start, or finish the run with `--executor local`."
+            )
+        if self.mixture is not None and self.executor == "ray":
+            raise UserError(
+                "a mixture (`--recipe`/`--source`) runs with `--executor local` only for now; drop"
+                " `--executor ray`."
             )
         if self.resume and self.overwrite:
             raise UserError(
@@ -167,8 +176,9 @@ def read(
         skip = start[1] if index == start[0] else 0
         jobs = source_jobs(
             sources[index],
-            text_field=cfg.text_field,
+            text_field=sources[index].text_field or cfg.text_field,
             val_fraction=cfg.val_fraction,
+            hashes=cfg.mixture is not None,
             skip=skip,
             spread=spread,
             on_bytes=progress.advance,
@@ -178,7 +188,8 @@ def read(
             if held is not None:
                 yield ReadBatch(index, False, held)
             held = job
-        yield ReadBatch(index, True, empty_job(cfg.val_fraction) if held is None else held)
+        last = empty_job(cfg.val_fraction, cfg.mixture is not None) if held is None else held
+        yield ReadBatch(index, True, last)
 
 
 def encode(encoder: Encoder, batches: Iterable[ReadBatch]) -> Iterator[tuple[ReadBatch, EncodedBatch]]:
@@ -203,6 +214,8 @@ class Framed:
     """int64, each kept document's stream length."""
     is_val: np.ndarray
     """int8, 1 for each kept document of the ``val`` split."""
+    doc_hash: np.ndarray | None = None
+    """uint64, each kept document's content hash, for a mixture (else None)."""
 
 
 def frame(
@@ -229,6 +242,7 @@ def frame(
         doc_id=first_id + records.text_index()[streams.kept],
         doc_len=streams.doc_len,
         is_val=records.is_val[streams.kept],
+        doc_hash=None if records.doc_hash is None else records.doc_hash[streams.kept],
     )
 
 
@@ -275,13 +289,15 @@ def fingerprint(cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile],
         "val_fraction": cfg.val_fraction,
         "skip_invalid": cfg.skip_invalid,
         "rows_per_shard": rows_per_shard,
+        **(cfg.mixture.fingerprint() if cfg.mixture is not None else {}),
     }
 
 
 def journal_batch(journal: Journal, tokens: BinaryIO, framed: Framed, source: InputFile | None) -> None:
     """Append one framed batch to the work files and commit it; ``source``: the input file it closes, if any."""
     state = journal.pass1
-    journal.append_docs(doc_id=framed.doc_id, doc_len=framed.doc_len, is_val=framed.is_val)
+    hashes = {} if framed.doc_hash is None else {"doc_hash": framed.doc_hash}
+    journal.append_docs(doc_id=framed.doc_id, doc_len=framed.doc_len, is_val=framed.is_val, **hashes)
     tokens.write(memoryview(framed.tokens))
     state.next_id += framed.num_records
     journal.commit_batch(tokens, framed.num_records)
@@ -292,6 +308,7 @@ def journal_batch(journal: Journal, tokens: BinaryIO, framed: Framed, source: In
             first_doc_id=state.first_id,
             num_records=state.next_id - state.first_id,
             dataset_split=source.dataset_split,
+            source=source.source,
         )
         journal.commit_source(tokens, info)
 
@@ -308,25 +325,55 @@ class SplitPlan:
     """Indices of the split's documents among all; ``slice(None)`` when it holds every one (no copy)."""
     rows: RowPlan
     """Its ``seg_doc`` indexes the split's documents (``docs``), not all of them."""
+    copy: np.ndarray | None = None
+    """A mixture's copy number of each of ``docs`` (which then may repeat); None without a mixture."""
+
+
+def mix(
+    cfg: PackConfig,
+    doc_len: np.ndarray,
+    val: np.ndarray | None,
+    doc_hash: np.ndarray,
+    doc_id: np.ndarray,
+    inputs: tuple[InputInfo, ...],
+    sources: list[InputFile],
+) -> Selection:
+    """The mixture's documents per split: a pure function of pass 1's per-document arrays (prep/mixture.py)."""
+    assert cfg.mixture is not None
+    index = {s.name: i for i, s in enumerate(cfg.mixture.sources)}
+    file_source = [index[s.source] for s in sources if s.source is not None]
+    first_ids = [i.first_doc_id for i in inputs]
+    return select(
+        cfg.mixture, cfg.text_field, doc_len, val, doc_hash, doc_sources(doc_id, first_ids, file_source)
+    )
 
 
 def plan(
-    cfg: PackConfig, doc_len: np.ndarray, val: np.ndarray | None, progress: Progress
+    cfg: PackConfig,
+    doc_len: np.ndarray,
+    val: np.ndarray | None,
+    progress: Progress,
+    selection: Selection | None = None,
 ) -> Iterator[SplitPlan]:
     """The plan of each split written, one at a time; a global plan over every document of the split.
 
-    ``val``: each document's val flag (``None``: none is).
+    ``val``: each document's val flag (``None``: none is). ``selection``: a mixture's documents per split.
     """
     for name in SPLITS:
         if name == "val" and cfg.val_fraction == 0.0:
             continue
-        docs = slice(None) if val is None else _members(val, name == "val")
+        copy = None
+        if selection is not None:
+            docs, copy = selection.splits[name].docs, selection.splits[name].copy
+        else:
+            docs = slice(None) if val is None else _members(val, name == "val")
         progress.start(f"pack {name}", None)
         # Not bound to a name here: the caller may drop the split-local plan while this generator waits.
         yield SplitPlan(
             name,
             docs,
             make_plan(cfg.strategy, doc_len[docs], cfg.seq_len, allow_fragments=cfg.long_docs == "split"),
+            copy,
         )
 
 
@@ -366,6 +413,7 @@ def finish(
     docs: DocumentAccounting,
     splits: dict[str, SplitInfo],
     ignored: tuple[IgnoredInput, ...] = (),
+    mixture: MixtureInfo | None = None,
 ) -> Manifest:
     """After every shard is durable: write the manifest (it marks a complete dataset), then the card, then drop
     the work folder, so that a run stopped before the card leaves a dataset that `--resume` completes."""
@@ -385,8 +433,9 @@ def finish(
         splits=splits,
         created_by=f"prep {__version__}",
         ignored=ignored,
+        mixture=mixture,
     )
-    problems = docs.problems()
+    problems = docs.problems() + [p for s in (mixture.sources if mixture else ()) for p in s.problems()]
     assert not problems, f"internal accounting error: {problems}"
     kill_point("manifest")
     manifest.save(cfg.out)

@@ -51,6 +51,8 @@ class InputInfo:
     num_records: int
     dataset_split: str | None = None
     """The split read, when the input is a saved DatasetDict."""
+    source: str | None = None
+    """The mixture source the file belongs to (`prep pack --recipe`/`--source`); None for a plain pack."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,6 +103,68 @@ class DocumentAccounting:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class MixSourceInfo:
+    """One source of a mixture (`prep pack --recipe`): what was asked, and where its documents went.
+
+    ``docs_in == docs_packed + docs_left_out`` and the same for tokens; repeats are extra copies of packed
+    documents, so the tokens stored of the source are ``tokens_packed + tokens_repeated``
+    ``== train_tokens + val_tokens``. "In" counts the source's documents that reading and ``--long-docs``
+    kept (``documents.packed`` summed over the sources).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    text_field: str
+    share: float | None = None
+    """Requested share of the packed ``train`` tokens (None: the source gives ``epochs``)."""
+    epochs: float | None = None
+    docs_in: int
+    tokens_in: int
+    docs_packed: int
+    """Distinct documents stored (first copies), in either split."""
+    tokens_packed: int
+    docs_repeated: int
+    """Further copies of packed documents (``train`` only)."""
+    tokens_repeated: int
+    docs_left_out: int
+    tokens_left_out: int
+    train_tokens: int
+    val_tokens: int
+    achieved_share: float
+    """``train_tokens`` over the ``train`` split's tokens."""
+
+    def problems(self) -> list[str]:
+        """Ways in which this source's counts fail to add up."""
+        found = []
+        if self.docs_in != self.docs_packed + self.docs_left_out:
+            found.append(
+                f"source `{self.name}`: docs_in {self.docs_in:,} != packed {self.docs_packed:,}"
+                f" + left out {self.docs_left_out:,}"
+            )
+        if self.tokens_in != self.tokens_packed + self.tokens_left_out:
+            found.append(
+                f"source `{self.name}`: tokens_in {self.tokens_in:,} != packed {self.tokens_packed:,}"
+                f" + left out {self.tokens_left_out:,}"
+            )
+        if self.tokens_packed + self.tokens_repeated != self.train_tokens + self.val_tokens:
+            found.append(
+                f"source `{self.name}`: packed {self.tokens_packed:,} + repeated {self.tokens_repeated:,}"
+                f" tokens != train {self.train_tokens:,} + val {self.val_tokens:,}"
+            )
+        return found
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MixtureInfo:
+    """The recipe a dataset was mixed by and what each source gave (written only for a mixture)."""
+
+    seed: int
+    max_epochs: float
+    total_tokens: int | None = None
+    sources: tuple[MixSourceInfo, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ShardInfo:
     file: str
     num_rows: int
@@ -137,6 +201,8 @@ class Manifest:
     """Free-form facts for humans (timings, engine); never read by the tools."""
     ignored: tuple[IgnoredInput, ...] = ()
     """Files and folders met among the inputs but not read, each with its reason."""
+    mixture: MixtureInfo | None = None
+    """The mixture of `prep pack --recipe`/`--source`, per source; None for a plain pack."""
 
     @property
     def seq_len(self) -> int:
@@ -148,11 +214,15 @@ class Manifest:
         # ignores nothing and reads no DatasetDict keeps the manifest bytes it always had.
         if not raw["ignored"]:
             del raw["ignored"]
+        if raw["mixture"] is None:
+            del raw["mixture"]
         if raw["options"]["dataset_split"] is None:
             del raw["options"]["dataset_split"]
         for info in raw["inputs"]:
             if info["dataset_split"] is None:
                 del info["dataset_split"]
+            if info["source"] is None:
+                del info["source"]
         return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 
     def save(self, folder: str | Path) -> None:
@@ -196,6 +266,7 @@ class Manifest:
                     IgnoredInput(**check.fields(IgnoredInput, i, f"ignored[{k}]."))
                     for k, i in enumerate(check.items(top.get("ignored", []), "ignored"))
                 ),
+                "mixture": _mixture(check, top.get("mixture")),
             }
         )
         check.ranges(manifest)
@@ -228,6 +299,21 @@ class Manifest:
                 f"`{path}` says the dataset is incomplete; run `prep pack ... --resume` to finish it."
             )
         return cls.from_dict(raw, str(path))
+
+
+def _mixture(check: _FieldCheck, raw: object) -> MixtureInfo | None:
+    if raw is None:
+        return None
+    top = check.fields(MixtureInfo, raw, "mixture.")
+    sources = []
+    for k, item in enumerate(check.items(top.get("sources", []), "mixture.sources")):
+        prefix = f"mixture.sources[{k}]."
+        values = check.fields(MixSourceInfo, item, prefix)
+        inputs = check.items(values["inputs"], prefix + "inputs")
+        if not all(isinstance(i, str) for i in inputs):
+            raise check.fail(prefix + "inputs", "holds a value that is not a string")
+        sources.append(MixSourceInfo(**{**values, "inputs": tuple(inputs)}))
+    return MixtureInfo(**{**top, "sources": tuple(sources)})
 
 
 MAX_INT32 = 2**31 - 1
