@@ -219,6 +219,7 @@ def test_epochs_source_takes_whole_epochs_and_a_hashed_fraction(sample, corpora,
     ok(run("verify", out))
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_in_a_mixture_gives_the_same_bytes(mixed, sample, corpora, tmp_path):
     for point in ("tokenize:3", "shard:1"):
         out = tmp_path / point.replace(":", "-")
@@ -343,6 +344,7 @@ def test_cli_refuses_mixing_the_ways_to_give_inputs(sample, corpora, tmp_path):
     failed_with(pack(sample, out, "--recipe", missing), "cannot be read", flat=True)
 
 
+@pytest.mark.slow
 def test_real_corpora_mixed_sixty_forty(qwen_tokenizer, reuters, ectsum, tmp_path):
     out = tmp_path / "real"
     args = ["--source", f"news={reuters}:share=0.6", "--source", f"calls={ectsum}:share=0.4"]
