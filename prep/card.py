@@ -37,8 +37,8 @@ and every document ends with exactly one EOS. Rows are stored without padding.
 
 ## Sources
 
-| file | format | first doc_id | records |
-| --- | --- | ---: | ---: |
+| file | format | first doc_id | records | documents packed | tokens packed |
+| --- | --- | ---: | ---: | ---: | ---: |
 $inputs
 $mixture
 ## Tokenizer
@@ -130,6 +130,10 @@ def _stat_row(split: str, what: str, values) -> str:
     s = summary(values)
     cells = " | ".join(f"{s[k]:,.2f}" if k == "mean" else f"{s[k]:,.0f}" for k in s)
     return f"| {split} | {what} | {cells} |"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
 
 
 BAR_WIDTH = 40
@@ -249,7 +253,7 @@ def render_card(m: Manifest, stats: dict[str, SplitStats], folder: str = "DIR") 
         mixture=_mixture_section(m),
         inputs="\n".join(
             f"| `{i.path}`{f' (split {i.dataset_split})' if i.dataset_split else ''} | {i.format}"
-            f" | {i.first_doc_id:,} | {i.num_records:,} |"
+            f" | {i.first_doc_id:,} | {i.num_records:,} | {_count(i.num_docs)} | {_count(i.num_tokens)} |"
             for i in m.inputs
         ),
         tokenizer_path=t.path,

@@ -104,11 +104,6 @@ class PackConfig:
                 "`--resume` is not supported with `--executor ray` (a Ray pack keeps no journal); pass"
                 " `--overwrite` to pack again from the start, or finish the run with `--executor local`."
             )
-        if self.mixture is not None and self.executor == "ray":
-            raise UserError(
-                "a mixture (`--recipe`/`--source`) runs with `--executor local` only for now; drop"
-                " `--executor ray`."
-            )
         if self.resume and self.overwrite:
             raise UserError(
                 "pass either `--resume` (continue the interrupted run) or `--overwrite`, not both."
@@ -309,6 +304,9 @@ def journal_batch(journal: Journal, tokens: BinaryIO, framed: Framed, source: In
             num_records=state.next_id - state.first_id,
             dataset_split=source.dataset_split,
             source=source.source,
+            # What this file gave: the counts so far less those of the files before it (a resume-safe sum).
+            num_docs=state.counts["packed"] - sum(i.num_docs or 0 for i in state.inputs),
+            num_tokens=state.counts["tokens_packed"] - sum(i.num_tokens or 0 for i in state.inputs),
         )
         journal.commit_source(tokens, info)
 

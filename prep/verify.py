@@ -294,6 +294,38 @@ def _mixture_checks(m: Manifest, docs: np.ndarray, stored_tokens: int) -> list[t
     ]
 
 
+def _check_input_counts(m: Manifest, segs: dict[str, SplitSegments]) -> None:
+    """Each input file's documents and tokens, as the manifest records them, against the stored segments.
+
+    A mixture samples after these counts were taken, so there only their sums are checked.
+    """
+    if any(i.num_docs is None or i.num_tokens is None for i in m.inputs):
+        return  # written before inputs recorded them
+    d = m.documents
+    docs, tokens = sum(i.num_docs or 0 for i in m.inputs), sum(i.num_tokens or 0 for i in m.inputs)
+    if (docs, tokens) != (d.packed, d.tokens_packed):
+        raise _fail(
+            "documents",
+            f"the inputs' documents and tokens add up to {docs:,} and {tokens:,}, the manifest's"
+            f" accounting says {d.packed:,} and {d.tokens_packed:,} packed.",
+        )
+    if m.mixture is not None or not m.inputs:
+        return
+    first = np.array([i.first_doc_id for i in m.inputs], np.int64)
+    doc_id = np.concatenate([s.doc_id for s in segs.values()])
+    length = np.concatenate([s.length for s in segs.values()])
+    owner = np.searchsorted(first, doc_id, side="right") - 1
+    num_tokens = np.bincount(owner, weights=length, minlength=len(first))
+    num_docs = np.bincount(owner[np.unique(doc_id, return_index=True)[1]], minlength=len(first))
+    for k, info in enumerate(m.inputs):
+        if (int(num_docs[k]), int(num_tokens[k])) != (info.num_docs, info.num_tokens):
+            raise _fail(
+                "documents",
+                f"input `{info.path}`: the shards hold {int(num_docs[k]):,} of its documents and"
+                f" {int(num_tokens[k]):,} tokens, the manifest says {info.num_docs:,} and {info.num_tokens:,}.",
+            )
+
+
 def _check_source_tokens(m: Manifest, segs: dict[str, SplitSegments]) -> None:
     """Each source's tokens per split, counted in the shards, against the mixture's record and shares."""
     if m.mixture is None:
@@ -364,6 +396,7 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
     segs = _check_rows(m, shards, _token_rules(m, tok))
     row_seconds = time.perf_counter() - row_start
     fragmented = _check_accounting(m, segs)
+    _check_input_counts(m, segs)
     _check_source_tokens(m, segs)
     skipped = {}
     if tok is None:

@@ -53,6 +53,11 @@ class InputInfo:
     """The split read, when the input is a saved DatasetDict."""
     source: str | None = None
     """The mixture source the file belongs to (`prep pack --recipe`/`--source`); None for a plain pack."""
+    num_docs: int | None = None
+    """Documents of the file that reading and ``--long-docs`` kept (records less skipped and dropped ones);
+    None in manifests written before it was recorded."""
+    num_tokens: int | None = None
+    """Their tokens, EOS/BOS included, after ``--long-docs`` (before a mixture samples them)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -221,8 +226,9 @@ class Manifest:
         for info in raw["inputs"]:
             if info["dataset_split"] is None:
                 del info["dataset_split"]
-            if info["source"] is None:
-                del info["source"]
+            for key in ("source", "num_docs", "num_tokens"):
+                if info[key] is None:
+                    del info[key]
         return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 
     def save(self, folder: str | Path) -> None:

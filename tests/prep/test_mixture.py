@@ -337,7 +337,6 @@ def test_cli_refuses_mixing_the_ways_to_give_inputs(sample, corpora, tmp_path):
     failed_with(
         pack(sample, out, str(corpora["news"]), "--max-epochs", "2"), "--max-epochs belongs to a mixture"
     )
-    failed_with(pack(sample, out, *source_args(corpora), "--executor", "ray"), "--executor local", flat=True)
     twice = ["--source", f"a={corpora['news']}:share=0.5", "--source", f"b={corpora['news']}:share=0.5"]
     failed_with(pack(sample, out, *twice), "is an input of both source `a` and source `b`", flat=True)
     missing = tmp_path / "none.toml"
@@ -367,3 +366,19 @@ def test_real_corpora_mixed_sixty_forty(qwen_tokenizer, reuters, ectsum, tmp_pat
     assert abs(found["news"] / total - 0.6) <= 0.005 * 0.6
     assert abs(found["calls"] / total - 0.4) <= 0.005 * 0.4
     ok(run("verify", out))
+
+
+def test_a_plain_pack_records_each_input_and_verify_checks_it(sample, corpora, tmp_path):
+    """Per-input documents and tokens without a recipe; moving tokens between two inputs is caught."""
+    out = tmp_path / "plain"
+    ok(pack(sample, out, str(corpora["news"]), str(corpora["calls"])))
+    raw = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    m = Manifest.load(out)
+    assert sum(i.num_docs for i in m.inputs) == m.documents.packed
+    assert sum(i.num_tokens for i in m.inputs) == m.documents.tokens_packed
+    assert all(i.num_docs > 0 and i.source is None for i in m.inputs) and m.mixture is None
+    ok(run("verify", out))
+    raw["inputs"][0]["num_tokens"] += 3
+    raw["inputs"][1]["num_tokens"] -= 3
+    (out / "manifest.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    failed_with(run("verify", out), f"input `{corpora['news']}`: the shards hold", flat=True)
