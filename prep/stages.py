@@ -132,7 +132,9 @@ class PackConfig:
         if self.rows_per_shard is not None and self.rows_per_shard < 1:
             raise UserError(f"--rows-per-shard {self.rows_per_shard} must be at least 1.")
         if not self.inputs:
-            raise UserError("no inputs given; pass one or more files, folders or globs.")
+            raise UserError(
+                "no inputs given; pass one or more files, folders or globs, or a mixture with --recipe or --source."
+            )
         if self.dataset_split is not None and not self.dataset_split.strip():
             raise UserError("--dataset-split is empty; name a split of the DatasetDict input, or drop it.")
 
