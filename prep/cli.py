@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from prep import pipeline
-from prep.mixture import Mixture, load_recipe, mixture_from_options
+from prep.recipe import Mixture, load_recipe, mixture_from_options
 from shared.cli import console, fail, out, typer_app
 from shared.errors import UserError
 from shared.manifest import Manifest

@@ -26,10 +26,10 @@ from prep.encoder import Encoder, open_encoder
 from prep.fast_bpe import EncodedBatch
 from prep.faults import ResumableError, output_error
 from prep.journal import DOC_ARRAYS, Journal
-from prep.mixture import RecipeError
 from prep.outdir import WORK_DIR, prepare_output_folder
 from prep.packing import RowPlan, index_dtype
 from prep.readers import InputFile
+from prep.recipe import RecipeError
 from prep.stages import (
     READ_BLOCK,
     PackConfig,

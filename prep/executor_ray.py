@@ -35,10 +35,10 @@ import numpy as np
 
 from prep.discovery import Discovery
 from prep.encoder import Encoder, record_jobs
-from prep.mixture import RecipeError
 from prep.outdir import WORK_DIR, prepare_output_folder
 from prep.packing import RowPlan
 from prep.readers import InputError, InputFile, read_records
+from prep.recipe import RecipeError
 from prep.stages import PackConfig, Progress, finish, frame, mix, plan, require_documents, split_metadata
 from prep.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, shard_ranges, split_info, write_shard

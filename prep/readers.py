@@ -115,7 +115,7 @@ class InputFile:
     text_field: str | None = None
     """This file's text field when its mixture source names one; None: `--text-field`."""
     source: str | None = None
-    """The mixture source (prep/mixture.py) the file belongs to; None without a mixture."""
+    """The mixture source (prep/recipe.py) the file belongs to; None without a mixture."""
 
     @property
     def num_bytes(self) -> int:

@@ -32,10 +32,11 @@ from prep.card import write_card
 from prep.encoder import Encoder, Job, empty_job, source_jobs
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, input_stats, kill_point
-from prep.mixture import Mixture, Selection, doc_sources, select
+from prep.mixture import Selection, doc_sources, select
 from prep.outdir import WORK_DIR
 from prep.packing import STRATEGIES, RowPlan, index_dtype, make_plan
 from prep.readers import EMPTY, MISSING_FIELD, BatchRecords, InputError, InputFile
+from prep.recipe import Mixture
 from prep.streams import build_streams
 from prep.tokenizer import LoadedTokenizer
 from shared.contract import SPLITS, shard_metadata
@@ -90,7 +91,7 @@ class PackConfig:
     ray_address: str | None = None
     """Ray cluster to join with ``executor="ray"``; default ``RAY_ADDRESS``, else a Ray started on this machine."""
     mixture: Mixture | None = None
-    """Sources mixed to shares or epochs (prep/mixture.py); their inputs are ``inputs``."""
+    """Sources mixed to shares or epochs (prep/recipe.py, prep/mixture.py); their inputs are ``inputs``."""
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from prep.journal import KILL_ENV
-from prep.mixture import RecipeError, mixture_from_dict, parse_source_option, take
+from prep.mixture import sample_keys, take
+from prep.recipe import RecipeError, mixture_from_dict, parse_source_option
 from prep.sample import sample_documents
 from shared.manifest import Manifest
 from shared.reader import PackedDataset, PackedRow
@@ -382,3 +383,12 @@ def test_a_plain_pack_records_each_input_and_verify_checks_it(sample, corpora, t
     raw["inputs"][1]["num_tokens"] -= 3
     (out / "manifest.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
     failed_with(run("verify", out), f"input `{corpora['news']}`: the shards hold", flat=True)
+
+
+def test_the_seed_changes_the_sample_and_only_the_seed_does():
+    hashes = np.arange(1, 2001, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    docs, lengths = np.arange(2000), np.full(2000, 10)
+    chosen = {seed: take(docs, lengths, sample_keys(hashes, seed), 5000, None).docs for seed in (0, 0, 1)}
+    again = take(docs, lengths, sample_keys(hashes, 0), 5000, None).docs
+    assert len(chosen[0]) == 500 and (chosen[0] == again).all()
+    assert set(chosen[0].tolist()) != set(chosen[1].tolist())
