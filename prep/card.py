@@ -169,7 +169,7 @@ def _mixture_section(m: Manifest) -> str:
             f"Sources mixed to shares of the `train` tokens by whole documents (seed {x.seed}, at most"
             f" {x.max_epochs:g} epochs of any source, total: {total}). Per source"
             " `docs_in == packed + left out`; repeats are further copies (`train` only), stored under"
-            " `doc_id + copy * docs_in`.",
+            " `doc_id + copy * docs_in`. The plot's last panel draws the asked and achieved shares.",
             "",
             "| source | asked | achieved | docs in | packed | repeated | left out | tokens in | train tokens"
             " | val tokens | tokens repeated | tokens left out |",
@@ -294,7 +294,7 @@ def write_card(folder: str | Path, manifest: Manifest | None = None) -> Path:
     stats = dataset_stats(ds)
     folder = Path(folder)
     with atomic_writer(folder / PLOT_NAME) as f:
-        card_figure(stats, f)
+        card_figure(stats, f, manifest.mixture)
     path = folder / CARD_NAME
     atomic_write_text(path, render_card(manifest, stats, str(folder)))
     return path

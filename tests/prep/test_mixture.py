@@ -129,6 +129,14 @@ def test_accounting_identity_holds_per_source_and_verify_passes(mixed, sample, c
     assert "documents, sources" in " ".join(output.split())
 
 
+def test_card_shows_the_mixture_as_a_table_and_a_chart(mixed):
+    card = (mixed / "README.md").read_text(encoding="utf-8")
+    assert "## Mixture" in card and "| news | 50.00% |" in card and "news   asked ####" in card
+    png = (mixed / "card_lengths.png").read_bytes()
+    width = int.from_bytes(png[16:20], "big")  # IHDR: a fourth panel beside the plain card's three
+    assert width == 2000
+
+
 def test_val_never_shares_a_record_with_train_and_repeats_stay_in_train(mixed):
     m = Manifest.load(mixed)
     records = {}
