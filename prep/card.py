@@ -39,10 +39,10 @@ and every document ends with exactly one EOS. Rows are stored without padding.
 $description
 ## Sources
 
-| file | format | first doc_id | records | sha256 |
-| --- | --- | ---: | ---: | --- |
+| file | format | first doc_id | records | documents packed | tokens packed | sha256 |
+| --- | --- | ---: | ---: | ---: | ---: | --- |
 $inputs
-
+$mixture
 ## Tokenizer
 
 - path: `$tokenizer_path`
@@ -157,6 +157,74 @@ def _card_options(m: Manifest) -> str:
     return "".join(f" {flag} {shlex.quote(value)}" for flag, value in given if value)
 
 
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+BAR_WIDTH = 40
+"""Characters of a full (100%) bar in the card's mixture chart."""
+
+
+def _mixture_section(m: Manifest) -> str:
+    """The mixture as a table and a text bar chart of asked against achieved shares; empty for a plain pack."""
+    if m.mixture is None:
+        return ""
+    x = m.mixture
+    rows, bars = [], []
+    width = max(len(s.name) for s in x.sources)
+    for s in x.sources:
+        asked = f"{s.share:.2%}" if s.share is not None else f"{s.epochs:g} epochs"
+        rows.append(
+            f"| {s.name} | {asked} | {s.achieved_share:.2%} | {s.docs_in:,} | {s.docs_packed:,}"
+            f" | {s.docs_repeated:,} | {s.docs_left_out:,} | {s.tokens_in:,} | {s.train_tokens:,}"
+            f" | {s.val_tokens:,} | {s.tokens_repeated:,} | {s.tokens_left_out:,} |"
+        )
+        if s.share is not None:
+            bars.append(
+                f"{s.name:<{width}}  asked {'#' * round(s.share * BAR_WIDTH):<{BAR_WIDTH}} {s.share:7.2%}"
+            )
+        got = f"{'=' * round(s.achieved_share * BAR_WIDTH):<{BAR_WIDTH}} {s.achieved_share:7.2%}"
+        bars.append(f"{'' if s.share is not None else s.name:<{width}}  got   {got}")
+    total = f"{x.total_tokens:,}" if x.total_tokens is not None else "the most the cap allows"
+    return "\n".join(
+        [
+            "",
+            "## Mixture",
+            "",
+            f"Sources mixed to shares of the `train` tokens by whole documents (seed {x.seed}, at most"
+            f" {x.max_epochs:g} epochs of any source, total: {total}). Per source"
+            " `docs_in == packed + left out`; repeats are further copies (`train` only), stored under"
+            " `doc_id + copy * docs_in`. The plot's last panel draws the asked and achieved shares.",
+            "",
+            "| source | asked | achieved | docs in | packed | repeated | left out | tokens in | train tokens"
+            " | val tokens | tokens repeated | tokens left out |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+            "",
+            "```",
+            *bars,
+            "```",
+            "",
+        ]
+    )
+
+
+def _pack_inputs(m: Manifest) -> str:
+    """The inputs of the repack command: the files, or a mixture's sources as `--source` options."""
+    if m.mixture is None:
+        return " ".join(shlex.quote(i.path) for i in m.inputs)
+    x = m.mixture
+    specs = []
+    for s in x.sources:
+        amount = f"share={s.share:g}" if s.share is not None else f"epochs={s.epochs:g}"
+        spec = f"{s.name}={','.join(s.inputs)}:{amount}:text_field={s.text_field}"
+        specs.append(f"--source {shlex.quote(spec)}")
+    specs.append(f"--max-epochs {x.max_epochs:g} --mix-seed {x.seed}")
+    if x.total_tokens is not None:
+        specs.append(f"--total-tokens {x.total_tokens}")
+    return " ".join(specs)
+
+
 def _commands(folder: str, m: Manifest) -> str:
     d = shlex.quote(folder)
     # Standard input cannot be given again: then the sources are not compared.
@@ -164,7 +232,7 @@ def _commands(folder: str, m: Manifest) -> str:
     sources = "" if stdin else " ".join(f"--source {shlex.quote(i.path)}" for i in m.inputs)
     o, t = m.options, m.tokenizer
     repack = (
-        f"prep pack {' '.join(shlex.quote(i.path) for i in m.inputs)} --tokenizer {shlex.quote(t.path)}"
+        f"prep pack {_pack_inputs(m)} --tokenizer {shlex.quote(t.path)}"
         f" --out {d} --seq-len {o.seq_len} --strategy {o.strategy} --text-field {shlex.quote(o.text_field)}"
         f" --long-docs {o.long_docs} --val-fraction {o.val_fraction} --eos-token {shlex.quote(t.eos_token)}"
         + (f" --bos-token {shlex.quote(t.bos_token)}" if t.bos_token else "")
@@ -213,9 +281,11 @@ def render_card(m: Manifest, stats: dict[str, SplitStats], folder: str = "DIR") 
         description=f"\n## Description\n\n{m.card.description.strip()}\n"
         if m.card and m.card.description
         else "",
+        mixture=_mixture_section(m),
         inputs="\n".join(
             f"| `{i.path}`{f' (split {i.dataset_split})' if i.dataset_split else ''} | {i.format}"
-            f" | {i.first_doc_id:,} | {i.num_records:,} | {f'`{i.sha256}`' if i.sha256 else '-'} |"
+            f" | {i.first_doc_id:,} | {i.num_records:,} | {_count(i.num_docs)} | {_count(i.num_tokens)}"
+            f" | {f'`{i.sha256}`' if i.sha256 else '-'} |"
             for i in m.inputs
         ),
         tokenizer_path=t.path,
@@ -256,7 +326,7 @@ def write_card(folder: str | Path, manifest: Manifest | None = None) -> Path:
     stats = dataset_stats(ds)
     folder = Path(folder)
     with atomic_writer(folder / PLOT_NAME) as f:
-        card_figure(stats, f)
+        card_figure(stats, f, manifest.mixture)
     path = folder / CARD_NAME
     atomic_write_text(path, render_card(manifest, stats, str(folder)))
     return path

@@ -16,6 +16,7 @@ import numpy as np
 
 from prep.png import GLYPH_H, Canvas, text_width
 from prep.stats import SplitStats
+from shared.manifest import MixtureInfo
 
 WIDTH, HEIGHT, PANEL_WIDTH = 1500, 420, 500
 LEFT, RIGHT, TOP, BOTTOM = 80, 30, 56, 70
@@ -216,11 +217,45 @@ def _fill_panel(stats: list[SplitStats]) -> _Panel:
     )  # fmt: skip
 
 
-def card_figure(stats: dict[str, SplitStats], f: BinaryIO) -> None:
-    """Write the card's PNG (document length, segments per row, row fill) to the binary file ``f``."""
+def card_figure(stats: dict[str, SplitStats], f: BinaryIO, mixture: MixtureInfo | None = None) -> None:
+    """Write the card's PNG (document length, segments per row, row fill) to the binary file ``f``; a
+    mixture adds a fourth panel, its asked and achieved shares."""
     splits = [s for s in stats.values() if s.num_docs]
     assert 1 <= len(splits) <= 2, "the card draws one or two non-empty splits (train, val)"
-    canvas = Canvas(WIDTH, HEIGHT, PALETTE)
+    canvas = Canvas(WIDTH + (PANEL_WIDTH if mixture is not None else 0), HEIGHT, PALETTE)
     for k, panel in enumerate((_doc_length_panel(splits), _segments_panel(splits), _fill_panel(splits))):
         _draw(canvas, k * PANEL_WIDTH, panel)
+    if mixture is not None:
+        _mixture_panel(canvas, 3 * PANEL_WIDTH, mixture)
     canvas.save(f)
+
+
+MIX_LABEL_CHARS = 10
+"""Characters of a source's name the mixture panel shows."""
+
+
+def _mixture_panel(canvas: Canvas, x0: int, mixture: MixtureInfo) -> None:
+    """Horizontal bars per source: the asked share (blue; none for a source in epochs), the achieved (orange)."""
+    left, right = x0 + LEFT + 40, x0 + PANEL_WIDTH - RIGHT - 40
+    top, bottom = TOP, HEIGHT - BOTTOM
+    canvas.text((left + right) // 2, 16, "SHARE OF TRAIN TOKENS", BLACK, anchor="centre")
+    sources = mixture.sources
+    row = min(48, (bottom - top) // max(1, len(sources)))
+    bar = max(2, (row - 8) // 2)
+    for x in (left, right):
+        canvas.vline(x, top, bottom, GRID)
+    for k, s in enumerate(sources):
+        y = top + k * row
+        canvas.text(left - 6, y + bar - GLYPH_H, s.name[:MIX_LABEL_CHARS], BLACK, anchor="right")
+        for j, (share, colour) in enumerate(
+            ((s.share, SPLIT_COLOUR[1]), (s.achieved_share, SPLIT_COLOUR[2]))
+        ):
+            if share is None:
+                continue
+            end = left + round(min(share, 1.0) * (right - left))
+            canvas.box(left, y + j * bar, max(end, left + 1), y + (j + 1) * bar - 1, colour)
+            scale = 2 if bar >= 2 * GLYPH_H + 2 else 1
+            canvas.text(
+                end + 4, y + j * bar + (bar - scale * GLYPH_H) // 2, f"{share:.1%}", BLACK, scale=scale
+            )
+    _legend(canvas, [(SPLIT_COLOUR[1], "asked"), (SPLIT_COLOUR[2], "achieved")], left, bottom + 16)

@@ -21,6 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from prep import pipeline
+from prep.recipe import Mixture, load_recipe, mixture_from_options
 from shared.cli import console, fail, out, typer_app
 from shared.errors import UserError
 from shared.manifest import Manifest
@@ -111,6 +112,27 @@ CHAT_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|e
 """End-of-turn tokens of chat templates: as the separator of plain documents, each document reads as a turn."""
 
 
+def mixture_table(m: Manifest) -> Table:
+    """The mixture as asked and as packed, one row per source."""
+    assert m.mixture is not None
+    table = Table(title="mixture (share of train tokens)", title_justify="left")
+    for col in ("source", "asked", "got", "docs in", "packed", "repeated", "left out", "train tokens"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for s in m.mixture.sources:
+        asked = f"{s.share:.2%}" if s.share is not None else f"{s.epochs:g} epochs"
+        table.add_row(
+            escape(s.name),
+            asked,
+            f"{s.achieved_share:.2%}",
+            f"{s.docs_in:,}",
+            f"{s.docs_packed:,}",
+            f"{s.docs_repeated:,}",
+            f"{s.docs_left_out:,}",
+            f"{s.train_tokens:,}",
+        )
+    return table
+
+
 def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
     d = m.documents
     # Not cut to a terminal's width when the summary goes to a file: a log keeps every column.
@@ -131,6 +153,8 @@ def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
             str(len(s.shards)),
         )
     target.print(table)
+    if m.mixture is not None:
+        target.print(mixture_table(m))
     t = m.tokenizer
     bos = f"BOS {t.bos_token} (id {t.bos_id})" if t.bos_token is not None else "no BOS"
     target.print(f"separator: EOS {t.eos_token} (id {t.eos_id}); {bos}", highlight=False, markup=False)
@@ -149,9 +173,9 @@ def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
         f" {d.split:,} split, {d.truncated:,} truncated",
         highlight=False,
     )
+    stored = sum(s.num_tokens for s in m.splits.values())  # a mixture's repeats included
     target.print(
-        f"{d.tokens_packed:,} tokens in {seconds:.1f}s ({d.tokens_packed / max(seconds, 1e-9):,.0f} tok/s)",
-        highlight=False,
+        f"{stored:,} tokens in {seconds:.1f}s ({stored / max(seconds, 1e-9):,.0f} tok/s)", highlight=False
     )
 
 
@@ -178,18 +202,18 @@ def run_pack(cfg: pipeline.PackConfig) -> Manifest:
 
 @app.command()
 def pack(
-    inputs: Annotated[
-        list[str],
-        typer.Argument(
-            help="JSONL/JSON, CSV/TSV, Parquet or text files (also .gz .bz2 .xz .zst), folders, globs, datasets"
-            " saved with save_to_disk, `-` (JSON lines on stdin), hf:ORG/NAME (a Hugging Face dataset by"
-            " name, via datasets) or fsspec URLs (s3://, gs://, hf://, file://)."
-        ),
-    ],
     tokenizer: Annotated[str, typer.Option(help="A tokenizer.json, or a model folder that holds one.")],
     out_dir: Annotated[
         Path, typer.Option("--out", help="Output folder for shards, manifest.json and README.md.")
     ],
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="JSONL/JSON, CSV/TSV, Parquet or text files (also .gz .bz2 .xz .zst), folders, globs, datasets"
+            " saved with save_to_disk, `-` (JSON lines on stdin), hf:ORG/NAME (a Hugging Face dataset by"
+            " name, via datasets) or fsspec URLs (s3://, gs://, hf://, file://); none with --recipe or --source."
+        ),
+    ] = None,
     seq_len: Annotated[int, typer.Option(help="Maximum tokens per packed row.")] = 1024,
     strategy: Annotated[
         str,
@@ -268,14 +292,42 @@ def pack(
     description: Annotated[
         str | None, typer.Option(help="What the data is, in words: the card's description section.")
     ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(help="A mixture recipe (TOML): sources with shares or epochs. See docs/mixtures.md."),
+    ] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A mixture source inline (repeat): NAME=INPUT[,INPUT...]:share=X (or :epochs=X),"
+            " optionally :text_field=F."
+        ),
+    ] = None,
+    max_epochs: Annotated[
+        float | None, typer.Option(help="With --source: most times any source is packed (default 1).")
+    ] = None,
+    total_tokens: Annotated[
+        int | None,
+        typer.Option(help="With --source: train tokens to mix to; default the most --max-epochs allows."),
+    ] = None,
+    mix_seed: Annotated[
+        int | None, typer.Option(help="With --source: seed of the hashed document sample (default 0).")
+    ] = None,
 ) -> None:
     """Tokenize documents, separate them with EOS, pack them into rows and write Arrow shards.
 
     Example: prep pack data/*.jsonl --tokenizer Qwen2.5-0.5B/ --out packed/ --seq-len 4096 --val-fraction 0.01
+
+    A mixture, 70% calls and 30% news, news at most twice (or the same as a TOML --recipe):
+
+    prep pack --source 'calls=data/calls/*.jsonl:share=0.7' --source 'news=data/news/*.jsonl.gz:share=0.3'
+    --max-epochs 2 --tokenizer Qwen2.5-0.5B/ --out mixed/
     """
     try:
+        mixture = build_mixture(inputs, recipe, source, max_epochs, total_tokens, mix_seed)
         cfg = pipeline.PackConfig(
-            inputs=tuple(inputs),
+            inputs=tuple(inputs or ()) if mixture is None else mixture.inputs,
+            mixture=mixture,
             tokenizer=tokenizer,
             out=out_dir,
             seq_len=seq_len,
@@ -301,6 +353,37 @@ def pack(
         run_pack(cfg)
     except UserError as e:
         raise fail(e) from None
+
+
+def build_mixture(
+    inputs: list[str] | None,
+    recipe: Path | None,
+    sources: list[str] | None,
+    max_epochs: float | None,
+    total_tokens: int | None,
+    seed: int | None,
+) -> Mixture | None:
+    """The mixture of `--recipe` or `--source`, or None for a plain pack; a mix of the ways is refused."""
+    flags = {"--max-epochs": max_epochs, "--total-tokens": total_tokens, "--mix-seed": seed}
+    given = [name for name, value in flags.items() if value is not None]
+    if recipe is None and not sources:
+        if given:
+            raise UserError(f"{given[0]} belongs to a mixture; add --source options, or drop it.")
+        return None
+    if inputs:
+        raise UserError(
+            f"inputs {' '.join(inputs)!r} given beside a mixture; with --recipe or --source every input"
+            " belongs to a source: move them into one."
+        )
+    if recipe is not None and sources:
+        raise UserError("pass either --recipe or --source, not both; put every source in the recipe.")
+    if recipe is not None:
+        if given:
+            raise UserError(
+                f"{given[0]} is set in the recipe with --recipe; move it there (docs/mixtures.md)."
+            )
+        return load_recipe(recipe)
+    return mixture_from_options(sources or [], seed=seed, max_epochs=max_epochs, total_tokens=total_tokens)
 
 
 @app.command()

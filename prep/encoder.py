@@ -213,6 +213,8 @@ class JsonlChunk:
     first_line: int
     data: bytes
     records: BatchRecords | None = None
+    hashes: bool = False
+    """Keep each text's content hash in :attr:`records` (a mixture samples by it)."""
 
     def decode(self) -> list[Record]:
         lines = jsonl_chunk_lines(self.first_line, self.data)
@@ -221,7 +223,7 @@ class JsonlChunk:
     def texts(self) -> list[str]:
         """The texts to tokenize; sets :attr:`records`."""
         records = self.decode()
-        self.records = summarize(records, self.val_fraction)
+        self.records = summarize(records, self.val_fraction, self.hashes)
         return [r.text for r in records if r.text is not None]
 
 
@@ -249,23 +251,27 @@ def _worker_job(job: Job) -> list[str] | JsonlChunk:
     return job.texts if isinstance(job, RecordsJob) else job
 
 
-def record_jobs(records: Iterable[Record], val_fraction: float) -> Iterator[RecordsJob]:
-    """``records`` as jobs of about ``BATCH_CHARS`` characters of text."""
+def record_jobs(records: Iterable[Record], val_fraction: float, hashes: bool = False) -> Iterator[RecordsJob]:
+    """``records`` as jobs of about ``BATCH_CHARS`` characters of text; ``hashes``: keep content hashes."""
     batch: list[Record] = []
     total = 0
     for record in records:
         batch.append(record)
         total += len(record.text) if record.text else 0
         if total >= BATCH_CHARS:
-            yield RecordsJob(summarize(batch, val_fraction), [r.text for r in batch if r.text is not None])
+            yield RecordsJob(
+                summarize(batch, val_fraction, hashes), [r.text for r in batch if r.text is not None]
+            )
             batch, total = [], 0
     if batch:
-        yield RecordsJob(summarize(batch, val_fraction), [r.text for r in batch if r.text is not None])
+        yield RecordsJob(
+            summarize(batch, val_fraction, hashes), [r.text for r in batch if r.text is not None]
+        )
 
 
-def empty_job(val_fraction: float) -> RecordsJob:
+def empty_job(val_fraction: float, hashes: bool = False) -> RecordsJob:
     """The job of an input without records: it still closes its source."""
-    return RecordsJob(summarize([], val_fraction), [])
+    return RecordsJob(summarize([], val_fraction, hashes), [])
 
 
 def source_jobs(
@@ -273,6 +279,7 @@ def source_jobs(
     *,
     text_field: str,
     val_fraction: float,
+    hashes: bool = False,
     skip: int,
     spread: int,
     on_bytes: Callable[[int], None],
@@ -289,9 +296,9 @@ def source_jobs(
             source, on_bytes, size=BATCH_CHARS, skip=skip, spread=spread, digest=digest
         )
         name = "<stdin>" if is_stdin(source.path) else source.name
-        return (JsonlChunk(name, text_field, val_fraction, *chunk) for chunk in chunks)
+        return (JsonlChunk(name, text_field, val_fraction, *chunk, hashes=hashes) for chunk in chunks)
     records = read_records(source, text_field, lambda n: on_bytes(n), digest)
-    return record_jobs(islice(records, skip, None), val_fraction)
+    return record_jobs(islice(records, skip, None), val_fraction, hashes)
 
 
 def _pool_worker_init(fast: FastBPE) -> None:

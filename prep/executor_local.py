@@ -30,6 +30,7 @@ from prep.outdir import WORK_DIR, prepare_output_folder
 from prep.packing import RowPlan, index_dtype
 from prep.provenance import is_stdin
 from prep.readers import InputFile
+from prep.recipe import RecipeError
 from prep.stages import (
     READ_BLOCK,
     PackConfig,
@@ -40,6 +41,7 @@ from prep.stages import (
     finish,
     frame,
     journal_batch,
+    mix,
     plan,
     read,
     require_documents,
@@ -48,7 +50,7 @@ from prep.stages import (
 from prep.tokenizer import LoadedTokenizer
 from prep.writer import TokenStore, default_rows_per_shard, write_split
 from shared.errors import UserError
-from shared.manifest import DocumentAccounting, InputInfo, Manifest, SplitInfo
+from shared.manifest import DocumentAccounting, InputInfo, Manifest, MixtureInfo, SplitInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +98,11 @@ def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progres
     rows_per_shard = cfg.rows_per_shard or default_rows_per_shard(cfg.seq_len)
     zero_counts = dict.fromkeys(DocumentAccounting.__dataclass_fields__, 0)
     journal = Journal.start(
-        cfg.out / WORK_DIR, fingerprint(cfg, tok, sources, rows_per_shard), zero_counts, resume=cfg.resume
+        cfg.out / WORK_DIR,
+        fingerprint(cfg, tok, sources, rows_per_shard),
+        zero_counts,
+        resume=cfg.resume,
+        hashes=cfg.mixture is not None,
     )
     try:
         if encoded is None:
@@ -111,10 +117,14 @@ def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progres
             journal.discard()
         raise
     docs = tokenized.accounting
-    splits = _plan_and_write(
-        cfg, tok, journal, tokenized.num_docs, docs.tokens_packed, rows_per_shard, progress
-    )
-    return finish(cfg, tok, tokenized.inputs, docs, splits, found.ignored)
+    try:
+        splits, mixture = _plan_and_write(cfg, tok, journal, tokenized, sources, rows_per_shard, progress)
+    except RecipeError as e:  # a share the data cannot give: keep the tokenized work for the fixed recipe
+        raise RecipeError(
+            f"{e} The tokenized inputs are kept in `{cfg.out}`: fix the recipe and run the same command with"
+            " `--resume` to mix them without tokenizing again."
+        ) from None
+    return finish(cfg, tok, tokenized.inputs, docs, splits, found.ignored, mixture)
 
 
 def _tokenize(
@@ -141,15 +151,16 @@ def _plan_and_write(
     cfg: PackConfig,
     tok: LoadedTokenizer,
     journal: Journal,
-    num_docs: int,
-    num_tokens: int,
+    tokenized: Tokenized,
+    sources: list[InputFile],
     rows_per_shard: int,
     progress: Progress,
-) -> dict[str, SplitInfo]:
+) -> tuple[dict[str, SplitInfo], MixtureInfo | None]:
     """Passes 2 and 3: plan and write every split from the journal's files; returns what the manifest records.
 
     Every per-document array is dropped on return, before the card reads the shards back.
     """
+    num_docs, num_tokens = tokenized.num_docs, tokenized.accounting.tokens_packed
     # Lengths and offsets are below the token count: int32 up to 2**31 tokens.
     doc_len = _read_file(
         journal.doc_path("doc_len"), DOC_ARRAYS["doc_len"], num_docs, index_dtype(num_tokens)
@@ -158,17 +169,28 @@ def _plan_and_write(
     # Ids are read a row block at a time, from the file (its pages released like the tokens').
     doc_id = np.memmap(journal.doc_path("doc_id"), dtype=DOC_ARRAYS["doc_id"], mode="r", shape=(num_docs,))
     tokens = np.memmap(journal.tokens_path, dtype=np.int32, mode="r") if num_tokens else np.zeros(0, np.int32)
+    selection = None
+    if cfg.mixture is not None:
+        doc_hash = _read_file(journal.doc_path("doc_hash"), journal.arrays["doc_hash"], num_docs)
+        selection = mix(cfg, doc_len, val, doc_hash, np.asarray(doc_id), tokenized.inputs, sources)
+        del doc_hash
     doc_offset = None
     splits = {}
-    for split in plan(cfg, doc_len, val, progress):
+    for split in plan(cfg, doc_len, val, progress, selection):
         name, rows = split.name, split.rows
-        if not isinstance(split.docs, slice):  # the plan indexes the split's documents: make it index all
-            rows = RowPlan(split.docs[rows.seg_doc], rows.seg_start, rows.seg_len, rows.row_ptr)
-        del split  # its document indices and split-local plan, before the shards are written
         if doc_offset is None:
             doc_offset = np.zeros(num_docs, doc_len.dtype)
             np.cumsum(doc_len[:-1], dtype=doc_len.dtype, out=doc_offset[1:])
-        store = TokenStore(tokens=tokens, doc_offset=doc_offset, doc_len=doc_len, doc_id=doc_id)
+        if split.copy is not None:  # a mixture's documents may repeat: a store of the split's own
+            copies = split.copy * tokenized.accounting.docs_in
+            store = TokenStore(
+                tokens, doc_offset[split.docs], doc_len[split.docs], doc_id[split.docs] + copies
+            )
+        else:
+            if not isinstance(split.docs, slice):  # the plan indexes the split's documents: make it index all
+                rows = RowPlan(split.docs[rows.seg_doc], rows.seg_start, rows.seg_len, rows.row_ptr)
+            store = TokenStore(tokens=tokens, doc_offset=doc_offset, doc_len=doc_len, doc_id=doc_id)
+        del split  # its document indices and split-local plan, before the shards are written
         progress.start(f"write {name}", float(rows.num_rows))
         splits[name] = write_split(
             store,
@@ -182,7 +204,7 @@ def _plan_and_write(
             on_shard=lambda info, split=name: journal.shard_done(split, info),
         )
         del rows, store  # before the next split is planned
-    return splits
+    return splits, None if selection is None else selection.info
 
 
 def _read_file(path: Path, dtype: np.dtype, count: int, into: np.dtype | None = None) -> np.ndarray:

@@ -40,12 +40,14 @@ from prep.outdir import WORK_DIR, prepare_output_folder
 from prep.packing import RowPlan
 from prep.provenance import Fingerprint, InputDigest
 from prep.readers import InputError, InputFile, read_records
+from prep.recipe import RecipeError
 from prep.stages import (
     PackConfig,
     Progress,
     finish,
     frame,
     input_info,
+    mix,
     plan,
     require_documents,
     split_metadata,
@@ -54,7 +56,7 @@ from prep.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, shard_ranges, split_info, write_shard
 from shared.contract import schema_with_metadata, shard_file_name
 from shared.errors import UserError
-from shared.manifest import DocumentAccounting, Manifest, ShardInfo
+from shared.manifest import DocumentAccounting, InputInfo, Manifest, MixtureInfo, ShardInfo
 
 INSTALL_HINT = "pip install '.[ray]'"
 CONNECT_TIMEOUT_S = 5.0
@@ -127,6 +129,8 @@ class FilePart:
     num_tokens: int
     notices: list[str]
     fingerprint: Fingerprint
+    doc_hash: np.ndarray | None = None
+    """uint64 content hash per document, for a mixture (else None)."""
 
 
 # One encoder per Ray worker process and tokenizer: building the fast encoder takes a while, files are many.
@@ -162,16 +166,19 @@ def tokenize_file(
         notices: list[str] = []
         encoder.notice = notices.append
         counts = dict.fromkeys(DocumentAccounting.__dataclass_fields__, 0)
-        ids, lens, flags = [], [], []
+        ids, lens, flags, hashes = [], [], [], []
         next_id = num_tokens = 0
         digest = InputDigest()
-        jobs = record_jobs(read_records(source, cfg.text_field, lambda n: None, digest), cfg.val_fraction)
+        records = read_records(source, source.text_field or cfg.text_field, lambda n: None, digest)
+        jobs = record_jobs(records, cfg.val_fraction, cfg.mixture is not None)
         with open(part, "wb") as out:
             for job, encoded in encoder.map((job, job) for job in jobs):
                 framed = frame(cfg, tok, job.records, encoded, next_id, counts)
                 ids.append(framed.doc_id)
                 lens.append(framed.doc_len)
                 flags.append(framed.is_val)
+                if framed.doc_hash is not None:
+                    hashes.append(framed.doc_hash)
                 out.write(memoryview(framed.tokens))
                 num_tokens += len(framed.tokens)
                 next_id += framed.num_records
@@ -193,6 +200,7 @@ def tokenize_file(
         num_tokens=num_tokens,
         notices=notices,
         fingerprint=fingerprint,
+        doc_hash=joined(hashes, np.uint64) if cfg.mixture is not None else None,
     )
 
 
@@ -314,23 +322,33 @@ def _write_splits(
     parts: list[FilePart],
     part_files: list[tuple[str, int]],
     progress: Progress,
-) -> dict:
-    """Plan each split over all of its documents on the driver, then write its shards as Ray tasks."""
+    mixed: tuple[tuple[InputInfo, ...], list[InputFile]],
+) -> tuple[dict, MixtureInfo | None]:
+    """Plan each split over all of its documents on the driver, then write its shards as Ray tasks.
+
+    ``mixed``: the inputs as recorded and as found, which a mixture's plan reads each document's source from.
+    """
     starts = first_doc_ids(parts)
     doc_id = np.concatenate([p.doc_id + first for p, first in zip(parts, starts, strict=True)])
     doc_len = np.concatenate([p.doc_len for p in parts])
     val = np.concatenate([p.is_val for p in parts]).astype(bool)
     doc_offset = np.concatenate([[0], np.cumsum(doc_len)[:-1]]).astype(np.int64)
+    selection = None
+    if cfg.mixture is not None:
+        doc_hash = np.concatenate([p.doc_hash for p in parts if p.doc_hash is not None])
+        selection = mix(cfg, doc_len, val if cfg.val_fraction else None, doc_hash, doc_id, *mixed)
+    docs_in = sum(p.num_records for p in parts)
     rows_per_shard = cfg.rows_per_shard or default_rows_per_shard(cfg.seq_len)
     task = ray.remote(write_shard_task).options(num_cpus=1, max_retries=0)
     out = cfg.out.resolve()
     splits = {}
-    for split in plan(cfg, doc_len, val, progress):
+    for split in plan(cfg, doc_len, val, progress, selection):
         name, idx, rows = split.name, split.docs, split.rows
+        ids = doc_id[idx] if split.copy is None else doc_id[idx] + split.copy * docs_in
         progress.start(f"write {name}", float(rows.num_rows))
         # Into the object store once; every shard task of the split reads the same copy (zero-copy per node).
         plan_ref = ray.put(rows)
-        store_ref = ray.put((doc_offset[idx], doc_len[idx], doc_id[idx]))
+        store_ref = ray.put((doc_offset[idx], doc_len[idx], ids))
         metadata = split_metadata(cfg, tok, name)
         ranges = shard_ranges(rows.num_rows, rows_per_shard)
         refs = [
@@ -352,10 +370,10 @@ def _write_splits(
             progress.advance(rows_of[ready[0]])
         shards = ray.get(refs)
         store = TokenStore(
-            tokens=np.zeros(0, np.int32), doc_offset=doc_offset[idx], doc_len=doc_len[idx], doc_id=doc_id[idx]
+            tokens=np.zeros(0, np.int32), doc_offset=doc_offset[idx], doc_len=doc_len[idx], doc_id=ids
         )
         splits[name] = split_info(store, rows, shards)
-    return splits
+    return splits, None if selection is None else selection.info
 
 
 def pack_with_ray(cfg: PackConfig, found: Discovery, progress: Progress) -> Manifest:
@@ -382,12 +400,23 @@ def pack_with_ray(cfg: PackConfig, found: Discovery, progress: Progress) -> Mani
         part_files = [
             (str(_part_path(work.resolve(), i)), p.num_tokens) for i, p in enumerate(parts) if p.num_tokens
         ]
-        splits = _write_splits(ray, cfg, tok, parts, part_files, progress)
+        inputs = tuple(
+            input_info(
+                s,
+                int(first),
+                p.num_records,
+                p.fingerprint,
+                num_docs=p.counts["packed"],
+                num_tokens=p.counts["tokens_packed"],
+            )
+            for s, p, first in zip(sources, parts, first_doc_ids(parts), strict=True)
+        )
+        try:
+            splits, mixture = _write_splits(ray, cfg, tok, parts, part_files, progress, (inputs, sources))
+        except RecipeError:  # a Ray pack keeps no journal to resume from: leave --out as it was
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     finally:
         if started:
             ray.shutdown()
-    inputs = tuple(
-        input_info(s, int(first), p.num_records, p.fingerprint)
-        for s, p, first in zip(sources, parts, first_doc_ids(parts), strict=True)
-    )
-    return finish(cfg, tok, inputs, docs, splits, found.ignored)
+    return finish(cfg, tok, inputs, docs, splits, found.ignored, mixture)

@@ -6,6 +6,7 @@ The work folder holds::
     doc_id.bin     int64 per packed document, appended in step with tokens.bin
     doc_len.bin    int64 per packed document
     is_val.bin     int8 per packed document
+    doc_hash.bin   uint64 per packed document, only for a mixture (prep/mixture.py)
 
 Only the batch being committed is held in memory; packing reads the per-document files back afterwards.
     journal.json   the last commit point: the run's options, the pass-1 position and counts, finished shards
@@ -55,6 +56,10 @@ JOURNAL_VERSION = 1
 TOKENS_NAME = "tokens.bin"
 DOC_ARRAYS = {"doc_id": np.dtype(np.int64), "doc_len": np.dtype(np.int64), "is_val": np.dtype(np.int8)}
 """The per-document files of pass 1 (``NAME.bin``) and their dtypes."""
+HASH_ARRAY = {"doc_hash": np.dtype(np.uint64)}
+"""The per-document file a mixture adds: each document's content hash, which its sample is drawn by."""
+PLAN_ONLY = ("mixture_plan",)
+"""Fingerprint keys that shape only the plan: a resume may change them until the first shard is written."""
 KILL_ENV = "PREP_TEST_KILL_AT"
 STOP_ENV = "PREP_TEST_STOP_AT"
 _kill_counts: dict[str, int] = {}
@@ -122,12 +127,16 @@ class Pass1State:
 class Journal:
     """The work folder of one `prep pack` run and its commit points."""
 
-    def __init__(self, work: Path, fingerprint: dict[str, Any], pass1: Pass1State) -> None:
+    def __init__(
+        self, work: Path, fingerprint: dict[str, Any], pass1: Pass1State, hashes: bool = False
+    ) -> None:
         self.work = work
         self.fingerprint = fingerprint
         self.pass1 = pass1
         self.shards: dict[str, list[ShardInfo]] = {}
-        self._pending: dict[str, list[np.ndarray]] = {name: [] for name in DOC_ARRAYS}
+        self.arrays = {**DOC_ARRAYS, **(HASH_ARRAY if hashes else {})}
+        """The per-document files this run keeps, with their dtypes."""
+        self._pending: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}
 
     @property
     def tokens_path(self) -> Path:
@@ -135,21 +144,30 @@ class Journal:
 
     @classmethod
     def start(
-        cls, work: Path, fingerprint: dict[str, Any], counts: dict[str, int], *, resume: bool
+        cls,
+        work: Path,
+        fingerprint: dict[str, Any],
+        counts: dict[str, int],
+        *,
+        resume: bool,
+        hashes: bool = False,
     ) -> Journal:
-        """Continue the journal in ``work`` when resuming and one exists; otherwise start an empty one."""
+        """Continue the journal in ``work`` when resuming and one exists; otherwise start an empty one.
+
+        ``hashes``: keep each document's content hash too (a mixture's run).
+        """
         if resume and (work / JOURNAL_NAME).is_file():
-            return cls._load(work, fingerprint)
+            return cls._load(work, fingerprint, hashes)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        for name in [TOKENS_NAME] + [f"{n}.bin" for n in DOC_ARRAYS]:
+        journal = cls(work, fingerprint, Pass1State(counts=dict(counts)), hashes)
+        for name in [TOKENS_NAME] + [f"{n}.bin" for n in journal.arrays]:
             (work / name).touch()
-        journal = cls(work, fingerprint, Pass1State(counts=dict(counts)))
         journal._save()
         return journal
 
     @classmethod
-    def _load(cls, work: Path, fingerprint: dict[str, Any]) -> Journal:
+    def _load(cls, work: Path, fingerprint: dict[str, Any], hashes: bool) -> Journal:
         path = work / JOURNAL_NAME
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -169,7 +187,11 @@ class Journal:
                 f"`{path}` cannot be read ({e}); the interrupted run cannot be resumed. Pass `--overwrite`"
                 " instead of `--resume` to start again."
             ) from e
-        differences = describe_differences(raw["fingerprint"], fingerprint)
+        before = dict(raw["fingerprint"])
+        if not shards:  # nothing written from the plan yet: what only shapes the plan may change
+            for key in PLAN_ONLY:
+                before[key] = fingerprint.get(key)
+        differences = describe_differences(before, fingerprint)
         if differences:
             raise ResumeError(
                 f"cannot resume the pack in `{work.parent}`: "
@@ -177,10 +199,10 @@ class Journal:
                 + ". Re-run with the original options and inputs, or pass `--overwrite` instead of `--resume`"
                 " to start again."
             )
+        journal = cls(work, fingerprint, state, hashes)
         _truncate(work / TOKENS_NAME, state.token_bytes)
-        for name, dtype in DOC_ARRAYS.items():
+        for name, dtype in journal.arrays.items():
             _truncate(work / f"{name}.bin", state.num_docs * dtype.itemsize)
-        journal = cls(work, fingerprint, state)
         journal.shards = shards
         return journal
 
@@ -198,7 +220,7 @@ class Journal:
     def append_docs(self, **arrays: np.ndarray) -> None:
         """One batch's ``doc_id``, ``doc_len`` and ``is_val``; written and synced by the next commit."""
         for name, values in arrays.items():
-            self._pending[name].append(np.ascontiguousarray(values, DOC_ARRAYS[name]))
+            self._pending[name].append(np.ascontiguousarray(values, self.arrays[name]))
 
     def commit_batch(self, tokens: BinaryIO, num_records: int) -> None:
         """``num_records`` more records of the current file are accounted for; make that durable."""
@@ -250,7 +272,7 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
         self.pass1.num_docs += sum(len(v) for v in self._pending["doc_id"])
-        self._pending = {name: [] for name in DOC_ARRAYS}
+        self._pending = {name: [] for name in self.arrays}
 
     def _save(self) -> None:
         raw = {
@@ -289,6 +311,8 @@ _FLAGS = {
     "val_fraction": "--val-fraction",
     "skip_invalid": "--skip-invalid",
     "rows_per_shard": "--rows-per-shard",
+    "mixture": "the mixture's sources (--recipe/--source)",
+    "mixture_plan": "the mixture's shares, epochs and caps",
 }
 
 

@@ -55,12 +55,17 @@ class Record:
     detail: str = ""
 
 
+def content_hash(text: str) -> int:
+    """A document's 64-bit content hash: what the `val` split and a mixture's sample are chosen by."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
 def is_val(text: str, val_fraction: float) -> bool:
     """Whether a document belongs to `val`: a function of its content alone, independent of order and runs."""
     if val_fraction <= 0.0:
         return False
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < val_fraction * 2.0**64
+    return content_hash(text) < val_fraction * 2.0**64
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,20 +81,30 @@ class BatchRecords:
     """``(index in the batch, record)`` of each record without text, in order."""
     is_val: np.ndarray
     """int8, for each record with text in order: 1 if it belongs to the `val` split."""
+    doc_hash: np.ndarray | None = None
+    """uint64, each text's :func:`content_hash`, when a mixture needs it (else None: not computed)."""
 
     def text_index(self) -> np.ndarray:
         """int64, index in the batch of each record with text (the texts the tokenizer saw, in order)."""
         return np.delete(np.arange(self.num_records, dtype=np.int64), [i for i, _ in self.problems])
 
 
-def summarize(records: list[Record], val_fraction: float) -> BatchRecords:
-    """The :class:`BatchRecords` of ``records``."""
+def summarize(records: list[Record], val_fraction: float, hashes: bool = False) -> BatchRecords:
+    """The :class:`BatchRecords` of ``records``; ``hashes``: keep each text's content hash too."""
     texts = [r.text for r in records if r.text is not None]
-    flags = [is_val(t, val_fraction) for t in texts] if val_fraction > 0 else [False] * len(texts)
+    doc_hash = None
+    if hashes:
+        values = [content_hash(t) for t in texts]
+        # The same comparison as is_val (an int against a float, exact), so a mixture moves no document.
+        flags = [val_fraction > 0 and h < val_fraction * 2.0**64 for h in values]
+        doc_hash = np.array(values, dtype=np.uint64)
+    else:
+        flags = [is_val(t, val_fraction) for t in texts] if val_fraction > 0 else [False] * len(texts)
     return BatchRecords(
         num_records=len(records),
         problems=tuple((i, r) for i, r in enumerate(records) if r.text is None),
         is_val=np.array(flags, dtype=np.int8),
+        doc_hash=doc_hash,
     )
 
 
@@ -112,6 +127,11 @@ class InputFile:
     def name(self) -> str:
         """The input as the manifest and messages name it."""
         return self.url or str(self.path)
+
+    text_field: str | None = None
+    """This file's text field when its mixture source names one; None: `--text-field`."""
+    source: str | None = None
+    """The mixture source (prep/recipe.py) the file belongs to; None without a mixture."""
 
     @property
     def num_bytes(self) -> int:

@@ -4,7 +4,8 @@ Doc ids count records across the inputs in input order (``manifest.inputs`` give
 record count), so re-reading the same inputs in the same order with the same readers gives every stored
 document's text back. A record that was skipped, or dropped as too long, must be absent from the shards;
 every other record must be stored as BOS? + ids + EOS, truncated when ``--long-docs truncate`` says so,
-in the split its content hash chooses.
+in the split its content hash chooses. A mixture's record may be left out (its per-source counts are
+checked against the shards elsewhere) and read with its source's text field.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def sample_doc_ids(m: Manifest, segs: dict[str, SplitSegments], sample: int) -> 
     fragmented = []
     for s in segs.values():
         ids, counts = np.unique(s.doc_id, return_counts=True)
-        fragmented.append(ids[counts > 1][:_MAX_FRAGMENTED])
+        # A mixture's repeated copy is stored as doc_id + copy * docs_in: its record is doc_id % docs_in.
+        fragmented.append(ids[counts > 1][:_MAX_FRAGMENTED] % max(n, 1))
     return np.unique(np.concatenate([picked, *fragmented]).astype(np.int64))
 
 
@@ -58,7 +60,8 @@ def _read_texts(
                 f" was read as split {info.dataset_split!r}."
             )
         count = 0
-        for count, record in enumerate(read_records(source, m.options.text_field, lambda n: None), start=1):
+        field = _text_field(m, info.source)
+        for count, record in enumerate(read_records(source, field, lambda n: None), start=1):
             doc_id = info.first_doc_id + count - 1
             if doc_id in wanted_set:
                 found[doc_id] = (record.text if record.problem is None else None, record.where)
@@ -67,6 +70,12 @@ def _read_texts(
                 f"`{source.path}` holds {count:,} records, the manifest says `{info.path}` had {info.num_records:,}."
             )
     return found
+
+
+def _text_field(m: Manifest, source: str | None) -> str:
+    """The text field an input was read with: its mixture source's, else the pack's."""
+    mixed = {s.name: s.text_field for s in m.mixture.sources} if m.mixture else {}
+    return mixed.get(source or "", m.options.text_field)
 
 
 def _stored(doc_id: int, segs: SplitSegments, order: np.ndarray, shards: list[Shard]) -> np.ndarray | None:
@@ -128,6 +137,8 @@ def compare_sources(
                 )
             continue
         if stored is None:
+            if m.mixture is not None:  # a mixture leaves documents out; the per-source counts cover them
+                continue
             raise _fail(f"doc_id {doc_id} (`{where}`) is missing from the shards.")
         want = "val" if is_val(text, m.options.val_fraction) else "train"
         if split != want:

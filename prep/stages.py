@@ -33,10 +33,12 @@ from prep.card import write_card
 from prep.encoder import Encoder, Job, empty_job, source_jobs
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, input_stats, kill_point
+from prep.mixture import Selection, doc_sources, select
 from prep.outdir import WORK_DIR
 from prep.packing import STRATEGIES, RowPlan, index_dtype, make_plan
 from prep.provenance import STDIN, Fingerprint, InputDigest
 from prep.readers import EMPTY, MISSING_FIELD, BatchRecords, InputError, InputFile
+from prep.recipe import Mixture
 from prep.streams import build_streams
 from prep.tokenizer import LoadedTokenizer
 from shared.contract import SPLITS, shard_metadata
@@ -48,6 +50,7 @@ from shared.manifest import (
     IgnoredInput,
     InputInfo,
     Manifest,
+    MixtureInfo,
     PackOptions,
     SplitInfo,
 )
@@ -98,6 +101,8 @@ class PackConfig:
     """The datasets the documents come from: the card's ``source_datasets``."""
     description: str | None = None
     """What the data is, in words: the card's description."""
+    mixture: Mixture | None = None
+    """Sources mixed to shares or epochs (prep/recipe.py, prep/mixture.py); their inputs are ``inputs``."""
 
     def __post_init__(self) -> None:
         check_card_fields(self)
@@ -151,7 +156,9 @@ class PackConfig:
         if self.rows_per_shard is not None and self.rows_per_shard < 1:
             raise UserError(f"--rows-per-shard {self.rows_per_shard} must be at least 1.")
         if not self.inputs:
-            raise UserError("no inputs given; pass one or more files, folders or globs.")
+            raise UserError(
+                "no inputs given; pass one or more files, folders or globs, or a mixture with --recipe or --source."
+            )
         if self.dataset_split is not None and not self.dataset_split.strip():
             raise UserError("--dataset-split is empty; name a split of the DatasetDict input, or drop it.")
 
@@ -232,8 +239,9 @@ def read(
         digest = InputDigest()  # a resumed input is read from its start too: the skipped records are hashed
         jobs = source_jobs(
             sources[index],
-            text_field=cfg.text_field,
+            text_field=sources[index].text_field or cfg.text_field,
             val_fraction=cfg.val_fraction,
+            hashes=cfg.mixture is not None,
             skip=skip,
             spread=spread,
             on_bytes=progress.advance,
@@ -244,7 +252,7 @@ def read(
             if held is not None:
                 yield ReadBatch(index, False, held)
             held = job
-        last = empty_job(cfg.val_fraction) if held is None else held
+        last = empty_job(cfg.val_fraction, cfg.mixture is not None) if held is None else held
         yield ReadBatch(index, True, last, digest.fingerprint(sources[index].path))
 
 
@@ -270,6 +278,8 @@ class Framed:
     """int64, each kept document's stream length."""
     is_val: np.ndarray
     """int8, 1 for each kept document of the ``val`` split."""
+    doc_hash: np.ndarray | None = None
+    """uint64, each kept document's content hash, for a mixture (else None)."""
 
 
 def frame(
@@ -296,6 +306,7 @@ def frame(
         doc_id=first_id + records.text_index()[streams.kept],
         doc_len=streams.doc_len,
         is_val=records.is_val[streams.kept],
+        doc_hash=None if records.doc_hash is None else records.doc_hash[streams.kept],
     )
 
 
@@ -342,17 +353,30 @@ def fingerprint(cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile],
         "val_fraction": cfg.val_fraction,
         "skip_invalid": cfg.skip_invalid,
         "rows_per_shard": rows_per_shard,
+        **(cfg.mixture.fingerprint() if cfg.mixture is not None else {}),
     }
 
 
-def input_info(source: InputFile, first_doc_id: int, num_records: int, fingerprint: Fingerprint) -> InputInfo:
-    """What the manifest records of one input read whole (both executors make it here)."""
+def input_info(
+    source: InputFile,
+    first_doc_id: int,
+    num_records: int,
+    fingerprint: Fingerprint,
+    *,
+    num_docs: int,
+    num_tokens: int,
+) -> InputInfo:
+    """What the manifest records of one input read whole (both executors make it here): ``num_docs`` and
+    ``num_tokens`` are what it gave after reading and ``--long-docs``."""
     return InputInfo(
         path=source.name,
         format=source.format,
         first_doc_id=first_doc_id,
         num_records=num_records,
         dataset_split=source.dataset_split,
+        source=source.source,
+        num_docs=num_docs,
+        num_tokens=num_tokens,
         num_bytes=fingerprint.num_bytes,
         mtime_ns=fingerprint.mtime_ns,
         sha256=fingerprint.sha256,
@@ -369,13 +393,22 @@ def journal_batch(
     """Append one framed batch to the work files and commit it; ``source``: the input file it closes, if any,
     with its ``fingerprint``."""
     state = journal.pass1
-    journal.append_docs(doc_id=framed.doc_id, doc_len=framed.doc_len, is_val=framed.is_val)
+    hashes = {} if framed.doc_hash is None else {"doc_hash": framed.doc_hash}
+    journal.append_docs(doc_id=framed.doc_id, doc_len=framed.doc_len, is_val=framed.is_val, **hashes)
     tokens.write(memoryview(framed.tokens))
     state.next_id += framed.num_records
     journal.commit_batch(tokens, framed.num_records)
     if source is not None:
         assert fingerprint is not None, source
-        info = input_info(source, state.first_id, state.next_id - state.first_id, fingerprint)
+        # What this file gave: the counts so far less those of the files before it (a resume-safe sum).
+        info = input_info(
+            source,
+            state.first_id,
+            state.next_id - state.first_id,
+            fingerprint,
+            num_docs=state.counts["packed"] - sum(i.num_docs or 0 for i in state.inputs),
+            num_tokens=state.counts["tokens_packed"] - sum(i.num_tokens or 0 for i in state.inputs),
+        )
         journal.commit_source(tokens, info)
 
 
@@ -391,25 +424,55 @@ class SplitPlan:
     """Indices of the split's documents among all; ``slice(None)`` when it holds every one (no copy)."""
     rows: RowPlan
     """Its ``seg_doc`` indexes the split's documents (``docs``), not all of them."""
+    copy: np.ndarray | None = None
+    """A mixture's copy number of each of ``docs`` (which then may repeat); None without a mixture."""
+
+
+def mix(
+    cfg: PackConfig,
+    doc_len: np.ndarray,
+    val: np.ndarray | None,
+    doc_hash: np.ndarray,
+    doc_id: np.ndarray,
+    inputs: tuple[InputInfo, ...],
+    sources: list[InputFile],
+) -> Selection:
+    """The mixture's documents per split: a pure function of pass 1's per-document arrays (prep/mixture.py)."""
+    assert cfg.mixture is not None
+    index = {s.name: i for i, s in enumerate(cfg.mixture.sources)}
+    file_source = [index[s.source] for s in sources if s.source is not None]
+    first_ids = [i.first_doc_id for i in inputs]
+    return select(
+        cfg.mixture, cfg.text_field, doc_len, val, doc_hash, doc_sources(doc_id, first_ids, file_source)
+    )
 
 
 def plan(
-    cfg: PackConfig, doc_len: np.ndarray, val: np.ndarray | None, progress: Progress
+    cfg: PackConfig,
+    doc_len: np.ndarray,
+    val: np.ndarray | None,
+    progress: Progress,
+    selection: Selection | None = None,
 ) -> Iterator[SplitPlan]:
     """The plan of each split written, one at a time; a global plan over every document of the split.
 
-    ``val``: each document's val flag (``None``: none is).
+    ``val``: each document's val flag (``None``: none is). ``selection``: a mixture's documents per split.
     """
     for name in SPLITS:
         if name == "val" and cfg.val_fraction == 0.0:
             continue
-        docs = slice(None) if val is None else _members(val, name == "val")
+        copy = None
+        if selection is not None:
+            docs, copy = selection.splits[name].docs, selection.splits[name].copy
+        else:
+            docs = slice(None) if val is None else _members(val, name == "val")
         progress.start(f"pack {name}", None)
         # Not bound to a name here: the caller may drop the split-local plan while this generator waits.
         yield SplitPlan(
             name,
             docs,
             make_plan(cfg.strategy, doc_len[docs], cfg.seq_len, allow_fragments=cfg.long_docs == "split"),
+            copy,
         )
 
 
@@ -449,6 +512,7 @@ def finish(
     docs: DocumentAccounting,
     splits: dict[str, SplitInfo],
     ignored: tuple[IgnoredInput, ...] = (),
+    mixture: MixtureInfo | None = None,
 ) -> Manifest:
     """After every shard is durable: write the manifest (it marks a complete dataset), then the card, then drop
     the work folder, so that a run stopped before the card leaves a dataset that `--resume` completes."""
@@ -469,8 +533,9 @@ def finish(
         created_by=f"prep {__version__}",
         ignored=ignored,
         card=card_info(cfg),
+        mixture=mixture,
     )
-    problems = docs.problems()
+    problems = docs.problems() + [p for s in (mixture.sources if mixture else ()) for p in s.problems()]
     assert not problems, f"internal accounting error: {problems}"
     kill_point("manifest")
     manifest.save(cfg.out)

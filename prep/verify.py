@@ -238,7 +238,22 @@ def _check_accounting(m: Manifest, segs: dict[str, SplitSegments]) -> dict[str, 
         shared_ids = np.intersect1d(*all_docs[:2]) if len(all_docs) > 1 else docs
         raise _fail("documents", f"doc_id {shared_ids[0]} is stored in more than one split.")
     stored_tokens = sum(int(s.length.sum()) for s in segs.values())
-    checks = [
+    checks = (
+        _mixture_checks(m, docs, stored_tokens)
+        if m.mixture
+        else _plain_checks(m, docs, stored_tokens, fragmented)
+    )
+    for ok, why in checks:
+        if not ok:
+            raise _fail("documents", why + ".")
+    return fragmented
+
+
+def _plain_checks(
+    m: Manifest, docs: np.ndarray, stored_tokens: int, fragmented: dict[str, int]
+) -> list[tuple[bool, str]]:
+    d = m.documents
+    return [
         (len(docs) == d.packed, f"{len(docs):,} documents are stored, the manifest says {d.packed:,} packed"),
         (
             stored_tokens == d.tokens_packed,
@@ -256,10 +271,102 @@ def _check_accounting(m: Manifest, segs: dict[str, SplitSegments]) -> dict[str, 
             " manifest says were split",
         ),
     ]
-    for ok, why in checks:
-        if not ok:
-            raise _fail("documents", why + ".")
-    return fragmented
+
+
+def _mixture_checks(m: Manifest, docs: np.ndarray, stored_tokens: int) -> list[tuple[bool, str]]:
+    """A mixture's accounting: per source, and its sums against the documents and tokens stored.
+
+    Copies of a repeated document are stored under ``doc_id + copy * docs_in`` (prep/mixture.py).
+    """
+    assert m.mixture is not None
+    d, sources = m.documents, m.mixture.sources
+    problems = [p for s in sources for p in s.problems()]
+    packed = sum(s.docs_packed for s in sources)
+    repeated = sum(s.docs_repeated for s in sources)
+    tokens = sum(s.tokens_packed + s.tokens_repeated for s in sources)
+    return [
+        (not problems, f"the mixture's accounting does not add up: {'; '.join(problems)}"),
+        (
+            sum(s.docs_in for s in sources) == d.packed
+            and sum(s.tokens_in for s in sources) == d.tokens_packed,
+            f"the sources' documents and tokens in ({sum(s.docs_in for s in sources):,},"
+            f" {sum(s.tokens_in for s in sources):,}) are not the {d.packed:,} documents and"
+            f" {d.tokens_packed:,} tokens read",
+        ),
+        (
+            len(docs) == packed + repeated,
+            f"{len(docs):,} documents are stored, the mixture says {packed:,} packed + {repeated:,} repeated",
+        ),
+        (
+            stored_tokens == tokens,
+            f"{stored_tokens:,} tokens are stored, the mixture says {tokens:,} packed and repeated",
+        ),
+        (
+            len(docs) == 0 or (docs.min() >= 0 and int((docs >= d.docs_in).sum()) == repeated),
+            f"{int((docs >= d.docs_in).sum()):,} doc_ids are repeats (>= {d.docs_in:,}), the mixture says"
+            f" {repeated:,}",
+        ),
+    ]
+
+
+def _check_input_counts(m: Manifest, segs: dict[str, SplitSegments]) -> None:
+    """Each input file's documents and tokens, as the manifest records them, against the stored segments.
+
+    A mixture samples after these counts were taken, so there only their sums are checked.
+    """
+    if any(i.num_docs is None or i.num_tokens is None for i in m.inputs):
+        return  # written before inputs recorded them
+    d = m.documents
+    docs, tokens = sum(i.num_docs or 0 for i in m.inputs), sum(i.num_tokens or 0 for i in m.inputs)
+    if (docs, tokens) != (d.packed, d.tokens_packed):
+        raise _fail(
+            "documents",
+            f"the inputs' documents and tokens add up to {docs:,} and {tokens:,}, the manifest's"
+            f" accounting says {d.packed:,} and {d.tokens_packed:,} packed.",
+        )
+    if m.mixture is not None or not m.inputs:
+        return
+    first = np.array([i.first_doc_id for i in m.inputs], np.int64)
+    doc_id = np.concatenate([s.doc_id for s in segs.values()])
+    length = np.concatenate([s.length for s in segs.values()])
+    owner = np.searchsorted(first, doc_id, side="right") - 1
+    num_tokens = np.bincount(owner, weights=length, minlength=len(first))
+    num_docs = np.bincount(owner[np.unique(doc_id, return_index=True)[1]], minlength=len(first))
+    for k, info in enumerate(m.inputs):
+        if (int(num_docs[k]), int(num_tokens[k])) != (info.num_docs, info.num_tokens):
+            raise _fail(
+                "documents",
+                f"input `{info.path}`: the shards hold {int(num_docs[k]):,} of its documents and"
+                f" {int(num_tokens[k]):,} tokens, the manifest says {info.num_docs:,} and {info.num_tokens:,}.",
+            )
+
+
+def _check_source_tokens(m: Manifest, segs: dict[str, SplitSegments]) -> None:
+    """Each source's tokens per split, counted in the shards, against the mixture's record and shares."""
+    if m.mixture is None:
+        return
+    first = np.array([i.first_doc_id for i in m.inputs], np.int64)
+    names = [s.name for s in m.mixture.sources]
+    file_source = np.array([names.index(i.source) if i.source in names else -1 for i in m.inputs], np.int64)
+    docs_in = max(m.documents.docs_in, 1)
+    for split, s in segs.items():
+        owner = file_source[np.searchsorted(first, s.doc_id % docs_in, side="right") - 1]
+        found = np.bincount(owner[owner >= 0], weights=s.length[owner >= 0], minlength=len(names))
+        total = m.splits[split].num_tokens
+        for k, src in enumerate(m.mixture.sources):
+            said = getattr(src, f"{split}_tokens")
+            if int(found[k]) != said:
+                raise _fail(
+                    "documents",
+                    f"source `{src.name}`: the `{split}` shards hold {int(found[k]):,} of its tokens, the"
+                    f" manifest says {said:,}.",
+                )
+            if split == "train" and abs(src.achieved_share - said / max(total, 1)) > 1e-9:
+                raise _fail(
+                    "documents",
+                    f"source `{src.name}`: the manifest's achieved share {src.achieved_share:.6g} is not its"
+                    f" {said:,} of {total:,} train tokens ({said / max(total, 1):.6g}).",
+                )
 
 
 def _token_rules(m: Manifest, tok: LoadedTokenizer | None) -> TokenRules:
@@ -343,6 +450,8 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
     segs = _check_rows(m, shards, _token_rules(m, tok))
     row_seconds = time.perf_counter() - row_start
     fragmented = _check_accounting(m, segs)
+    _check_input_counts(m, segs)
+    _check_source_tokens(m, segs)
     skipped = {}
     if tok is None:
         skipped["tokenizer"] = f"tokenizer fingerprint ({no_tok_reason})"

@@ -51,6 +51,13 @@ class InputInfo:
     num_records: int
     dataset_split: str | None = None
     """The split read, when the input is a saved DatasetDict."""
+    source: str | None = None
+    """The mixture source the file belongs to (`prep pack --recipe`/`--source`); None for a plain pack."""
+    num_docs: int | None = None
+    """Documents of the file that reading and ``--long-docs`` kept (records less skipped and dropped ones);
+    None in manifests written before it was recorded."""
+    num_tokens: int | None = None
+    """Their tokens, EOS/BOS included, after ``--long-docs`` (before a mixture samples them)."""
     num_bytes: int | None = None
     """Provenance (prep/provenance.py), taken while the input was read: its size in bytes on disk (a saved
     dataset: its Arrow files'; standard input: the bytes read). None in manifests written before."""
@@ -60,7 +67,7 @@ class InputInfo:
     """sha256 of its bytes on disk (compressed as stored; a saved dataset's Arrow files in sorted order)."""
 
 
-INPUT_OPTIONAL = ("dataset_split", "num_bytes", "mtime_ns", "sha256")
+INPUT_OPTIONAL = ("dataset_split", "source", "num_docs", "num_tokens", "num_bytes", "mtime_ns", "sha256")
 """Fields of :class:`InputInfo` written only when known."""
 
 
@@ -109,6 +116,68 @@ class DocumentAccounting:
                 f" + truncated {self.tokens_truncated:,} + dropped {self.tokens_dropped:,}"
             )
         return found
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MixSourceInfo:
+    """One source of a mixture (`prep pack --recipe`): what was asked, and where its documents went.
+
+    ``docs_in == docs_packed + docs_left_out`` and the same for tokens; repeats are extra copies of packed
+    documents, so the tokens stored of the source are ``tokens_packed + tokens_repeated``
+    ``== train_tokens + val_tokens``. "In" counts the source's documents that reading and ``--long-docs``
+    kept (``documents.packed`` summed over the sources).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    text_field: str
+    share: float | None = None
+    """Requested share of the packed ``train`` tokens (None: the source gives ``epochs``)."""
+    epochs: float | None = None
+    docs_in: int
+    tokens_in: int
+    docs_packed: int
+    """Distinct documents stored (first copies), in either split."""
+    tokens_packed: int
+    docs_repeated: int
+    """Further copies of packed documents (``train`` only)."""
+    tokens_repeated: int
+    docs_left_out: int
+    tokens_left_out: int
+    train_tokens: int
+    val_tokens: int
+    achieved_share: float
+    """``train_tokens`` over the ``train`` split's tokens."""
+
+    def problems(self) -> list[str]:
+        """Ways in which this source's counts fail to add up."""
+        found = []
+        if self.docs_in != self.docs_packed + self.docs_left_out:
+            found.append(
+                f"source `{self.name}`: docs_in {self.docs_in:,} != packed {self.docs_packed:,}"
+                f" + left out {self.docs_left_out:,}"
+            )
+        if self.tokens_in != self.tokens_packed + self.tokens_left_out:
+            found.append(
+                f"source `{self.name}`: tokens_in {self.tokens_in:,} != packed {self.tokens_packed:,}"
+                f" + left out {self.tokens_left_out:,}"
+            )
+        if self.tokens_packed + self.tokens_repeated != self.train_tokens + self.val_tokens:
+            found.append(
+                f"source `{self.name}`: packed {self.tokens_packed:,} + repeated {self.tokens_repeated:,}"
+                f" tokens != train {self.train_tokens:,} + val {self.val_tokens:,}"
+            )
+        return found
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MixtureInfo:
+    """The recipe a dataset was mixed by and what each source gave (written only for a mixture)."""
+
+    seed: int
+    max_epochs: float
+    total_tokens: int | None = None
+    sources: tuple[MixSourceInfo, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -165,6 +234,8 @@ class Manifest:
     """Files and folders met among the inputs but not read, each with its reason."""
     card: CardInfo | None = None
     """License, languages, source datasets and description, when `prep pack` was given any."""
+    mixture: MixtureInfo | None = None
+    """The mixture of `prep pack --recipe`/`--source`, per source; None for a plain pack."""
 
     @property
     def seq_len(self) -> int:
@@ -176,6 +247,8 @@ class Manifest:
         # ignores nothing and reads no DatasetDict keeps the manifest bytes it always had.
         if not raw["ignored"]:
             del raw["ignored"]
+        if raw["mixture"] is None:
+            del raw["mixture"]
         if raw["card"] is None:
             del raw["card"]
         else:
@@ -230,6 +303,7 @@ class Manifest:
                     for k, i in enumerate(check.items(top.get("ignored", []), "ignored"))
                 ),
                 "card": None if top.get("card") is None else check.card(top["card"]),
+                "mixture": _mixture(check, top.get("mixture")),
             }
         )
         check.ranges(manifest)
@@ -262,6 +336,21 @@ class Manifest:
                 f"`{path}` says the dataset is incomplete; run `prep pack ... --resume` to finish it."
             )
         return cls.from_dict(raw, str(path))
+
+
+def _mixture(check: _FieldCheck, raw: object) -> MixtureInfo | None:
+    if raw is None:
+        return None
+    top = check.fields(MixtureInfo, raw, "mixture.")
+    sources = []
+    for k, item in enumerate(check.items(top.get("sources", []), "mixture.sources")):
+        prefix = f"mixture.sources[{k}]."
+        values = check.fields(MixSourceInfo, item, prefix)
+        inputs = check.items(values["inputs"], prefix + "inputs")
+        if not all(isinstance(i, str) for i in inputs):
+            raise check.fail(prefix + "inputs", "holds a value that is not a string")
+        sources.append(MixSourceInfo(**{**values, "inputs": tuple(inputs)}))
+    return MixtureInfo(**{**top, "sources": tuple(sources)})
 
 
 MAX_INT32 = 2**31 - 1

@@ -187,3 +187,23 @@ def test_task_refuses_an_input_or_tokenizer_this_node_sees_differently(inputs, t
     assert isinstance(other_size, InputError) and "on this node but" in str(other_size)
     other_tokenizer = executor_ray.tokenize_file(cfg, source, source.num_bytes, "0" * 64, part, 1)
     assert isinstance(other_tokenizer, UserError) and "differs on this node" in str(other_tokenizer)
+
+
+@pytest.mark.slow
+def test_ray_executor_mixes_as_the_local_executor_does(ray_cluster, inputs, tmp_path):
+    """A mixture (one source repeated, one cut; one with a blank and a malformed record) from both executors."""
+    paths, _ = inputs
+    sources = [f"big={paths[0]},{paths[2]},{paths[4]}:share=0.5", f"small={paths[3]},{paths[5]}:epochs=2"]
+    mixed = [a for s in sources for a in ("--source", s)] + ["--max-epochs", "2"]
+    files = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor / "out"
+        args = [a for a in pack_args(inputs, out, "--executor", executor, *mixed) if a not in paths]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        files[executor] = folder_bytes(out)
+    assert sorted(files["ray"]) == sorted(files["local"])
+    assert [n for n in files["local"] if files["ray"][n] != files["local"][n]] == []
+    mixture = Manifest.load(tmp_path / "ray" / "out").mixture
+    assert mixture is not None and [s.name for s in mixture.sources] == ["big", "small"]
+    assert mixture.sources[1].docs_repeated > 0 and mixture.sources[0].docs_left_out > 0
