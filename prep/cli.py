@@ -245,6 +245,30 @@ def pack(
             " local Ray. --out and the inputs must be on storage every node sees."
         ),
     ] = None,
+    record_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="What records hold: auto (each file's first record tells), text, chat (a `messages` list,"
+            " rendered with the chat template) or prompt-completion (`prompt`/`completion` pairs).",
+        ),
+    ] = "auto",
+    chat_template: Annotated[
+        str | None,
+        typer.Option(help="Jinja chat template file; default the tokenizer folder's own."),
+    ] = None,
+    train_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Role whose turns are targets in conversations (repeat for several); default assistant."
+        ),
+    ] = None,
+    long_chats: Annotated[
+        str,
+        typer.Option(
+            help="Conversations longer than --seq-len: drop, or truncate after the last whole trained turn."
+        ),
+    ] = "drop",
 ) -> None:
     """Tokenize documents, separate them with EOS, pack them into rows and write Arrow shards.
 
@@ -270,6 +294,10 @@ def pack(
             resume=resume,
             executor=engine if engine is not None else executor,
             ray_address=ray_address,
+            format=record_format,
+            chat_template=chat_template,
+            train_on=tuple(train_on or ("assistant",)),
+            long_chats=long_chats,
         )
         run_pack(cfg)
     except UserError as e:

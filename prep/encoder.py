@@ -232,11 +232,22 @@ class RecordsJob:
     texts: list[str]
 
 
-Job = list[str] | RecordsJob | JsonlChunk
-"""What :meth:`Encoder.map` tokenizes: texts, records read here, or JSONL lines to decode first."""
+class LocalJob:
+    """A job that encodes itself in the packing process with `tokenizers` (:meth:`encode`), in its place
+    among the others: the conversations of prep/chat_pack.py, which the fast encoder does not render."""
+
+    records: BatchRecords | None
+
+    def encode(self, tokenizer: Tokenizer) -> object:
+        raise NotImplementedError
 
 
-def _texts(job: Job) -> list[str]:
+Job = list[str] | RecordsJob | JsonlChunk | LocalJob
+"""What :meth:`Encoder.map` tokenizes: texts, records read here, JSONL lines to decode first, or a job that
+encodes itself."""
+
+
+def job_texts(job: list[str] | RecordsJob | JsonlChunk) -> list[str]:
     """The texts of a job, decoding a JSONL chunk here (which sets its records)."""
     if isinstance(job, JsonlChunk):
         return job.texts()
@@ -577,7 +588,12 @@ class Encoder:
             try:
                 if self._pool is not None:
                     for payload, job in islice(items, 2 * self.workers):
-                        pending.append((payload, job, self._pool.submit(_fast_job, _worker_job(job))))
+                        done = (
+                            None
+                            if isinstance(job, LocalJob)
+                            else self._pool.submit(_fast_job, _worker_job(job))
+                        )
+                        pending.append((payload, job, done))
             except Exception as e:  # reading the input failed: say so where the results are read, in order
                 failed = e
             except BaseException:
@@ -597,10 +613,15 @@ class Encoder:
                     yield from self._drain(pending)
                     yield payload, self._reference(job)
                     continue
-                work = _worker_job(job)
-                done = (
-                    _fast_job(work, self.fast) if self._pool is None else self._pool.submit(_fast_job, work)
-                )
+                if isinstance(job, LocalJob):  # encoded here, when its turn comes
+                    done = None
+                else:
+                    work = _worker_job(job)
+                    done = (
+                        _fast_job(work, self.fast)
+                        if self._pool is None
+                        else self._pool.submit(_fast_job, work)
+                    )
                 pending.append((payload, job, done))
                 while len(pending) > (2 * self.workers if self._pool else 0):
                     yield self._finish(*pending.popleft())
@@ -627,10 +648,12 @@ class Encoder:
 
     def _reference(self, job: Job) -> EncodedBatch:
         """`tokenizers`' ids for a job, decoding a JSONL chunk here (a worker that did kept the texts)."""
-        return reference_encode(self.tok.tokenizer, _texts(job))
+        if isinstance(job, LocalJob):
+            return job.encode(self.tok.tokenizer)
+        return reference_encode(self.tok.tokenizer, job_texts(job))
 
-    def _finish(self, payload: T, job: Job, done: Future | tuple) -> tuple[T, EncodedBatch]:
-        if self.name == REFERENCE:  # submitted before a switch; perhaps cancelled
+    def _finish(self, payload: T, job: Job, done: Future | tuple | None) -> tuple[T, EncodedBatch]:
+        if self.name == REFERENCE or done is None:  # submitted before a switch (perhaps cancelled), or local
             return payload, self._reference(job)
         got, sample, records = done.result() if isinstance(done, Future) else done
         if records is not None:  # decoded in a worker

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.chat import check_tokenizer_for_chat
 from prep.discovery import Discovery
 from prep.encoder import Encoder, open_encoder
 from prep.fast_bpe import EncodedBatch
@@ -34,13 +35,16 @@ from prep.stages import (
     PackConfig,
     Progress,
     ReadBatch,
+    RecordKinds,
     encode,
     fingerprint,
     finish,
     frame,
+    frame_masked,
     journal_batch,
     plan,
     read,
+    record_kinds,
     require_documents,
     split_metadata,
 )
@@ -80,12 +84,15 @@ def pack_local(cfg: PackConfig, found: Discovery, progress: Progress) -> Manifes
 
 def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progress) -> Manifest:
     sources = list(found.files)
+    chat = record_kinds(cfg, sources)
     progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
     # A new run starts at the first record: hand the workers their first jobs now, while the tokenizer's
     # details (EOS, BOS: for the journal and the streams) are still being resolved. A resumed run first
     # reads where to start from the journal, which needs them.
-    encoded = None if cfg.resume else encode(encoder, read(cfg, sources, (0, 0), progress))
+    encoded = None if cfg.resume else encode(encoder, read(cfg, sources, (0, 0), progress, chat))
     tok = encoder.tok
+    if chat is not None and "chat" in chat.kinds:
+        check_tokenizer_for_chat(tok.tokenizer)
     if cfg.workers is not None:
         # The Rust thread pool reads this once, on first use; later calls in the same process keep it.
         os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
@@ -98,8 +105,8 @@ def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progres
     try:
         if encoded is None:
             start = (journal.pass1.source_index, journal.pass1.records_done)
-            encoded = encode(encoder, read(cfg, sources, start, progress))
-        tokenized = _tokenize(cfg, tok, sources, journal, progress, encoded)
+            encoded = encode(encoder, read(cfg, sources, start, progress, chat))
+        tokenized = _tokenize(cfg, tok, sources, journal, progress, encoded, chat)
         require_documents(tokenized.accounting)
     except UserError as e:
         # A bad record or an empty corpus is a mistake to fix, not a crash: leave --out as it was so that the
@@ -109,9 +116,9 @@ def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progres
         raise
     docs = tokenized.accounting
     splits = _plan_and_write(
-        cfg, tok, journal, tokenized.num_docs, docs.tokens_packed, rows_per_shard, progress
+        cfg, tok, journal, tokenized.num_docs, docs.tokens_packed, rows_per_shard, progress, chat is not None
     )
-    return finish(cfg, tok, tokenized.inputs, docs, splits, found.ignored)
+    return finish(cfg, tok, tokenized.inputs, docs, splits, found.ignored, chat)
 
 
 def _tokenize(
@@ -121,13 +128,20 @@ def _tokenize(
     journal: Journal,
     progress: Progress,
     encoded: Iterator[tuple[ReadBatch, EncodedBatch]],
+    chat: RecordKinds | None = None,
 ) -> Tokenized:
     """Pass 1: frame and journal every encoded batch, in input order, from where the journal left off."""
     state = journal.pass1
     with journal.open_tokens() as out:
         for batch, ids in encoded:
-            framed = frame(cfg, tok, batch.job.records, ids, state.next_id, state.counts)
-            journal_batch(journal, out, framed, sources[batch.source_index] if batch.last else None)
+            source = sources[batch.source_index] if batch.last else None
+            if chat is None:
+                framed = frame(cfg, tok, batch.job.records, ids, state.next_id, state.counts)
+                journal_batch(journal, out, framed, source)
+            else:
+                kind = chat.kinds[batch.source_index]
+                framed = frame_masked(cfg, tok, batch.job.records, ids, kind, state.next_id, state.counts)
+                journal_batch(journal, out, framed, source, kind)
             progress.advance(0, docs=state.counts["docs_in"], tokens=state.counts["tokens_packed"])
     journal.finish_pass1()
     return Tokenized(state.num_docs, DocumentAccounting(**state.counts), tuple(state.inputs))
@@ -141,6 +155,7 @@ def _plan_and_write(
     num_tokens: int,
     rows_per_shard: int,
     progress: Progress,
+    masked: bool = False,
 ) -> dict[str, SplitInfo]:
     """Passes 2 and 3: plan and write every split from the journal's files; returns what the manifest records.
 
@@ -154,6 +169,9 @@ def _plan_and_write(
     # Ids are read a row block at a time, from the file (its pages released like the tokens').
     doc_id = np.memmap(journal.doc_path("doc_id"), dtype=DOC_ARRAYS["doc_id"], mode="r", shape=(num_docs,))
     tokens = np.memmap(journal.tokens_path, dtype=np.int32, mode="r") if num_tokens else np.zeros(0, np.int32)
+    targets = None
+    if masked:
+        targets = np.memmap(journal.targets_path, np.uint8, "r") if num_tokens else np.zeros(0, np.uint8)
     doc_offset = None
     splits = {}
     for split in plan(cfg, doc_len, val, progress):
@@ -164,7 +182,9 @@ def _plan_and_write(
         if doc_offset is None:
             doc_offset = np.zeros(num_docs, doc_len.dtype)
             np.cumsum(doc_len[:-1], dtype=doc_len.dtype, out=doc_offset[1:])
-        store = TokenStore(tokens=tokens, doc_offset=doc_offset, doc_len=doc_len, doc_id=doc_id)
+        store = TokenStore(
+            tokens=tokens, doc_offset=doc_offset, doc_len=doc_len, doc_id=doc_id, targets=targets
+        )
         progress.start(f"write {name}", float(rows.num_rows))
         splits[name] = write_split(
             store,
@@ -173,7 +193,12 @@ def _plan_and_write(
             out_dir=cfg.out,
             metadata=split_metadata(cfg, tok, name),
             rows_per_shard=rows_per_shard,
-            on_rows=lambda n: (progress.advance(n), _release_pages(tokens), _release_pages(doc_id)),
+            on_rows=lambda n: (
+                progress.advance(n),
+                _release_pages(tokens),
+                _release_pages(doc_id),
+                targets is not None and _release_pages(targets),
+            ),
             reuse=lambda file, split=name: journal.reusable_shard(split, file),
             on_shard=lambda info, split=name: journal.shard_done(split, info),
         )

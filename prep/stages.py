@@ -29,6 +29,18 @@ import numpy as np
 
 from prep import __version__
 from prep.card import write_card
+from prep.chat import LONG_CHAT_RULES, load_chat_template
+from prep.chat_pack import (
+    DROPPED,
+    FORMATS,
+    TRUNCATED,
+    ChatBatch,
+    ChatJob,
+    ChatSpec,
+    pack_format,
+    record_field,
+    resolve_kinds,
+)
 from prep.encoder import Encoder, Job, empty_job, source_jobs
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, input_stats, kill_point
@@ -87,8 +99,18 @@ class PackConfig:
     """``local`` (every core of this machine) or ``ray`` (Ray tasks across a cluster; same output bytes)."""
     ray_address: str | None = None
     """Ray cluster to join with ``executor="ray"``; default ``RAY_ADDRESS``, else a Ray started on this machine."""
+    format: str = "auto"
+    """What the records hold: ``text``, ``chat`` (a `messages` list), ``prompt-completion``, or ``auto``
+    (each input's first record tells; prep/chat_pack.py)."""
+    chat_template: str | None = None
+    """A Jinja chat template file; default the tokenizer's own (prep/chat.py)."""
+    train_on: tuple[str, ...] = ("assistant",)
+    """Roles whose turns are targets in conversations."""
+    long_chats: str = "drop"
+    """Conversations longer than a row: ``drop`` or ``truncate`` after the last whole trained turn."""
 
     def __post_init__(self) -> None:
+        check_chat_options(self)
         if self.executor not in EXECUTORS:
             raise UserError(f"--executor {self.executor!r} is unknown; choose one of {', '.join(EXECUTORS)}.")
         if self.ray_address is not None and self.executor != "ray":
@@ -133,6 +155,20 @@ class PackConfig:
             raise UserError("--dataset-split is empty; name a split of the DatasetDict input, or drop it.")
 
 
+def check_chat_options(cfg: PackConfig) -> None:
+    """Refuse chat options that cannot work, with the fix."""
+    if cfg.format not in FORMATS:
+        raise UserError(f"--format {cfg.format!r} is unknown; choose one of {', '.join(FORMATS)}.")
+    if cfg.long_chats not in LONG_CHAT_RULES:
+        raise UserError(
+            f"--long-chats {cfg.long_chats!r} is unknown; choose one of {', '.join(LONG_CHAT_RULES)}."
+        )
+    if not cfg.train_on or not all(r.strip() for r in cfg.train_on):
+        raise UserError("--train-on names no role; pass one or more roles, e.g. `--train-on assistant`.")
+    if cfg.executor == "ray" and cfg.format not in ("auto", "text"):
+        raise UserError(f"--format {cfg.format} needs `--executor local` (the Ray executor packs text only).")
+
+
 class Progress:
     """What `prep pack` reports while it runs; the CLI draws it, tests ignore it."""
 
@@ -158,27 +194,62 @@ class ReadBatch:
     """What the encoder tokenizes; ``job.records`` is set once it is encoded."""
 
 
+@dataclass(frozen=True, slots=True)
+class RecordKinds:
+    """What each input's records hold (prep/chat_pack.py), and how conversations become ids and targets."""
+
+    kinds: tuple[str, ...]
+    spec: ChatSpec
+
+    @property
+    def masked(self) -> bool:
+        """Whether the pack's labels follow a target mask (any input holds conversations or pairs)."""
+        return any(k != "text" for k in self.kinds)
+
+
+def record_kinds(cfg: PackConfig, sources: list[InputFile]) -> RecordKinds | None:
+    """What each input holds under ``--format``, with the chat template if any holds conversations; ``None``
+    when every input holds text (a plain pack, unchanged)."""
+    kinds = resolve_kinds(cfg.format, cfg.text_field, sources)
+    if all(k == "text" for k in kinds):
+        return None
+    template = load_chat_template(cfg.tokenizer, cfg.chat_template) if "chat" in kinds else None
+    max_tokens = cfg.seq_len - 1 - (cfg.bos_token is not None)
+    return RecordKinds(kinds, ChatSpec(template, frozenset(cfg.train_on), cfg.long_chats, max_tokens))
+
+
 def read(
-    cfg: PackConfig, sources: list[InputFile], start: tuple[int, int], progress: Progress
+    cfg: PackConfig,
+    sources: list[InputFile],
+    start: tuple[int, int],
+    progress: Progress,
+    chat: RecordKinds | None = None,
 ) -> Iterator[ReadBatch]:
-    """The inputs as batches, from ``start`` = (source index, records of it done) on: the journal's position."""
+    """The inputs as batches, from ``start`` = (source index, records of it done) on: the journal's position.
+
+    With ``chat``, inputs of conversations or pairs come as :class:`ChatJob`s."""
     spread = cfg.workers or os.cpu_count() or 1
     for index in range(start[0], len(sources)):
         skip = start[1] if index == start[0] else 0
+        kind = chat.kinds[index] if chat is not None else "text"
         jobs = source_jobs(
             sources[index],
-            text_field=cfg.text_field,
+            text_field=record_field(kind, cfg.text_field) if kind != "text" else cfg.text_field,
             val_fraction=cfg.val_fraction,
             skip=skip,
             spread=spread,
             on_bytes=progress.advance,
         )
+        if chat is not None and kind != "text":
+            jobs = (ChatJob(job, kind, chat.spec) for job in jobs)  # type: ignore[arg-type]
         held = None  # one batch held back, to know which is the last of its source
         for job in jobs:
             if held is not None:
                 yield ReadBatch(index, False, held)
             held = job
-        yield ReadBatch(index, True, empty_job(cfg.val_fraction) if held is None else held)
+        if held is None:
+            held = empty_job(cfg.val_fraction)
+        yield ReadBatch(index, True, held)
 
 
 def encode(encoder: Encoder, batches: Iterable[ReadBatch]) -> Iterator[tuple[ReadBatch, EncodedBatch]]:
@@ -203,6 +274,8 @@ class Framed:
     """int64, each kept document's stream length."""
     is_val: np.ndarray
     """int8, 1 for each kept document of the ``val`` split."""
+    mask: np.ndarray | None = None
+    """uint8 per token, 1 where it is a target: only in a pack of conversations or pairs (prep/chat_pack.py)."""
 
 
 def frame(
@@ -229,6 +302,60 @@ def frame(
         doc_id=first_id + records.text_index()[streams.kept],
         doc_len=streams.doc_len,
         is_val=records.is_val[streams.kept],
+    )
+
+
+def frame_masked(
+    cfg: PackConfig,
+    tok: LoadedTokenizer,
+    records: BatchRecords,
+    encoded: EncodedBatch | ChatBatch,
+    kind: str,
+    first_id: int,
+    counts: dict[str, int],
+) -> Framed:
+    """:func:`frame` for a pack whose labels follow a target mask: documents (``kind`` text) are targets
+    throughout; conversations and pairs, fitted to a row when encoded, carry their own mask."""
+    if not isinstance(encoded, ChatBatch):
+        framed = frame(cfg, tok, records, encoded, first_id, counts)
+        mask = np.ones(len(framed.tokens), np.uint8)
+        return Framed(framed.num_records, framed.tokens, framed.doc_id, framed.doc_len, framed.is_val, mask)
+    _count_problems(cfg, records, counts)
+    extra = 1 + (tok.bos_id is not None)
+    kept = encoded.fate != DROPPED
+    out_len = encoded.lengths[kept] + extra
+    ends = np.cumsum(out_len)
+    starts = ends - out_len
+    tokens = np.empty(int(out_len.sum()), np.int32)
+    mask = np.zeros(len(tokens), np.uint8)
+    is_content = np.ones(len(tokens), bool)
+    if tok.bos_id is not None:
+        tokens[starts] = tok.bos_id
+        is_content[starts] = False
+    tokens[ends - 1] = tok.eos_id
+    is_content[ends - 1] = False
+    tokens[is_content] = encoded.ids
+    mask[is_content] = encoded.targets
+    mask[ends - 1] = kind == "prompt-completion"  # a pair's EOS ends its completion; a chat's turn end did
+    truncated, dropped = encoded.fate == TRUNCATED, encoded.fate == DROPPED
+    full = encoded.full_lengths + extra
+    for key, value in {
+        "tokens_in": full.sum(),
+        "packed": kept.sum(),
+        "tokens_packed": out_len.sum(),
+        "truncated": truncated.sum(),
+        "tokens_truncated": (encoded.full_lengths - encoded.lengths)[truncated].sum(),
+        "dropped": dropped.sum(),
+        "tokens_dropped": full[dropped].sum(),
+    }.items():
+        counts[key] += int(value)
+    return Framed(
+        num_records=records.num_records,
+        tokens=tokens,
+        doc_id=first_id + records.text_index()[kept],
+        doc_len=out_len.astype(np.int64),
+        is_val=records.is_val[kept],
+        mask=mask,
     )
 
 
@@ -275,13 +402,22 @@ def fingerprint(cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile],
         "val_fraction": cfg.val_fraction,
         "skip_invalid": cfg.skip_invalid,
         "rows_per_shard": rows_per_shard,
+        "format": cfg.format,
+        "chat_template": cfg.chat_template,
+        "train_on": list(cfg.train_on),
+        "long_chats": cfg.long_chats,
     }
 
 
-def journal_batch(journal: Journal, tokens: BinaryIO, framed: Framed, source: InputFile | None) -> None:
-    """Append one framed batch to the work files and commit it; ``source``: the input file it closes, if any."""
+def journal_batch(
+    journal: Journal, tokens: BinaryIO, framed: Framed, source: InputFile | None, kind: str = "text"
+) -> None:
+    """Append one framed batch to the work files and commit it; ``source``: the input file it closes, if any
+    (``kind``: what its records hold)."""
     state = journal.pass1
     journal.append_docs(doc_id=framed.doc_id, doc_len=framed.doc_len, is_val=framed.is_val)
+    if framed.mask is not None:
+        journal.append_targets(framed.mask)
     tokens.write(memoryview(framed.tokens))
     state.next_id += framed.num_records
     journal.commit_batch(tokens, framed.num_records)
@@ -292,6 +428,7 @@ def journal_batch(journal: Journal, tokens: BinaryIO, framed: Framed, source: In
             first_doc_id=state.first_id,
             num_records=state.next_id - state.first_id,
             dataset_split=source.dataset_split,
+            record_format=None if kind == "text" else kind,
         )
         journal.commit_source(tokens, info)
 
@@ -359,6 +496,19 @@ def split_metadata(cfg: PackConfig, tok: LoadedTokenizer, split: str) -> dict:
 # --- finish -----------------------------------------------------------------------------------------------
 
 
+def chat_options(cfg: PackConfig, chat: RecordKinds | None) -> dict:
+    """What the manifest's options say of a pack with a target mask; nothing for a plain pack."""
+    if chat is None or not chat.masked:
+        return {}
+    has_chat = "chat" in chat.kinds
+    return {
+        "format": pack_format(chat.kinds),
+        "train_on": ",".join(cfg.train_on) if has_chat else None,
+        "long_chats": cfg.long_chats,
+        "chat_template": None if chat.spec.template is None else chat.spec.template.origin,
+    }
+
+
 def finish(
     cfg: PackConfig,
     tok: LoadedTokenizer,
@@ -366,6 +516,7 @@ def finish(
     docs: DocumentAccounting,
     splits: dict[str, SplitInfo],
     ignored: tuple[IgnoredInput, ...] = (),
+    chat: RecordKinds | None = None,
 ) -> Manifest:
     """After every shard is durable: write the manifest (it marks a complete dataset), then the card, then drop
     the work folder, so that a run stopped before the card leaves a dataset that `--resume` completes."""
@@ -379,6 +530,7 @@ def finish(
             val_fraction=cfg.val_fraction,
             skip_invalid=cfg.skip_invalid,
             dataset_split=cfg.dataset_split,
+            **chat_options(cfg, chat),
         ),
         inputs=inputs,
         documents=docs,

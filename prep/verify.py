@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.chat_verify import compare_chat_sources, template_special_ids
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
 from shared.checks import CHECKS, RowCheckError, SplitSegments, TokenRules, check_batch, check_documents
 from shared.contract import DOC_IDS, FORMAT_NAME, FORMAT_VERSION, SHARD_SUFFIX
@@ -250,7 +251,7 @@ def _check_accounting(m: Manifest, segs: dict[str, SplitSegments]) -> dict[str, 
 def _token_rules(m: Manifest, tok: LoadedTokenizer | None) -> TokenRules:
     specials = ()
     if tok is not None:
-        placed = {m.tokenizer.eos_id, m.tokenizer.bos_id}
+        placed = {m.tokenizer.eos_id, m.tokenizer.bos_id} | template_special_ids(m, tok)
         specials = tuple(int(i) for i in tok.special_ids() if int(i) not in placed)
     return TokenRules(
         seq_len=m.seq_len,
@@ -258,6 +259,7 @@ def _token_rules(m: Manifest, tok: LoadedTokenizer | None) -> TokenRules:
         bos_id=m.tokenizer.bos_id,
         vocab_size=m.tokenizer.vocab_size,
         special_ids=specials,
+        masked_labels=m.options.masked_labels,
     )
 
 
@@ -297,7 +299,11 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
     if cfg.sources:
         from prep.sources import compare_sources
 
-        num_source = compare_sources(m, tok, cfg.sources, shards, segs, cfg.sample)
+        assert tok is not None
+        if m.options.masked_labels:
+            num_source = compare_chat_sources(m, tok, cfg.sources, shards, segs, cfg.sample)
+        else:
+            num_source = compare_sources(m, tok, cfg.sources, shards, segs, cfg.sample)
     else:
         skipped["sources"] = "sources (pass --source with the inputs given to `prep pack`)"
     checks = tuple(c for c in CHECKS if c not in skipped)

@@ -40,6 +40,20 @@ class PackOptions:
     skip_invalid: bool = False
     dataset_split: str | None = None
     """``--dataset-split``: the split read from each saved DatasetDict input (None when not given)."""
+    format: str | None = None
+    """What the records held when not plain text: ``chat``, ``prompt-completion`` or ``mixed`` (inputs of
+    both or of text too). Its labels then follow a target mask: ``-100`` wherever nothing is learnt."""
+    train_on: str | None = None
+    """``--train-on``: the roles whose turns are targets, comma-separated (conversations only)."""
+    long_chats: str | None = None
+    """``--long-chats``: ``drop`` or ``truncate``, for conversations and pairs longer than a row."""
+    chat_template: str | None = None
+    """Where the chat template came from (a file path), when conversations were rendered."""
+
+    @property
+    def masked_labels(self) -> bool:
+        """Whether labels follow a target mask (conversations, pairs) rather than every token but the first."""
+        return self.format is not None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -51,6 +65,8 @@ class InputInfo:
     num_records: int
     dataset_split: str | None = None
     """The split read, when the input is a saved DatasetDict."""
+    record_format: str | None = None
+    """``chat`` or ``prompt-completion`` when the file's records held those (None: text)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -148,11 +164,13 @@ class Manifest:
         # ignores nothing and reads no DatasetDict keeps the manifest bytes it always had.
         if not raw["ignored"]:
             del raw["ignored"]
-        if raw["options"]["dataset_split"] is None:
-            del raw["options"]["dataset_split"]
+        for key in ("dataset_split", "format", "train_on", "long_chats", "chat_template"):
+            if raw["options"][key] is None:
+                del raw["options"][key]
         for info in raw["inputs"]:
-            if info["dataset_split"] is None:
-                del info["dataset_split"]
+            for key in ("dataset_split", "record_format"):
+                if info[key] is None:
+                    del info[key]
         return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 
     def save(self, folder: str | Path) -> None:
