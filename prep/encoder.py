@@ -464,12 +464,19 @@ def open_encoder(
     bos_token: str | None,
     workers: int | None,
     notice: Callable[[str], None],
+    use_fast: bool = True,
 ) -> Iterator[Encoder]:
     """An :class:`Encoder` for `prep pack` that owns every process it starts, closed when the block ends.
 
     With two or more workers the reference process loads `tokenizers` on another core while this one
-    builds the fast encoder; the encoder's :attr:`~Encoder.tok` waits for it.
+    builds the fast encoder; the encoder's :attr:`~Encoder.tok` waits for it. ``use_fast=False``: no fast
+    encoder, no process (every job encodes itself: a pack of conversations only).
     """
+    if not use_fast:
+        tok = load_tokenizer(tokenizer, eos_token=eos_token, bos_token=bos_token)
+        with Encoder(tok, workers=workers, notice=notice, use_fast=False) as encoder:
+            yield encoder
+        return
     reference = start_reference(tokenizer, eos_token=eos_token, bos_token=bos_token, workers=workers)
     try:
         if reference is not None:

@@ -66,15 +66,17 @@ class Tokenized:
 
 def pack_local(cfg: PackConfig, found: Discovery, progress: Progress) -> Manifest:
     """`prep pack` on this machine (the caller holds the output folder's lock)."""
+    chat = record_kinds(cfg, list(found.files))
     with open_encoder(
         cfg.tokenizer,
         eos_token=cfg.eos_token,
         bos_token=cfg.bos_token,
         workers=cfg.workers,
         notice=progress.message,
+        use_fast=chat is None or "text" in chat.kinds,  # conversations are rendered with `tokenizers`
     ) as encoder:
         try:
-            return _pack(cfg, found, encoder, progress)
+            return _pack(cfg, found, encoder, progress, chat)
         except OSError as e:  # a full disk, an --out that cannot be written: say so, keep the work
             error = output_error(e, cfg.out, cfg.out / WORK_DIR)
             if error is None:
@@ -82,9 +84,10 @@ def pack_local(cfg: PackConfig, found: Discovery, progress: Progress) -> Manifes
             raise error from e
 
 
-def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progress) -> Manifest:
+def _pack(
+    cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progress, chat: RecordKinds | None
+) -> Manifest:
     sources = list(found.files)
-    chat = record_kinds(cfg, sources)
     progress.start("tokenize", float(sum(s.num_bytes for s in sources)))
     # A new run starts at the first record: hand the workers their first jobs now, while the tokenizer's
     # details (EOS, BOS: for the journal and the streams) are still being resolved. A resumed run first

@@ -321,6 +321,7 @@ def frame_masked(
         mask = np.ones(len(framed.tokens), np.uint8)
         return Framed(framed.num_records, framed.tokens, framed.doc_id, framed.doc_len, framed.is_val, mask)
     _count_problems(cfg, records, counts)
+    _refuse_placed_ids_inside(encoded, tok)
     extra = 1 + (tok.bos_id is not None)
     kept = encoded.fate != DROPPED
     out_len = encoded.lengths[kept] + extra
@@ -357,6 +358,20 @@ def frame_masked(
         is_val=records.is_val[kept],
         mask=mask,
     )
+
+
+def _refuse_placed_ids_inside(encoded: ChatBatch, tok: LoadedTokenizer) -> None:
+    """A chat template that writes the pack's EOS (or BOS) inside a conversation would give it two."""
+    for flag, name, token_id in (
+        ("--eos-token", tok.info.eos_token, tok.eos_id),
+        ("--bos-token", tok.info.bos_token, tok.bos_id),
+    ):
+        if token_id is not None and (encoded.ids == token_id).any():
+            raise UserError(
+                f"the chat template writes {name!r} (id {token_id}) inside conversations, and it is the pack's"
+                f" {flag[2:5].upper()}: a conversation would hold two. Pass another {flag} (for Qwen,"
+                " `--eos-token '<|endoftext|>'`), one the template does not write."
+            )
 
 
 def _count_problems(cfg: PackConfig, records: BatchRecords, counts: dict[str, int]) -> None:
