@@ -297,7 +297,7 @@ def log_step(run: Run, step: int, stats: StepStats) -> None:
     if step % run.cfg.log_every == 0 or step == run.plan.num_steps:
         run.say(
             f"step {step:>6,}/{run.plan.num_steps:,} | loss {stats.loss:.4f} | lr {stats.lr:.2e}"
-            f" | tok/s {stats.tok_per_s:>9,.0f} | mem {mem / 2**30:.2f} GiB"
+            f" | targets {stats.num_target_tokens:,} | tok/s {stats.tok_per_s:>9,.0f} | mem {mem / 2**30:.2f} GiB"
         )
 
 
