@@ -109,6 +109,8 @@ def _stored(doc_id: int, segs: dict[str, SplitSegments], shards: dict[str, list[
     """``(split, ids, labels)`` of a stored conversation (one segment: conversations are never split)."""
     for name, s in segs.items():
         hits = np.flatnonzero(s.doc_id == doc_id)
+        if len(hits) > 1:
+            raise _fail(f"doc_id {doc_id} is stored as {len(hits)} segments; a conversation is never cut.")
         if len(hits):
             k = int(hits[0])
             row = shards[name][s.shard[k]].row(int(s.row[k]))

@@ -177,7 +177,7 @@ def _plan_and_write(
         targets = np.memmap(journal.targets_path, np.uint8, "r") if num_tokens else np.zeros(0, np.uint8)
     doc_offset = None
     splits = {}
-    for split in plan(cfg, doc_len, val, progress):
+    for split in plan(cfg, doc_len, val, progress, whole_docs=masked):
         name, rows = split.name, split.rows
         if not isinstance(split.docs, slice):  # the plan indexes the split's documents: make it index all
             rows = RowPlan(split.docs[rows.seg_doc], rows.seg_start, rows.seg_len, rows.row_ptr)

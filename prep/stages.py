@@ -213,6 +213,16 @@ def record_kinds(cfg: PackConfig, sources: list[InputFile]) -> RecordKinds | Non
     kinds = resolve_kinds(cfg.format, cfg.text_field, sources)
     if all(k == "text" for k in kinds):
         return None
+    if cfg.strategy != "bfd":
+        raise UserError(
+            f"--strategy {cfg.strategy} cuts documents across rows; conversations are never cut. Pass"
+            " `--strategy bfd` (the default) to pack conversations and pairs."
+        )
+    if "text" in kinds and cfg.long_docs == "split":
+        raise UserError(
+            "a pack holding conversations never splits a document across rows, and some inputs hold text"
+            " documents: pass `--long-docs truncate` or `--long-docs drop` for those longer than --seq-len."
+        )
     template = load_chat_template(cfg.tokenizer, cfg.chat_template) if "chat" in kinds else None
     max_tokens = cfg.seq_len - 1 - (cfg.bos_token is not None)
     return RecordKinds(kinds, ChatSpec(template, frozenset(cfg.train_on), cfg.long_chats, max_tokens))
@@ -463,11 +473,16 @@ class SplitPlan:
 
 
 def plan(
-    cfg: PackConfig, doc_len: np.ndarray, val: np.ndarray | None, progress: Progress
+    cfg: PackConfig,
+    doc_len: np.ndarray,
+    val: np.ndarray | None,
+    progress: Progress,
+    whole_docs: bool = False,
 ) -> Iterator[SplitPlan]:
     """The plan of each split written, one at a time; a global plan over every document of the split.
 
-    ``val``: each document's val flag (``None``: none is).
+    ``val``: each document's val flag (``None``: none is). ``whole_docs``: never cut a document across
+    rows (a pack of conversations: a conversation is one segment, its turns attend to each other).
     """
     for name in SPLITS:
         if name == "val" and cfg.val_fraction == 0.0:
@@ -478,7 +493,12 @@ def plan(
         yield SplitPlan(
             name,
             docs,
-            make_plan(cfg.strategy, doc_len[docs], cfg.seq_len, allow_fragments=cfg.long_docs == "split"),
+            make_plan(
+                cfg.strategy,
+                doc_len[docs],
+                cfg.seq_len,
+                allow_fragments=cfg.long_docs == "split" and not whole_docs,
+            ),
         )
 
 

@@ -202,6 +202,33 @@ def test_conversation_longer_than_seq_len_is_dropped_or_truncated_and_counted(qw
     verify_dataset(VerifyConfig(root=tmp_path / "out", sources=(str(source),)))
 
 
+def test_many_conversations_are_never_cut_across_rows(tmp_path):
+    """bfd may cut documents to fill rows; conversations are packed whole, and verify re-renders them all."""
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Q{k} " * (1 + k % 13)},
+                {"role": "assistant", "content": f"A{k}."},
+            ]
+        }
+        for k in range(300)
+    ]
+    source = write_jsonl(tmp_path / "chat.jsonl", records)
+    m = pack([source], QWEN_TOKENIZER.parent, tmp_path / "out", "--val-fraction", "0.1")
+    assert m.splits["train"].num_segments == m.splits["train"].num_docs
+    assert m.splits["val"].num_segments == m.splits["val"].num_docs
+    report = verify_dataset(VerifyConfig(root=tmp_path / "out", sources=(str(source),), sample=300))
+    assert report.num_source_records == 300
+
+
+def test_wrapped_strategy_is_refused_for_conversations(tmp_path):
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MULTI_TURN}])
+    result = run(
+        "pack", source, "--tokenizer", QWEN_TOKENIZER.parent, "--out", tmp_path / "o", "--strategy", "wrapped"
+    )
+    failed_with(result, "conversations are never cut", flat=True)
+
+
 # --- inputs and formats -----------------------------------------------------------------------------------
 
 
@@ -229,7 +256,9 @@ def test_auto_decides_per_file_and_text_beside_chat_is_trained_throughout(qwen, 
     )  # the reference encoder: exact, and no fast encoder to build
     text = write_jsonl(tmp_path / "docs.jsonl", [{"text": "A plain document."}])
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MULTI_TURN}])
-    m = pack([text, chat], QWEN_TOKENIZER.parent, tmp_path / "out")
+    result = run("pack", text, chat, "--tokenizer", QWEN_TOKENIZER.parent, "--out", tmp_path / "o")
+    failed_with(result, "never splits a document", "--long-docs truncate", flat=True)
+    m = pack([text, chat], QWEN_TOKENIZER.parent, tmp_path / "out", "--long-docs", "truncate")
     assert m.options.format == "mixed"
     assert [i.record_format for i in m.inputs] == [None, "chat"]
     docs = stored(tmp_path / "out")
