@@ -429,3 +429,27 @@ def test_killed_chat_pack_resumes_byte_identical(tmp_path, monkeypatch):
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         resume_in_process([*args, "--out", str(out), "--resume"], monkeypatch)
         assert folder_bytes(out) == folder_bytes(reference)
+
+
+# --- inspect and card -------------------------------------------------------------------------------------
+
+
+def test_inspect_marks_trained_masked_and_special_tokens(chat_pack):
+    out, _ = chat_pack
+    shown = ok(run("inspect", out, "--row", "0"))
+    assert "«Hello!»«⟦<|im_end|>⟧»" in shown  # trained content, then its trained closing token
+    assert "⟦<|im_start|>⟧user\nHi⟦<|im_end|>⟧" in shown  # a masked turn between special tokens
+
+
+def test_card_reports_target_share_and_conversation_lengths(chat_pack):
+    out, _ = chat_pack
+    card = (out / "README.md").read_text(encoding="utf-8")
+    m = Manifest.load(out)
+    s = m.splits["train"]
+    assert "## Conversations" in card
+    assert (
+        f"| train | {s.num_tokens:,} | {s.num_target_tokens:,} | {s.num_target_tokens / s.num_tokens:.2%} |"
+        in card
+    )
+    assert "| tokens | conversations |" in card
+    assert "--long-chats drop --format chat --train-on assistant" in card

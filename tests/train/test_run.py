@@ -62,7 +62,14 @@ def test_run_cli_learns_on_the_sample(packed_sample, tmp_path):
     assert result.exit_code == 0, result.output
     step_lines = [line for line in result.output.splitlines() if line.startswith("step ")]
     assert len(step_lines) == 30
-    assert [part.split()[0] for part in step_lines[-1].split(" | ")] == ["step", "loss", "lr", "targets", "tok/s", "mem"]
+    assert [part.split()[0] for part in step_lines[-1].split(" | ")] == [
+        "step",
+        "loss",
+        "lr",
+        "targets",
+        "tok/s",
+        "mem",
+    ]
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
