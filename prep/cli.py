@@ -149,6 +149,16 @@ def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
         f" {d.split:,} split, {d.truncated:,} truncated",
         highlight=False,
     )
+    if m.options.masked_labels:
+        targets = sum(s.num_target_tokens for s in m.splits.values())
+        tokens = sum(s.num_tokens for s in m.splits.values())
+        target.print(
+            f"records: {m.options.format}; targets {targets:,} of {tokens:,} tokens ({targets / max(tokens, 1):.2%}),"
+            f" trained roles {m.options.train_on or '(completions)'}; --long-chats {m.options.long_chats}:"
+            f" {d.dropped:,} dropped, {d.truncated:,} truncated",
+            highlight=False,
+            markup=False,
+        )
     target.print(
         f"{d.tokens_packed:,} tokens in {seconds:.1f}s ({d.tokens_packed / max(seconds, 1e-9):,.0f} tok/s)",
         highlight=False,

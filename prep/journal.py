@@ -304,6 +304,10 @@ _FLAGS = {
     "val_fraction": "--val-fraction",
     "skip_invalid": "--skip-invalid",
     "rows_per_shard": "--rows-per-shard",
+    "format": "--format",
+    "chat_template": "--chat-template",
+    "train_on": "--train-on",
+    "long_chats": "--long-chats",
 }
 
 
