@@ -605,7 +605,15 @@ def _read_saved_dataset(
 
 def first_record(source: InputFile) -> dict | None:
     """The first record of ``source`` as an object (a JSON object, a table's first row), to tell its format;
-    ``None`` for text and CSV inputs, whose records are text, and for an input without a readable record."""
+    ``None`` for text and CSV inputs, whose records are text, and for an input without a readable record
+    (reading it then says what is wrong, with the file's name)."""
+    try:
+        return _first_record(source)
+    except (OSError, *DECOMPRESSION_ERRORS):
+        return None
+
+
+def _first_record(source: InputFile) -> dict | None:
     if source.format in ("jsonl", "json"):
         with InputStream(source.path) as f:
             head = f.read(64).lstrip(BOM).lstrip()
