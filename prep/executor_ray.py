@@ -38,7 +38,16 @@ from prep.encoder import Encoder, record_jobs
 from prep.outdir import WORK_DIR, prepare_output_folder
 from prep.packing import RowPlan
 from prep.readers import InputError, InputFile, read_records
-from prep.stages import PackConfig, Progress, finish, frame, plan, require_documents, split_metadata
+from prep.stages import (
+    PackConfig,
+    Progress,
+    finish,
+    frame,
+    plan,
+    record_kinds,
+    require_documents,
+    split_metadata,
+)
 from prep.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer
 from prep.writer import TokenStore, default_rows_per_shard, shard_ranges, split_info, write_shard
 from shared.contract import schema_with_metadata, shard_file_name
@@ -349,6 +358,11 @@ def pack_with_ray(cfg: PackConfig, found: Discovery, progress: Progress) -> Mani
     ray = import_ray()
     tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
     sources = list(found.files)
+    if record_kinds(cfg, sources) is not None:
+        raise UserError(
+            "some inputs hold conversations or prompt/completion pairs, which `--executor ray` does not pack"
+            " yet; pack them with `--executor local` (the default)."
+        )
     prepare_output_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     work = cfg.out / WORK_DIR
     shutil.rmtree(work, ignore_errors=True)
