@@ -257,9 +257,7 @@ def read(
             if held is not None:
                 yield ReadBatch(index, False, held)
             held = job
-        if held is None:
-            held = empty_job(cfg.val_fraction)
-        yield ReadBatch(index, True, held)
+        yield ReadBatch(index, True, empty_job(cfg.val_fraction) if held is None else held)
 
 
 def encode(encoder: Encoder, batches: Iterable[ReadBatch]) -> Iterator[tuple[ReadBatch, EncodedBatch]]:

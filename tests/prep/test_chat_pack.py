@@ -245,6 +245,18 @@ def test_chat_from_parquet_and_saved_dataset_equals_jsonl(tmp_path):
     assert stored_after(tmp_path / "saved", tmp_path / "c") == want
 
 
+def test_prompt_completion_pairs_from_parquet_equal_jsonl(tmp_path):
+    records = [
+        {"prompt": "2+2=", "completion": " 4", "id": 1},
+        {"prompt": "Hi", "completion": " there", "id": 2},
+    ]
+    jsonl = write_jsonl(tmp_path / "pairs.jsonl", records)
+    parquet = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(records), parquet)
+    assert stored_after(parquet, tmp_path / "b") == stored_after(jsonl, tmp_path / "a")
+    assert Manifest.load(tmp_path / "b").inputs[0].record_format == "prompt-completion"
+
+
 def stored_after(source: Path, out: Path) -> dict:
     pack([source], QWEN_TOKENIZER.parent, out)
     return stored(out)
