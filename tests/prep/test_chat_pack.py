@@ -465,3 +465,13 @@ def test_card_reports_target_share_and_conversation_lengths(chat_pack):
     )
     assert "| tokens | conversations |" in card
     assert "--long-chats drop --format chat --train-on assistant" in card
+
+
+def test_ray_executor_refuses_conversations_with_the_fix(tmp_path):
+    pytest.importorskip("ray")
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MULTI_TURN}])
+    result = run(
+        "pack", source, "--tokenizer", QWEN_TOKENIZER.parent, "--out", tmp_path / "o", "--executor", "ray"
+    )
+    failed_with(result, "`--executor local`", flat=True)
+    assert not (tmp_path / "o").exists()
