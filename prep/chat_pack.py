@@ -116,6 +116,12 @@ class ChatJob(LocalJob):
     def records(self) -> BatchRecords | None:  # type: ignore[override]
         return self.inner.records if not isinstance(self.inner, list) else None
 
+    @records.setter
+    def records(self, value: BatchRecords | None) -> None:
+        """What a worker that decoded a JSONL chunk sends back (prep/encoder.py)."""
+        if isinstance(self.inner, JsonlChunk) and value is not None:
+            self.inner.records = value
+
     def encode(self, tokenizer: Tokenizer) -> ChatBatch:
         chats = [self.encode_one(tokenizer, text) for text in job_texts(self.inner)]
         return batch_of(chats, self.spec)

@@ -233,8 +233,10 @@ class RecordsJob:
 
 
 class LocalJob:
-    """A job that encodes itself in the packing process with `tokenizers` (:meth:`encode`), in its place
-    among the others: the conversations of prep/chat_pack.py, which the fast encoder does not render."""
+    """A job that encodes itself with `tokenizers` (:meth:`encode`), in its place among the others: the
+    conversations of prep/chat_pack.py, which the fast encoder does not render. Without a fast encoder
+    (a pack of conversations only) such jobs go to a pool of forked workers holding the tokenizer; beside
+    one, in the packing process. A worker sends back what :meth:`encode` gave and :attr:`records`."""
 
     records: BatchRecords | None
 
@@ -298,6 +300,23 @@ def source_jobs(
         return (JsonlChunk(name, text_field, val_fraction, *chunk) for chunk in chunks)
     records = read_records(source, text_field, lambda n: on_bytes(n))
     return record_jobs(islice(records, skip, None), val_fraction)
+
+
+_LOCAL_TOKENIZER: Tokenizer | None = None
+"""A local-job worker's `tokenizers` model: the parent's, inherited through fork."""
+
+
+def _local_worker_init(tokenizer: Tokenizer) -> None:
+    global _LOCAL_TOKENIZER
+    _LOCAL_TOKENIZER = tokenizer
+    _worker_init()
+
+
+def _local_job(job: LocalJob) -> tuple[object, BatchRecords | None]:
+    """A :class:`LocalJob` encoded in a worker: its result, and the records it decoded there."""
+    assert _LOCAL_TOKENIZER is not None, "worker forked without the tokenizer"
+    kill_point("worker")
+    return job.encode(_LOCAL_TOKENIZER), job.records
 
 
 def _pool_worker_init(fast: FastBPE) -> None:
@@ -518,6 +537,7 @@ class Encoder:
         self.fast: FastBPE | None = None
         self.num_checked_batches = 0
         self._pool: ProcessPoolExecutor | None = None
+        self._local_pool: ProcessPoolExecutor | None = None
         self._reference_process = reference
         if not use_fast or reference_forced():
             return
@@ -557,6 +577,9 @@ class Encoder:
 
     def close(self) -> None:
         self._close_pool()
+        if self._local_pool is not None:
+            self._local_pool.shutdown(wait=True, cancel_futures=True)
+            self._local_pool = None
         if self._reference_process is not None:
             self._reference_process.close()
             self._reference_process = None
@@ -616,6 +639,12 @@ class Encoder:
                 yield from self._drain(pending)
                 raise failed
             for payload, job in items:
+                if isinstance(job, LocalJob) and self.fast is None and self._start_local_pool():
+                    assert self._local_pool is not None
+                    pending.append((payload, job, self._local_pool.submit(_local_job, job)))
+                    while len(pending) > 2 * self.workers:
+                        yield self._finish(*pending.popleft())
+                    continue
                 if self.name == REFERENCE:
                     yield from self._drain(pending)
                     yield payload, self._reference(job)
@@ -659,7 +688,27 @@ class Encoder:
             return job.encode(self.tok.tokenizer)
         return reference_encode(self.tok.tokenizer, job_texts(job))
 
+    def _start_local_pool(self) -> bool:
+        """Whether local jobs have a pool of workers (started on first use: two or more, and fork)."""
+        if (
+            self._local_pool is None
+            and self.workers >= 2
+            and "fork" in multiprocessing.get_all_start_methods()
+        ):
+            context = multiprocessing.get_context("fork")
+            self._local_pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=context,
+                initializer=_local_worker_init,
+                initargs=(self.tok.tokenizer,),
+            )
+        return self._local_pool is not None
+
     def _finish(self, payload: T, job: Job, done: Future | tuple | None) -> tuple[T, EncodedBatch]:
+        if isinstance(job, LocalJob) and isinstance(done, Future):  # encoded in a local-job worker
+            result, records = done.result()
+            job.records = records
+            return payload, result  # type: ignore[return-value]
         if self.name == REFERENCE or done is None:  # submitted before a switch (perhaps cancelled), or local
             return payload, self._reference(job)
         got, sample, records = done.result() if isinstance(done, Future) else done

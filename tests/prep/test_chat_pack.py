@@ -435,11 +435,16 @@ def test_killed_chat_pack_resumes_byte_identical(tmp_path, monkeypatch):
     ]
     reference = tmp_path / "ref" / "out"
     assert run_cli([*args, "--out", str(reference)]).returncode == 0
-    for kill_at in ("tokenize:2", "shard:2"):
+    for kill_at in ("tokenize:2", "shard:2", "worker:2"):
         out = tmp_path / kill_at.replace(":", "") / "out"
-        killed = run_cli([*args, "--out", str(out)], kill_at=kill_at)
-        assert killed.returncode == -signal.SIGKILL, killed.stderr
-        resume_in_process([*args, "--out", str(out), "--resume"], monkeypatch)
+        killed = run_cli([*args, "--out", str(out), "--workers", "2"], kill_at=kill_at)
+        if kill_at.startswith("worker"):  # a rendering worker dies as the out-of-memory killer would kill it
+            assert killed.returncode == 1 and "a tokenizing worker process died" in killed.stderr, (
+                killed.stderr
+            )
+        else:
+            assert killed.returncode == -signal.SIGKILL, killed.stderr
+        resume_in_process([*args, "--out", str(out), "--resume", "--workers", "2"], monkeypatch)
         assert folder_bytes(out) == folder_bytes(reference)
 
 
