@@ -15,9 +15,11 @@ import shlex
 from pathlib import Path
 from string import Template
 
+import numpy as np
+
 from prep.card_plot import card_figure
 from prep.provenance import is_stdin
-from prep.stats import SplitStats, dataset_stats, summary
+from prep.stats import SplitStats, dataset_stats, log2_histogram, summary
 from shared.contract import CARD_NAME
 from shared.fileio import atomic_write_text, atomic_writer
 from shared.manifest import Manifest
@@ -239,6 +241,7 @@ def _commands(folder: str, m: Manifest) -> str:
         + (" --skip-invalid" if o.skip_invalid else "")
         + (f" --dataset-split {shlex.quote(o.dataset_split)}" if o.dataset_split else "")
         + _card_options(m)
+        + _chat_flags(m)
     )
     return "\n".join(
         [
@@ -252,6 +255,16 @@ def _commands(folder: str, m: Manifest) -> str:
             f"prep card {d}",
         ]
     )
+
+
+def _chat_flags(m: Manifest) -> str:
+    o = m.options
+    if not o.masked_labels:
+        return ""
+    flags = f" --long-chats {o.long_chats}" + (f" --format {o.format}" if o.format != "mixed" else "")
+    if o.train_on:
+        flags += "".join(f" --train-on {shlex.quote(r)}" for r in o.train_on.split(","))
+    return flags
 
 
 def render_card(m: Manifest, stats: dict[str, SplitStats], folder: str = "DIR") -> str:
@@ -305,7 +318,42 @@ def render_card(m: Manifest, stats: dict[str, SplitStats], folder: str = "DIR") 
         lengths="\n".join(lengths),
         plot=PLOT_NAME,
         commands=_commands(folder, m),
-    )
+    ) + chat_section(m, stats)
+
+
+def chat_section(m: Manifest, stats: dict[str, SplitStats]) -> str:
+    """The card's account of a pack of conversations or pairs: what was rendered, the share of tokens
+    learnt, and conversations per length; nothing for a plain pack (its card keeps its bytes)."""
+    o, d = m.options, m.documents
+    if not o.masked_labels:
+        return ""
+    lines = [
+        "",
+        "## Conversations",
+        "",
+        f"Records: `{o.format}`. Targets: "
+        + (
+            f"the turns of `{o.train_on}` and each turn's closing token (the EOS after a conversation is not one)"
+            if o.train_on
+            else "each completion and its EOS"
+        )
+        + "; every other label is -100.",
+        "",
+        f"Chat template: `{o.chat_template}`. Longer than a row (`--long-chats {o.long_chats}`):"
+        f" {d.dropped:,} dropped, {d.truncated:,} truncated after their last whole trained turn.",
+        "",
+        "| split | tokens | target tokens | share |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, s in m.splits.items():
+        lines.append(
+            f"| {name} | {s.num_tokens:,} | {s.num_target_tokens:,} | {s.num_target_tokens / max(1, s.num_tokens):.2%} |"
+        )
+    lines += ["", "Conversations per length (tokens, EOS included; all splits):", ""]
+    lines += ["| tokens | conversations |", "| --- | ---: |"]
+    doc_len = np.concatenate([st.doc_len for st in stats.values()] or [np.zeros(0, np.int64)])
+    lines += [f"| {lo:,}-{hi - 1:,} | {count:,} |" for lo, hi, count in log2_histogram(doc_len) if count]
+    return "\n".join(lines) + "\n"
 
 
 def is_card_of(path: Path, manifest: Manifest) -> bool:

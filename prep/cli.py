@@ -174,6 +174,16 @@ def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
         highlight=False,
     )
     stored = sum(s.num_tokens for s in m.splits.values())  # a mixture's repeats included
+    if m.options.masked_labels:
+        targets = sum(s.num_target_tokens for s in m.splits.values())
+        tokens = sum(s.num_tokens for s in m.splits.values())
+        target.print(
+            f"records: {m.options.format}; targets {targets:,} of {tokens:,} tokens ({targets / max(tokens, 1):.2%}),"
+            f" trained roles {m.options.train_on or '(completions)'}; --long-chats {m.options.long_chats}:"
+            f" {d.dropped:,} dropped, {d.truncated:,} truncated",
+            highlight=False,
+            markup=False,
+        )
     target.print(
         f"{stored:,} tokens in {seconds:.1f}s ({stored / max(seconds, 1e-9):,.0f} tok/s)", highlight=False
     )
@@ -313,6 +323,30 @@ def pack(
     mix_seed: Annotated[
         int | None, typer.Option(help="With --source: seed of the hashed document sample (default 0).")
     ] = None,
+    record_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="What records hold: auto (each file's first record tells), text, chat (a `messages` list,"
+            " rendered with the chat template) or prompt-completion (`prompt`/`completion` pairs).",
+        ),
+    ] = "auto",
+    chat_template: Annotated[
+        str | None,
+        typer.Option(help="Jinja chat template file; default the tokenizer folder's own."),
+    ] = None,
+    train_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Role whose turns are targets in conversations (repeat for several); default assistant."
+        ),
+    ] = None,
+    long_chats: Annotated[
+        str,
+        typer.Option(
+            help="Conversations longer than --seq-len: drop, or truncate after the last whole trained turn."
+        ),
+    ] = "drop",
 ) -> None:
     """Tokenize documents, separate them with EOS, pack them into rows and write Arrow shards.
 
@@ -322,6 +356,10 @@ def pack(
 
     prep pack --source 'calls=data/calls/*.jsonl:share=0.7' --source 'news=data/news/*.jsonl.gz:share=0.3'
     --max-epochs 2 --tokenizer Qwen2.5-0.5B/ --out mixed/
+
+    Conversations (`messages` lists), trained on the assistant's turns only (docs/chat.md):
+
+    prep pack chats.jsonl --format chat --tokenizer Qwen2.5-0.5B-Instruct/ --out chat-packed/
     """
     try:
         mixture = build_mixture(inputs, recipe, source, max_epochs, total_tokens, mix_seed)
@@ -349,6 +387,10 @@ def pack(
             language=tuple(language or ()),
             source_datasets=tuple(source_dataset or ()),
             description=description,
+            format=record_format,
+            chat_template=chat_template,
+            train_on=tuple(train_on or ("assistant",)),
+            long_chats=long_chats,
         )
         run_pack(cfg)
     except UserError as e:

@@ -235,11 +235,24 @@ class RecordsJob:
     texts: list[str]
 
 
-Job = list[str] | RecordsJob | JsonlChunk
-"""What :meth:`Encoder.map` tokenizes: texts, records read here, or JSONL lines to decode first."""
+class LocalJob:
+    """A job that encodes itself with `tokenizers` (:meth:`encode`), in its place among the others: the
+    conversations of prep/chat_pack.py, which the fast encoder does not render. Without a fast encoder
+    (a pack of conversations only) such jobs go to a pool of forked workers holding the tokenizer; beside
+    one, in the packing process. A worker sends back what :meth:`encode` gave and :attr:`records`."""
+
+    records: BatchRecords | None
+
+    def encode(self, tokenizer: Tokenizer) -> object:
+        raise NotImplementedError
 
 
-def _texts(job: Job) -> list[str]:
+Job = list[str] | RecordsJob | JsonlChunk | LocalJob
+"""What :meth:`Encoder.map` tokenizes: texts, records read here, JSONL lines to decode first, or a job that
+encodes itself."""
+
+
+def job_texts(job: list[str] | RecordsJob | JsonlChunk) -> list[str]:
     """The texts of a job, decoding a JSONL chunk here (which sets its records)."""
     if isinstance(job, JsonlChunk):
         return job.texts()
@@ -299,6 +312,23 @@ def source_jobs(
         return (JsonlChunk(name, text_field, val_fraction, *chunk, hashes=hashes) for chunk in chunks)
     records = read_records(source, text_field, lambda n: on_bytes(n), digest)
     return record_jobs(islice(records, skip, None), val_fraction, hashes)
+
+
+_LOCAL_TOKENIZER: Tokenizer | None = None
+"""A local-job worker's `tokenizers` model: the parent's, inherited through fork."""
+
+
+def _local_worker_init(tokenizer: Tokenizer) -> None:
+    global _LOCAL_TOKENIZER
+    _LOCAL_TOKENIZER = tokenizer
+    _worker_init()
+
+
+def _local_job(job: LocalJob) -> tuple[object, BatchRecords | None]:
+    """A :class:`LocalJob` encoded in a worker: its result, and the records it decoded there."""
+    assert _LOCAL_TOKENIZER is not None, "worker forked without the tokenizer"
+    kill_point("worker")
+    return job.encode(_LOCAL_TOKENIZER), job.records
 
 
 def _pool_worker_init(fast: FastBPE) -> None:
@@ -465,12 +495,19 @@ def open_encoder(
     bos_token: str | None,
     workers: int | None,
     notice: Callable[[str], None],
+    use_fast: bool = True,
 ) -> Iterator[Encoder]:
     """An :class:`Encoder` for `prep pack` that owns every process it starts, closed when the block ends.
 
     With two or more workers the reference process loads `tokenizers` on another core while this one
-    builds the fast encoder; the encoder's :attr:`~Encoder.tok` waits for it.
+    builds the fast encoder; the encoder's :attr:`~Encoder.tok` waits for it. ``use_fast=False``: no fast
+    encoder, no process (every job encodes itself: a pack of conversations only).
     """
+    if not use_fast:
+        tok = load_tokenizer(tokenizer, eos_token=eos_token, bos_token=bos_token)
+        with Encoder(tok, workers=workers, notice=notice, use_fast=False) as encoder:
+            yield encoder
+        return
     reference = start_reference(tokenizer, eos_token=eos_token, bos_token=bos_token, workers=workers)
     try:
         if reference is not None:
@@ -512,6 +549,7 @@ class Encoder:
         self.fast: FastBPE | None = None
         self.num_checked_batches = 0
         self._pool: ProcessPoolExecutor | None = None
+        self._local_pool: ProcessPoolExecutor | None = None
         self._reference_process = reference
         if not use_fast or reference_forced():
             return
@@ -551,6 +589,9 @@ class Encoder:
 
     def close(self) -> None:
         self._close_pool()
+        if self._local_pool is not None:
+            self._local_pool.shutdown(wait=True, cancel_futures=True)
+            self._local_pool = None
         if self._reference_process is not None:
             self._reference_process.close()
             self._reference_process = None
@@ -589,7 +630,12 @@ class Encoder:
             try:
                 if self._pool is not None:
                     for payload, job in islice(items, 2 * self.workers):
-                        pending.append((payload, job, self._pool.submit(_fast_job, _worker_job(job))))
+                        done = (
+                            None
+                            if isinstance(job, LocalJob)
+                            else self._pool.submit(_fast_job, _worker_job(job))
+                        )
+                        pending.append((payload, job, done))
             except Exception as e:  # reading the input failed: say so where the results are read, in order
                 failed = e
             except BaseException:
@@ -605,14 +651,25 @@ class Encoder:
                 yield from self._drain(pending)
                 raise failed
             for payload, job in items:
+                if isinstance(job, LocalJob) and self.fast is None and self._start_local_pool():
+                    assert self._local_pool is not None
+                    pending.append((payload, job, self._local_pool.submit(_local_job, job)))
+                    while len(pending) > 2 * self.workers:
+                        yield self._finish(*pending.popleft())
+                    continue
                 if self.name == REFERENCE:
                     yield from self._drain(pending)
                     yield payload, self._reference(job)
                     continue
-                work = _worker_job(job)
-                done = (
-                    _fast_job(work, self.fast) if self._pool is None else self._pool.submit(_fast_job, work)
-                )
+                if isinstance(job, LocalJob):  # encoded here, when its turn comes
+                    done = None
+                else:
+                    work = _worker_job(job)
+                    done = (
+                        _fast_job(work, self.fast)
+                        if self._pool is None
+                        else self._pool.submit(_fast_job, work)
+                    )
                 pending.append((payload, job, done))
                 while len(pending) > (2 * self.workers if self._pool else 0):
                     yield self._finish(*pending.popleft())
@@ -639,10 +696,32 @@ class Encoder:
 
     def _reference(self, job: Job) -> EncodedBatch:
         """`tokenizers`' ids for a job, decoding a JSONL chunk here (a worker that did kept the texts)."""
-        return reference_encode(self.tok.tokenizer, _texts(job))
+        if isinstance(job, LocalJob):
+            return job.encode(self.tok.tokenizer)
+        return reference_encode(self.tok.tokenizer, job_texts(job))
 
-    def _finish(self, payload: T, job: Job, done: Future | tuple) -> tuple[T, EncodedBatch]:
-        if self.name == REFERENCE:  # submitted before a switch; perhaps cancelled
+    def _start_local_pool(self) -> bool:
+        """Whether local jobs have a pool of workers (started on first use: two or more, and fork)."""
+        if (
+            self._local_pool is None
+            and self.workers >= 2
+            and "fork" in multiprocessing.get_all_start_methods()
+        ):
+            context = multiprocessing.get_context("fork")
+            self._local_pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=context,
+                initializer=_local_worker_init,
+                initargs=(self.tok.tokenizer,),
+            )
+        return self._local_pool is not None
+
+    def _finish(self, payload: T, job: Job, done: Future | tuple | None) -> tuple[T, EncodedBatch]:
+        if isinstance(job, LocalJob) and isinstance(done, Future):  # encoded in a local-job worker
+            result, records = done.result()
+            job.records = records
+            return payload, result  # type: ignore[return-value]
+        if self.name == REFERENCE or done is None:  # submitted before a switch (perhaps cancelled), or local
             return payload, self._reference(job)
         got, sample, records = done.result() if isinstance(done, Future) else done
         if records is not None:  # decoded in a worker

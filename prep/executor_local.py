@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.chat import check_tokenizer_for_chat
 from prep.discovery import Discovery
 from prep.encoder import Encoder, open_encoder
 from prep.fast_bpe import EncodedBatch
@@ -36,14 +37,17 @@ from prep.stages import (
     PackConfig,
     Progress,
     ReadBatch,
+    RecordKinds,
     encode,
     fingerprint,
     finish,
     frame,
+    frame_masked,
     journal_batch,
     mix,
     plan,
     read,
+    record_kinds,
     require_documents,
     split_metadata,
 )
@@ -65,15 +69,17 @@ class Tokenized:
 
 def pack_local(cfg: PackConfig, found: Discovery, progress: Progress) -> Manifest:
     """`prep pack` on this machine (the caller holds the output folder's lock)."""
+    chat = record_kinds(cfg, list(found.files))
     with open_encoder(
         cfg.tokenizer,
         eos_token=cfg.eos_token,
         bos_token=cfg.bos_token,
         workers=cfg.workers,
         notice=progress.message,
+        use_fast=chat is None or "text" in chat.kinds,  # conversations are rendered with `tokenizers`
     ) as encoder:
         try:
-            return _pack(cfg, found, encoder, progress)
+            return _pack(cfg, found, encoder, progress, chat)
         except OSError as e:  # a full disk, an --out that cannot be written: say so, keep the work
             error = output_error(e, cfg.out, cfg.out / WORK_DIR)
             if error is None:
@@ -81,7 +87,9 @@ def pack_local(cfg: PackConfig, found: Discovery, progress: Progress) -> Manifes
             raise error from e
 
 
-def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progress) -> Manifest:
+def _pack(
+    cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progress, chat: RecordKinds | None
+) -> Manifest:
     sources = list(found.files)
     # Standard input's size is not known ahead: then the progress has no total.
     total = None if any(is_stdin(s.path) for s in sources) else float(sum(s.num_bytes for s in sources))
@@ -89,8 +97,10 @@ def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progres
     # A new run starts at the first record: hand the workers their first jobs now, while the tokenizer's
     # details (EOS, BOS: for the journal and the streams) are still being resolved. A resumed run first
     # reads where to start from the journal, which needs them.
-    encoded = None if cfg.resume else encode(encoder, read(cfg, sources, (0, 0), progress))
+    encoded = None if cfg.resume else encode(encoder, read(cfg, sources, (0, 0), progress, chat))
     tok = encoder.tok
+    if chat is not None and "chat" in chat.kinds:
+        check_tokenizer_for_chat(tok.tokenizer)
     if cfg.workers is not None:
         # The Rust thread pool reads this once, on first use; later calls in the same process keep it.
         os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
@@ -107,8 +117,8 @@ def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progres
     try:
         if encoded is None:
             start = (journal.pass1.source_index, journal.pass1.records_done)
-            encoded = encode(encoder, read(cfg, sources, start, progress))
-        tokenized = _tokenize(cfg, tok, sources, journal, progress, encoded)
+            encoded = encode(encoder, read(cfg, sources, start, progress, chat))
+        tokenized = _tokenize(cfg, tok, sources, journal, progress, encoded, chat)
         require_documents(tokenized.accounting)
     except UserError as e:
         # A bad record or an empty corpus is a mistake to fix, not a crash: leave --out as it was so that the
@@ -118,13 +128,15 @@ def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progres
         raise
     docs = tokenized.accounting
     try:
-        splits, mixture = _plan_and_write(cfg, tok, journal, tokenized, sources, rows_per_shard, progress)
+        splits, mixture = _plan_and_write(
+            cfg, tok, journal, tokenized, sources, rows_per_shard, progress, chat is not None
+        )
     except RecipeError as e:  # a share the data cannot give: keep the tokenized work for the fixed recipe
         raise RecipeError(
             f"{e} The tokenized inputs are kept in `{cfg.out}`: fix the recipe and run the same command with"
             " `--resume` to mix them without tokenizing again."
         ) from None
-    return finish(cfg, tok, tokenized.inputs, docs, splits, found.ignored, mixture)
+    return finish(cfg, tok, tokenized.inputs, docs, splits, found.ignored, mixture, chat)
 
 
 def _tokenize(
@@ -134,14 +146,20 @@ def _tokenize(
     journal: Journal,
     progress: Progress,
     encoded: Iterator[tuple[ReadBatch, EncodedBatch]],
+    chat: RecordKinds | None = None,
 ) -> Tokenized:
     """Pass 1: frame and journal every encoded batch, in input order, from where the journal left off."""
     state = journal.pass1
     with journal.open_tokens() as out:
         for batch, ids in encoded:
-            framed = frame(cfg, tok, batch.job.records, ids, state.next_id, state.counts)
             source = sources[batch.source_index] if batch.last else None
-            journal_batch(journal, out, framed, source, batch.fingerprint)
+            if chat is None:
+                framed = frame(cfg, tok, batch.job.records, ids, state.next_id, state.counts)
+                journal_batch(journal, out, framed, source, batch.fingerprint)
+            else:
+                kind = chat.kinds[batch.source_index]
+                framed = frame_masked(cfg, tok, batch.job.records, ids, kind, state.next_id, state.counts)
+                journal_batch(journal, out, framed, source, batch.fingerprint, kind)
             progress.advance(0, docs=state.counts["docs_in"], tokens=state.counts["tokens_packed"])
     journal.finish_pass1()
     return Tokenized(state.num_docs, DocumentAccounting(**state.counts), tuple(state.inputs))
@@ -155,6 +173,7 @@ def _plan_and_write(
     sources: list[InputFile],
     rows_per_shard: int,
     progress: Progress,
+    masked: bool = False,
 ) -> tuple[dict[str, SplitInfo], MixtureInfo | None]:
     """Passes 2 and 3: plan and write every split from the journal's files; returns what the manifest records.
 
@@ -169,6 +188,9 @@ def _plan_and_write(
     # Ids are read a row block at a time, from the file (its pages released like the tokens').
     doc_id = np.memmap(journal.doc_path("doc_id"), dtype=DOC_ARRAYS["doc_id"], mode="r", shape=(num_docs,))
     tokens = np.memmap(journal.tokens_path, dtype=np.int32, mode="r") if num_tokens else np.zeros(0, np.int32)
+    targets = None
+    if masked:
+        targets = np.memmap(journal.targets_path, np.uint8, "r") if num_tokens else np.zeros(0, np.uint8)
     selection = None
     if cfg.mixture is not None:
         doc_hash = _read_file(journal.doc_path("doc_hash"), journal.arrays["doc_hash"], num_docs)
@@ -176,7 +198,7 @@ def _plan_and_write(
         del doc_hash
     doc_offset = None
     splits = {}
-    for split in plan(cfg, doc_len, val, progress, selection):
+    for split in plan(cfg, doc_len, val, progress, selection, whole_docs=masked):
         name, rows = split.name, split.rows
         if doc_offset is None:
             doc_offset = np.zeros(num_docs, doc_len.dtype)
@@ -184,12 +206,14 @@ def _plan_and_write(
         if split.copy is not None:  # a mixture's documents may repeat: a store of the split's own
             copies = split.copy * tokenized.accounting.docs_in
             store = TokenStore(
-                tokens, doc_offset[split.docs], doc_len[split.docs], doc_id[split.docs] + copies
+                tokens, doc_offset[split.docs], doc_len[split.docs], doc_id[split.docs] + copies, targets
             )
         else:
             if not isinstance(split.docs, slice):  # the plan indexes the split's documents: make it index all
                 rows = RowPlan(split.docs[rows.seg_doc], rows.seg_start, rows.seg_len, rows.row_ptr)
-            store = TokenStore(tokens=tokens, doc_offset=doc_offset, doc_len=doc_len, doc_id=doc_id)
+            store = TokenStore(
+                tokens=tokens, doc_offset=doc_offset, doc_len=doc_len, doc_id=doc_id, targets=targets
+            )
         del split  # its document indices and split-local plan, before the shards are written
         progress.start(f"write {name}", float(rows.num_rows))
         splits[name] = write_split(
@@ -199,7 +223,12 @@ def _plan_and_write(
             out_dir=cfg.out,
             metadata=split_metadata(cfg, tok, name),
             rows_per_shard=rows_per_shard,
-            on_rows=lambda n: (progress.advance(n), _release_pages(tokens), _release_pages(doc_id)),
+            on_rows=lambda n: (
+                progress.advance(n),
+                _release_pages(tokens),
+                _release_pages(doc_id),
+                targets is not None and _release_pages(targets),
+            ),
             reuse=lambda file, split=name: journal.reusable_shard(split, file),
             on_shard=lambda info, split=name: journal.shard_done(split, info),
         )

@@ -49,6 +49,7 @@ from prep.stages import (
     input_info,
     mix,
     plan,
+    record_kinds,
     require_documents,
     split_metadata,
 )
@@ -382,6 +383,11 @@ def pack_with_ray(cfg: PackConfig, found: Discovery, progress: Progress) -> Mani
     ray = import_ray()
     tok = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token, bos_token=cfg.bos_token)
     sources = list(found.files)
+    if record_kinds(cfg, sources) is not None:
+        raise UserError(
+            "some inputs hold conversations or prompt/completion pairs, which `--executor ray` does not pack"
+            " yet; pack them with `--executor local` (the default)."
+        )
     prepare_output_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     work = cfg.out / WORK_DIR
     shutil.rmtree(work, ignore_errors=True)

@@ -7,6 +7,8 @@ The work folder holds::
     doc_len.bin    int64 per packed document
     is_val.bin     int8 per packed document
     doc_hash.bin   uint64 per packed document, only for a mixture (prep/mixture.py)
+    targets.bin    uint8 per token, in step with tokens.bin: 1 where the token is a target (only in a pack
+                   of conversations or prompt/completion pairs, whose labels follow a mask)
 
 Only the batch being committed is held in memory; packing reads the per-document files back afterwards.
     journal.json   the last commit point: the run's options, the pass-1 position and counts, finished shards
@@ -54,6 +56,7 @@ from shared.reader import check_shard_file
 JOURNAL_NAME = "journal.json"
 JOURNAL_VERSION = 1
 TOKENS_NAME = "tokens.bin"
+TARGETS_NAME = "targets.bin"
 DOC_ARRAYS = {"doc_id": np.dtype(np.int64), "doc_len": np.dtype(np.int64), "is_val": np.dtype(np.int8)}
 """The per-document files of pass 1 (``NAME.bin``) and their dtypes."""
 HASH_ARRAY = {"doc_hash": np.dtype(np.uint64)}
@@ -115,12 +118,15 @@ class Pass1State:
     done: bool = False
     num_docs: int = 0
     """Packed documents whose entries in the per-document files are committed."""
+    target_bytes: int = 0
+    """Committed bytes of ``targets.bin`` (0 in a pack without a target mask)."""
 
     def to_json(self) -> dict[str, Any]:
         keys = ("source_index", "records_done", "first_id", "next_id", "token_bytes", "counts", "done")
         raw = {k: getattr(self, k) for k in keys}
         raw["inputs"] = [asdict(i) for i in self.inputs]
         raw["num_docs"] = self.num_docs
+        raw["target_bytes"] = self.target_bytes
         return raw
 
 
@@ -137,6 +143,7 @@ class Journal:
         self.arrays = {**DOC_ARRAYS, **(HASH_ARRAY if hashes else {})}
         """The per-document files this run keeps, with their dtypes."""
         self._pending: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}
+        self._pending_targets: list[np.ndarray] = []
 
     @property
     def tokens_path(self) -> Path:
@@ -180,6 +187,7 @@ class Journal:
                 inputs=[InputInfo(**i) for i in p["inputs"]],
                 done=p["done"],
                 num_docs=p["num_docs"],
+                target_bytes=p.get("target_bytes", 0),
             )
             shards = {s: [ShardInfo(**i) for i in infos] for s, infos in raw["shards"].items()}
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -203,6 +211,8 @@ class Journal:
         _truncate(work / TOKENS_NAME, state.token_bytes)
         for name, dtype in journal.arrays.items():
             _truncate(work / f"{name}.bin", state.num_docs * dtype.itemsize)
+        if state.target_bytes or (work / TARGETS_NAME).exists():
+            _truncate(work / TARGETS_NAME, state.target_bytes)
         journal.shards = shards
         return journal
 
@@ -212,6 +222,14 @@ class Journal:
 
     def open_tokens(self) -> BinaryIO:
         return open(self.tokens_path, "ab")
+
+    @property
+    def targets_path(self) -> Path:
+        return self.work / TARGETS_NAME
+
+    def append_targets(self, mask: np.ndarray) -> None:
+        """One batch's target mask (uint8 per token, in step with its tokens); written by the next commit."""
+        self._pending_targets.append(np.ascontiguousarray(mask, np.uint8))
 
     def doc_path(self, name: str) -> Path:
         """The per-document file ``name`` (a key of :data:`DOC_ARRAYS`)."""
@@ -273,6 +291,14 @@ class Journal:
                 os.fsync(f.fileno())
         self.pass1.num_docs += sum(len(v) for v in self._pending["doc_id"])
         self._pending = {name: [] for name in self.arrays}
+        if self._pending_targets:
+            with open(self.targets_path, "ab") as f:
+                for mask in self._pending_targets:
+                    f.write(memoryview(mask))
+                f.flush()
+                os.fsync(f.fileno())
+                self.pass1.target_bytes = f.tell()
+            self._pending_targets = []
 
     def _save(self) -> None:
         raw = {
@@ -313,6 +339,10 @@ _FLAGS = {
     "rows_per_shard": "--rows-per-shard",
     "mixture": "the mixture's sources (--recipe/--source)",
     "mixture_plan": "the mixture's shares, epochs and caps",
+    "format": "--format",
+    "chat_template": "--chat-template",
+    "train_on": "--train-on",
+    "long_chats": "--long-chats",
 }
 
 

@@ -40,6 +40,75 @@ INVALID = "invalid"
 
 T = TypeVar("T")
 
+RECORD_FORMATS = ("text", "chat", "prompt-completion")
+"""What a record holds: a document's text, a conversation (`messages`), or a `prompt`/`completion` pair."""
+
+
+class Field(str):
+    """The field a record's value is read from, and which :data:`RECORD_FORMATS` that value has.
+
+    It is the field's name (a ``str``, so every reader and message takes it as before); a conversation or a
+    prompt/completion pair becomes the record's text as canonical JSON (:func:`structured_text`), which the
+    chat encoder (prep/chat_pack.py) decodes again. ``prompt-completion`` reads the fields `prompt` and
+    `completion`, whatever the name.
+    """
+
+    kind: str
+
+    def __new__(cls, name: str, kind: str = "text") -> Field:
+        field = super().__new__(cls, name)
+        field.kind = kind
+        return field
+
+    def __reduce__(self) -> tuple:
+        return (Field, (str(self), self.kind))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns a tabular reader reads for this field."""
+        return PAIR_FIELDS if self.kind == "prompt-completion" else (str(self),)
+
+
+PAIR_FIELDS = ("prompt", "completion")
+
+
+def record_kind(text_field: str) -> str:
+    """The record format of ``text_field``: a :class:`Field`'s kind, else ``text``."""
+    return getattr(text_field, "kind", "text")
+
+
+def structured_text(value: object, kind: str) -> tuple[str | None, str]:
+    """A conversation or a prompt/completion pair as canonical JSON text, or ``(None, why it is not one)``.
+
+    Conversations keep every message's `role` and `content` (both strings); the chat encoder checks the
+    rest. An empty conversation, or a pair whose completion is empty, is no text (counted as empty).
+    """
+    if kind == "chat":
+        if hasattr(value, "tolist"):  # a numpy array of a datasets column
+            value = value.tolist()
+        if not isinstance(value, list):
+            return None, f"is {_kind(value)}, not a list of {{role, content}} messages"
+        bad = next((i for i, m in enumerate(value) if not _is_message(m)), None)
+        if bad is not None:
+            return None, (
+                f"message {bad} is not an object with string `role` and `content` (tool calls and content"
+                " blocks are not supported yet)"
+            )
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+        return (json.dumps(messages, ensure_ascii=False) if messages else ""), ""
+    prompt, completion = value if isinstance(value, tuple) else (None, None)
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        return None, f"`prompt` and `completion` must be strings, got {_kind(prompt)} and {_kind(completion)}"
+    if not completion.strip():
+        return "", ""
+    return json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False), ""
+
+
+def _is_message(m: object) -> bool:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        return False
+    return all(v is None for k, v in m.items() if k not in ("role", "content"))
+
 
 class InputError(UserError):
     """An input file, or a record in it, cannot be read."""
@@ -216,6 +285,11 @@ def _named_errors(source: InputFile, items: Iterator[T]) -> Iterator[T]:
 def _from_value(obj: object, text_field: str, where: str) -> Record:
     if not isinstance(obj, dict):
         return Record(None, INVALID, where, f"expected a JSON object, found {type(obj).__name__}")
+    if record_kind(text_field) == "prompt-completion":
+        if missing := [k for k in PAIR_FIELDS if k not in obj]:
+            keys = ", ".join(list(obj)[:8])
+            return Record(None, MISSING_FIELD, where, f"no `{missing[0]}` field (fields: {keys})")
+        return _from_text_value((obj["prompt"], obj["completion"]), text_field, where)
     if text_field not in obj and "." in text_field:
         return _from_path(obj, text_field, where)
     if text_field not in obj:
@@ -249,6 +323,10 @@ def _from_path(obj: dict, text_field: str, where: str) -> Record:
 def _from_text_value(text: object, text_field: str, where: str) -> Record:
     if text is None:
         return Record(None, MISSING_FIELD, where, f"`{text_field}` is null")
+    if (kind := record_kind(text_field)) != "text":
+        text, why = structured_text(text, kind)
+        if text is None:
+            return Record(None, INVALID, where, f"`{text_field}` {why}")
     if not isinstance(text, str):
         return Record(None, INVALID, where, f"`{text_field}` is {_kind(text)}, not a string")
     return _text_record(text, where)
@@ -488,7 +566,9 @@ def _read_whole(path: str | Path, on_bytes: Callable[[int], None], digest: Input
 def _column_records(column: list, start_row: int, path: str | Path, text_field: str) -> Iterator[Record]:
     for i, text in enumerate(column):
         where = f"{path}:row {start_row + i}"
-        if text is None:
+        if record_kind(text_field) != "text" and not isinstance(text, NotUtf8):
+            yield _from_text_value(text, text_field, where)
+        elif text is None:
             yield Record(None, MISSING_FIELD, where, f"`{text_field}` is null")
         elif isinstance(text, NotUtf8):
             yield Record(None, INVALID, where, f"invalid UTF-8 at byte {text.error_at} of `{text_field}`")
@@ -537,15 +617,18 @@ def _read_parquet(
         pf = pq.ParquetFile(open_raw(path, None) if is_url(path) else path)
     except Exception as e:  # pyarrow raises several types for a damaged footer
         raise InputError(f"`{path}` is not a readable Parquet file ({e}).") from e
-    if text_field not in pf.schema_arrow.names:
+    columns = list(text_field.columns if isinstance(text_field, Field) else (text_field,))
+    if missing := [c for c in columns if c not in pf.schema_arrow.names]:
         raise InputError(
-            f"`{path}` has no `{text_field}` column (columns: {', '.join(pf.schema_arrow.names)}); set `--text-field`."
+            f"`{path}` has no `{missing[0]}` column (columns: {', '.join(pf.schema_arrow.names)}); set `--text-field`."
         )
     row = 0
     total = size_of(path)
     hashed = None if digest is None else OrderedHash([path], digest)
-    for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
-        yield from _column_records(_strings(batch.column(0)), row, path, text_field)
+    for batch in pf.iter_batches(batch_size=4096, columns=columns):
+        values = [_strings(batch.column(k)) for k in range(len(columns))]
+        column = values[0] if len(values) == 1 else list(zip(*values, strict=True))
+        yield from _column_records(column, row, path, text_field)
         row += batch.num_rows
         on_bytes(total * batch.num_rows // max(pf.metadata.num_rows, 1))
         if hashed is not None:
@@ -586,15 +669,17 @@ def _read_dataset(
         label = f"{source.path} (split {source.dataset_split})"
     else:
         ds, label = _load_saved(source)
-    if text_field not in ds.column_names:
+    columns = list(text_field.columns if isinstance(text_field, Field) else (text_field,))
+    if missing := [c for c in columns if c not in ds.column_names]:
         raise InputError(
-            f"dataset `{label}` has no `{text_field}` column (columns: {', '.join(ds.column_names)});"
+            f"dataset `{label}` has no `{missing[0]}` column (columns: {', '.join(ds.column_names)});"
             " set `--text-field`."
         )
     # The Arrow files' offsets come from disk: check them (and the UTF-8) before any read trusts them,
     # so a damaged file is an error instead of text read from outside its buffers.
     try:
-        ds.data.table.column(text_field).validate(full=True)
+        for name in columns:
+            ds.data.table.column(name).validate(full=True)
     except pa.ArrowInvalid as e:
         raise InputError(
             f"dataset `{label}`: column `{text_field}` is damaged ({e})."
@@ -604,10 +689,63 @@ def _read_dataset(
     num_bytes = source.num_bytes
     hashed = None if digest is None else OrderedHash(source.files(), digest)
     for start in range(0, len(ds), 4096):
-        column = ds[start : start + 4096][text_field]
+        block = ds[start : start + 4096]
+        values = [block[name] for name in columns]
+        column = values[0] if len(values) == 1 else list(zip(*values, strict=True))
         yield from _column_records(column, start, label, text_field)
         on_bytes(num_bytes * len(column) // total)
         if hashed is not None:
             hashed.advance(start + len(column), len(ds))
     if hashed is not None:
         hashed.finish()
+
+
+def first_record(source: InputFile) -> dict | None:
+    """The first record of ``source`` as an object (a JSON object, a table's first row), to tell its format;
+    ``None`` for text and CSV inputs, whose records are text, and for an input without a readable record
+    (reading it then says what is wrong, with the file's name). Standard input, URLs and Hub datasets are
+    not peeked at (stdin cannot be read twice): they are text under ``--format auto``; name their format."""
+    if is_stdin(source.path) or source.url or source.format == hub.FORMAT:
+        return None
+    try:
+        return _first_record(source)
+    except (OSError, *DECOMPRESSION_ERRORS):
+        return None
+
+
+def _first_record(source: InputFile) -> dict | None:
+    if source.format in ("jsonl", "json"):
+        with InputStream(source.path) as f:
+            head = f.read(64).lstrip(BOM).lstrip()
+        if source.format == "json" and head.startswith(b"["):
+            try:
+                items = json.loads(_read_whole(source.path, lambda n: None, None).decode("utf-8-sig"))
+            except (ValueError, RecursionError):
+                return None  # the reader says what is wrong with it
+            return items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else None
+        for first_line, chunk in jsonl_chunks(source.path, lambda n: None, size=1 << 16):
+            for _, raw in jsonl_chunk_lines(first_line, chunk):
+                try:
+                    obj = json.loads(raw)
+                except (ValueError, RecursionError):
+                    return None
+                return obj if isinstance(obj, dict) else None
+        return None
+    if source.format == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            batch = next(pq.ParquetFile(source.path).iter_batches(batch_size=1), None)
+        except Exception:  # the reader says what is wrong with it
+            return None
+        return batch.to_pylist()[0] if batch is not None and batch.num_rows else None
+    if source.format == "arrow-dataset":
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(source.path))
+            ds = loaded[source.dataset_split] if source.dataset_split else loaded
+            return ds[0] if len(ds) else None
+        except Exception:
+            return None
+    return None

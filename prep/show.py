@@ -210,6 +210,58 @@ def segments_view(row: PackedRow, tok: LoadedTokenizer | None, eos_id: int) -> T
     return text
 
 
+TRAINED, MASKED, SPECIAL = "bold green", "dim", "bold magenta"
+
+
+def targets_view(row: PackedRow, tok: LoadedTokenizer | None, eos_id: int, plain: bool) -> Text:
+    """Each segment of a row of conversations, its trained tokens coloured apart from the masked ones and
+    every special token (a turn boundary, the EOS) marked. ``plain`` (no terminal, no colour): trained
+    text between `«` and `»`, special tokens between `⟦` and `⟧`."""
+    specials = set(tok.special_ids().tolist()) if tok is not None else {eos_id}
+    text = Text()
+    cu = row.cu_seqlens.tolist()
+    legend = "legend: «trained» masked ⟦special⟧ «⟦trained special⟧»" if plain else None
+    text.append((legend or "legend: ") + ("\n" if legend else ""), style="dim")
+    if not legend:
+        text.append("trained", style=TRAINED)
+        text.append(" masked", style=MASKED)
+        text.append(" special (turn boundary, EOS)", style=SPECIAL)
+        text.append(" trained special\n", style=f"{TRAINED} underline")
+    for s, doc in enumerate(row.doc_ids.tolist()):
+        a, b = cu[s], cu[s + 1]
+        targets = int((row.labels[a:b] != IGNORE_INDEX).sum())
+        header = f"--- segment {s}: doc_id {doc}, tokens {a}..{b - 1} ({b - a}), {targets} trained ---"
+        text.append(header + "\n", style=f"bold {COLOURS[s % len(COLOURS)]}")
+        for kind, ids in _runs(row, a, b, specials):
+            piece = tok.decode(ids) if tok is not None else " ".join(map(str, ids))
+            if kind == "trained special":
+                text.append(f"«⟦{piece}⟧»" if plain else piece, style=f"{TRAINED} underline")
+            elif kind == "special":
+                text.append(f"⟦{piece}⟧" if plain else piece, style=SPECIAL)
+            elif kind == "trained":
+                text.append(f"«{piece}»" if plain else piece, style=TRAINED)
+            else:
+                text.append(piece, style=MASKED)
+        text.append("\n")
+    return text
+
+
+def _runs(row: PackedRow, a: int, b: int, specials: set[int]) -> list[tuple[str, list[int]]]:
+    """Tokens ``a:b`` of a row as runs of one kind: ``special`` (one token each), ``trained`` or ``masked``."""
+    runs: list[tuple[str, list[int]]] = []
+    for i in range(a, b):
+        token = int(row.input_ids[i])
+        trained = int(row.labels[i]) != IGNORE_INDEX
+        kind = "special" if token in specials else "trained" if trained else "masked"
+        if kind == "special" and trained:  # a trained closing token: marked as both
+            kind = "trained special"
+        if runs and runs[-1][0] == kind and "special" not in kind:
+            runs[-1][1].append(token)
+        else:
+            runs.append((kind, [token]))
+    return runs
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class InspectConfig:
     root: Path
@@ -254,7 +306,11 @@ def inspect_dataset(cfg: InspectConfig, console: Console) -> None:
             f" cu_seqlens {row.cu_seqlens.tolist()[:16]}{' ...' if row.num_segments > 15 else ''}",
             highlight=False,
         )
-        console.print(segments_view(row, tok, m.tokenizer.eos_id))
+        if m.options.masked_labels:
+            plain = not console.is_terminal or console.no_color
+            console.print(targets_view(row, tok, m.tokenizer.eos_id, plain))
+        else:
+            console.print(segments_view(row, tok, m.tokenizer.eos_id))
         console.print(token_table(row, tok, m.tokenizer.eos_id))
         console.print(mask_text(row.cu_seqlens))
     if cfg.png is not None:

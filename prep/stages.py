@@ -18,6 +18,7 @@ writing (see docs/reliability.md, "Memory: bytes per document").
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -30,6 +31,18 @@ import numpy as np
 
 from prep import __version__
 from prep.card import write_card
+from prep.chat import LONG_CHAT_RULES, load_chat_template
+from prep.chat_pack import (
+    DROPPED,
+    FORMATS,
+    TRUNCATED,
+    ChatBatch,
+    ChatJob,
+    ChatSpec,
+    pack_format,
+    record_field,
+    resolve_kinds,
+)
 from prep.encoder import Encoder, Job, empty_job, source_jobs
 from prep.fast_bpe import EncodedBatch
 from prep.journal import Journal, input_stats, kill_point
@@ -104,8 +117,19 @@ class PackConfig:
     mixture: Mixture | None = None
     """Sources mixed to shares or epochs (prep/recipe.py, prep/mixture.py); their inputs are ``inputs``."""
 
+    format: str = "auto"
+    """What the records hold: ``text``, ``chat`` (a `messages` list), ``prompt-completion``, or ``auto``
+    (each input's first record tells; prep/chat_pack.py)."""
+    chat_template: str | None = None
+    """A Jinja chat template file; default the tokenizer's own (prep/chat.py)."""
+    train_on: tuple[str, ...] = ("assistant",)
+    """Roles whose turns are targets in conversations."""
+    long_chats: str = "drop"
+    """Conversations longer than a row: ``drop`` or ``truncate`` after the last whole trained turn."""
+
     def __post_init__(self) -> None:
         check_card_fields(self)
+        check_chat_options(self)
         if self.executor not in EXECUTORS:
             raise UserError(f"--executor {self.executor!r} is unknown; choose one of {', '.join(EXECUTORS)}.")
         if self.ray_address is not None and self.executor != "ray":
@@ -202,6 +226,20 @@ def card_info(cfg: PackConfig) -> CardInfo | None:
     return None if info == CardInfo() else info
 
 
+def check_chat_options(cfg: PackConfig) -> None:
+    """Refuse chat options that cannot work, with the fix."""
+    if cfg.format not in FORMATS:
+        raise UserError(f"--format {cfg.format!r} is unknown; choose one of {', '.join(FORMATS)}.")
+    if cfg.long_chats not in LONG_CHAT_RULES:
+        raise UserError(
+            f"--long-chats {cfg.long_chats!r} is unknown; choose one of {', '.join(LONG_CHAT_RULES)}."
+        )
+    if not cfg.train_on or not all(r.strip() for r in cfg.train_on):
+        raise UserError("--train-on names no role; pass one or more roles, e.g. `--train-on assistant`.")
+    if cfg.executor == "ray" and cfg.format not in ("auto", "text"):
+        raise UserError(f"--format {cfg.format} needs `--executor local` (the Ray executor packs text only).")
+
+
 class Progress:
     """What `prep pack` reports while it runs; the CLI draws it, tests ignore it."""
 
@@ -229,17 +267,59 @@ class ReadBatch:
     """The input's fingerprint, on its last batch (it is read whole by then)."""
 
 
+@dataclass(frozen=True, slots=True)
+class RecordKinds:
+    """What each input's records hold (prep/chat_pack.py), and how conversations become ids and targets."""
+
+    kinds: tuple[str, ...]
+    spec: ChatSpec
+
+    @property
+    def masked(self) -> bool:
+        """Whether the pack's labels follow a target mask (any input holds conversations or pairs)."""
+        return any(k != "text" for k in self.kinds)
+
+
+def record_kinds(cfg: PackConfig, sources: list[InputFile]) -> RecordKinds | None:
+    """What each input holds under ``--format``, with the chat template if any holds conversations; ``None``
+    when every input holds text (a plain pack, unchanged)."""
+    kinds = resolve_kinds(cfg.format, cfg.text_field, sources)
+    if all(k == "text" for k in kinds):
+        return None
+    if cfg.strategy != "bfd":
+        raise UserError(
+            f"--strategy {cfg.strategy} cuts documents across rows; conversations are never cut. Pass"
+            " `--strategy bfd` (the default) to pack conversations and pairs."
+        )
+    if "text" in kinds and cfg.long_docs == "split":
+        raise UserError(
+            "a pack holding conversations never splits a document across rows, and some inputs hold text"
+            " documents: pass `--long-docs truncate` or `--long-docs drop` for those longer than --seq-len."
+        )
+    template = load_chat_template(cfg.tokenizer, cfg.chat_template) if "chat" in kinds else None
+    max_tokens = cfg.seq_len - 1 - (cfg.bos_token is not None)
+    return RecordKinds(kinds, ChatSpec(template, frozenset(cfg.train_on), cfg.long_chats, max_tokens))
+
+
 def read(
-    cfg: PackConfig, sources: list[InputFile], start: tuple[int, int], progress: Progress
+    cfg: PackConfig,
+    sources: list[InputFile],
+    start: tuple[int, int],
+    progress: Progress,
+    chat: RecordKinds | None = None,
 ) -> Iterator[ReadBatch]:
-    """The inputs as batches, from ``start`` = (source index, records of it done) on: the journal's position."""
+    """The inputs as batches, from ``start`` = (source index, records of it done) on: the journal's position.
+
+    With ``chat``, inputs of conversations or pairs come as :class:`ChatJob`s."""
     spread = cfg.workers or os.cpu_count() or 1
     for index in range(start[0], len(sources)):
         skip = start[1] if index == start[0] else 0
+        kind = chat.kinds[index] if chat is not None else "text"
         digest = InputDigest()  # a resumed input is read from its start too: the skipped records are hashed
+        field = sources[index].text_field or cfg.text_field
         jobs = source_jobs(
             sources[index],
-            text_field=sources[index].text_field or cfg.text_field,
+            text_field=record_field(kind, field) if kind != "text" else field,
             val_fraction=cfg.val_fraction,
             hashes=cfg.mixture is not None,
             skip=skip,
@@ -247,6 +327,8 @@ def read(
             on_bytes=progress.advance,
             digest=digest,
         )
+        if chat is not None and kind != "text":
+            jobs = (ChatJob(job, kind, chat.spec) for job in jobs)  # type: ignore[arg-type]
         held = None  # one batch held back, to know which is the last of its source
         for job in jobs:
             if held is not None:
@@ -280,6 +362,8 @@ class Framed:
     """int8, 1 for each kept document of the ``val`` split."""
     doc_hash: np.ndarray | None = None
     """uint64, each kept document's content hash, for a mixture (else None)."""
+    mask: np.ndarray | None = None
+    """uint8 per token, 1 where it is a target: only in a pack of conversations or pairs (prep/chat_pack.py)."""
 
 
 def frame(
@@ -308,6 +392,76 @@ def frame(
         is_val=records.is_val[streams.kept],
         doc_hash=None if records.doc_hash is None else records.doc_hash[streams.kept],
     )
+
+
+def frame_masked(
+    cfg: PackConfig,
+    tok: LoadedTokenizer,
+    records: BatchRecords,
+    encoded: EncodedBatch | ChatBatch,
+    kind: str,
+    first_id: int,
+    counts: dict[str, int],
+) -> Framed:
+    """:func:`frame` for a pack whose labels follow a target mask: documents (``kind`` text) are targets
+    throughout; conversations and pairs, fitted to a row when encoded, carry their own mask."""
+    if not isinstance(encoded, ChatBatch):
+        framed = frame(cfg, tok, records, encoded, first_id, counts)
+        mask = np.ones(len(framed.tokens), np.uint8)
+        return dataclasses.replace(framed, mask=mask)
+    _count_problems(cfg, records, counts)
+    _refuse_placed_ids_inside(encoded, tok)
+    extra = 1 + (tok.bos_id is not None)
+    kept = encoded.fate != DROPPED
+    out_len = encoded.lengths[kept] + extra
+    ends = np.cumsum(out_len)
+    starts = ends - out_len
+    tokens = np.empty(int(out_len.sum()), np.int32)
+    mask = np.zeros(len(tokens), np.uint8)
+    is_content = np.ones(len(tokens), bool)
+    if tok.bos_id is not None:
+        tokens[starts] = tok.bos_id
+        is_content[starts] = False
+    tokens[ends - 1] = tok.eos_id
+    is_content[ends - 1] = False
+    tokens[is_content] = encoded.ids
+    mask[is_content] = encoded.targets
+    mask[ends - 1] = kind == "prompt-completion"  # a pair's EOS ends its completion; a chat's turn end did
+    truncated, dropped = encoded.fate == TRUNCATED, encoded.fate == DROPPED
+    full = encoded.full_lengths + extra
+    for key, value in {
+        "tokens_in": full.sum(),
+        "packed": kept.sum(),
+        "tokens_packed": out_len.sum(),
+        "truncated": truncated.sum(),
+        "tokens_truncated": (encoded.full_lengths - encoded.lengths)[truncated].sum(),
+        "dropped": dropped.sum(),
+        "tokens_dropped": full[dropped].sum(),
+    }.items():
+        counts[key] += int(value)
+    return Framed(
+        num_records=records.num_records,
+        tokens=tokens,
+        doc_id=first_id + records.text_index()[kept],
+        doc_len=out_len.astype(np.int64),
+        is_val=records.is_val[kept],
+        doc_hash=None if records.doc_hash is None else records.doc_hash[kept],
+        mask=mask,
+    )
+
+
+def _refuse_placed_ids_inside(encoded: ChatBatch, tok: LoadedTokenizer) -> None:
+    """A chat template that writes the pack's EOS (or BOS) inside a conversation would give it two."""
+    for flag, name, token_id in (
+        ("--eos-token", tok.info.eos_token, tok.eos_id),
+        ("--bos-token", tok.info.bos_token, tok.bos_id),
+    ):
+        if token_id is not None and (encoded.ids == token_id).any():
+            raise UserError(
+                f"the chat template writes {name!r} (id {token_id}) inside conversations, and it is the pack's"
+                f" {flag[2:5].upper()}: a conversation would hold two. Pass another {flag} (for Qwen,"
+                " `--eos-token '<|endoftext|>'`), one the template does not write."
+            )
 
 
 def _count_problems(cfg: PackConfig, records: BatchRecords, counts: dict[str, int]) -> None:
@@ -353,6 +507,10 @@ def fingerprint(cfg: PackConfig, tok: LoadedTokenizer, sources: list[InputFile],
         "val_fraction": cfg.val_fraction,
         "skip_invalid": cfg.skip_invalid,
         "rows_per_shard": rows_per_shard,
+        "format": cfg.format,
+        "chat_template": cfg.chat_template,
+        "train_on": list(cfg.train_on),
+        "long_chats": cfg.long_chats,
         **(cfg.mixture.fingerprint() if cfg.mixture is not None else {}),
     }
 
@@ -365,9 +523,11 @@ def input_info(
     *,
     num_docs: int,
     num_tokens: int,
+    record_format: str | None = None,
 ) -> InputInfo:
     """What the manifest records of one input read whole (both executors make it here): ``num_docs`` and
-    ``num_tokens`` are what it gave after reading and ``--long-docs``."""
+    ``num_tokens`` are what it gave after reading and ``--long-docs``; ``record_format``: ``chat`` or
+    ``prompt-completion`` when its records held those."""
     return InputInfo(
         path=source.name,
         format=source.format,
@@ -380,6 +540,7 @@ def input_info(
         num_bytes=fingerprint.num_bytes,
         mtime_ns=fingerprint.mtime_ns,
         sha256=fingerprint.sha256,
+        record_format=record_format,
     )
 
 
@@ -389,12 +550,15 @@ def journal_batch(
     framed: Framed,
     source: InputFile | None,
     fingerprint: Fingerprint | None = None,
+    kind: str = "text",
 ) -> None:
     """Append one framed batch to the work files and commit it; ``source``: the input file it closes, if any,
-    with its ``fingerprint``."""
+    with its ``fingerprint`` (``kind``: what its records hold)."""
     state = journal.pass1
     hashes = {} if framed.doc_hash is None else {"doc_hash": framed.doc_hash}
     journal.append_docs(doc_id=framed.doc_id, doc_len=framed.doc_len, is_val=framed.is_val, **hashes)
+    if framed.mask is not None:
+        journal.append_targets(framed.mask)
     tokens.write(memoryview(framed.tokens))
     state.next_id += framed.num_records
     journal.commit_batch(tokens, framed.num_records)
@@ -408,6 +572,7 @@ def journal_batch(
             fingerprint,
             num_docs=state.counts["packed"] - sum(i.num_docs or 0 for i in state.inputs),
             num_tokens=state.counts["tokens_packed"] - sum(i.num_tokens or 0 for i in state.inputs),
+            record_format=None if kind == "text" else kind,
         )
         journal.commit_source(tokens, info)
 
@@ -453,10 +618,13 @@ def plan(
     val: np.ndarray | None,
     progress: Progress,
     selection: Selection | None = None,
+    whole_docs: bool = False,
 ) -> Iterator[SplitPlan]:
     """The plan of each split written, one at a time; a global plan over every document of the split.
 
     ``val``: each document's val flag (``None``: none is). ``selection``: a mixture's documents per split.
+    ``whole_docs``: never cut a document across rows (a pack of conversations: a conversation is one segment,
+    its turns attend to each other).
     """
     for name in SPLITS:
         if name == "val" and cfg.val_fraction == 0.0:
@@ -471,7 +639,12 @@ def plan(
         yield SplitPlan(
             name,
             docs,
-            make_plan(cfg.strategy, doc_len[docs], cfg.seq_len, allow_fragments=cfg.long_docs == "split"),
+            make_plan(
+                cfg.strategy,
+                doc_len[docs],
+                cfg.seq_len,
+                allow_fragments=cfg.long_docs == "split" and not whole_docs,
+            ),
             copy,
         )
 
@@ -505,6 +678,19 @@ def split_metadata(cfg: PackConfig, tok: LoadedTokenizer, split: str) -> dict:
 # --- finish -----------------------------------------------------------------------------------------------
 
 
+def chat_options(cfg: PackConfig, chat: RecordKinds | None) -> dict:
+    """What the manifest's options say of a pack with a target mask; nothing for a plain pack."""
+    if chat is None or not chat.masked:
+        return {}
+    has_chat = "chat" in chat.kinds
+    return {
+        "format": pack_format(chat.kinds),
+        "train_on": ",".join(cfg.train_on) if has_chat else None,
+        "long_chats": cfg.long_chats,
+        "chat_template": None if chat.spec.template is None else chat.spec.template.origin,
+    }
+
+
 def finish(
     cfg: PackConfig,
     tok: LoadedTokenizer,
@@ -513,6 +699,7 @@ def finish(
     splits: dict[str, SplitInfo],
     ignored: tuple[IgnoredInput, ...] = (),
     mixture: MixtureInfo | None = None,
+    chat: RecordKinds | None = None,
 ) -> Manifest:
     """After every shard is durable: write the manifest (it marks a complete dataset), then the card, then drop
     the work folder, so that a run stopped before the card leaves a dataset that `--resume` completes."""
@@ -526,6 +713,7 @@ def finish(
             val_fraction=cfg.val_fraction,
             skip_invalid=cfg.skip_invalid,
             dataset_split=cfg.dataset_split,
+            **chat_options(cfg, chat),
         ),
         inputs=inputs,
         documents=docs,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.chat_verify import compare_chat_sources, template_special_ids
 from prep.provenance import fingerprint_files, is_stdin
 from prep.readers import InputFile
 from prep.tokenizer import LoadedTokenizer, load_tokenizer
@@ -372,7 +373,7 @@ def _check_source_tokens(m: Manifest, segs: dict[str, SplitSegments]) -> None:
 def _token_rules(m: Manifest, tok: LoadedTokenizer | None) -> TokenRules:
     specials = ()
     if tok is not None:
-        placed = {m.tokenizer.eos_id, m.tokenizer.bos_id}
+        placed = {m.tokenizer.eos_id, m.tokenizer.bos_id} | template_special_ids(m, tok)
         specials = tuple(int(i) for i in tok.special_ids() if int(i) not in placed)
     return TokenRules(
         seq_len=m.seq_len,
@@ -380,6 +381,7 @@ def _token_rules(m: Manifest, tok: LoadedTokenizer | None) -> TokenRules:
         bos_id=m.tokenizer.bos_id,
         vocab_size=m.tokenizer.vocab_size,
         special_ids=specials,
+        masked_labels=m.options.masked_labels,
     )
 
 
@@ -460,7 +462,11 @@ def verify_dataset(cfg: VerifyConfig) -> VerifyReport:
     if cfg.sources:
         from prep.sources import compare_sources
 
-        num_source = compare_sources(m, tok, cfg.sources, shards, segs, cfg.sample)
+        assert tok is not None
+        if m.options.masked_labels:
+            num_source = compare_chat_sources(m, tok, cfg.sources, shards, segs, cfg.sample)
+        else:
+            num_source = compare_sources(m, tok, cfg.sources, shards, segs, cfg.sample)
     else:
         skipped["sources"] = "sources (pass --source with the inputs given to `prep pack`)"
     input_notes = check_inputs(m) if cfg.inputs else []

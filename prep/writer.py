@@ -35,6 +35,9 @@ class TokenStore:
     """int64, length of each document's stream."""
     doc_id: np.ndarray
     """int64, the document's index among all input records."""
+    targets: np.ndarray | None = None
+    """uint8 per token of ``tokens``, 1 where it is a target (a pack of conversations, prep/chat_pack.py);
+    ``None``: every token is one."""
 
 
 def default_rows_per_shard(seq_len: int) -> int:
@@ -63,9 +66,12 @@ def build_batch(store: TokenStore, plan: RowPlan, row_lo: int, row_hi: int) -> p
 
     # Token t of the block comes from seg_src[s] + (t - seg_out[s]) for its segment s.
     within = np.arange(num_tokens, dtype=np.int64) - np.repeat(seg_out[:-1], seg_len)
-    input_ids = store.tokens[np.repeat(seg_src, seg_len) + within].astype(np.int32, copy=False)
+    source = np.repeat(seg_src, seg_len) + within
+    input_ids = store.tokens[source].astype(np.int32, copy=False)
     position_ids = within.astype(np.int32)
     labels = input_ids.copy()
+    if store.targets is not None:  # a conversation learns only its chosen turns
+        labels[store.targets[source] == 0] = IGNORE_INDEX
     labels[seg_out[:-1][seg_len > 0]] = (
         IGNORE_INDEX  # never predict a segment's first token across a boundary
     )
@@ -131,6 +137,23 @@ def write_shard(
     )
 
 
+def count_targets(store: TokenStore, plan: RowPlan) -> int:
+    """Tokens whose label is not ``-100`` in a pack with a target mask: targets less segments' first tokens,
+    counted a block of segments at a time from the mask file."""
+    assert store.targets is not None
+    cumulative = 0
+    step = max(1, (1 << 24) // max(1, int(plan.seg_len.max(initial=1))))
+    for lo in range(0, len(plan.seg_len), step):
+        seg_len = plan.seg_len[lo : lo + step].astype(np.int64)
+        src = store.doc_offset[plan.seg_doc[lo : lo + step]] + plan.seg_start[lo : lo + step]
+        within = np.arange(int(seg_len.sum()), dtype=np.int64) - np.repeat(
+            np.cumsum(seg_len) - seg_len, seg_len
+        )
+        cumulative += int(store.targets[np.repeat(src, seg_len) + within].sum(dtype=np.int64))
+        cumulative -= int(store.targets[src[seg_len > 0]].sum(dtype=np.int64))
+    return cumulative
+
+
 def split_info(store: TokenStore, plan: RowPlan, shards: list[ShardInfo]) -> SplitInfo:
     """The manifest's totals for a split written as ``shards``."""
     ends_doc = plan.seg_start + plan.seg_len == store.doc_len[plan.seg_doc]
@@ -139,7 +162,9 @@ def split_info(store: TokenStore, plan: RowPlan, shards: list[ShardInfo]) -> Spl
     return SplitInfo(
         num_rows=plan.num_rows,
         num_tokens=num_tokens,
-        num_target_tokens=num_tokens - num_first_tokens,
+        num_target_tokens=(
+            num_tokens - num_first_tokens if store.targets is None else count_targets(store, plan)
+        ),
         num_segments=len(plan.seg_len),
         num_docs=int(ends_doc.sum()),
         shards=tuple(shards),

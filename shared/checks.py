@@ -58,6 +58,9 @@ class TokenRules:
     """Ids must be below this; ``None`` skips the range check."""
     special_ids: tuple[int, ...] = ()
     """Special-token ids other than the EOS/BOS placed by `prep pack`: none may appear in a document."""
+    masked_labels: bool = False
+    """Labels follow a target mask (a pack of conversations: the manifest's ``options.format``): a label is
+    its token or ``-100``. Otherwise every label but a segment's first is its token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +265,10 @@ def _check_labels(
 ) -> None:
     expected = tokens.astype(np.int64)
     expected[seg_start] = IGNORE_INDEX
-    t = _first(labels != expected)
+    wrong = labels != expected
+    if rules.masked_labels:  # a masked target is allowed anywhere; another value, or a first token, is not
+        wrong &= labels != IGNORE_INDEX
+    t = _first(wrong)
     if t is None:
         return
     if expected[t] == IGNORE_INDEX:

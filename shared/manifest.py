@@ -40,6 +40,20 @@ class PackOptions:
     skip_invalid: bool = False
     dataset_split: str | None = None
     """``--dataset-split``: the split read from each saved DatasetDict input (None when not given)."""
+    format: str | None = None
+    """What the records held when not plain text: ``chat``, ``prompt-completion`` or ``mixed`` (inputs of
+    both or of text too). Its labels then follow a target mask: ``-100`` wherever nothing is learnt."""
+    train_on: str | None = None
+    """``--train-on``: the roles whose turns are targets, comma-separated (conversations only)."""
+    long_chats: str | None = None
+    """``--long-chats``: ``drop`` or ``truncate``, for conversations and pairs longer than a row."""
+    chat_template: str | None = None
+    """Where the chat template came from (a file path), when conversations were rendered."""
+
+    @property
+    def masked_labels(self) -> bool:
+        """Whether labels follow a target mask (conversations, pairs) rather than every token but the first."""
+        return self.format is not None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,9 +79,20 @@ class InputInfo:
     """Its modification time, ns since the epoch (a saved dataset: its newest Arrow file; None for stdin)."""
     sha256: str | None = None
     """sha256 of its bytes on disk (compressed as stored; a saved dataset's Arrow files in sorted order)."""
+    record_format: str | None = None
+    """``chat`` or ``prompt-completion`` when the file's records held those (None: text)."""
 
 
-INPUT_OPTIONAL = ("dataset_split", "source", "num_docs", "num_tokens", "num_bytes", "mtime_ns", "sha256")
+INPUT_OPTIONAL = (
+    "dataset_split",
+    "record_format",
+    "source",
+    "num_docs",
+    "num_tokens",
+    "num_bytes",
+    "mtime_ns",
+    "sha256",
+)
 """Fields of :class:`InputInfo` written only when known."""
 
 
@@ -253,8 +278,9 @@ class Manifest:
             del raw["card"]
         else:
             raw["card"] = {k: v for k, v in raw["card"].items() if v not in (None, ())}
-        if raw["options"]["dataset_split"] is None:
-            del raw["options"]["dataset_split"]
+        for key in ("dataset_split", "format", "train_on", "long_chats", "chat_template"):
+            if raw["options"][key] is None:
+                del raw["options"][key]
         for info in raw["inputs"]:
             for key in INPUT_OPTIONAL:
                 if info[key] is None:

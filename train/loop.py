@@ -353,6 +353,7 @@ def log_step(run: Run, step: int, stats: StepStats) -> None:
                 num_steps=run.plan.num_steps,
                 loss=stats.loss,
                 lr=stats.lr,
+                num_targets=stats.num_target_tokens,
                 tok_per_s=stats.tok_per_s,
                 mfu=step_mfu,
                 mem_bytes=mem,

@@ -181,17 +181,20 @@ def step_line(
     num_steps: int,
     loss: float,
     lr: float,
+    num_targets: int,
     tok_per_s: float,
     mfu: float | None,
     mem_bytes: int,
     eta_s: float,
 ) -> str:
-    """``step 25/300 | loss 3.3832 | lr 9.98e-03 | tok/s 1,257 | mfu 31.2% | mem 0.48 GiB | eta 1m23s``;
-    ``mfu`` only when known (a GPU in the peak table)."""
+    """``step 25/300 | loss 3.3832 | lr 9.98e-03 | targets 2,040 | tok/s 1,257 | mfu 31.2% | mem 0.48 GiB |
+    eta 1m23s``: ``targets``, the step's target tokens (all ranks; fewer than its tokens in a pack of
+    conversations, prep/chat_pack.py); ``mfu`` only when known (a GPU in the peak table)."""
     parts = [
         f"step {step:>6,}/{num_steps:,}",
         f"loss {loss:.4f}",
         f"lr {lr:.2e}",
+        f"targets {num_targets:,}",
         f"tok/s {tok_per_s:>9,.0f}",
     ]
     if mfu is not None:

@@ -109,3 +109,38 @@ def test_unknown_device_is_an_error_line_not_a_traceback(packed_sample):
     assert result.exit_code == 1
     assert "--device 'gpu' is unknown; use auto, cpu, cuda, cuda:N or mps." in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+CHATML = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+
+
+def test_check_passes_on_chat_shards(sample, tmp_path):
+    """Conversations packed with masked labels go through the same varlen path, isolated as documents are."""
+    corpus, tokenizer = sample
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML, encoding="utf-8")
+    source = tmp_path / "chat.jsonl"
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question {k}?"},
+                    {"role": "assistant", "content": f"Answer {k}."},
+                ]
+            }
+        )
+        for k in range(60)
+    ]
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "packed"
+    m = pack(
+        PackConfig(
+            inputs=(str(source),), tokenizer=str(tokenizer), out=out, seq_len=128, chat_template=str(template)
+        )
+    )
+    assert (
+        m.options.format == "chat" and 0 < m.splits["train"].num_target_tokens < m.splits["train"].num_tokens
+    )
+    result = run_check(CheckConfig(data=out, attn="sdpa", device="cpu", num_rows=2))
+    assert result.passed, result
+    assert all(r.num_segments >= 2 for r in result.rows)

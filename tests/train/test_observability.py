@@ -121,7 +121,7 @@ def test_step_lines_give_tokens_per_second_eta_and_memory(watched_run):
     assert len(steps) == 4
     for line in steps:
         fields = dict(part.split(" ", 1) for part in line.split(" | "))
-        assert list(fields) == ["step", "loss", "lr", "tok/s", "mem", "eta"]
+        assert list(fields) == ["step", "loss", "lr", "targets", "tok/s", "mem", "eta"]
         assert float(fields["tok/s"].replace(",", "")) > 0
     assert steps[-1].endswith("| eta 0s")  # nothing left after the last step
 
@@ -334,10 +334,12 @@ def test_an_unknown_gpu_gets_no_mfu(monkeypatch, packed_sample):
 
 
 def test_step_line_shows_mfu_only_when_known():
-    common = {"step": 7, "num_steps": 100, "loss": 2.5, "lr": 1e-4, "tok_per_s": 51234.0, "mem_bytes": 2**31}
+    common = {"step": 7, "num_steps": 100, "loss": 2.5, "lr": 1e-4, "num_targets": 8190, "tok_per_s": 51234.0}
+    common["mem_bytes"] = 2**31
     line = step_line(**common, mfu=0.3125, eta_s=125.0)
     assert line == (
-        "step      7/100 | loss 2.5000 | lr 1.00e-04 | tok/s    51,234 | mfu 31.2% | mem 2.00 GiB | eta 2m05s"
+        "step      7/100 | loss 2.5000 | lr 1.00e-04 | targets 8,190 | tok/s    51,234 | mfu 31.2%"
+        " | mem 2.00 GiB | eta 2m05s"
     )
     assert "mfu" not in step_line(**common, mfu=None, eta_s=125.0)
 

@@ -63,7 +63,7 @@ def test_run_cli_learns_on_the_sample(packed_sample, tmp_path):
     step_lines = [line for line in result.output.splitlines() if line.startswith("step ")]
     assert len(step_lines) == 30
     fields = [part.split()[0] for part in step_lines[-1].split(" | ")]
-    assert fields == ["step", "loss", "lr", "tok/s", "mem", "eta"]
+    assert fields == ["step", "loss", "lr", "targets", "tok/s", "mem", "eta"]
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
