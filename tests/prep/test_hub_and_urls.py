@@ -77,6 +77,7 @@ def test_hub_dataset_by_name_packs_like_the_same_records_in_jsonl(sample, cache,
     for shard in sorted((tmp_path / "plain").glob("*.arrow")):
         assert (tmp_path / "hub" / shard.name).read_bytes() == shard.read_bytes()
     [info] = json.loads((tmp_path / "hub" / "manifest.json").read_text())["inputs"]
+    [plain] = json.loads((tmp_path / "plain" / "manifest.json").read_text())["inputs"]
     train = files[0]
     assert info == {
         "path": "hf:testorg/tiny",
@@ -84,6 +85,8 @@ def test_hub_dataset_by_name_packs_like_the_same_records_in_jsonl(sample, cache,
         "first_doc_id": 0,
         "num_records": len(TRAIN),
         "dataset_split": "train",
+        "num_docs": plain["num_docs"],
+        "num_tokens": plain["num_tokens"],
         "num_bytes": train.stat().st_size,
         "mtime_ns": train.stat().st_mtime_ns,
         "sha256": hashlib.sha256(train.read_bytes()).hexdigest(),
