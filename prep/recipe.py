@@ -16,14 +16,14 @@ from typing import Any
 
 import tomllib
 
+from prep.card import CARD_KEYS, check_card_info
 from shared.errors import UserError
+from shared.manifest import CardInfo
 
 SHARE_TOLERANCE = 1e-6
 """How far the shares may sum from 1 (they are typed by hand: 0.3 + 0.3 + 0.4 is not exactly 1.0)."""
 SOURCE_KEYS = ("inputs", "text_field", "share", "epochs")
-TOP_KEYS = ("sources", "seed", "max_epochs", "total_tokens")
-# The data card's metadata (license, language, source_datasets, description) will be read from a `[card]`
-# table of the recipe once `prep pack` takes it as flags; until then `card` is an unknown key like any other.
+TOP_KEYS = ("sources", "seed", "max_epochs", "total_tokens", "card")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -55,6 +55,8 @@ class Mixture:
     """Packed ``train`` tokens to aim at; default the most that ``max_epochs`` allows."""
     where: str = "recipe"
     """The recipe file, or ``--source``, for messages."""
+    card: CardInfo | None = None
+    """The recipe's ``[card]`` table: the data card's metadata, beside (never instead of) the card flags."""
 
     def __post_init__(self) -> None:
         check_mixture(self)
@@ -131,7 +133,39 @@ def mixture_from_dict(raw: dict[str, Any], where: str = "recipe") -> Mixture:
         max_epochs=_number(raw, "max_epochs", where, "") or 1.0,
         total_tokens=total,
         where=where,
+        card=card_from_dict(raw.get("card"), where),
     )
+
+
+RECIPE_CARD_NAMES = {key: f"`card.{key}`" for key in CARD_KEYS} | {
+    "several": 'one string per language in a list (`language = ["en", "de"]`)'
+}
+
+
+def card_from_dict(table: object, where: str) -> CardInfo | None:
+    """The recipe's ``[card]`` table, checked as the card flags are; None without one."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where}: `card` is {_kind(table)}; make it a table (`[card]`).")
+    _refuse_unknown(table, CARD_KEYS, where, "card.")
+    lists = {}
+    for key in ("language", "source_datasets"):
+        value = table.get(key, [])
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(
+                f'{where}: `card.{key}` is {_kind(value)}; give a list of strings, e.g. `{key} = ["en"]`.'
+            )
+        lists[key] = tuple(value)
+    info = CardInfo(
+        license=_typed(table, "license", str, where, "card"),
+        language=lists["language"],
+        source_datasets=lists["source_datasets"],
+        description=_typed(table, "description", str, where, "card"),
+    )
+    check_card_info(info, RECIPE_CARD_NAMES, where=f"{where}: ")
+    return info
 
 
 def parse_source_option(spec: str) -> MixSource:
