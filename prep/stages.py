@@ -474,6 +474,10 @@ def plan(
         else:
             docs = slice(None) if val is None else _members(val, name == "val")
         progress.start(f"pack {name}", None)
+        # The split's documents (copies included) and tokens, not the reading's counts, on its log lines.
+        lengths = doc_len[docs]
+        progress.advance(0, docs=len(lengths), tokens=int(lengths.sum(dtype=np.int64)))
+        del lengths
         # Not bound to a name here: the caller may drop the split-local plan while this generator waits.
         yield SplitPlan(
             name,
