@@ -123,6 +123,11 @@ def _fill(lengths: np.ndarray, order: np.ndarray, rest: float) -> np.ndarray:
     return np.concatenate(taken)
 
 
+class EmptySourceError(RecipeError):
+    """A source with no `train` document: its fix changes the inputs (or `--val-fraction`), which shapes the
+    tokenized work, so unlike a share the cap cannot meet it is not fixed by a `--resume`."""
+
+
 @dataclass(frozen=True, slots=True)
 class SourceDocs:
     """The documents of one source in one split, as the plan stage sees them."""
@@ -144,9 +149,10 @@ def train_quotas(m: Mixture, train: list[SourceDocs]) -> list[float]:
     shares = math.fsum(s.share for s in m.sources if s.share is not None)
     for s, d in zip(m.sources, train, strict=True):
         if d.tokens == 0:
-            raise RecipeError(
+            raise EmptySourceError(
                 f"{m.where}: source `{s.name}` has no documents to pack in `train` (its inputs hold no text,"
-                " or every document went to `val`); check its inputs and text field, or remove it."
+                " or every document went to `val`); check its inputs and text field, or remove the source,"
+                " and run the command again."
             )
     if shares == 0.0:
         total = fixed

@@ -400,3 +400,18 @@ def test_the_seed_changes_the_sample_and_only_the_seed_does():
     again = take(docs, lengths, sample_keys(hashes, 0), 5000, None).docs
     assert len(chosen[0]) == 500 and (chosen[0] == again).all()
     assert set(chosen[0].tolist()) != set(chosen[1].tolist())
+
+
+def test_an_empty_source_is_refused_and_leaves_out_as_it_was(sample, corpora, tmp_path):
+    """Its fix changes the inputs, which `--resume` refuses: the message does not offer it, no work is kept,
+    and the fixed command runs as given."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    out = tmp_path / "out"
+    result = pack(
+        sample, out, "--source", f"a={empty}:share=0.5", "--source", f"b={corpora['news']}:share=0.5"
+    )
+    failed_with(result, "source `a` has no documents to pack in `train`", "remove the source", flat=True)
+    assert "--resume" not in result.output
+    assert not out.exists()
+    ok(pack(sample, out, "--source", f"b={corpora['news']}:share=1"))
