@@ -9,6 +9,8 @@ back from the manifest.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import json
 import os
 import subprocess
@@ -415,3 +417,44 @@ def test_an_empty_source_is_refused_and_leaves_out_as_it_was(sample, corpora, tm
     assert "--resume" not in result.output
     assert not out.exists()
     ok(pack(sample, out, "--source", f"b={corpora['news']}:share=1"))
+
+
+def test_a_gz_folder_and_a_csv_with_its_own_column_mix_and_verify(sample, corpora, tmp_path):
+    """A source that is a folder of `.jsonl.gz` files beside a CSV source whose text is in another column,
+    with a val split: packed, then verified with `--inputs` and with the inputs given back in order; given
+    in another order, the message names the order `prep pack` read them in."""
+    folder = tmp_path / "news"
+    folder.mkdir()
+    lines = corpora["news"].read_text(encoding="utf-8").splitlines(keepends=True)
+    for k in range(2):
+        with gzip.open(folder / f"part{k}.jsonl.gz", "wt", encoding="utf-8") as f:
+            f.writelines(lines[k::2])
+    calls = tmp_path / "calls.csv"
+    with calls.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "transcript"])
+        for k, line in enumerate(corpora["calls"].read_text(encoding="utf-8").splitlines()):
+            writer.writerow([k, json.loads(line)["text"]])
+    out = tmp_path / "out"
+    mix = [
+        "--source",
+        f"news={folder}:share=0.6",
+        "--source",
+        f"calls={calls}:share=0.4:text_field=transcript",
+    ]
+    ok(pack(sample, out, *mix))
+    m = Manifest.load(out)
+    assert [i.source for i in m.inputs] == ["news", "news", "calls"] and m.splits["val"].num_docs > 0
+    assert [s.docs_in for s in m.mixture.sources] == [
+        len(lines),
+        len(corpora["calls"].read_text().splitlines()),
+    ]
+    _, tok = sample
+    ok(run("verify", out, "--tokenizer", tok, "--inputs", "--source", folder, "--source", calls))
+    swapped = run("verify", out, "--tokenizer", tok, "--source", calls, "--source", folder)
+    failed_with(
+        swapped,
+        f"`{calls}` cannot be read as the manifest's `{folder / 'part0.jsonl.gz'}` (text field `text`)",
+        "in the order `prep pack` read them",
+        flat=True,
+    )
