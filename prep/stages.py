@@ -323,9 +323,17 @@ def _count_problems(cfg: PackConfig, records: BatchRecords, counts: dict[str, in
     counts["docs_in"] += records.num_records
     for _, record in records.problems:
         if record.problem != EMPTY and not cfg.skip_invalid:
+            # A pipe's first line unreadable: most often not JSON lines at all (a CSV, a tar), not one bad record.
+            piped = record.where == "<stdin>:1"
             raise InputError(
                 f"{record.where}: {record.detail or record.problem}. Fix the record, or pass"
                 " `--skip-invalid` to count and skip such records."
+                + (
+                    " Standard input (`-`) is read as JSON lines (gzip, bzip2, xz or zstd compressed, or plain);"
+                    " save another format to a file and name that."
+                    if piped
+                    else ""
+                )
             )
         counts[skip_key.get(record.problem, "skipped_invalid")] += 1
 
