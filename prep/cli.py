@@ -379,8 +379,9 @@ def build_mixture(
         raise UserError("pass either --recipe or --source, not both; put every source in the recipe.")
     if recipe is not None:
         if given:
+            key = given[0].removeprefix("--").replace("-", "_").replace("mix_seed", "seed")
             raise UserError(
-                f"{given[0]} is set in the recipe with --recipe; move it there (docs/mixtures.md)."
+                f"{given[0]} is not taken beside --recipe: set `{key}` in the recipe (docs/mixtures.md)."
             )
         return load_recipe(recipe)
     return mixture_from_options(sources or [], seed=seed, max_epochs=max_epochs, total_tokens=total_tokens)

@@ -126,8 +126,8 @@ def _pack(cfg: PackConfig, found: Discovery, encoder: Encoder, progress: Progres
         raise
     except RecipeError as e:  # a share the data cannot give: keep the tokenized work for the fixed recipe
         raise RecipeError(
-            f"{e} The tokenized inputs are kept in `{cfg.out}`: fix the recipe and run the same command with"
-            " `--resume` to mix them without tokenizing again."
+            f"{e} The tokenized inputs are kept in `{cfg.out}`: fix the recipe (or the --source options) and"
+            " run the same command with `--resume` to mix them without tokenizing again."
         ) from None
     return finish(cfg, tok, tokenized.inputs, docs, splits, found.ignored, mixture)
 

@@ -175,10 +175,10 @@ def train_quotas(m: Mixture, train: list[SourceDocs]) -> list[float]:
             most = m.max_epochs * d.tokens
             raise RecipeError(
                 f"{m.where}: source `{s.name}` would need {quota / d.tokens:.3g} epochs of its {d.tokens:,}"
-                f" train tokens for share {s.share:g} of {total:,.0f} tokens, above `max_epochs` {m.max_epochs:g}."
-                f" Raise `max_epochs` to {math.ceil(quota / d.tokens * 100) / 100:g}, or give it a share of at most"
+                f" train tokens for share {s.share:g} of {total:,.0f} tokens, above {m.key('max_epochs')} {m.max_epochs:g}."
+                f" Raise {m.key('max_epochs')} to {math.ceil(quota / d.tokens * 100) / 100:g}, or give it a share of at most"
                 f" {most / total:.4g}"
-                + (f", or lower `total_tokens` to {_most(m, train):,}." if m.total_tokens else ".")
+                + (f", or lower {m.key('total_tokens')} to {_most(m, train):,}." if m.total_tokens else ".")
             )
         quotas.append(quota)
     return quotas

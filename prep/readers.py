@@ -41,6 +41,10 @@ INVALID = "invalid"
 T = TypeVar("T")
 
 
+FIELD_FIX = "set `--text-field` (or, for a mixture source, its own `text_field`)"
+"""The fix for a text field that is not there: a mixture source's `text_field` overrides the flag."""
+
+
 class InputError(UserError):
     """An input file, or a record in it, cannot be read."""
 
@@ -220,9 +224,7 @@ def _from_value(obj: object, text_field: str, where: str) -> Record:
         return _from_path(obj, text_field, where)
     if text_field not in obj:
         keys = ", ".join(list(obj)[:8])
-        return Record(
-            None, MISSING_FIELD, where, f"no `{text_field}` field (fields: {keys}); set `--text-field`"
-        )
+        return Record(None, MISSING_FIELD, where, f"no `{text_field}` field (fields: {keys}); {FIELD_FIX}")
     return _from_text_value(obj[text_field], text_field, where)
 
 
@@ -442,9 +444,7 @@ def _read_csv(
         header = next(rows, None)
         if header is None or text_field not in header:
             columns = ", ".join(header or []) or "none: the file is empty"
-            raise InputError(
-                f"`{path}` has no `{text_field}` column (columns: {columns}); set `--text-field`."
-            )
+            raise InputError(f"`{path}` has no `{text_field}` column (columns: {columns}); {FIELD_FIX}.")
         column, width, line_no = header.index(text_field), len(header), rows.line_num + 1
         reported = reported_at = 0
         while True:
@@ -539,7 +539,8 @@ def _read_parquet(
         raise InputError(f"`{path}` is not a readable Parquet file ({e}).") from e
     if text_field not in pf.schema_arrow.names:
         raise InputError(
-            f"`{path}` has no `{text_field}` column (columns: {', '.join(pf.schema_arrow.names)}); set `--text-field`."
+            f"`{path}` has no `{text_field}` column (columns: {', '.join(pf.schema_arrow.names)});"
+            f" {FIELD_FIX}."
         )
     row = 0
     total = size_of(path)
@@ -589,7 +590,7 @@ def _read_dataset(
     if text_field not in ds.column_names:
         raise InputError(
             f"dataset `{label}` has no `{text_field}` column (columns: {', '.join(ds.column_names)});"
-            " set `--text-field`."
+            f" {FIELD_FIX}."
         )
     # The Arrow files' offsets come from disk: check them (and the UTF-8) before any read trusts them,
     # so a damaged file is an error instead of text read from outside its buffers.

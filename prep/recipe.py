@@ -61,6 +61,11 @@ class Mixture:
     def __post_init__(self) -> None:
         check_mixture(self)
 
+    def key(self, name: str) -> str:
+        """How messages name the top-level key ``name``: as the recipe spells it, or as its flag beside
+        ``--source``."""
+        return "--" + name.replace("_", "-") if self.where == "--source" else f"`{name}`"
+
     @property
     def inputs(self) -> tuple[str, ...]:
         return tuple(i for s in self.sources for i in s.inputs)
@@ -268,16 +273,16 @@ def check_mixture(m: Mixture) -> None:
         _check_source(m, s)
     if not m.max_epochs >= 1.0 or not math.isfinite(m.max_epochs):
         raise RecipeError(
-            f"{m.where}: `max_epochs` is {m.max_epochs}; it must be at least 1 (1: no repetition)."
+            f"{m.where}: {m.key('max_epochs')} is {m.max_epochs}; it must be at least 1 (1: no repetition)."
         )
     if m.total_tokens is not None and m.total_tokens < 1:
-        raise RecipeError(f"{m.where}: `total_tokens` is {m.total_tokens}; it must be at least 1.")
+        raise RecipeError(f"{m.where}: {m.key('total_tokens')} is {m.total_tokens}; it must be at least 1.")
     shares = [s.share for s in m.sources if s.share is not None]
     with_epochs = [s.name for s in m.sources if s.epochs is not None]
     if m.total_tokens is not None and with_epochs:
         raise RecipeError(
-            f"{m.where}: `total_tokens` with source `{with_epochs[0]}` in epochs over-determines the mixture"
-            " (its epochs fix its tokens); give every source a share, or drop `total_tokens`."
+            f"{m.where}: {m.key('total_tokens')} with source `{with_epochs[0]}` in epochs over-determines the"
+            f" mixture (its epochs fix its tokens); give every source a share, or drop {m.key('total_tokens')}."
         )
     total = math.fsum(shares)
     if not with_epochs and abs(total - 1.0) > SHARE_TOLERANCE:
@@ -306,8 +311,8 @@ def _check_source(m: Mixture, s: MixSource) -> None:
         raise RecipeError(f"{m.where}: `{key}.share` is {s.share}; a share is in (0, 1].")
     if s.epochs is not None and not 0.0 < s.epochs <= m.max_epochs:
         raise RecipeError(
-            f"{m.where}: `{key}.epochs` is {s.epochs}; epochs are above 0 and at most `max_epochs`"
-            f" ({m.max_epochs:g}): raise `max_epochs` to {s.epochs:g}, or lower the epochs."
+            f"{m.where}: `{key}.epochs` is {s.epochs}; epochs are above 0 and at most {m.key('max_epochs')}"
+            f" ({m.max_epochs:g}): raise {m.key('max_epochs')} to {s.epochs:g}, or lower the epochs."
         )
     if s.text_field is not None and not s.text_field.strip():
         raise RecipeError(f"{m.where}: `{key}.text_field` is empty; name the field, or drop the key.")

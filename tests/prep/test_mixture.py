@@ -204,9 +204,10 @@ def test_the_repetition_cap_is_honoured(sample, corpora, tmp_path):
     # A total the cap cannot reach is refused, with what the cap allows.
     total = ["--max-epochs", "1.2", "--total-tokens", str(m.splits["train"].num_tokens)]
     result = pack(sample, tmp_path / "refused", *source_args(corpora), *total)
-    failed_with(result, "would need", "above `max_epochs` 1.2", "or lower `total_tokens` to", flat=True)
+    # Beside --source, the keys are named as the flags that set them.
+    failed_with(result, "would need", "above --max-epochs 1.2", "or lower --total-tokens to", flat=True)
     # The tokenized work is kept: the fixed recipe resumes from it and gives the same bytes as a fresh run.
-    failed_with(result, "fix the recipe and run the same command with `--resume`", flat=True)
+    failed_with(result, "(or the --source options) and run the same command with `--resume`", flat=True)
     fixed = ["--max-epochs", "2.5", "--resume"]
     ok(pack(sample, tmp_path / "refused", *source_args(corpora), *fixed))
     assert_same_dataset(out, tmp_path / "refused")
@@ -352,6 +353,8 @@ def test_cli_refuses_mixing_the_ways_to_give_inputs(sample, corpora, tmp_path):
     failed_with(pack(sample, out, *twice), "is an input of both source `a` and source `b`", flat=True)
     missing = tmp_path / "none.toml"
     failed_with(pack(sample, out, "--recipe", missing), "cannot be read", flat=True)
+    beside = pack(sample, out, "--recipe", missing, "--mix-seed", "3")
+    failed_with(beside, "--mix-seed is not taken beside --recipe: set `seed` in the recipe", flat=True)
 
 
 @pytest.mark.slow
@@ -456,5 +459,12 @@ def test_a_gz_folder_and_a_csv_with_its_own_column_mix_and_verify(sample, corpor
         swapped,
         f"`{calls}` cannot be read as the manifest's `{folder / 'part0.jsonl.gz'}` (text field `text`)",
         "in the order `prep pack` read them",
+        flat=True,
+    )
+    # The CSV source without its own field: the fix names the source's `text_field`, not only the flag.
+    no_field = ["--source", f"news={folder}:share=0.6", "--source", f"calls={calls}:share=0.4"]
+    failed_with(
+        pack(sample, tmp_path / "no-field", *no_field),
+        "has no `text` column (columns: id, transcript); set `--text-field` (or, for a mixture source, its own",
         flat=True,
     )
