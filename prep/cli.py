@@ -320,7 +320,7 @@ def pack(
 
     A mixture, 70% calls and 30% news, news at most twice (or the same as a TOML --recipe):
 
-    prep pack --source 'calls=data/calls/*.jsonl:share=0.7' --source 'news=data/news/*.jsonl.gz:share=0.3'
+    prep pack --source 'calls=data/calls/*.jsonl:share=0.7' --source 'news=data/news/*.jsonl.gz:share=0.3' \\
     --max-epochs 2 --tokenizer Qwen2.5-0.5B/ --out mixed/
     """
     try:

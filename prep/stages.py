@@ -457,9 +457,8 @@ def mix(
     index = {s.name: i for i, s in enumerate(cfg.mixture.sources)}
     file_source = [index[s.source] for s in sources if s.source is not None]
     first_ids = [i.first_doc_id for i in inputs]
-    return select(
-        cfg.mixture, cfg.text_field, doc_len, val, doc_hash, doc_sources(doc_id, first_ids, file_source)
-    )
+    sources_of = doc_sources(doc_id, first_ids, file_source)
+    return select(cfg.mixture, cfg.text_field, doc_len, val, doc_hash, sources_of, cfg.val_fraction)
 
 
 def plan(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from prep.journal import KILL_ENV
-from prep.mixture import sample_keys, take
+from prep.mixture import SourceDocs, sample_keys, take, val_quotas
 from prep.recipe import RecipeError, mixture_from_dict, parse_source_option
 from prep.sample import sample_documents
 from shared.manifest import Manifest
@@ -468,3 +470,33 @@ def test_a_gz_folder_and_a_csv_with_its_own_column_mix_and_verify(sample, corpor
         "has no `text` column (columns: id, transcript); set `--text-field` (or, for a mixture source, its own",
         flat=True,
     )
+
+
+def test_val_stays_within_the_val_fraction_when_train_is_sampled_down(sample, corpora, tmp_path):
+    """A one-document source asked 10% binds the total: `train` keeps a few documents of the large source.
+    `val` is then cut to what --val-fraction asks of the packed tokens (within a document, as every quota),
+    not left with all the large source's val documents."""
+    lines = corpora["news"].read_text(encoding="utf-8").splitlines(keepends=True)
+    one = tmp_path / "one.jsonl"
+    one.write_text(lines[0], encoding="utf-8")
+    out = tmp_path / "out"
+    ok(pack(sample, out, "--source", f"news={corpora['news']}:share=0.9", "--source", f"one={one}:share=0.1"))
+    m = Manifest.load(out)
+    train, val = m.splits["train"].num_tokens, m.splits["val"].num_tokens
+    news = m.mixture.sources[0]
+    assert news.docs_left_out > news.docs_in / 2  # the case: most of the large source is left out
+    tok = Tokenizer.from_file(str(sample[1] / "tokenizer.json"))
+    longest = max(len(tok.encode(json.loads(line)["text"]).ids) + 1 for line in lines)
+    assert val <= 0.05 / 0.95 * train + longest
+    ok(run("verify", out))
+
+
+def test_val_quotas_are_capped_by_the_val_fraction():
+    def docs(*lengths: int) -> SourceDocs:
+        n = len(lengths)
+        return SourceDocs(np.arange(n), np.array(lengths, np.int64), np.arange(n, dtype=np.uint64))
+
+    # Uncapped, the val documents allow 1,000 tokens at train's 90/10 shares; the cap is 5/95 of 1,000.
+    quotas = val_quotas([900, 100], [docs(500, 400), docs(100)], 0.05)
+    assert math.isclose(sum(quotas), 1000 * 0.05 / 0.95) and math.isclose(quotas[0] / sum(quotas), 0.9)
+    assert math.isclose(sum(val_quotas([900, 100], [docs(50, 40), docs(10)], 0.5)), 100)  # documents bind
