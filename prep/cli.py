@@ -133,6 +133,29 @@ def mixture_table(m: Manifest) -> Table:
     return table
 
 
+LEFT_OUT_NOTE = 0.5
+"""Share of a source's tokens left out above which the summary says why (a downsampled source, not a bug)."""
+
+
+def left_out_notes(m: Manifest) -> list[str]:
+    """A line for each source the mixture left most of out, saying what set the total; none otherwise."""
+    assert m.mixture is not None
+    x, notes = m.mixture, []
+    for s in x.sources:
+        if s.tokens_in and s.tokens_left_out > LEFT_OUT_NOTE * s.tokens_in:
+            why = (
+                f"the total_tokens asked ({x.total_tokens:,})"
+                if x.total_tokens is not None
+                else f"the most tokens every share allows within max_epochs {x.max_epochs:g} (the source with"
+                " the fewest tokens for its share sets it); raise max_epochs to keep more"
+            )
+            notes.append(
+                f"note: source `{s.name}` is sampled down: {s.docs_left_out:,} of its {s.docs_in:,} documents"
+                f" ({s.tokens_left_out / s.tokens_in:.0%} of its tokens) are left out, to meet its share of {why}."
+            )
+    return notes
+
+
 def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
     d = m.documents
     # Not cut to a terminal's width when the summary goes to a file: a log keeps every column.
@@ -155,6 +178,8 @@ def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
     target.print(table)
     if m.mixture is not None:
         target.print(mixture_table(m))
+        for line in left_out_notes(m):
+            target.print(line, highlight=False, markup=False, soft_wrap=True)
     t = m.tokenizer
     bos = f"BOS {t.bos_token} (id {t.bos_id})" if t.bos_token is not None else "no BOS"
     target.print(f"separator: EOS {t.eos_token} (id {t.eos_id}); {bos}", highlight=False, markup=False)

@@ -194,7 +194,7 @@ def test_the_sample_does_not_depend_on_input_order(sample, corpora, tmp_path):
 
 def test_the_repetition_cap_is_honoured(sample, corpora, tmp_path):
     out = tmp_path / "capped"
-    ok(pack(sample, out, *source_args(corpora), "--max-epochs", "2.5"))
+    assert "note: source" not in ok(pack(sample, out, *source_args(corpora), "--max-epochs", "2.5"))
     m = Manifest.load(out)
     docs_in = m.documents.docs_in
     ids = np.concatenate([row.doc_ids for row in rows(out, "train")])
@@ -480,11 +480,18 @@ def test_val_stays_within_the_val_fraction_when_train_is_sampled_down(sample, co
     one = tmp_path / "one.jsonl"
     one.write_text(lines[0], encoding="utf-8")
     out = tmp_path / "out"
-    ok(pack(sample, out, "--source", f"news={corpora['news']}:share=0.9", "--source", f"one={one}:share=0.1"))
+    said = ok(
+        pack(sample, out, "--source", f"news={corpora['news']}:share=0.9", "--source", f"one={one}:share=0.1")
+    )
     m = Manifest.load(out)
     train, val = m.splits["train"].num_tokens, m.splits["val"].num_tokens
     news = m.mixture.sources[0]
     assert news.docs_left_out > news.docs_in / 2  # the case: most of the large source is left out
+    # The summary says why, and what keeps more.
+    assert f"note: source `news` is sampled down: {news.docs_left_out:,} of its {news.docs_in:,}" in " ".join(
+        said.split()
+    )
+    assert "raise max_epochs to keep more" in " ".join(said.split())
     tok = Tokenizer.from_file(str(sample[1] / "tokenizer.json"))
     longest = max(len(tok.encode(json.loads(line)["text"]).ids) + 1 for line in lines)
     assert val <= 0.05 / 0.95 * train + longest
