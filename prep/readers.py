@@ -242,7 +242,7 @@ def _from_path(obj: dict, text_field: str, where: str) -> Record:
                 None,
                 MISSING_FIELD,
                 where,
-                f"no `{text_field}` field: {inside} has no `{name}` (fields: {keys})",
+                f"no `{text_field}` field: {inside} has no `{name}` (fields: {keys}); {FIELD_FIX}",
             )
         value = value[name]
     return _from_text_value(value, text_field, where)

@@ -308,7 +308,8 @@ def _check_source(m: Mixture, s: MixSource) -> None:
     if s.share is None and s.epochs is None:
         raise RecipeError(f"{m.where}: `{key}` needs `share` (of the packed tokens) or `epochs`; add one.")
     if s.share is not None and not 0.0 < s.share <= 1.0:
-        raise RecipeError(f"{m.where}: `{key}.share` is {s.share}; a share is in (0, 1].")
+        percent = f" ({s.share:g}% is {s.share / 100:g})" if 1.0 < s.share <= 100.0 else ""
+        raise RecipeError(f"{m.where}: `{key}.share` is {s.share}; a share is in (0, 1]{percent}.")
     if s.epochs is not None and not 0.0 < s.epochs <= m.max_epochs:
         raise RecipeError(
             f"{m.where}: `{key}.epochs` is {s.epochs}; epochs are above 0 and at most {m.key('max_epochs')}"

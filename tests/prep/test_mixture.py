@@ -304,6 +304,7 @@ def test_take_comes_closest_to_the_quota_by_whole_documents():
             {"sources": {"a": {"inputs": ["x"], "share": 1.5}}},
             "`sources.a.share` is 1.5; a share is in (0, 1]",
         ),
+        ({"sources": {"a": {"inputs": ["x"], "share": 70}}}, "a share is in (0, 1] (70% is 0.7)"),
         ({"sources": {"a": {"inputs": ["x"], "epochs": 3}}}, "raise `max_epochs` to 3"),
         (
             {
