@@ -64,7 +64,9 @@ class Mixture:
     def key(self, name: str) -> str:
         """How messages name the top-level key ``name``: as the recipe spells it, or as its flag beside
         ``--source``."""
-        return "--" + name.replace("_", "-") if self.where == "--source" else f"`{name}`"
+        if self.where != "--source":
+            return f"`{name}`"
+        return "--mix-seed" if name == "seed" else "--" + name.replace("_", "-")
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -274,6 +276,12 @@ def check_mixture(m: Mixture) -> None:
     if not m.max_epochs >= 1.0 or not math.isfinite(m.max_epochs):
         raise RecipeError(
             f"{m.where}: {m.key('max_epochs')} is {m.max_epochs}; it must be at least 1 (1: no repetition)."
+        )
+    if (
+        not 0 <= m.seed < 2**64
+    ):  # the manifest records counts and ids, never below zero; the hash takes 64 bits
+        raise RecipeError(
+            f"{m.where}: {m.key('seed')} is {m.seed}; a seed is a whole number from 0 to 2**64 - 1."
         )
     if m.total_tokens is not None and m.total_tokens < 1:
         raise RecipeError(f"{m.where}: {m.key('total_tokens')} is {m.total_tokens}; it must be at least 1.")

@@ -305,6 +305,10 @@ def test_take_comes_closest_to_the_quota_by_whole_documents():
             "`sources.a.share` is 1.5; a share is in (0, 1]",
         ),
         ({"sources": {"a": {"inputs": ["x"], "share": 70}}}, "a share is in (0, 1] (70% is 0.7)"),
+        (
+            {"sources": {"a": {"inputs": ["x"], "share": 1.0}}, "seed": -1},
+            "`seed` is -1; a seed is a whole number",
+        ),
         ({"sources": {"a": {"inputs": ["x"], "epochs": 3}}}, "raise `max_epochs` to 3"),
         (
             {
