@@ -22,6 +22,7 @@ from rich.table import Table
 
 from prep import pipeline
 from prep.recipe import Mixture, load_recipe, mixture_from_options
+from prep.show import mixture_table
 from shared.cli import console, fail, out, typer_app
 from shared.errors import UserError
 from shared.manifest import Manifest
@@ -112,27 +113,6 @@ CHAT_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|e
 """End-of-turn tokens of chat templates: as the separator of plain documents, each document reads as a turn."""
 
 
-def mixture_table(m: Manifest) -> Table:
-    """The mixture as asked and as packed, one row per source."""
-    assert m.mixture is not None
-    table = Table(title="mixture (share of train tokens)", title_justify="left")
-    for col in ("source", "asked", "got", "docs in", "packed", "repeated", "left out", "train tokens"):
-        table.add_column(col, justify="left" if col == "source" else "right")
-    for s in m.mixture.sources:
-        asked = f"{s.share:.2%}" if s.share is not None else f"{s.epochs:g} epochs"
-        table.add_row(
-            escape(s.name),
-            asked,
-            f"{s.achieved_share:.2%}",
-            f"{s.docs_in:,}",
-            f"{s.docs_packed:,}",
-            f"{s.docs_repeated:,}",
-            f"{s.docs_left_out:,}",
-            f"{s.train_tokens:,}",
-        )
-    return table
-
-
 LEFT_OUT_NOTE = 0.5
 """Share of a source's tokens left out above which the summary says why (a downsampled source, not a bug)."""
 
@@ -158,8 +138,7 @@ def left_out_notes(m: Manifest) -> list[str]:
 
 def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
     d = m.documents
-    # Not cut to a terminal's width when the summary goes to a file: a log keeps every column.
-    target = out if out.is_terminal else Console(file=out.file, width=1000, soft_wrap=True)
+    target = log_console()
     table = Table(title=f"packed into {folder}", title_justify="left")
     for col in ("split", "docs", "rows", "lower bound", "tokens", "fill", "shards"):
         table.add_column(col, justify="right")
@@ -202,6 +181,11 @@ def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
     target.print(
         f"{stored:,} tokens in {seconds:.1f}s ({stored / max(seconds, 1e-9):,.0f} tok/s)", highlight=False
     )
+
+
+def log_console() -> Console:
+    """Standard output, not cut to a terminal's width when it goes to a file: a log keeps every column."""
+    return out if out.is_terminal else Console(file=out.file, width=1000, soft_wrap=True)
 
 
 def run_pack(cfg: pipeline.PackConfig) -> Manifest:
@@ -519,7 +503,9 @@ def inspect(
     from prep.show import InspectConfig, inspect_dataset
 
     try:
-        inspect_dataset(InspectConfig(root=folder, row=row, split=split, tokenizer=tokenizer, png=png), out)
+        inspect_dataset(
+            InspectConfig(root=folder, row=row, split=split, tokenizer=tokenizer, png=png), log_console()
+        )
     except UserError as e:
         raise fail(e) from None
 

@@ -512,3 +512,11 @@ def test_val_quotas_are_capped_by_the_val_fraction():
     quotas = val_quotas([900, 100], [docs(500, 400), docs(100)], 0.05)
     assert math.isclose(sum(quotas), 1000 * 0.05 / 0.95) and math.isclose(quotas[0] / sum(quotas), 0.9)
     assert math.isclose(sum(val_quotas([900, 100], [docs(50, 40), docs(10)], 0.5)), 100)  # documents bind
+
+
+def test_inspect_shows_the_mixture_and_keeps_every_column_in_a_log(mixed):
+    said = ok(run("inspect", mixed))
+    assert "segs/row" in said and "…" not in said  # not cut at 80 columns when not on a terminal
+    assert "mixture (share of train tokens)" in said
+    for s in Manifest.load(mixed).mixture.sources:
+        assert f"{s.name} " in said and f"{s.achieved_share:.2%}" in said
