@@ -431,7 +431,7 @@ def demo(
         )
     except UserError as e:
         raise fail(e) from None
-    print_verify_report(report, out)
+    print_verify_report(report, log_console())
     out.print(
         f"next: prep inspect {packed} --row 0    |    train run --data {packed} --model tiny-qwen2"
         f" --out {folder / 'run'} --max-steps 30 --batch-size 2 --lr 1e-2",
@@ -479,7 +479,7 @@ def verify(
         raise fail(e) from None
     from prep.show import print_verify_report
 
-    print_verify_report(report, out)
+    print_verify_report(report, log_console())
 
 
 @app.command()

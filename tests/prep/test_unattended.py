@@ -57,3 +57,13 @@ def test_pack_and_write_lines_count_the_split_not_the_reading(sample, tmp_path):
         for phase in ("pack", "write"):
             line = next(x for x in result.output.splitlines() if x.startswith(f"{phase} {name}: "))
             assert counts in line, line
+
+
+def test_verify_report_lines_are_whole_in_a_log(sample, tmp_path):
+    """`prep verify` in a batch job: each line of its report stays one line (a log has no width to wrap to)."""
+    out = tmp_path / "out"
+    assert _pack(sample, out).exit_code == 0
+    said = CliRunner().invoke(app, ["verify", str(out)])
+    assert said.exit_code == 0, said.output
+    [line] = [x for x in said.output.splitlines() if x.startswith("all checks hold: ")]
+    assert line.rstrip().endswith("documents"), line  # the last check named, on the same line
