@@ -11,7 +11,9 @@ same card, and `prep card DIR` rebuilds it at any time. The template lives in :d
 from __future__ import annotations
 
 import json
+import re
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from string import Template
 
@@ -21,8 +23,9 @@ from prep.card_plot import card_figure
 from prep.provenance import is_stdin
 from prep.stats import SplitStats, dataset_stats, log2_histogram, summary
 from shared.contract import CARD_NAME
+from shared.errors import UserError
 from shared.fileio import atomic_write_text, atomic_writer
-from shared.manifest import Manifest
+from shared.manifest import CardInfo, Manifest
 from shared.reader import PackedDataset
 
 PLOT_NAME = "card_lengths.png"
@@ -87,6 +90,51 @@ $lengths
 $commands
 ```
 """
+
+
+CARD_KEYS = ("license", "language", "source_datasets", "description")
+"""The card metadata `prep pack` takes, as the Hugging Face dataset card names them (and :class:`CardInfo`)."""
+CARD_FLAGS = {
+    "license": "--license",
+    "language": "--language",
+    "source_datasets": "--source-dataset",
+    "description": "--description",
+    "several": "repeating --language for each language",
+}
+"""How :func:`check_card_info` names the card metadata given as `prep pack` flags (and, under `several`, how
+to give several languages)."""
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[a-z0-9]{2,8})*")
+
+
+def check_card_info(info: CardInfo, names: Mapping[str, str] = CARD_FLAGS, where: str = "") -> None:
+    """Light checks of what goes into the card's YAML: ids the Hugging Face Hub reads, not prose.
+
+    ``names`` says how the message names each key (the flags, or a recipe's ``card.*`` keys) and ``where``
+    prefixes it (the recipe), so the fix points at what the user wrote.
+    """
+    if info.license is not None and not LICENSE_ID.fullmatch(info.license):
+        raise UserError(
+            f"{where}{names['license']} {info.license!r} is not a license id. Pass an SPDX-style id in lower"
+            " case, such as `apache-2.0`, `mit`, `cc-by-4.0` or `cc-by-nc-sa-4.0`, or `other` and name the"
+            f" license in {names['description']}."
+        )
+    for code in info.language:
+        if not LANGUAGE_CODE.fullmatch(code):
+            raise UserError(
+                f"{where}{names['language']} {code!r} is not a language code. Pass ISO 639-1 or 639-3 codes"
+                f" in lower case (`en`, `de`, `yue`; a region may follow, `en-gb`), {names['several']}."
+            )
+    for name in info.source_datasets:
+        if not name.strip() or "\n" in name:
+            raise UserError(
+                f"{where}{names['source_datasets']} {name!r} is empty or spans lines; pass one dataset name"
+                f" (e.g. `reuters21578`, or a Hub id such as `org/name`) per {names['source_datasets']}."
+            )
+    if info.description is not None and not info.description.strip():
+        raise UserError(
+            f"{where}{names['description']} is empty; say what the data is, or drop {names['description']}."
+        )
 
 
 def _size_category(n: int) -> str:

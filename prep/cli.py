@@ -22,6 +22,7 @@ from rich.table import Table
 
 from prep import pipeline
 from prep.recipe import Mixture, load_recipe, mixture_from_options
+from prep.show import mixture_table
 from shared.cli import console, fail, out, typer_app
 from shared.errors import UserError
 from shared.manifest import Manifest
@@ -112,31 +113,32 @@ CHAT_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|e
 """End-of-turn tokens of chat templates: as the separator of plain documents, each document reads as a turn."""
 
 
-def mixture_table(m: Manifest) -> Table:
-    """The mixture as asked and as packed, one row per source."""
+LEFT_OUT_NOTE = 0.5
+"""Share of a source's tokens left out above which the summary says why (a downsampled source, not a bug)."""
+
+
+def left_out_notes(m: Manifest) -> list[str]:
+    """A line for each source the mixture left most of out, saying what set the total; none otherwise."""
     assert m.mixture is not None
-    table = Table(title="mixture (share of train tokens)", title_justify="left")
-    for col in ("source", "asked", "got", "docs in", "packed", "repeated", "left out", "train tokens"):
-        table.add_column(col, justify="left" if col == "source" else "right")
-    for s in m.mixture.sources:
-        asked = f"{s.share:.2%}" if s.share is not None else f"{s.epochs:g} epochs"
-        table.add_row(
-            escape(s.name),
-            asked,
-            f"{s.achieved_share:.2%}",
-            f"{s.docs_in:,}",
-            f"{s.docs_packed:,}",
-            f"{s.docs_repeated:,}",
-            f"{s.docs_left_out:,}",
-            f"{s.train_tokens:,}",
-        )
-    return table
+    x, notes = m.mixture, []
+    for s in x.sources:
+        if s.tokens_in and s.tokens_left_out > LEFT_OUT_NOTE * s.tokens_in:
+            why = (
+                f"the total_tokens asked ({x.total_tokens:,})"
+                if x.total_tokens is not None
+                else f"the most tokens every share allows within max_epochs {x.max_epochs:g} (the source with"
+                " the fewest tokens for its share sets it); raise max_epochs to keep more"
+            )
+            notes.append(
+                f"note: source `{s.name}` is sampled down: {s.docs_left_out:,} of its {s.docs_in:,} documents"
+                f" ({s.tokens_left_out / s.tokens_in:.0%} of its tokens) are left out, to meet its share of {why}."
+            )
+    return notes
 
 
 def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
     d = m.documents
-    # Not cut to a terminal's width when the summary goes to a file: a log keeps every column.
-    target = out if out.is_terminal else Console(file=out.file, width=1000, soft_wrap=True)
+    target = log_console()
     table = Table(title=f"packed into {folder}", title_justify="left")
     for col in ("split", "docs", "rows", "lower bound", "tokens", "fill", "shards"):
         table.add_column(col, justify="right")
@@ -155,6 +157,8 @@ def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
     target.print(table)
     if m.mixture is not None:
         target.print(mixture_table(m))
+        for line in left_out_notes(m):
+            target.print(line, highlight=False, markup=False, soft_wrap=True)
     t = m.tokenizer
     bos = f"BOS {t.bos_token} (id {t.bos_id})" if t.bos_token is not None else "no BOS"
     target.print(f"separator: EOS {t.eos_token} (id {t.eos_id}); {bos}", highlight=False, markup=False)
@@ -187,6 +191,11 @@ def print_summary(m: Manifest, folder: Path, seconds: float) -> None:
     target.print(
         f"{stored:,} tokens in {seconds:.1f}s ({stored / max(seconds, 1e-9):,.0f} tok/s)", highlight=False
     )
+
+
+def log_console() -> Console:
+    """Standard output, not cut to a terminal's width when it goes to a file: a log keeps every column."""
+    return out if out.is_terminal else Console(file=out.file, width=1000, soft_wrap=True)
 
 
 def run_pack(cfg: pipeline.PackConfig) -> Manifest:
@@ -354,7 +363,7 @@ def pack(
 
     A mixture, 70% calls and 30% news, news at most twice (or the same as a TOML --recipe):
 
-    prep pack --source 'calls=data/calls/*.jsonl:share=0.7' --source 'news=data/news/*.jsonl.gz:share=0.3'
+    prep pack --source 'calls=data/calls/*.jsonl:share=0.7' --source 'news=data/news/*.jsonl.gz:share=0.3' \\
     --max-epochs 2 --tokenizer Qwen2.5-0.5B/ --out mixed/
 
     Conversations (`messages` lists), trained on the assistant's turns only (docs/chat.md):
@@ -421,8 +430,9 @@ def build_mixture(
         raise UserError("pass either --recipe or --source, not both; put every source in the recipe.")
     if recipe is not None:
         if given:
+            key = given[0].removeprefix("--").replace("-", "_").replace("mix_seed", "seed")
             raise UserError(
-                f"{given[0]} is set in the recipe with --recipe; move it there (docs/mixtures.md)."
+                f"{given[0]} is not taken beside --recipe: set `{key}` in the recipe (docs/mixtures.md)."
             )
         return load_recipe(recipe)
     return mixture_from_options(sources or [], seed=seed, max_epochs=max_epochs, total_tokens=total_tokens)
@@ -463,7 +473,7 @@ def demo(
         )
     except UserError as e:
         raise fail(e) from None
-    print_verify_report(report, out)
+    print_verify_report(report, log_console())
     out.print(
         f"next: prep inspect {packed} --row 0    |    train run --data {packed} --model tiny-qwen2"
         f" --out {folder / 'run'} --max-steps 30 --batch-size 2 --lr 1e-2",
@@ -511,7 +521,7 @@ def verify(
         raise fail(e) from None
     from prep.show import print_verify_report
 
-    print_verify_report(report, out)
+    print_verify_report(report, log_console())
 
 
 @app.command()
@@ -535,7 +545,9 @@ def inspect(
     from prep.show import InspectConfig, inspect_dataset
 
     try:
-        inspect_dataset(InspectConfig(root=folder, row=row, split=split, tokenizer=tokenizer, png=png), out)
+        inspect_dataset(
+            InspectConfig(root=folder, row=row, split=split, tokenizer=tokenizer, png=png), log_console()
+        )
     except UserError as e:
         raise fail(e) from None
 

@@ -110,7 +110,7 @@ class InputStream:
 
     With a ``digest``, every byte of the file on disk goes into it (prep/provenance.py): those the reader
     consumed, and, when the ``with`` block ends without an error, the rest of the file. ``-`` is standard
-    input (never compressed; its size is unknown, 0 here).
+    input, decompressed when its first bytes are a compression's magic; its size is unknown, 0 here.
     """
 
     def __init__(self, path: str | Path, digest: InputDigest | None = None) -> None:
@@ -118,7 +118,12 @@ class InputStream:
         self.digest = digest
         self.stdin = is_stdin(path)
         self.size = size_of(path)
-        compression = None if self.stdin else compression_of(Path(path))
+        compression = compression_of(Path(path))
+        if self.stdin:
+            # A pipe has no name to say its compression: its magic bytes do (`cat a.jsonl.gz | prep pack -`).
+            if not isinstance(self.raw, io.BufferedReader):
+                self.raw = io.BufferedReader(self.raw)  # type: ignore[arg-type] - to peek without taking
+            compression = magic_of(self.raw.peek(10)[:10])
         if compression is None:
             self.stream: BinaryIO = self.raw
         elif compression == ".zst":
@@ -131,7 +136,8 @@ class InputStream:
             self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")
         else:
             self.stream = {".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile}[compression](self.raw, mode="rb")
-        self.compressed = compression is not None
+        self.compressed = compression is not None and not self.stdin
+        """Whether progress counts bytes of the file on disk rather than those read (a pipe has no size)."""
         self.out = 0
 
     def read(self, n: int = -1) -> bytes:

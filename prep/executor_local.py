@@ -27,6 +27,7 @@ from prep.encoder import Encoder, open_encoder
 from prep.fast_bpe import EncodedBatch
 from prep.faults import ResumableError, output_error
 from prep.journal import DOC_ARRAYS, Journal
+from prep.mixture import EmptySourceError
 from prep.outdir import WORK_DIR, prepare_output_folder
 from prep.packing import RowPlan, index_dtype
 from prep.provenance import is_stdin
@@ -131,10 +132,14 @@ def _pack(
         splits, mixture = _plan_and_write(
             cfg, tok, journal, tokenized, sources, rows_per_shard, progress, chat is not None
         )
+    except EmptySourceError:  # fixed by other inputs: what was tokenized cannot serve the fixed command
+        if not cfg.resume:
+            journal.discard()
+        raise
     except RecipeError as e:  # a share the data cannot give: keep the tokenized work for the fixed recipe
         raise RecipeError(
-            f"{e} The tokenized inputs are kept in `{cfg.out}`: fix the recipe and run the same command with"
-            " `--resume` to mix them without tokenizing again."
+            f"{e} The tokenized inputs are kept in `{cfg.out}`: fix the recipe (or the --source options) and"
+            " run the same command with `--resume` to mix them without tokenizing again."
         ) from None
     return finish(cfg, tok, tokenized.inputs, docs, splits, found.ignored, mixture, chat)
 

@@ -123,6 +123,11 @@ def _fill(lengths: np.ndarray, order: np.ndarray, rest: float) -> np.ndarray:
     return np.concatenate(taken)
 
 
+class EmptySourceError(RecipeError):
+    """A source with no `train` document: its fix changes the inputs (or `--val-fraction`), which shapes the
+    tokenized work, so unlike a share the cap cannot meet it is not fixed by a `--resume`."""
+
+
 @dataclass(frozen=True, slots=True)
 class SourceDocs:
     """The documents of one source in one split, as the plan stage sees them."""
@@ -144,9 +149,10 @@ def train_quotas(m: Mixture, train: list[SourceDocs]) -> list[float]:
     shares = math.fsum(s.share for s in m.sources if s.share is not None)
     for s, d in zip(m.sources, train, strict=True):
         if d.tokens == 0:
-            raise RecipeError(
+            raise EmptySourceError(
                 f"{m.where}: source `{s.name}` has no documents to pack in `train` (its inputs hold no text,"
-                " or every document went to `val`); check its inputs and text field, or remove it."
+                " or every document went to `val`); check its inputs and text field, or remove the source,"
+                " and run the command again."
             )
     if shares == 0.0:
         total = fixed
@@ -169,10 +175,10 @@ def train_quotas(m: Mixture, train: list[SourceDocs]) -> list[float]:
             most = m.max_epochs * d.tokens
             raise RecipeError(
                 f"{m.where}: source `{s.name}` would need {quota / d.tokens:.3g} epochs of its {d.tokens:,}"
-                f" train tokens for share {s.share:g} of {total:,.0f} tokens, above `max_epochs` {m.max_epochs:g}."
-                f" Raise `max_epochs` to {math.ceil(quota / d.tokens * 100) / 100:g}, or give it a share of at most"
+                f" train tokens for share {s.share:g} of {total:,.0f} tokens, above {m.key('max_epochs')} {m.max_epochs:g}."
+                f" Raise {m.key('max_epochs')} to {math.ceil(quota / d.tokens * 100) / 100:g}, or give it a share of at most"
                 f" {most / total:.4g}"
-                + (f", or lower `total_tokens` to {_most(m, train):,}." if m.total_tokens else ".")
+                + (f", or lower {m.key('total_tokens')} to {_most(m, train):,}." if m.total_tokens else ".")
             )
         quotas.append(quota)
     return quotas
@@ -184,13 +190,16 @@ def _most(m: Mixture, train: list[SourceDocs]) -> int:
     return int(min(m.max_epochs * d.tokens / s.share for s, d in pairs if s.share is not None))
 
 
-def val_quotas(train_tokens: list[int], val: list[SourceDocs]) -> list[float]:
-    """``val`` mixed to the shares ``train`` achieved, as large as its documents allow without repeats."""
+def val_quotas(train_tokens: list[int], val: list[SourceDocs], val_fraction: float) -> list[float]:
+    """``val`` mixed to the shares ``train`` achieved, as large as its documents allow without repeats, and
+    at most ``val_fraction`` of the packed tokens: a ``train`` sampled down to a few documents (a small
+    source's share binds) does not leave ``val`` with most of the data."""
     total = sum(train_tokens)
     weights = [t / total for t in train_tokens]
     size = min(
         (d.tokens / w for w, d in zip(weights, val, strict=True) if w > 0 and d.tokens > 0), default=0.0
     )
+    size = min(size, total * val_fraction / (1.0 - val_fraction))
     return [w * size for w in weights]
 
 
@@ -247,10 +256,12 @@ def select(
     val: np.ndarray | None,
     doc_hash: np.ndarray,
     doc_source: np.ndarray,
+    val_fraction: float = 0.0,
 ) -> Selection:
     """Choose every split's documents from the per-document arrays of pass 1 (a pure function of them).
 
-    ``doc_source``: each document's source, an index into ``m.sources``.
+    ``doc_source``: each document's source, an index into ``m.sources``; ``val_fraction``: what
+    ``--val-fraction`` asked, the most of the packed tokens ``val`` takes.
     """
     keys = sample_keys(doc_hash, m.seed)
     is_val = np.zeros(len(doc_len), bool) if val is None else val.astype(bool)
@@ -267,7 +278,7 @@ def select(
     taken = {"train": train}
     if val is not None:
         got = [int(doc_len[t.docs].sum()) for t in train]
-        quotas = val_quotas(got, per_split["val"])
+        quotas = val_quotas(got, per_split["val"], val_fraction)
         taken["val"] = [
             take(d.docs, d.lengths, d.keys, q, 1) for d, q in zip(per_split["val"], quotas, strict=True)
         ]

@@ -110,6 +110,10 @@ def _is_message(m: object) -> bool:
     return all(v is None for k, v in m.items() if k not in ("role", "content"))
 
 
+FIELD_FIX = "set `--text-field` (or, for a mixture source, its own `text_field`)"
+"""The fix for a text field that is not there: a mixture source's `text_field` overrides the flag."""
+
+
 class InputError(UserError):
     """An input file, or a record in it, cannot be read."""
 
@@ -294,9 +298,7 @@ def _from_value(obj: object, text_field: str, where: str) -> Record:
         return _from_path(obj, text_field, where)
     if text_field not in obj:
         keys = ", ".join(list(obj)[:8])
-        return Record(
-            None, MISSING_FIELD, where, f"no `{text_field}` field (fields: {keys}); set `--text-field`"
-        )
+        return Record(None, MISSING_FIELD, where, f"no `{text_field}` field (fields: {keys}); {FIELD_FIX}")
     return _from_text_value(obj[text_field], text_field, where)
 
 
@@ -314,7 +316,7 @@ def _from_path(obj: dict, text_field: str, where: str) -> Record:
                 None,
                 MISSING_FIELD,
                 where,
-                f"no `{text_field}` field: {inside} has no `{name}` (fields: {keys})",
+                f"no `{text_field}` field: {inside} has no `{name}` (fields: {keys}); {FIELD_FIX}",
             )
         value = value[name]
     return _from_text_value(value, text_field, where)
@@ -520,9 +522,7 @@ def _read_csv(
         header = next(rows, None)
         if header is None or text_field not in header:
             columns = ", ".join(header or []) or "none: the file is empty"
-            raise InputError(
-                f"`{path}` has no `{text_field}` column (columns: {columns}); set `--text-field`."
-            )
+            raise InputError(f"`{path}` has no `{text_field}` column (columns: {columns}); {FIELD_FIX}.")
         column, width, line_no = header.index(text_field), len(header), rows.line_num + 1
         reported = reported_at = 0
         while True:
@@ -620,7 +620,8 @@ def _read_parquet(
     columns = list(text_field.columns if isinstance(text_field, Field) else (text_field,))
     if missing := [c for c in columns if c not in pf.schema_arrow.names]:
         raise InputError(
-            f"`{path}` has no `{missing[0]}` column (columns: {', '.join(pf.schema_arrow.names)}); set `--text-field`."
+            f"`{path}` has no `{missing[0]}` column (columns: {', '.join(pf.schema_arrow.names)});"
+            f" {FIELD_FIX}."
         )
     row = 0
     total = size_of(path)
@@ -673,7 +674,7 @@ def _read_dataset(
     if missing := [c for c in columns if c not in ds.column_names]:
         raise InputError(
             f"dataset `{label}` has no `{missing[0]}` column (columns: {', '.join(ds.column_names)});"
-            " set `--text-field`."
+            f" {FIELD_FIX}."
         )
     # The Arrow files' offsets come from disk: check them (and the UTF-8) before any read trusts them,
     # so a damaged file is an error instead of text read from outside its buffers.

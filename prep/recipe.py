@@ -16,14 +16,14 @@ from typing import Any
 
 import tomllib
 
+from prep.card import CARD_KEYS, check_card_info
 from shared.errors import UserError
+from shared.manifest import CardInfo
 
 SHARE_TOLERANCE = 1e-6
 """How far the shares may sum from 1 (they are typed by hand: 0.3 + 0.3 + 0.4 is not exactly 1.0)."""
 SOURCE_KEYS = ("inputs", "text_field", "share", "epochs")
-TOP_KEYS = ("sources", "seed", "max_epochs", "total_tokens")
-# The data card's metadata (license, language, source_datasets, description) will be read from a `[card]`
-# table of the recipe once `prep pack` takes it as flags; until then `card` is an unknown key like any other.
+TOP_KEYS = ("sources", "seed", "max_epochs", "total_tokens", "card")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -55,9 +55,18 @@ class Mixture:
     """Packed ``train`` tokens to aim at; default the most that ``max_epochs`` allows."""
     where: str = "recipe"
     """The recipe file, or ``--source``, for messages."""
+    card: CardInfo | None = None
+    """The recipe's ``[card]`` table: the data card's metadata, beside (never instead of) the card flags."""
 
     def __post_init__(self) -> None:
         check_mixture(self)
+
+    def key(self, name: str) -> str:
+        """How messages name the top-level key ``name``: as the recipe spells it, or as its flag beside
+        ``--source``."""
+        if self.where != "--source":
+            return f"`{name}`"
+        return "--mix-seed" if name == "seed" else "--" + name.replace("_", "-")
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -131,7 +140,39 @@ def mixture_from_dict(raw: dict[str, Any], where: str = "recipe") -> Mixture:
         max_epochs=_number(raw, "max_epochs", where, "") or 1.0,
         total_tokens=total,
         where=where,
+        card=card_from_dict(raw.get("card"), where),
     )
+
+
+RECIPE_CARD_NAMES = {key: f"`card.{key}`" for key in CARD_KEYS} | {
+    "several": 'one string per language in a list (`language = ["en", "de"]`)'
+}
+
+
+def card_from_dict(table: object, where: str) -> CardInfo | None:
+    """The recipe's ``[card]`` table, checked as the card flags are; None without one."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where}: `card` is {_kind(table)}; make it a table (`[card]`).")
+    _refuse_unknown(table, CARD_KEYS, where, "card.")
+    lists = {}
+    for key in ("language", "source_datasets"):
+        value = table.get(key, [])
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(
+                f'{where}: `card.{key}` is {_kind(value)}; give a list of strings, e.g. `{key} = ["en"]`.'
+            )
+        lists[key] = tuple(value)
+    info = CardInfo(
+        license=_typed(table, "license", str, where, "card"),
+        language=lists["language"],
+        source_datasets=lists["source_datasets"],
+        description=_typed(table, "description", str, where, "card"),
+    )
+    check_card_info(info, RECIPE_CARD_NAMES, where=f"{where}: ")
+    return info
 
 
 def parse_source_option(spec: str) -> MixSource:
@@ -234,16 +275,22 @@ def check_mixture(m: Mixture) -> None:
         _check_source(m, s)
     if not m.max_epochs >= 1.0 or not math.isfinite(m.max_epochs):
         raise RecipeError(
-            f"{m.where}: `max_epochs` is {m.max_epochs}; it must be at least 1 (1: no repetition)."
+            f"{m.where}: {m.key('max_epochs')} is {m.max_epochs}; it must be at least 1 (1: no repetition)."
+        )
+    if (
+        not 0 <= m.seed < 2**64
+    ):  # the manifest records counts and ids, never below zero; the hash takes 64 bits
+        raise RecipeError(
+            f"{m.where}: {m.key('seed')} is {m.seed}; a seed is a whole number from 0 to 2**64 - 1."
         )
     if m.total_tokens is not None and m.total_tokens < 1:
-        raise RecipeError(f"{m.where}: `total_tokens` is {m.total_tokens}; it must be at least 1.")
+        raise RecipeError(f"{m.where}: {m.key('total_tokens')} is {m.total_tokens}; it must be at least 1.")
     shares = [s.share for s in m.sources if s.share is not None]
     with_epochs = [s.name for s in m.sources if s.epochs is not None]
     if m.total_tokens is not None and with_epochs:
         raise RecipeError(
-            f"{m.where}: `total_tokens` with source `{with_epochs[0]}` in epochs over-determines the mixture"
-            " (its epochs fix its tokens); give every source a share, or drop `total_tokens`."
+            f"{m.where}: {m.key('total_tokens')} with source `{with_epochs[0]}` in epochs over-determines the"
+            f" mixture (its epochs fix its tokens); give every source a share, or drop {m.key('total_tokens')}."
         )
     total = math.fsum(shares)
     if not with_epochs and abs(total - 1.0) > SHARE_TOLERANCE:
@@ -269,11 +316,12 @@ def _check_source(m: Mixture, s: MixSource) -> None:
     if s.share is None and s.epochs is None:
         raise RecipeError(f"{m.where}: `{key}` needs `share` (of the packed tokens) or `epochs`; add one.")
     if s.share is not None and not 0.0 < s.share <= 1.0:
-        raise RecipeError(f"{m.where}: `{key}.share` is {s.share}; a share is in (0, 1].")
+        percent = f" ({s.share:g}% is {s.share / 100:g})" if 1.0 < s.share <= 100.0 else ""
+        raise RecipeError(f"{m.where}: `{key}.share` is {s.share}; a share is in (0, 1]{percent}.")
     if s.epochs is not None and not 0.0 < s.epochs <= m.max_epochs:
         raise RecipeError(
-            f"{m.where}: `{key}.epochs` is {s.epochs}; epochs are above 0 and at most `max_epochs`"
-            f" ({m.max_epochs:g}): raise `max_epochs` to {s.epochs:g}, or lower the epochs."
+            f"{m.where}: `{key}.epochs` is {s.epochs}; epochs are above 0 and at most {m.key('max_epochs')}"
+            f" ({m.max_epochs:g}): raise {m.key('max_epochs')} to {s.epochs:g}, or lower the epochs."
         )
     if s.text_field is not None and not s.text_field.strip():
         raise RecipeError(f"{m.where}: `{key}.text_field` is empty; name the field, or drop the key.")

@@ -74,6 +74,27 @@ def print_verify_report(report: VerifyReport, console: Console) -> None:
     )
 
 
+def mixture_table(m: Manifest) -> Table:
+    """The mixture as asked and as packed, one row per source."""
+    assert m.mixture is not None
+    table = Table(title="mixture (share of train tokens)", title_justify="left")
+    for col in ("source", "asked", "got", "docs in", "packed", "repeated", "left out", "train tokens"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for s in m.mixture.sources:
+        asked = f"{s.share:.2%}" if s.share is not None else f"{s.epochs:g} epochs"
+        table.add_row(
+            escape(s.name),
+            asked,
+            f"{s.achieved_share:.2%}",
+            f"{s.docs_in:,}",
+            f"{s.docs_packed:,}",
+            f"{s.docs_repeated:,}",
+            f"{s.docs_left_out:,}",
+            f"{s.train_tokens:,}",
+        )
+    return table
+
+
 def summary_view(m: Manifest, stats: dict[str, SplitStats]) -> RenderableType:
     table = Table(title="dataset", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for col in ("split", "docs", "tokens", "rows", "fill", "segs/row", "max", "doc p50", "p90", "max len"):
@@ -292,6 +313,8 @@ def inspect_dataset(cfg: InspectConfig, console: Console) -> None:
             raise UserError(f"--row {cfg.row} is out of range: split `{cfg.split}` has {has}.")
     stats = dataset_stats(ds)
     console.print(summary_view(m, stats))
+    if m.mixture is not None:
+        console.print(mixture_table(m))
     row = None
     if cfg.row is not None:
         split = ds.split(cfg.split)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from prep.discovery import discover_inputs
-from prep.readers import is_val, read_records
+from prep.readers import InputError, is_val, read_records
 from prep.tokenizer import LoadedTokenizer
 from shared.checks import RowCheckError, SplitSegments
 from shared.manifest import Manifest
@@ -47,9 +47,8 @@ def _read_texts(
     # The split each DatasetDict input was read as is recorded; the same discovery finds the same files.
     files = discover_inputs(sources, m.options.dataset_split).files
     if len(files) != len(m.inputs):
-        listed = ", ".join(f"`{i.path}`" for i in m.inputs)
         raise _fail(
-            f"--source expands to {len(files)} files, the dataset was packed from {len(m.inputs)}: {listed}."
+            f"--source expands to {len(files)} files, the dataset was packed from {len(m.inputs)}: {_listed(m)}."
         )
     wanted_set = set(wanted.tolist())
     found: dict[int, tuple[str | None, str]] = {}
@@ -61,15 +60,25 @@ def _read_texts(
             )
         count = 0
         field = _text_field(m, info.source)
-        for count, record in enumerate(read_records(source, field, lambda n: None), start=1):
-            doc_id = info.first_doc_id + count - 1
-            if doc_id in wanted_set:
-                found[doc_id] = (record.text if record.problem is None else None, record.where)
+        try:
+            for count, record in enumerate(read_records(source, field, lambda n: None), start=1):
+                doc_id = info.first_doc_id + count - 1
+                if doc_id in wanted_set:
+                    found[doc_id] = (record.text if record.problem is None else None, record.where)
+        except InputError as e:  # most often inputs given in another order: the text field is another's
+            raise _fail(
+                f"`{source.path}` cannot be read as the manifest's `{info.path}` (text field `{field}`): {e}"
+                f" The inputs, in the order `prep pack` read them: {_listed(m)}."
+            ) from None
         if count != info.num_records:
             raise _fail(
                 f"`{source.path}` holds {count:,} records, the manifest says `{info.path}` had {info.num_records:,}."
             )
     return found
+
+
+def _listed(m: Manifest) -> str:
+    return ", ".join(f"`{i.path}`" for i in m.inputs)
 
 
 def _text_field(m: Manifest, source: str | None) -> str:

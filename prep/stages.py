@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import BinaryIO
 import numpy as np
 
 from prep import __version__
-from prep.card import write_card
+from prep.card import CARD_FLAGS, CARD_KEYS, check_card_info, write_card
 from prep.chat import LONG_CHAT_RULES, load_chat_template
 from prep.chat_pack import (
     DROPPED,
@@ -187,41 +186,49 @@ class PackConfig:
             raise UserError("--dataset-split is empty; name a split of the DatasetDict input, or drop it.")
 
 
-LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
-LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[a-z0-9]{2,8})*")
-
-
 def check_card_fields(cfg: PackConfig) -> None:
-    """Light checks of what goes into the data card's YAML: ids the Hugging Face Hub reads, not prose."""
-    if cfg.license is not None and not LICENSE_ID.fullmatch(cfg.license):
-        raise UserError(
-            f"--license {cfg.license!r} is not a license id. Pass an SPDX-style id in lower case, such as"
-            " `apache-2.0`, `mit`, `cc-by-4.0` or `cc-by-nc-sa-4.0`, or `other` and name the license in"
-            " --description."
-        )
-    for code in cfg.language:
-        if not LANGUAGE_CODE.fullmatch(code):
+    """The card flags checked as :func:`prep.card.check_card_info` checks them; one given both as a flag and
+    in the recipe's ``[card]`` table is refused, since neither could win without hiding the other."""
+    check_card_info(flag_card_info(cfg))
+    recipe = cfg.mixture.card if cfg.mixture is not None else None
+    if recipe is None:
+        return
+    for key in CARD_KEYS:
+        flag = CARD_FLAGS[key]
+        if getattr(cfg, key) and getattr(recipe, key):
             raise UserError(
-                f"--language {code!r} is not a language code. Pass ISO 639-1 or 639-3 codes in lower case"
-                " (`en`, `de`, `yue`; a region may follow, `en-gb`), repeating --language for each language."
+                f"{flag} {_shown(getattr(cfg, key))} is given and {cfg.mixture.where} sets `card.{key}`"
+                f" {_shown(getattr(recipe, key))}; keep one: drop {flag}, or the key from the recipe."
             )
-    for name in cfg.source_datasets:
-        if not name.strip() or "\n" in name:
-            raise UserError(
-                f"--source-dataset {name!r} is empty or spans lines; pass one dataset name (e.g."
-                " `reuters21578`, or a Hub id such as `org/name`) per --source-dataset."
-            )
-    if cfg.description is not None and not cfg.description.strip():
-        raise UserError("--description is empty; say what the data is, or drop the option.")
 
 
-def card_info(cfg: PackConfig) -> CardInfo | None:
-    """What the manifest records for the card, or None when no card option was given."""
-    info = CardInfo(
+def _shown(value: str | tuple[str, ...]) -> str:
+    return repr(value) if isinstance(value, str) else repr(list(value))
+
+
+def flag_card_info(cfg: PackConfig) -> CardInfo:
+    return CardInfo(
         license=cfg.license,
         language=tuple(cfg.language),
         source_datasets=tuple(cfg.source_datasets),
         description=cfg.description,
+    )
+
+
+def card_info(cfg: PackConfig) -> CardInfo | None:
+    """What the manifest records for the card: the flags, and the recipe's ``[card]`` keys (never the same key
+    twice, :func:`check_card_fields`); None when neither gave any."""
+    flags = flag_card_info(cfg)
+    recipe = cfg.mixture.card if cfg.mixture is not None else None
+    info = (
+        flags
+        if recipe is None
+        else CardInfo(
+            license=flags.license or recipe.license,
+            language=flags.language or recipe.language,
+            source_datasets=flags.source_datasets or recipe.source_datasets,
+            description=flags.description or recipe.description,
+        )
     )
     return None if info == CardInfo() else info
 
@@ -470,9 +477,17 @@ def _count_problems(cfg: PackConfig, records: BatchRecords, counts: dict[str, in
     counts["docs_in"] += records.num_records
     for _, record in records.problems:
         if record.problem != EMPTY and not cfg.skip_invalid:
+            # A pipe's first line unreadable: most often not JSON lines at all (a CSV, a tar), not one bad record.
+            piped = record.where == "<stdin>:1"
             raise InputError(
                 f"{record.where}: {record.detail or record.problem}. Fix the record, or pass"
                 " `--skip-invalid` to count and skip such records."
+                + (
+                    " Standard input (`-`) is read as JSON lines (gzip, bzip2, xz or zstd compressed, or plain);"
+                    " save another format to a file and name that."
+                    if piped
+                    else ""
+                )
             )
         counts[skip_key.get(record.problem, "skipped_invalid")] += 1
 
@@ -607,9 +622,8 @@ def mix(
     index = {s.name: i for i, s in enumerate(cfg.mixture.sources)}
     file_source = [index[s.source] for s in sources if s.source is not None]
     first_ids = [i.first_doc_id for i in inputs]
-    return select(
-        cfg.mixture, cfg.text_field, doc_len, val, doc_hash, doc_sources(doc_id, first_ids, file_source)
-    )
+    sources_of = doc_sources(doc_id, first_ids, file_source)
+    return select(cfg.mixture, cfg.text_field, doc_len, val, doc_hash, sources_of, cfg.val_fraction)
 
 
 def plan(
@@ -635,6 +649,10 @@ def plan(
         else:
             docs = slice(None) if val is None else _members(val, name == "val")
         progress.start(f"pack {name}", None)
+        # The split's documents (copies included) and tokens, not the reading's counts, on its log lines.
+        lengths = doc_len[docs]
+        progress.advance(0, docs=len(lengths), tokens=int(lengths.sum(dtype=np.int64)))
+        del lengths
         # Not bound to a name here: the caller may drop the split-local plan while this generator waits.
         yield SplitPlan(
             name,

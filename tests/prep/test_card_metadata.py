@@ -97,7 +97,7 @@ def test_bad_card_options_say_the_fix(sample, tmp_path, flags, message):
 
 
 def test_config_takes_the_same_values(tmp_path):
-    """A recipe passes them through PackConfig: the same checks apply there."""
+    """A library caller passes them through PackConfig: the same checks apply there."""
     PackConfig(inputs=("a",), tokenizer="t", out=tmp_path, license="other", language=("en-gb",))
     with pytest.raises(UserError, match="not a language code"):
         PackConfig(inputs=("a",), tokenizer="t", out=tmp_path, language=("EN",))
@@ -114,3 +114,85 @@ def test_an_edited_card_record_is_refused_by_name(described, tmp_path):
     raw["card"] = {"licence": "mit"}
     with pytest.raises(ManifestError, match="card.licence"):
         Manifest.from_dict(raw)
+
+
+RECIPE_CARD = """
+[sources.all]
+inputs = [{corpus}]
+share = 1.0
+
+[card]
+license = "cc-by-4.0"
+language = ["en", "yue"]
+description = "News wires from 1987."
+"""
+
+
+def write_recipe(sample, folder: Path, text: str = RECIPE_CARD) -> Path:
+    path = folder / "mix.toml"
+    path.write_text(text.format(corpus=json.dumps(str(sample[0]))), encoding="utf-8")
+    return path
+
+
+def pack_recipe(sample, recipe: Path, out: Path, *extra: str):
+    return run("pack", "--recipe", recipe, "--tokenizer", sample[1], "--out", out, "--seq-len", "128", *extra)
+
+
+def test_a_recipe_card_table_joins_the_flags(sample, tmp_path):
+    """The recipe gives license, language and description, a flag the source dataset: the card has all four,
+    and its repack command gives them as flags (which a `--source` mixture takes)."""
+    out = tmp_path / "out"
+    ok(pack_recipe(sample, write_recipe(sample, tmp_path), out, "--source-dataset", "reuters21578"))
+    m = Manifest.load(out)
+    assert m.card == CardInfo(
+        license="cc-by-4.0",
+        language=("en", "yue"),
+        source_datasets=("reuters21578",),
+        description="News wires from 1987.",
+    )
+    card = (out / CARD_NAME).read_text(encoding="utf-8")
+    meta = front_matter(card)
+    assert (meta["license"], meta["language"], meta["source_datasets"]) == (
+        "cc-by-4.0",
+        ["en", "yue"],
+        ["reuters21578"],
+    )
+    assert "## Description\n\nNews wires from 1987.\n" in card
+    assert "--license cc-by-4.0 --description 'News wires from 1987.' --language en --language yue" in card
+
+
+def test_a_key_given_by_flag_and_recipe_is_refused(sample, tmp_path):
+    """Neither may silently win: the message names both values and what to drop."""
+    recipe = write_recipe(sample, tmp_path)
+    failed_with(
+        pack_recipe(sample, recipe, tmp_path / "out", "--language", "de"),
+        "--language ['de'] is given and recipe",
+        "sets `card.language` ['en', 'yue']; keep one: drop --language, or the key from the recipe.",
+    )
+    failed_with(pack_recipe(sample, recipe, tmp_path / "out", "--license", "mit"), "drop --license")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("card", "message"),
+    [
+        ('license = "MIT"', "`card.license` 'MIT' is not a license id"),
+        ('language = ["English"]', 'one string per language in a list (`language = ["en", "de"]`)'),
+        ("language = 3", "`card.language` is an integer; give a list of strings"),
+        ('source_datasets = [""]', "`card.source_datasets` '' is empty"),
+        ('description = " "', "`card.description` is empty"),
+        ('licence = "mit"', "unknown key `card.licence`; the keys here are license, language"),
+        ("license = 2", "`card.license` is an integer"),
+    ],
+)
+def test_bad_recipe_card_keys_are_named_with_the_fix(sample, tmp_path, card, message):
+    text = "[sources.all]\ninputs = [{corpus}]\nshare = 1.0\n\n[card]\n" + card + "\n"
+    failed_with(pack_recipe(sample, write_recipe(sample, tmp_path, text), tmp_path / "out"), message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_without_card_writes_none(sample, tmp_path):
+    """Negative control for the merge: no `[card]` and no flag, no `card` in the manifest."""
+    text = RECIPE_CARD[: RECIPE_CARD.index("[card]")]
+    ok(pack_recipe(sample, write_recipe(sample, tmp_path, text), tmp_path / "out"))
+    assert Manifest.load(tmp_path / "out").card is None

@@ -94,7 +94,7 @@ def test_dotted_field_paths_read_nested_records_as_plain_jsonl(sample, tmp_path)
     # Negative controls: a path that stops early, or runs into a string, names where it stopped.
     failed_with(
         pack(tok, tmp_path / "o2", nested, extra=("--text-field", "content.title")),
-        "no `content.title` field: content has no `title` (fields: body)",
+        "no `content.title` field: content has no `title` (fields: body); set `--text-field`",
     )
     failed_with(
         pack(tok, tmp_path / "o3", nested, extra=("--text-field", "content.body.x")),

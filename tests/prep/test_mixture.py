@@ -9,7 +9,10 @@ back from the manifest.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from prep.journal import KILL_ENV
-from prep.mixture import sample_keys, take
+from prep.mixture import SourceDocs, sample_keys, take, val_quotas
 from prep.recipe import RecipeError, mixture_from_dict, parse_source_option
 from prep.sample import sample_documents
 from shared.manifest import Manifest
@@ -190,7 +194,7 @@ def test_the_sample_does_not_depend_on_input_order(sample, corpora, tmp_path):
 
 def test_the_repetition_cap_is_honoured(sample, corpora, tmp_path):
     out = tmp_path / "capped"
-    ok(pack(sample, out, *source_args(corpora), "--max-epochs", "2.5"))
+    assert "note: source" not in ok(pack(sample, out, *source_args(corpora), "--max-epochs", "2.5"))
     m = Manifest.load(out)
     docs_in = m.documents.docs_in
     ids = np.concatenate([row.doc_ids for row in rows(out, "train")])
@@ -202,9 +206,10 @@ def test_the_repetition_cap_is_honoured(sample, corpora, tmp_path):
     # A total the cap cannot reach is refused, with what the cap allows.
     total = ["--max-epochs", "1.2", "--total-tokens", str(m.splits["train"].num_tokens)]
     result = pack(sample, tmp_path / "refused", *source_args(corpora), *total)
-    failed_with(result, "would need", "above `max_epochs` 1.2", "or lower `total_tokens` to", flat=True)
+    # Beside --source, the keys are named as the flags that set them.
+    failed_with(result, "would need", "above --max-epochs 1.2", "or lower --total-tokens to", flat=True)
     # The tokenized work is kept: the fixed recipe resumes from it and gives the same bytes as a fresh run.
-    failed_with(result, "fix the recipe and run the same command with `--resume`", flat=True)
+    failed_with(result, "(or the --source options) and run the same command with `--resume`", flat=True)
     fixed = ["--max-epochs", "2.5", "--resume"]
     ok(pack(sample, tmp_path / "refused", *source_args(corpora), *fixed))
     assert_same_dataset(out, tmp_path / "refused")
@@ -299,6 +304,11 @@ def test_take_comes_closest_to_the_quota_by_whole_documents():
             {"sources": {"a": {"inputs": ["x"], "share": 1.5}}},
             "`sources.a.share` is 1.5; a share is in (0, 1]",
         ),
+        ({"sources": {"a": {"inputs": ["x"], "share": 70}}}, "a share is in (0, 1] (70% is 0.7)"),
+        (
+            {"sources": {"a": {"inputs": ["x"], "share": 1.0}}, "seed": -1},
+            "`seed` is -1; a seed is a whole number",
+        ),
         ({"sources": {"a": {"inputs": ["x"], "epochs": 3}}}, "raise `max_epochs` to 3"),
         (
             {
@@ -350,6 +360,8 @@ def test_cli_refuses_mixing_the_ways_to_give_inputs(sample, corpora, tmp_path):
     failed_with(pack(sample, out, *twice), "is an input of both source `a` and source `b`", flat=True)
     missing = tmp_path / "none.toml"
     failed_with(pack(sample, out, "--recipe", missing), "cannot be read", flat=True)
+    beside = pack(sample, out, "--recipe", missing, "--mix-seed", "3")
+    failed_with(beside, "--mix-seed is not taken beside --recipe: set `seed` in the recipe", flat=True)
 
 
 @pytest.mark.slow
@@ -400,3 +412,111 @@ def test_the_seed_changes_the_sample_and_only_the_seed_does():
     again = take(docs, lengths, sample_keys(hashes, 0), 5000, None).docs
     assert len(chosen[0]) == 500 and (chosen[0] == again).all()
     assert set(chosen[0].tolist()) != set(chosen[1].tolist())
+
+
+def test_an_empty_source_is_refused_and_leaves_out_as_it_was(sample, corpora, tmp_path):
+    """Its fix changes the inputs, which `--resume` refuses: the message does not offer it, no work is kept,
+    and the fixed command runs as given."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    out = tmp_path / "out"
+    result = pack(
+        sample, out, "--source", f"a={empty}:share=0.5", "--source", f"b={corpora['news']}:share=0.5"
+    )
+    failed_with(result, "source `a` has no documents to pack in `train`", "remove the source", flat=True)
+    assert "--resume" not in result.output
+    assert not out.exists()
+    ok(pack(sample, out, "--source", f"b={corpora['news']}:share=1"))
+
+
+def test_a_gz_folder_and_a_csv_with_its_own_column_mix_and_verify(sample, corpora, tmp_path):
+    """A source that is a folder of `.jsonl.gz` files beside a CSV source whose text is in another column,
+    with a val split: packed, then verified with `--inputs` and with the inputs given back in order; given
+    in another order, the message names the order `prep pack` read them in."""
+    folder = tmp_path / "news"
+    folder.mkdir()
+    lines = corpora["news"].read_text(encoding="utf-8").splitlines(keepends=True)
+    for k in range(2):
+        with gzip.open(folder / f"part{k}.jsonl.gz", "wt", encoding="utf-8") as f:
+            f.writelines(lines[k::2])
+    calls = tmp_path / "calls.csv"
+    with calls.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "transcript"])
+        for k, line in enumerate(corpora["calls"].read_text(encoding="utf-8").splitlines()):
+            writer.writerow([k, json.loads(line)["text"]])
+    out = tmp_path / "out"
+    mix = [
+        "--source",
+        f"news={folder}:share=0.6",
+        "--source",
+        f"calls={calls}:share=0.4:text_field=transcript",
+    ]
+    ok(pack(sample, out, *mix))
+    m = Manifest.load(out)
+    assert [i.source for i in m.inputs] == ["news", "news", "calls"] and m.splits["val"].num_docs > 0
+    assert [s.docs_in for s in m.mixture.sources] == [
+        len(lines),
+        len(corpora["calls"].read_text().splitlines()),
+    ]
+    _, tok = sample
+    ok(run("verify", out, "--tokenizer", tok, "--inputs", "--source", folder, "--source", calls))
+    swapped = run("verify", out, "--tokenizer", tok, "--source", calls, "--source", folder)
+    failed_with(
+        swapped,
+        f"`{calls}` cannot be read as the manifest's `{folder / 'part0.jsonl.gz'}` (text field `text`)",
+        "in the order `prep pack` read them",
+        flat=True,
+    )
+    # The CSV source without its own field: the fix names the source's `text_field`, not only the flag.
+    no_field = ["--source", f"news={folder}:share=0.6", "--source", f"calls={calls}:share=0.4"]
+    failed_with(
+        pack(sample, tmp_path / "no-field", *no_field),
+        "has no `text` column (columns: id, transcript); set `--text-field` (or, for a mixture source, its own",
+        flat=True,
+    )
+
+
+def test_val_stays_within_the_val_fraction_when_train_is_sampled_down(sample, corpora, tmp_path):
+    """A one-document source asked 10% binds the total: `train` keeps a few documents of the large source.
+    `val` is then cut to what --val-fraction asks of the packed tokens (within a document, as every quota),
+    not left with all the large source's val documents."""
+    lines = corpora["news"].read_text(encoding="utf-8").splitlines(keepends=True)
+    one = tmp_path / "one.jsonl"
+    one.write_text(lines[0], encoding="utf-8")
+    out = tmp_path / "out"
+    said = ok(
+        pack(sample, out, "--source", f"news={corpora['news']}:share=0.9", "--source", f"one={one}:share=0.1")
+    )
+    m = Manifest.load(out)
+    train, val = m.splits["train"].num_tokens, m.splits["val"].num_tokens
+    news = m.mixture.sources[0]
+    assert news.docs_left_out > news.docs_in / 2  # the case: most of the large source is left out
+    # The summary says why, and what keeps more.
+    assert f"note: source `news` is sampled down: {news.docs_left_out:,} of its {news.docs_in:,}" in " ".join(
+        said.split()
+    )
+    assert "raise max_epochs to keep more" in " ".join(said.split())
+    tok = Tokenizer.from_file(str(sample[1] / "tokenizer.json"))
+    longest = max(len(tok.encode(json.loads(line)["text"]).ids) + 1 for line in lines)
+    assert val <= 0.05 / 0.95 * train + longest
+    ok(run("verify", out))
+
+
+def test_val_quotas_are_capped_by_the_val_fraction():
+    def docs(*lengths: int) -> SourceDocs:
+        n = len(lengths)
+        return SourceDocs(np.arange(n), np.array(lengths, np.int64), np.arange(n, dtype=np.uint64))
+
+    # Uncapped, the val documents allow 1,000 tokens at train's 90/10 shares; the cap is 5/95 of 1,000.
+    quotas = val_quotas([900, 100], [docs(500, 400), docs(100)], 0.05)
+    assert math.isclose(sum(quotas), 1000 * 0.05 / 0.95) and math.isclose(quotas[0] / sum(quotas), 0.9)
+    assert math.isclose(sum(val_quotas([900, 100], [docs(50, 40), docs(10)], 0.5)), 100)  # documents bind
+
+
+def test_inspect_shows_the_mixture_and_keeps_every_column_in_a_log(mixed):
+    said = ok(run("inspect", mixed))
+    assert "segs/row" in said and "…" not in said  # not cut at 80 columns when not on a terminal
+    assert "mixture (share of train tokens)" in said
+    for s in Manifest.load(mixed).mixture.sources:
+        assert f"{s.name} " in said and f"{s.achieved_share:.2%}" in said

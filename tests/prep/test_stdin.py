@@ -4,7 +4,11 @@ refused with the fix."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import hashlib
 import json
+import lzma
 import subprocess
 import sys
 from functools import partial
@@ -75,10 +79,33 @@ def test_stdin_through_the_cli_runner(sample, from_file, tmp_path):
     assert "| `-` | jsonl |" in card and "--source -" not in card
 
 
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_compressed_stdin_is_known_by_its_magic_bytes(sample, from_file, tmp_path, compress):
+    """A pipe has no name: `cat a.jsonl.gz | prep pack -` is read decompressed, the shards are the plain
+    file's bytes, and the manifest fingerprints the bytes that came through the pipe (compressed)."""
+    corpus, tok = sample
+    piped = compress(corpus.read_bytes())
+    out = tmp_path / "out"
+    ok(CliRunner().invoke(app, pack_args(tok, out, "-"), input=piped))
+    for shard in from_file.glob("*.arrow"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    [info] = json.loads((out / "manifest.json").read_text())["inputs"]
+    assert (info["sha256"], info["num_bytes"]) == (hashlib.sha256(piped).hexdigest(), len(piped))
+
+
 def test_a_bad_record_on_stdin_is_named_by_line(sample, tmp_path):
     _, tok = sample
     result = CliRunner().invoke(app, pack_args(tok, tmp_path / "out", "-"), input=b'{"text": "a"}\n{oops\n')
     failed_with(result, "<stdin>:2: malformed JSON")
+    assert "Standard input (`-`) is read as JSON lines" not in result.output  # one bad record, not the format
+
+
+def test_another_format_on_stdin_says_what_stdin_reads(sample, tmp_path):
+    _, tok = sample
+    result = CliRunner().invoke(app, pack_args(tok, tmp_path / "out", "-"), input=b"id,text\n1,hello\n")
+    failed_with(
+        result, "<stdin>:1: malformed JSON", "Standard input (`-`) is read as JSON lines", "save another"
+    )
 
 
 @pytest.mark.parametrize(

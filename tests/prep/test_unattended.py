@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 import prep.cli as cli
 from prep.cli import app
+from shared.manifest import Manifest
 
 
 def _pack(sample, out, *extra):
@@ -41,3 +42,28 @@ def test_a_chat_turn_token_as_eos_is_warned_about(sample, tmp_path):
     assert "separator: EOS <|im_end|> (id " in flat and "BOS <|im_start|> (id " in flat
     assert "warning: the EOS `<|im_end|>` is a chat template's end-of-turn token" in flat
     assert "--eos-token '<|endoftext|>'" in flat
+
+
+def test_pack_and_write_lines_count_the_split_not_the_reading(sample, tmp_path):
+    """After tokenizing, each split's lines give its own documents and tokens (as the manifest records them),
+    not the totals read, which a log reader would take for the split's."""
+    out = tmp_path / "out"
+    result = _pack(sample, out, "--val-fraction", "0.1")
+    assert result.exit_code == 0, result.output
+    m = Manifest.load(out)
+    assert m.splits["val"].num_docs < m.documents.packed  # else the check below could not fail
+    for name, split in m.splits.items():
+        counts = f"{split.num_docs:,} docs, {split.num_tokens:,} tokens"
+        for phase in ("pack", "write"):
+            line = next(x for x in result.output.splitlines() if x.startswith(f"{phase} {name}: "))
+            assert counts in line, line
+
+
+def test_verify_report_lines_are_whole_in_a_log(sample, tmp_path):
+    """`prep verify` in a batch job: each line of its report stays one line (a log has no width to wrap to)."""
+    out = tmp_path / "out"
+    assert _pack(sample, out).exit_code == 0
+    said = CliRunner().invoke(app, ["verify", str(out)])
+    assert said.exit_code == 0, said.output
+    [line] = [x for x in said.output.splitlines() if x.startswith("all checks hold: ")]
+    assert line.rstrip().endswith("documents"), line  # the last check named, on the same line
