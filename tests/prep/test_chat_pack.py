@@ -480,3 +480,57 @@ def test_ray_executor_refuses_conversations_with_the_fix(tmp_path):
     )
     failed_with(result, "`--executor local`", flat=True)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_mixture_of_conversations_meets_its_shares_and_verifies(folders, tmp_path):  # noqa: F811
+    """Two chat sources mixed 0.6/0.4: a chat record is hashed and sampled like a document, and verify
+    --source accepts the conversations the mixture left out (its per-source counts cover them)."""
+    for name in ("a", "b"):
+        write_jsonl(
+            tmp_path / f"{name}.jsonl",
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": f"{name} question {i} " + "word " * (i % 23)},
+                        {"role": "assistant", "content": f"{name} answer {i} " + "reply " * (i % 31)},
+                    ]
+                }
+                for i in range(120)
+            ],
+        )
+    out = tmp_path / "mixed"
+    sources = [
+        "--source",
+        f"a={tmp_path / 'a.jsonl'}:share=0.6",
+        "--source",
+        f"b={tmp_path / 'b.jsonl'}:share=0.4",
+    ]
+    ok(
+        run(
+            "pack",
+            *sources,
+            "--tokenizer",
+            folders["qwen"],
+            "--out",
+            out,
+            "--seq-len",
+            "256",
+        )
+    )
+    m = Manifest.load(out)
+    assert m.options.masked_labels and m.mixture is not None
+    achieved = {s.name: s.achieved_share for s in m.mixture.sources}
+    assert achieved["a"] == pytest.approx(0.6, abs=0.01) and achieved["b"] == pytest.approx(0.4, abs=0.01)
+    assert any(s.docs_left_out for s in m.mixture.sources)  # b is downsampled: the case verify must accept
+    ok(
+        run(
+            "verify",
+            out,
+            "--source",
+            tmp_path / "a.jsonl",
+            "--source",
+            tmp_path / "b.jsonl",
+            "--sample",
+            "240",
+        )
+    )
