@@ -275,9 +275,12 @@ def run(
 @app.command("eval")
 def eval_command(
     data: Annotated[
-        list[str],
-        typer.Option(help="Eval set NAME=PATH (repeatable): a packed dataset; its val split, else train."),
-    ],
+        list[str] | None,
+        typer.Option(
+            help="Eval set NAME=PATH (repeatable): a packed dataset; its val split, else train."
+            " Default: the run's own eval sets (its --data's val split and its --eval-data)."
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="Base model: a Hugging Face folder or `tiny-qwen2`; default the runs' model."),
@@ -330,13 +333,15 @@ def eval_command(
     --doc-level rejoins each document and scores it in windows that carry context (docs/training.md).
 
     Example: train eval --run runs/r1 --data fin=packed/fin --data news=packed/news --json eval.json
+
+    Example: train eval --run runs/r1   (the run's own eval sets, every checkpoint)
     """
     from train.compare import EvalConfig, run_eval
     from train.config import named_paths
 
     try:
         cfg = EvalConfig(
-            data=named_paths(data, "--data"),
+            data=named_paths(data or [], "--data"),
             model=model,
             adapters=tuple(adapter or ()),
             runs=tuple(run or ()),
