@@ -373,6 +373,7 @@ def eval_command(
 def print_eval(report: EvalReport) -> None:
     """A table per eval set: a row per model (the base first) with loss, perplexity and its change
     against the base, bits per byte and the target tokens scored."""
+    from rich.measure import Measurement
     from rich.table import Table
 
     from train.compare import BASE
@@ -386,7 +387,7 @@ def print_eval(report: EvalReport) -> None:
         table = Table(title=f"{s.name}: {s.path} ({s.split.name} split, {how})", title_justify="left")
         for name in ("model", "loss", "ppl", "vs base", "bits/byte", "target tokens"):
             if name == "model":
-                table.add_column(name, overflow="fold")  # a checkpoint's name, whole
+                table.add_column(name, no_wrap=True)  # a checkpoint's name, whole
             else:
                 table.add_column(name, justify="right")
         for row in report.rows:
@@ -394,7 +395,10 @@ def print_eval(report: EvalReport) -> None:
             change = "" if base is None or row.name == BASE else f"{f.ppl / base[s.name].ppl - 1:+.1%}"
             bpb = "n/a" if f.bits_per_byte is None else f"{f.bits_per_byte:.4f}"
             table.add_row(row.name, f"{f.loss:.4f}", f"{f.ppl:,.3f}", change, bpb, f"{f.num_targets:,}")
-        out.print(table)
+        # As wide as the rows need, also when piped (80 columns): a wrapped model name cannot be pasted.
+        out.print(
+            table, width=max(out.width, Measurement.get(out, out.options.update(width=10_000), table).maximum)
+        )
 
 
 @app.command()

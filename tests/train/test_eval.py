@@ -363,20 +363,11 @@ def test_read_documents_caps_take_whole_documents(packed_sample):
 def test_eval_of_a_run_without_data_takes_the_runs_eval_sets(packed_sample, packed_64, trained, tmp_path):
     """`train eval --run RUN` alone scores the sets the run evaluated (its --data's val, its --eval-data)."""
     out = tmp_path / "eval.json"
-    args = [
-        "eval",
-        "--run",
-        str(trained),
-        "--no-base",
-        "--max-rows",
-        "2",
-        "--device",
-        "cpu",
-        "--json",
-        str(out),
-    ]
-    result = CliRunner().invoke(app, args)
+    adapter = str(trained / "adapter")  # a long name: the table widens, it does not wrap it
+    args = ["eval", "--run", str(trained), "--adapter", adapter, "--no-base", "--max-rows", "2"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--json", str(out)])
     assert result.exit_code == 0, result.output
+    assert len(adapter) > 40 and f"│ {adapter} │" in result.output  # 80 columns would wrap it
     assert f"eval sets of the run: val={packed_sample}, other={packed_64}" in result.output
     report = json.loads(out.read_text())
     assert [(s["name"], s["path"]) for s in report["sets"]] == [
