@@ -373,6 +373,7 @@ def eval_command(
 def print_eval(report: EvalReport) -> None:
     """A table per eval set: a row per model (the base first) with loss, perplexity and its change
     against the base, bits per byte and the target tokens scored."""
+    from rich.console import Console
     from rich.measure import Measurement
     from rich.table import Table
 
@@ -396,9 +397,10 @@ def print_eval(report: EvalReport) -> None:
             bpb = "n/a" if f.bits_per_byte is None else f"{f.bits_per_byte:.4f}"
             table.add_row(row.name, f"{f.loss:.4f}", f"{f.ppl:,.3f}", change, bpb, f"{f.num_targets:,}")
         # As wide as the rows need, also when piped (80 columns): a wrapped model name cannot be pasted.
-        out.print(
-            table, width=max(out.width, Measurement.get(out, out.options.update(width=10_000), table).maximum)
-        )
+        # (Console.print clamps its width to the console's, so a wider table needs a console of its own.)
+        width = Measurement.get(out, out.options.update_width(10_000), table).maximum
+        console = out if width <= out.width else Console(width=width, file=out.file, color_system=None)
+        console.print(table)
 
 
 @app.command()
