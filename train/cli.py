@@ -172,6 +172,10 @@ def run(
         int | None,
         typer.Option(help="Evaluate at step 0, every N steps and at the end; 0 = off (default 100)."),
     ] = None,
+    eval_max_tokens: Annotated[
+        int | None,
+        typer.Option(help="Evaluate each set's leading rows up to this many tokens (default every row)."),
+    ] = None,
     save_every: Annotated[
         int | None, typer.Option(help="Checkpoint every N steps; 0 = at the end (default 0).")
     ] = None,

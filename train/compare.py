@@ -341,6 +341,10 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
     if not cfg.data:
         cfg = dataclasses.replace(cfg, data=run_eval_sets(rows))
         log(f"eval sets of the run: {', '.join(f'{name}={path}' for name, path in cfg.data)}")
+        caps = {row.config.get("eval_max_tokens") for row in rows if row.config}
+        if cfg.max_rows is None and cfg.max_tokens is None and len(caps) == 1 and None not in caps:
+            cfg = dataclasses.replace(cfg, max_tokens=caps.pop())  # the rows the run's evals scored
+            log(f"and their leading rows up to {cfg.max_tokens:,} tokens, as the run's --eval-max-tokens")
     report = EvalReport(cfg=cfg, base_model=base_model, sets=[], rows=rows)
     report.sets = open_sets(cfg, base_model, report.notes)
     device = resolve_device(cfg.device)

@@ -393,3 +393,34 @@ def test_eval_of_a_run_whose_sets_are_not_found_says_to_give_them(packed_sample,
         run_eval_sets(
             [ModelRow("a", config={"data": str(packed_sample)}), ModelRow("b", config={"data": "x"})]
         )
+
+
+def test_run_eval_max_tokens_scores_the_leading_rows_and_train_eval_follows(
+    packed_sample, packed_64, tmp_path
+):
+    """--eval-max-tokens caps every eval of the run to the same leading rows; `train eval --run` alone
+    scores those rows too, so its base and last rows equal the run's step-0 and last evals."""
+    out = tmp_path / "capped"
+    cfg = RunConfig(
+        data=packed_sample, out=out, model="tiny-qwen2", max_steps=1, batch_size=2, lr=3e-2, eval_every=1,
+        eval_max_tokens=100, eval_data=(("other", packed_64),), device="cpu", attn="sdpa", lora_r=4,
+        lora_alpha=8, seed=SEED,
+    )  # fmt: skip
+    lines: list[str] = []
+    train(cfg, log=lines.append)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {(r["step"], r["eval_set"]): r for r in records if "eval_loss" in r}
+    full = PackedDataset(packed_64).split("train")
+    assert evals[0, "other"]["eval_target_tokens"] < int(full.row_lengths().sum()) - full.num_rows
+    assert "| 2 rows," in next(
+        line for line in lines if line.startswith("eval step 0 | other")
+    )  # 64-token rows
+    report = run_eval(EvalConfig(runs=(out,), device="cpu", attn="sdpa"), log=lines.append)
+    assert "and their leading rows up to 100 tokens, as the run's --eval-max-tokens" in lines
+    for step, row in ((0, "base"), (1, "capped/step-00000001")):
+        for name in ("val", "other"):
+            figures = report.results[row][name]
+            assert figures.num_targets == evals[step, name]["eval_target_tokens"]
+            assert figures.loss == pytest.approx(evals[step, name]["eval_loss"], rel=1e-6)
+    with pytest.raises(ConfigError, match="--eval-max-tokens"):
+        RunConfig(data=packed_sample, out=out, model="tiny-qwen2", max_steps=1, eval_max_tokens=0)
