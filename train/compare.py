@@ -238,7 +238,8 @@ def run_eval_sets(rows: list[ModelRow]) -> tuple[tuple[str, Path], ...]:
 def run_sets(config: dict[str, Any]) -> tuple[tuple[str, Path], ...]:
     named = named_paths(config.get("eval_data") or [], "--eval-data", bare_name="val")
     data = Path(config.get("data") or "")
-    has_val = (data / "manifest.json").is_file() and "val" in Manifest.load(data).splits
+    found = (data / "manifest.json").is_file()  # not found: kept, so that the caller says so
+    has_val = not found or "val" in Manifest.load(data).splits
     own = (("val", data),) if has_val and "val" not in dict(named) else ()
     return own + named
 
