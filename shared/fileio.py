@@ -60,3 +60,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def open_to_umask(folder: Path) -> None:
+    """Give every file directly in ``folder`` the mode the umask gives a new file. safetensors writes
+    its files owner-only (0600), which would leave a model folder unreadable to those it is shared with."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)

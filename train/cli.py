@@ -172,6 +172,10 @@ def run(
         int | None,
         typer.Option(help="Evaluate at step 0, every N steps and at the end; 0 = off (default 100)."),
     ] = None,
+    eval_max_tokens: Annotated[
+        int | None,
+        typer.Option(help="Evaluate each set's leading rows up to this many tokens (default every row)."),
+    ] = None,
     save_every: Annotated[
         int | None, typer.Option(help="Checkpoint every N steps; 0 = at the end (default 0).")
     ] = None,
@@ -275,9 +279,12 @@ def run(
 @app.command("eval")
 def eval_command(
     data: Annotated[
-        list[str],
-        typer.Option(help="Eval set NAME=PATH (repeatable): a packed dataset; its val split, else train."),
-    ],
+        list[str] | None,
+        typer.Option(
+            help="Eval set NAME=PATH (repeatable): a packed dataset; its val split, else train."
+            " Default: the run's own eval sets (its --data's val split and its --eval-data)."
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="Base model: a Hugging Face folder or `tiny-qwen2`; default the runs' model."),
@@ -330,13 +337,15 @@ def eval_command(
     --doc-level rejoins each document and scores it in windows that carry context (docs/training.md).
 
     Example: train eval --run runs/r1 --data fin=packed/fin --data news=packed/news --json eval.json
+
+    Example: train eval --run runs/r1   (the run's own eval sets, every checkpoint)
     """
     from train.compare import EvalConfig, run_eval
     from train.config import named_paths
 
     try:
         cfg = EvalConfig(
-            data=named_paths(data, "--data"),
+            data=named_paths(data or [], "--data"),
             model=model,
             adapters=tuple(adapter or ()),
             runs=tuple(run or ()),
@@ -368,6 +377,8 @@ def eval_command(
 def print_eval(report: EvalReport) -> None:
     """A table per eval set: a row per model (the base first) with loss, perplexity and its change
     against the base, bits per byte and the target tokens scored."""
+    from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     from train.compare import BASE
@@ -381,7 +392,7 @@ def print_eval(report: EvalReport) -> None:
         table = Table(title=f"{s.name}: {s.path} ({s.split.name} split, {how})", title_justify="left")
         for name in ("model", "loss", "ppl", "vs base", "bits/byte", "target tokens"):
             if name == "model":
-                table.add_column(name, overflow="fold")  # a checkpoint's name, whole
+                table.add_column(name, no_wrap=True)  # a checkpoint's name, whole
             else:
                 table.add_column(name, justify="right")
         for row in report.rows:
@@ -389,7 +400,11 @@ def print_eval(report: EvalReport) -> None:
             change = "" if base is None or row.name == BASE else f"{f.ppl / base[s.name].ppl - 1:+.1%}"
             bpb = "n/a" if f.bits_per_byte is None else f"{f.bits_per_byte:.4f}"
             table.add_row(row.name, f"{f.loss:.4f}", f"{f.ppl:,.3f}", change, bpb, f"{f.num_targets:,}")
-        out.print(table)
+        # As wide as the rows need, also when piped (80 columns): a wrapped model name cannot be pasted.
+        # (Console.print clamps its width to the console's, so a wider table needs a console of its own.)
+        width = Measurement.get(out, out.options.update_width(10_000), table).maximum
+        console = out if width <= out.width else Console(width=width, file=out.file, color_system=None)
+        console.print(table)
 
 
 @app.command()

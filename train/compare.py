@@ -10,6 +10,7 @@ the figures land in an :class:`EvalReport` that the CLI prints as a table and wr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from shared.fileio import atomic_write_text
 from shared.manifest import Manifest
 from shared.reader import PackedDataset, Split
 from train.checkpoint import CHECKPOINTS_DIR, MANIFEST, list_checkpoints, verify_checkpoint
+from train.config import named_paths
 from train.eval import (
     Document,
     EvalError,
@@ -44,8 +46,9 @@ BASE = "base"
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EvalConfig:
-    data: tuple[tuple[str, Path], ...]
-    """Eval sets: (name, packed dataset folder); each is read from its `val` split if it has one, else `train`."""
+    data: tuple[tuple[str, Path], ...] = ()
+    """Eval sets: (name, packed dataset folder); each is read from its `val` split if it has one, else `train`.
+    None given: the eval sets of the run the adapters and checkpoints come from (`run_eval_sets`)."""
     model: str | None = None
     """Base model (a Hugging Face folder or `tiny-qwen2`); default: the model of the runs/checkpoints given."""
     adapters: tuple[Path, ...] = ()
@@ -73,8 +76,6 @@ class EvalConfig:
     """Weights of a `tiny-qwen2` base; default the run's seed, else 0."""
 
     def __post_init__(self) -> None:
-        if not self.data:
-            raise EvalError("give at least one eval set: --data NAME=PATH (a `prep pack` output folder).")
         names = [name for name, _ in self.data]
         if len(set(names)) != len(names):
             raise EvalError(
@@ -211,6 +212,38 @@ def model_rows(cfg: EvalConfig) -> list[ModelRow]:
     return rows
 
 
+def run_eval_sets(rows: list[ModelRow]) -> tuple[tuple[str, Path], ...]:
+    """The eval sets `train run` used for the runs the rows come from, as it chose them: its --data's
+    `val` split as `val` (when the dataset has one), and each --eval-data (a bare PATH replaces `val`).
+    Relative paths are read from the working directory, as the run was started."""
+    configs = [row.config for row in rows if row.config]
+    found = {run_sets(c) for c in configs}
+    if len(found) != 1:
+        what = "the runs used different eval sets" if found else "no run's options are known"
+        raise EvalError(f"give the eval sets: --data NAME=PATH (repeatable); {what}.")
+    sets = found.pop()
+    if not sets:
+        raise EvalError(
+            "the run had no eval set (no `val` split in its --data, no --eval-data); give one: --data NAME=PATH."
+        )
+    for name, path in sets:
+        if not (path / "manifest.json").is_file():
+            raise EvalError(
+                f"the run's eval set {name}=`{path}` is not found from here (no manifest.json); run from the"
+                f" folder the run was started in, or give the sets: --data {name}=PATH."
+            )
+    return sets
+
+
+def run_sets(config: dict[str, Any]) -> tuple[tuple[str, Path], ...]:
+    named = named_paths(config.get("eval_data") or [], "--eval-data", bare_name="val")
+    data = Path(config.get("data") or "")
+    found = (data / "manifest.json").is_file()  # not found: kept, so that the caller says so
+    has_val = not found or "val" in Manifest.load(data).splits
+    own = (("val", data),) if has_val and "val" not in dict(named) else ()
+    return own + named
+
+
 def base_of(cfg: EvalConfig, rows: list[ModelRow]) -> tuple[str, int]:
     """The base model and its seed: the flags, else what the runs trained on (which must agree)."""
     configs = [row.config for row in rows if row.config]
@@ -306,6 +339,13 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
         rows = [ModelRow(BASE), *rows]
     if not rows:
         raise EvalError("nothing to evaluate: --no-base and no --adapter or --run.")
+    if not cfg.data:
+        cfg = dataclasses.replace(cfg, data=run_eval_sets(rows))
+        log(f"eval sets of the run: {', '.join(f'{name}={path}' for name, path in cfg.data)}")
+        caps = {row.config.get("eval_max_tokens") for row in rows if row.config}
+        if cfg.max_rows is None and cfg.max_tokens is None and len(caps) == 1 and None not in caps:
+            cfg = dataclasses.replace(cfg, max_tokens=caps.pop())  # the rows the run's evals scored
+            log(f"and their leading rows up to {cfg.max_tokens:,} tokens, as the run's --eval-max-tokens")
     report = EvalReport(cfg=cfg, base_model=base_model, sets=[], rows=rows)
     report.sets = open_sets(cfg, base_model, report.notes)
     device = resolve_device(cfg.device)

@@ -61,6 +61,9 @@ class RunConfig:
     set takes that name (a PATH without NAME= does, as before eval sets had names)."""
     eval_every: int = 100
     """Evaluate at step 0, every this many steps and after the last; 0 disables evaluation."""
+    eval_max_tokens: int | None = None
+    """Evaluate each set's leading rows up to and including the one that reaches this many tokens
+    (as `train eval --max-tokens`); default every row."""
     save_every: int = 0
     """Write a checkpoint every this many steps (0: only at the end)."""
     resume: bool = False
@@ -117,6 +120,7 @@ class RunConfig:
         _positive("--lora-r", self.lora_r)
         _positive("--lora-alpha", self.lora_alpha)
         _positive("--log-every", self.log_every)
+        _positive("--eval-max-tokens", self.eval_max_tokens)
         if self.keep_checkpoints < 0:
             raise ConfigError(
                 f"--keep-checkpoints {self.keep_checkpoints} must not be negative (0 keeps all)."

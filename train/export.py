@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from shared.errors import UserError
-from shared.fileio import fsync_dir
+from shared.fileio import fsync_dir, open_to_umask
 from shared.manifest import Manifest
 from train.checkpoint import list_checkpoints, read_checkpoint_state, step_dir
 from train.model import TINY_QWEN2, load_base
@@ -259,7 +259,9 @@ def write_adapter(adapter: Path, base: str, dest: Path) -> None:
 
 
 def publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder ``tmp`` to ``out``, replacing what is there, files and folders fsynced."""
+    """Move the finished folder ``tmp`` to ``out``, replacing what is there, files and folders fsynced,
+    every file with the mode the umask gives (not safetensors' 0600)."""
+    open_to_umask(tmp)
     for path in tmp.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())

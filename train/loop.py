@@ -51,7 +51,7 @@ from train.checkpoint import (
     step_dir,
 )
 from train.config import RunConfig
-from train.eval import EvalFigures, evaluate_split
+from train.eval import EvalFigures, FirstRows, evaluate_split, rows_within
 from train.hardware import auto_device, resolve_device, sum_dtype
 from train.loader import Loader
 from train.loss import micro_batch_loss_sum
@@ -130,7 +130,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loader: Loader
-    eval_sets: dict[str, Split]
+    eval_sets: dict[str, Split | FirstRows]
     """The eval sets by name (`val`: --data's val split, unless --eval-data names a set so)."""
     data_fingerprint: str
     """sha256 over the train shards' checksums: a checkpoint's loader position means something only
@@ -496,11 +496,12 @@ def open_outputs(run: Run) -> None:
     run.pace = Pace(first_step=run.start_step, num_steps=run.plan.num_steps)
 
 
-def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, dict[str, Split]]:
+def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, dict[str, Split | FirstRows]]:
     """The train split and the eval sets by name; shards are verified before training.
 
     --data's `val` split (if any) is the set `val`; each --eval-data set is its dataset's `val` split if
-    it has one, else its `train` split, and replaces `val` when it takes that name.
+    it has one, else its `train` split, and replaces `val` when it takes that name. With --eval-max-tokens,
+    each set's leading rows up to that many tokens.
     """
     dataset = PackedDataset(cfg.data, verify=cfg.verify)
     train_split = dataset.split("train")
@@ -514,6 +515,11 @@ def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, dict[str, Split]]:
                 " pack both with the same tokenizer."
             )
         eval_sets[name] = eval_set.split("val" if "val" in eval_set.split_names else "train")
+    if cfg.eval_max_tokens is not None:  # the leading rows, the same at every eval
+        eval_sets = {
+            name: FirstRows(split, rows_within(split, max_tokens=cfg.eval_max_tokens))
+            for name, split in eval_sets.items()
+        }
     return dataset, train_split, eval_sets
 
 

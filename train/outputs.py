@@ -11,7 +11,7 @@ import psutil
 import torch
 
 from shared.errors import UserError
-from shared.fileio import atomic_write_text
+from shared.fileio import atomic_write_text, open_to_umask
 from train.checkpoint import unwrap
 from train.tokenizer_files import copy_tokenizer
 
@@ -66,6 +66,7 @@ def export_weights(
     target = out / ("adapter" if hasattr(model, "peft_config") else "model")
     model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
     copy_tokenizer(tokenizer, target)
+    open_to_umask(target)  # the folder a run is for is shared; safetensors writes it 0600
     return target
 
 

@@ -42,6 +42,7 @@ APPLIED_ON_RESUME = (
     "data",  # the same rows are enforced by the train shards' checksums, not by the path
     "eval_data",
     "eval_every",
+    "eval_max_tokens",
     "save_every",
     "log_every",
     "tensorboard",

@@ -18,7 +18,7 @@ from prep.pipeline import PackConfig, pack
 from shared.contract import IGNORE_INDEX
 from shared.reader import PackedDataset
 from train.cli import app
-from train.compare import EvalConfig, run_eval
+from train.compare import EvalConfig, ModelRow, run_eval, run_eval_sets
 from train.config import ConfigError, RunConfig, build_run_config, load_toml
 from train.eval import EvalError, read_documents, rolling_windows, token_byte_lengths
 from train.loop import train
@@ -358,3 +358,71 @@ def test_read_documents_caps_take_whole_documents(packed_sample):
     assert [d.doc_id for d in first] == [int(x) for x in split.row(0).doc_ids]
     long = next(d for d in everything if d.doc_id == first[0].doc_id)
     assert np.array_equal(first[0].input_ids, long.input_ids) and first[0].num_fragments > 1
+
+
+def test_eval_of_a_run_without_data_takes_the_runs_eval_sets(packed_sample, packed_64, trained, tmp_path):
+    """`train eval --run RUN` alone scores the sets the run evaluated (its --data's val, its --eval-data)."""
+    out = tmp_path / "eval.json"
+    adapter = str(trained / "adapter")  # a long name: the table widens, it does not wrap it
+    args = ["eval", "--run", str(trained), "--adapter", adapter, "--no-base", "--max-rows", "2"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(adapter) > 40 and f"│ {adapter} │" in result.output  # 80 columns would wrap it
+    assert "┃ target tokens ┃" in result.output
+    assert f"eval sets of the run: val={packed_sample}, other={packed_64}" in result.output
+    report = json.loads(out.read_text())
+    assert [(s["name"], s["path"]) for s in report["sets"]] == [
+        ("val", str(packed_sample)),
+        ("other", str(packed_64)),
+    ]
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert {r["eval_set"] for r in records if "eval_loss" in r} == {"val", "other"}
+
+
+def test_eval_of_a_run_whose_sets_are_not_found_says_to_give_them(packed_sample, packed_64):
+    def sets(**config):
+        return run_eval_sets([ModelRow("r", config={"data": str(packed_sample), **config})])
+
+    assert sets(eval_data=[f"o={packed_64}"]) == (("val", packed_sample), ("o", packed_64))
+    assert sets(eval_data=[str(packed_64)]) == (("val", packed_64),)  # a bare path replaces `val`
+    with pytest.raises(EvalError, match=r"eval set o=`not/here` is not found from here.*--data o=PATH"):
+        sets(eval_data=["o=not/here"])
+    with pytest.raises(EvalError, match=r"eval set val=`moved` is not found from here.*--data val=PATH"):
+        run_eval_sets([ModelRow("r", config={"data": "moved"})])  # not a run without a `val` split
+    with pytest.raises(EvalError, match=r"no `val` split.*--data NAME=PATH"):
+        run_eval_sets([ModelRow("r", config={"data": str(packed_64), "eval_data": []})])
+    with pytest.raises(EvalError, match="the runs used different eval sets"):
+        run_eval_sets(
+            [ModelRow("a", config={"data": str(packed_sample)}), ModelRow("b", config={"data": "x"})]
+        )
+
+
+def test_run_eval_max_tokens_scores_the_leading_rows_and_train_eval_follows(
+    packed_sample, packed_64, tmp_path
+):
+    """--eval-max-tokens caps every eval of the run to the same leading rows; `train eval --run` alone
+    scores those rows too, so its base and last rows equal the run's step-0 and last evals."""
+    out = tmp_path / "capped"
+    cfg = RunConfig(
+        data=packed_sample, out=out, model="tiny-qwen2", max_steps=1, batch_size=2, lr=3e-2, eval_every=1,
+        eval_max_tokens=100, eval_data=(("other", packed_64),), device="cpu", attn="sdpa", lora_r=4,
+        lora_alpha=8, seed=SEED,
+    )  # fmt: skip
+    lines: list[str] = []
+    train(cfg, log=lines.append)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {(r["step"], r["eval_set"]): r for r in records if "eval_loss" in r}
+    full = PackedDataset(packed_64).split("train")
+    assert evals[0, "other"]["eval_target_tokens"] < int(full.row_lengths().sum()) - full.num_rows
+    assert "| 2 rows," in next(
+        line for line in lines if line.startswith("eval step 0 | other")
+    )  # 64-token rows
+    report = run_eval(EvalConfig(runs=(out,), device="cpu", attn="sdpa"), log=lines.append)
+    assert "and their leading rows up to 100 tokens, as the run's --eval-max-tokens" in lines
+    for step, row in ((0, "base"), (1, "capped/step-00000001")):
+        for name in ("val", "other"):
+            figures = report.results[row][name]
+            assert figures.num_targets == evals[step, name]["eval_target_tokens"]
+            assert figures.loss == pytest.approx(evals[step, name]["eval_loss"], rel=1e-6)
+    with pytest.raises(ConfigError, match="--eval-max-tokens"):
+        RunConfig(data=packed_sample, out=out, model="tiny-qwen2", max_steps=1, eval_max_tokens=0)

@@ -149,6 +149,14 @@ def test_export_picks_a_checkpoint(trained):
     step4 = load_file(trained / "runs/r1/adapter/adapter_model.safetensors")
     assert step2.keys() == step4.keys()
     assert any(not torch.equal(step2[k], step4[k]) for k in step2)
+    # every exported file is readable as the umask says (safetensors alone writes 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (trained / "step2").iterdir()}
+    assert modes["adapter_model.safetensors"] == 0o666 & ~umask, modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+    run_adapter = (trained / "runs/r1/adapter/adapter_model.safetensors").stat().st_mode & 0o777
+    assert run_adapter == 0o666 & ~umask  # the run's own adapter/ too
     result = export(trained, "runs/r1", "--checkpoint", "3", "--out", "step3")
     assert result.exit_code == 1 and "has steps 2, 4" in result.output
     assert not (trained / "step3").exists()
