@@ -279,6 +279,9 @@ def refuse_padding_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> N
     transformers builds no 4D mask for our implementation names, so such a mask would otherwise be dropped
     without a word and the padding attended to.
     """
+    config = getattr(module, "config", None)
+    if getattr(config, "_attn_implementation", None) not in IMPLEMENTATION_NAMES.values():
+        return  # switched back to a transformers implementation (sdpa, eager): that one applies the mask
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
         raise AttentionSetupError(

@@ -19,6 +19,7 @@ from train.attention import (
 from train.model import (
     LoraSettings,
     ModelError,
+    causal_lm,
     forward_hidden,
     forward_hidden_naive,
     input_embeddings,
@@ -199,6 +200,22 @@ def test_forwards_without_boundaries_that_could_leak_are_refused(model):
         model(input_ids=batch.input_ids[:, :10], attention_mask=padded)
     with pytest.raises(AttentionSetupError, match="padding mask"):
         model.generate(input_ids=batch.input_ids[:, :10], attention_mask=padded, max_new_tokens=2)
+
+
+def test_a_model_switched_back_to_transformers_sdpa_takes_its_padding_mask():
+    """The padding-mask refusal guards our attention only: the benchmark's padded baseline sets the
+    model back to transformers' own sdpa, which applies the mask, and must run."""
+    lm = causal_lm(load_model("tiny-qwen2", vocab_size=VOCAB, attn="sdpa", seed=1))
+    lm.eval()
+    ids = make_batch(LENGTHS, VOCAB).input_ids[:, :10]
+    padded = torch.ones(1, 10, dtype=torch.long)
+    padded[0, :3] = 0
+    with pytest.raises(AttentionSetupError, match="padding mask"):
+        lm(input_ids=ids, attention_mask=padded)
+    lm.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        logits = lm(input_ids=ids, attention_mask=padded).logits
+    assert torch.isfinite(logits[0, 3:]).all()
 
 
 def test_tiny_model_is_deterministic_and_lora_trains_only_the_adapter():
