@@ -17,9 +17,8 @@ import numpy as np
 
 from prep.chat import IGNORE, ChatTemplate, fit_chat, load_chat_template
 from prep.chat_pack import ChatJob, ChatSpec, record_field
-from prep.discovery import discover_inputs
-from prep.readers import is_val, read_records
-from prep.sources import sample_doc_ids
+from prep.readers import is_val
+from prep.sources import read_texts, sample_doc_ids
 from prep.tokenizer import LoadedTokenizer
 from shared.checks import RowCheckError, SplitSegments
 from shared.errors import UserError
@@ -72,21 +71,19 @@ def _spec(m: Manifest, tok: LoadedTokenizer) -> ChatSpec:
     return ChatSpec(manifest_template(m, tok), train_on, o.long_chats or "drop", max_tokens)
 
 
-def _read(m: Manifest, sources: tuple[str, ...], wanted: set[int]) -> dict[int, tuple[str, str, str]]:
-    """``doc_id -> (record format, text, where)`` of the wanted conversations and pairs that have text."""
-    files = discover_inputs(sources, m.options.dataset_split).files
-    if len(files) != len(m.inputs):
-        raise _fail(f"--source expands to {len(files)} files, the dataset was packed from {len(m.inputs)}.")
+def _read(m: Manifest, sources: tuple[str, ...], wanted: np.ndarray) -> dict[int, tuple[str, str, str]]:
+    """``doc_id -> (record format, text, where)`` of the wanted conversations and pairs that have text
+    (documents beside them are left to the row checks, which cover their labels)."""
+    kind_of = {info.first_doc_id: info.record_format or "text" for info in m.inputs}
+    starts = np.array(sorted(kind_of))
+    texts = read_texts(
+        m, sources, wanted, lambda info, field: record_field(info.record_format or "text", field)
+    )
     found = {}
-    for source, info in zip(files, m.inputs, strict=True):
-        kind = info.record_format or "text"
-        if kind == "text":  # documents beside conversations: the row checks cover their labels
-            continue
-        field = record_field(kind, m.options.text_field)
-        for n, record in enumerate(read_records(source, field, lambda n: None)):
-            doc_id = info.first_doc_id + n
-            if doc_id in wanted and record.text is not None:
-                found[doc_id] = (kind, record.text, record.where)
+    for doc_id, (text, where) in texts.items():
+        kind = kind_of[int(starts[np.searchsorted(starts, doc_id, side="right") - 1])]
+        if kind != "text" and text is not None:
+            found[doc_id] = (kind, text, where)
     return found
 
 
@@ -130,7 +127,7 @@ def compare_chat_sources(
     """Render a sample of the conversations and pairs again and compare ids and labels; return how many."""
     spec = _spec(m, tok)
     wanted = sample_doc_ids(m, segs, sample)
-    found = _read(m, sources, set(wanted.tolist()))
+    found = _read(m, sources, wanted)
     for doc_id, (kind, text, where) in sorted(found.items()):
         expected = _expected(m, tok, spec, kind, text)
         stored = _stored(doc_id, segs, shards)

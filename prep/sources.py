@@ -10,13 +10,15 @@ checked against the shards elsewhere) and read with its source's text field.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from prep.discovery import discover_inputs
 from prep.readers import InputError, is_val, read_records
 from prep.tokenizer import LoadedTokenizer
 from shared.checks import RowCheckError, SplitSegments
-from shared.manifest import Manifest
+from shared.manifest import InputInfo, Manifest
 from shared.reader import Shard
 
 _FIX = "The shards were not packed from these inputs, in this order, with this tokenizer; check --source."
@@ -40,10 +42,15 @@ def sample_doc_ids(m: Manifest, segs: dict[str, SplitSegments], sample: int) -> 
     return np.unique(np.concatenate([picked, *fragmented]).astype(np.int64))
 
 
-def _read_texts(
-    m: Manifest, sources: tuple[str, ...], wanted: np.ndarray
+def read_texts(
+    m: Manifest,
+    sources: tuple[str, ...],
+    wanted: np.ndarray,
+    field_of: Callable[[InputInfo, str], str] | None = None,
 ) -> dict[int, tuple[str | None, str]]:
-    """``doc_id -> (text or None if the record has a problem, where)`` for the wanted ids."""
+    """``doc_id -> (text or None if the record has a problem, where)`` for the wanted ids, each input read
+    with the text field it was packed with (its mixture source's, else the pack's); ``field_of(info, field)``
+    turns that field into the one to read (a conversation's, prep/chat_verify.py)."""
     # The split each DatasetDict input was read as is recorded; the same discovery finds the same files.
     files = discover_inputs(sources, m.options.dataset_split).files
     if len(files) != len(m.inputs):
@@ -60,6 +67,8 @@ def _read_texts(
             )
         count = 0
         field = _text_field(m, info.source)
+        if field_of is not None:
+            field = field_of(info, field)
         try:
             for count, record in enumerate(read_records(source, field, lambda n: None), start=1):
                 doc_id = info.first_doc_id + count - 1
@@ -125,7 +134,7 @@ def compare_sources(
 ) -> int:
     """Compare a sample of records with the shards; return how many were compared."""
     wanted = sample_doc_ids(m, segs, sample)
-    texts = _read_texts(m, sources, wanted)
+    texts = read_texts(m, sources, wanted)
     present = [t for t in wanted.tolist() if texts.get(t, (None,))[0] is not None]
     encoded = dict(zip(present, tok.encode_batch([texts[t][0] for t in present]), strict=True))
     orders = {name: np.argsort(s.doc_id, kind="stable") for name, s in segs.items()}
