@@ -36,6 +36,12 @@ MULTI_TURN = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _needs_qwen(qwen_tokenizer):
+    """Every test here packs with Qwen2.5's tokenizer and chat template (../shared/data): without them they
+    skip (fail in CI), and they are `corpus` tests."""
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
