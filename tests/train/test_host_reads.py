@@ -153,19 +153,20 @@ def _killed_at(cfg: RunConfig, step: int) -> None:
 
 
 def test_a_run_killed_between_log_points_resumes_to_the_same_metrics(packed_sample, tmp_path):
-    """log_every 3, a checkpoint at step 4: killed as step 8 starts, step 7 was taken but never
-    read; the resumed run's metrics.jsonl equals the uninterrupted one's, plus its resume record."""
+    """log_every 3, a checkpoint at step 4: killed as step 6 starts, step 4 was read for its
+    checkpoint and step 5 was taken but never read; the resumed run's metrics.jsonl equals the
+    uninterrupted one's, plus its resume record."""
     options = {"max_steps": 9, "save_every": 4, "log_every": 3}
     train(config(packed_sample, tmp_path / "full", **options), log=quiet)
     out = tmp_path / "killed"
     child = multiprocessing.get_context("fork").Process(
-        target=_killed_at, args=(config(packed_sample, out, **options), 8)
+        target=_killed_at, args=(config(packed_sample, out, **options), 6)
     )
     child.start()
     child.join()
     assert child.exitcode == 17
-    # steps 1-6 read (at steps 3 and 6), step 7 lost with the process
-    assert [json.loads(r)["step"] for r in without_timing(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    # steps 1-3 read at the log point, 4 before its checkpoint; 5 lost with the process
+    assert [json.loads(r)["step"] for r in without_timing(out / "metrics.jsonl")] == [1, 2, 3, 4]
     train(config(packed_sample, out, resume=True, **options), log=quiet)
     resumed = without_timing(out / "metrics.jsonl")
     assert [r for r in resumed if '"resume"' in r] == [
