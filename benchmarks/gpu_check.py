@@ -17,6 +17,12 @@ GPU part (CUDA only), in bf16 autocast:
    padding mask), at each ``--tokens-per-batch``. Real (non-padding) tokens per second, MFU (useful
    LoRA FLOPs against the datasheet bf16 peak; the measured matmul peak is printed beside it) and peak
    memory, side by side; a mode that runs out of memory is recorded as such.
+4. No host syncs in a step: `train run`'s own loop (`train.loop.train`, tiny-qwen2 with LoRA on the
+   bundled sample, ``--attn auto``) for three log windows, under ``torch.cuda.set_sync_debug_mode
+   ("error")`` from the start of every step between log points of the last two windows to the end of
+   its ``log_step`` (the first window is warm-up: one-time initialisation may sync). A sync raises there
+   and is reported with its step and stack; the log points read, and sync, by design. The CPU smoke run
+   takes the same steps unchecked (``tests/train/test_host_reads.py`` counts reads on the CPU).
 
 A part that crashes is recorded and counted as a failed check; the parts after it still run.
 Benchmarks are not tests: timings are printed, never asserted. The exit status is 1 when a
@@ -318,6 +324,75 @@ def isolation(backends: list[str], lengths: list[int]) -> tuple[bool, dict]:
     return ok, report
 
 
+def _set_sync_debug_mode(mode: str) -> None:
+    if DEVICE == "cuda":
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+def no_sync_steps(log_every: int = 3) -> tuple[bool, dict]:
+    """Steps of `train run` between log points under the CUDA sync debug mode (module docstring, 4):
+    passed when none synchronised; else the first sync's step and stack."""
+    import tempfile
+
+    import train.loop as loop
+    from prep.pipeline import PackConfig, pack
+    from prep.sample import write_sample
+    from train.config import RunConfig
+
+    num_steps = 3 * log_every
+    taken: list[int] = []
+    checked: list[int] = []
+    train_step, log_step = loop.train_step, loop.log_step
+
+    def watched_train_step(run):
+        taken.append(run.start_step + len(taken) + 1)
+        if taken[-1] > log_every and taken[-1] % log_every:  # between log points, after warm-up
+            checked.append(taken[-1])
+            _set_sync_debug_mode("error")
+        return train_step(run)
+
+    def watched_log_step(run, step, stats):
+        log_step(run, step, stats)
+        _set_sync_debug_mode("default")
+
+    report: dict = {"steps": num_steps, "log_every": log_every, "sync_debug_mode": DEVICE == "cuda"}
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus, tokenizer = write_sample(Path(tmp) / "sample", num_docs=200)
+        pack(
+            PackConfig(inputs=(str(corpus),), tokenizer=str(tokenizer), out=Path(tmp) / "packed", seq_len=512)
+        )
+        cfg = RunConfig(
+            data=Path(tmp) / "packed",
+            out=Path(tmp) / "run",
+            model="tiny-qwen2",
+            device=DEVICE,
+            attn="auto",
+            batch_size=2,
+            grad_accum=2,
+            max_steps=num_steps,
+            log_every=log_every,
+            eval_every=0,
+            tensorboard=False,
+        )
+        loop.train_step, loop.log_step = watched_train_step, watched_log_step
+        try:
+            loop.train(cfg, log=lambda line: print(f"  {line}"))
+        except RuntimeError as error:
+            if "synchroniz" not in str(error):
+                raise
+            report["sync"] = {"step": taken[-1], "error": str(error), "stack": traceback.format_exc()}
+            print(f"step {taken[-1]} synchronised between log points:\n{traceback.format_exc()}")
+        finally:
+            _set_sync_debug_mode("default")
+            loop.train_step, loop.log_step = train_step, log_step
+    report["checked_steps"] = checked
+    ok = "sync" not in report and len(taken) == num_steps
+    report["passed"] = ok if DEVICE == "cuda" else None
+    verdict = _verdict(ok) if DEVICE == "cuda" else "ran (no CUDA: syncs not checked)"
+    print(f"no host syncs between log points (steps {checked}): {verdict}")
+    return ok, report
+
+
 def _padded_loss(model, lengths: list[int], batch: VarlenBatch) -> torch.Tensor:
     """The same documents one per row, right-padded, through HF attention with a 2D padding mask."""
     rows = torch.split(batch.input_ids[0], lengths)
@@ -454,6 +529,7 @@ def gpu_part(steps: int, batch_sizes: list[int], shapes: list[str]) -> tuple[boo
     ok = _section(report, "agreement", agreement, backends, lengths)
     ok &= _section(report, "gradients", gradient_agreement, backends, lengths)
     ok &= _section(report, "isolation", isolation, backends, lengths[:12])
+    ok &= _section(report, "no_sync", no_sync_steps)
     report["throughput"] = {}
     all_lengths = doc_lengths(4000, seed=1)
     modes = [*dict.fromkeys([*backends, "sdpa"]), "padded"]

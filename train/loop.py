@@ -7,8 +7,18 @@ ranks. (Averaging per-micro-batch means instead would over-weight the tokens of 
 The count is known on the host before the forward pass (the loader counts labels), so each micro-batch's
 loss sum is scaled by ``1 / num_step_targets`` and backpropagated at once.
 
+No host synchronisation in a step. Reading a device tensor (``.item()``, ``float()``, ``.tolist()``)
+makes the CPU wait for the GPU, which then idles while Python launches the next kernels. So a step's
+loss sum and gradient norm stay device tensors in its :class:`StepStats`, queued by :func:`log_step`;
+:func:`read_steps` brings every queued step's figures to the host in one transfer when a person or a
+file needs them: at a log line (every ``log_every`` steps), before a checkpoint or an eval, and at the
+end. metrics.jsonl still gets one record per step, in order, before the checkpoint or eval of a later
+step; tokens/s is measured over the window between two reads, which is exact where a step's own host
+time is not.
+
 Distributed (``torchrun``, any backend): each rank reads its own share of the rows, the target count
-is all-reduced before the step, and the gradients are summed across ranks after it: by bucketed
+is all-reduced before the step (one collective per step, its result left on the device), and the
+gradients are summed across ranks after it: by bucketed
 all-reduces of the trainable gradients (replicated model, LoRA), or by FSDP2's reduce-scatter
 (``--fsdp``, full fine-tuning); see `train.parallel`. Only rank 0 logs and writes files.
 
@@ -21,6 +31,7 @@ computes (packed perplexity over each named eval set) is `train.eval`'s.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -98,18 +109,28 @@ class RunResult:
 
 @dataclass(frozen=True, slots=True)
 class StepStats:
-    """What one optimizer step did, over all ranks: the figures of its metrics.jsonl record."""
+    """What one optimizer step did, over all ranks, as the step leaves it: the tensors stay on the
+    device until :func:`read_steps` reads a window of steps at once."""
 
-    loss: float
-    """Mean cross-entropy per target token of the step."""
+    loss_sum: torch.Tensor
+    """Summed cross-entropy over every target token of the step (all ranks), 0-d, ``sum_dtype``."""
+    grad_norm: torch.Tensor
+    """Global gradient norm before clipping, 0-d."""
     lr: float
     """The learning rate the step was taken with."""
-    grad_norm: float
-    """Global gradient norm before clipping."""
-    num_tokens: int
-    num_target_tokens: int
-    tok_per_s: float
-    """The step's tokens per second of its own wall time (evaluation and checkpoints not counted)."""
+    num_tokens: int | torch.Tensor
+    num_target_tokens: int | torch.Tensor
+    """Host ints in one process (the loader counted them); on several ranks 0-d device tensors, summed
+    by the step's all-reduce and read with the rest."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingStep:
+    """A step taken but not yet read back: its stats and what the host knew of it then."""
+
+    step: int
+    stats: StepStats
+    mem_bytes: int
 
 
 @dataclass(kw_only=True, slots=True)
@@ -146,6 +167,12 @@ class Run:
     sinks: Sinks = field(default_factory=Sinks)
     """TensorBoard and W&B, when on (rank 0): they get every record metrics.jsonl gets."""
     pace: Pace | None = None
+    pending: list[PendingStep] = field(default_factory=list)
+    """Steps whose figures are still on the device (:func:`read_steps`)."""
+    losses: dict[int, float] = field(default_factory=dict)
+    """The loss of every step read so far in this call (`RunResult.losses`)."""
+    window_start: float = field(default_factory=time.perf_counter)
+    """When the steps of the current read window began: the last read, checkpoint or eval."""
 
     @property
     def is_main(self) -> bool:
@@ -178,15 +205,13 @@ class Run:
 def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     """Run ``cfg`` to its last step (or from its newest checkpoint with ``cfg.resume``)."""
     run = setup(cfg, log)
-    result = RunResult(plan=run.plan)
+    result = RunResult(plan=run.plan, losses=run.losses)
     evaluating = bool(run.eval_sets and cfg.eval_every)
     try:
         if evaluating and run.start_step == 0:  # the baseline every later eval is compared with
             record_eval(result, 0, evaluate_run(run, 0))
         for step in range(run.start_step + 1, run.plan.num_steps + 1):
-            stats = train_step(run)
-            result.losses[step] = stats.loss
-            log_step(run, step, stats)
+            log_step(run, step, train_step(run))  # read back (and recorded) at log points only
             is_last = step == run.plan.num_steps
             # Save before evaluating: a slow or failing eval never costs the steps since the last save.
             if is_last or (cfg.save_every and step % cfg.save_every == 0):
@@ -194,6 +219,12 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
             if evaluating and (step % cfg.eval_every == 0 or is_last):
                 record_eval(result, step, evaluate_run(run, step))
                 log_samples(run, step)
+    except BaseException:
+        # The steps taken since the last read still get their records; the failure is what the
+        # caller must see, so a second one while reading (a broken device) is not raised over it.
+        with contextlib.suppress(Exception):
+            read_steps(run)
+        raise
     finally:
         run.close()
     result.export = finish(run)
@@ -275,21 +306,17 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Run:
                 }
             )
         open_outputs(run)
+    run.window_start = time.perf_counter()  # the first steps' tokens/s leaves the setup out
     return run
 
 
 def train_step(run: Run) -> StepStats:
     """One optimizer step: ``grad_accum`` micro-batches, one normalisation (the module docstring's),
-    gradients summed over ranks, clipped, then AdamW and the lr schedule."""
+    gradients summed over ranks, clipped, then AdamW and the lr schedule. Nothing in it waits for the
+    device: what it returns stays there."""
     cfg = run.cfg
-    t_start = time.perf_counter()
     micro_batches: list[VarlenBatch] = [next(run.loader) for _ in range(cfg.grad_accum)]
-    counts = torch.tensor(
-        [sum(b.num_target_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches)],
-        dtype=sum_dtype(run.device),
-        device=run.device,
-    )
-    num_step_targets, num_step_tokens = (int(v) for v in all_reduce_sum(counts).tolist())
+    num_step_targets, num_step_tokens = step_counts(run, micro_batches)
     # FSDP averages gradients over ranks; our loss is already divided by the targets of ALL ranks.
     loss_scale = run.world_size if cfg.fsdp else 1
     step_loss_sum = torch.zeros((), dtype=sum_dtype(run.device), device=run.device)
@@ -299,7 +326,7 @@ def train_step(run: Run) -> StepStats:
         loss_sum = run.loss_fn(batch)
         # Each rank's sum over its targets / the step's targets on ALL ranks; summing the
         # gradients over ranks then gives the gradient of the global mean.
-        (loss_sum * (loss_scale / max(num_step_targets, 1))).backward()
+        (loss_sum * (loss_scale / at_least_one(num_step_targets))).backward()
         step_loss_sum += loss_sum.detach().to(step_loss_sum.dtype)
     if not cfg.fsdp:
         all_reduce_grads(run.params)
@@ -311,36 +338,112 @@ def train_step(run: Run) -> StepStats:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-
-    loss = float(all_reduce_sum(step_loss_sum)) / max(num_step_targets, 1)
-    tok_per_s = num_step_tokens / max(time.perf_counter() - t_start, 1e-9)
     return StepStats(
-        loss=loss,
+        loss_sum=all_reduce_sum(step_loss_sum),
+        grad_norm=grad_norm.detach(),
         lr=lr,
-        grad_norm=float(grad_norm),
         num_tokens=num_step_tokens,
         num_target_tokens=num_step_targets,
-        tok_per_s=tok_per_s,
     )
 
 
+def step_counts(run: Run, micro_batches: list[VarlenBatch]) -> tuple[int | torch.Tensor, int | torch.Tensor]:
+    """``(target tokens, tokens)`` of the step over all ranks. The loader counted this rank's on the
+    host; several ranks sum theirs in one all-reduce, whose result stays on the device (reading it
+    would wait for the previous step's kernels)."""
+    num_targets = int(sum(b.num_target_tokens for b in micro_batches))  # numpy ints from the loader
+    num_tokens = int(sum(b.num_tokens for b in micro_batches))
+    if run.world_size == 1:
+        return num_targets, num_tokens
+    # Built on the host and copied without waiting: a tensor made on the GPU from Python ints would sync.
+    counts = torch.tensor([num_targets, num_tokens], dtype=sum_dtype(run.device))
+    counts = all_reduce_sum(counts.to(run.device, non_blocking=True))
+    return counts[0], counts[1]
+
+
+def at_least_one(count: int | torch.Tensor) -> int | torch.Tensor:
+    """``max(count, 1)``, on the device for a device count (``max`` would read it)."""
+    return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
+
+
 def log_step(run: Run, step: int, stats: StepStats) -> None:
-    """The step's metrics.jsonl record, and a log line every ``log_every`` steps and at the last."""
-    if not run.is_main:
+    """Queue the step for its metrics.jsonl record; read the queue back every ``log_every`` steps and
+    at the last, where a log line is printed."""
+    run.pending.append(PendingStep(step=step, stats=stats, mem_bytes=memory_bytes(run.device)))
+    if step % run.cfg.log_every == 0 or step == run.plan.num_steps:
+        read_steps(run)
+
+
+def read_steps(run: Run) -> None:
+    """Bring the queued steps' figures to the host in one transfer (where the host waits for the
+    device), then record each step in order on rank 0, with a log line where one is due.
+
+    Tokens/s (and the MFU from it) is the window's: its tokens over the wall time since the last read,
+    checkpoint or eval, which is exact once the device has caught up; each step's ETA is taken at its
+    share of the window's tokens.
+    """
+    pending, run.pending = run.pending, []
+    if not pending:
         return
-    mem = memory_bytes(run.device)
-    eta_s = run.pace.eta_s(step) if run.pace is not None else 0.0
-    step_mfu = run.info.mfu(stats.tok_per_s) if run.info is not None else None
+    columns = [[p.stats.loss_sum for p in pending], [p.stats.grad_norm for p in pending]]
+    if run.world_size > 1:  # the counts were summed on the device
+        columns += [[p.stats.num_target_tokens for p in pending], [p.stats.num_tokens for p in pending]]
+    dtype = sum_dtype(run.device)
+    values = torch.stack([torch.stack(c).to(dtype) for c in columns]).tolist()  # the one transfer
+    now = time.perf_counter()
+    counts = (
+        [(int(t), int(n)) for t, n in zip(values[2], values[3], strict=True)]
+        if run.world_size > 1
+        else [(p.stats.num_target_tokens, p.stats.num_tokens) for p in pending]
+    )
+    window_tokens = sum(n for _, n in counts)
+    tok_per_s = window_tokens / max(now - run.window_start, 1e-9)
+    done_tokens = 0
+    for p, loss_sum, grad_norm, (num_targets, num_tokens) in zip(
+        pending, values[0], values[1], counts, strict=True
+    ):
+        run.losses[p.step] = loss_sum / max(num_targets, 1)
+        done_tokens += num_tokens
+        at = run.window_start + (now - run.window_start) * done_tokens / max(window_tokens, 1)
+        if run.is_main:
+            record_step(
+                run,
+                p,
+                loss=run.losses[p.step],
+                grad_norm=grad_norm,
+                num_targets=num_targets,
+                num_tokens=num_tokens,
+                tok_per_s=tok_per_s,
+                at=at,
+            )
+    run.window_start = time.perf_counter()
+
+
+def record_step(
+    run: Run,
+    p: PendingStep,
+    *,
+    loss: float,
+    grad_norm: float,
+    num_targets: int,
+    num_tokens: int,
+    tok_per_s: float,
+    at: float,
+) -> None:
+    """The step's metrics.jsonl record, and its log line every ``log_every`` steps and at the last."""
+    step, mem = p.step, p.mem_bytes
+    eta_s = run.pace.eta_s(step, now=at) if run.pace is not None else 0.0
+    step_mfu = run.info.mfu(tok_per_s) if run.info is not None else None
     run.record(
         {
             "step": step,
             "kind": "train",
-            "loss": stats.loss,
-            "lr": stats.lr,
-            "grad_norm": stats.grad_norm,
-            "tokens": stats.num_tokens,
-            "target_tokens": stats.num_target_tokens,
-            "tok_per_s": stats.tok_per_s,
+            "loss": loss,
+            "lr": p.stats.lr,
+            "grad_norm": grad_norm,
+            "tokens": num_tokens,
+            "target_tokens": num_targets,
+            "tok_per_s": tok_per_s,
             "mem_bytes": mem,
             "eta_s": eta_s,
             **({"mfu": step_mfu} if step_mfu is not None else {}),
@@ -351,10 +454,10 @@ def log_step(run: Run, step: int, stats: StepStats) -> None:
             step_line(
                 step=step,
                 num_steps=run.plan.num_steps,
-                loss=stats.loss,
-                lr=stats.lr,
-                num_targets=stats.num_target_tokens,
-                tok_per_s=stats.tok_per_s,
+                loss=loss,
+                lr=p.stats.lr,
+                num_targets=num_targets,
+                tok_per_s=tok_per_s,
                 mfu=step_mfu,
                 mem_bytes=mem,
                 eta_s=eta_s,
@@ -363,7 +466,9 @@ def log_step(run: Run, step: int, stats: StepStats) -> None:
 
 
 def save(run: Run, step: int) -> Path | None:
-    """Checkpoint the run after ``step``; every rank takes part, rank 0 writes and gets the folder."""
+    """Checkpoint the run after ``step``; every rank takes part, rank 0 writes and gets the folder.
+    The steps' records come first, so a checkpoint never exists without the records of its steps."""
+    read_steps(run)
     # Full fine-tuning saves by parameter name (resumable on any number of ranks, FSDP or not);
     # under FSDP every rank takes part in gathering the shards.
     full = None if run.cfg.lora else full_state(run.model, run.optimizer)
@@ -393,12 +498,14 @@ def save(run: Run, step: int) -> Path | None:
     if run.world_size > 1:
         dist.barrier()
     run.refresh_outputs()
+    run.window_start = time.perf_counter()  # the next steps' tokens/s leaves the checkpoint out
     return path
 
 
 def evaluate_run(run: Run, step: int) -> dict[str, EvalFigures]:
     """Packed loss and perplexity of every eval set after ``step`` (`train.eval.evaluate_split`), each
-    recorded in metrics.jsonl with its set's name and logged."""
+    recorded in metrics.jsonl with its set's name and logged, after the records of the steps before it."""
+    read_steps(run)
     found = {}
     for name, split in run.eval_sets.items():
         figures = evaluate_split(
@@ -425,6 +532,7 @@ def evaluate_run(run: Run, step: int) -> dict[str, EvalFigures]:
             f" | {split.num_rows:,} rows, {figures.num_targets:,} target tokens"
         )
     run.refresh_outputs()
+    run.window_start = time.perf_counter()  # the next steps' tokens/s leaves the eval out
     return found
 
 

@@ -99,9 +99,11 @@ class Pace:
     num_steps: int
     started: float = field(default_factory=time.perf_counter)
 
-    def eta_s(self, step: int) -> float:
+    def eta_s(self, step: int, now: float | None = None) -> float:
+        """Seconds left after ``step``, finished at ``now`` (``time.perf_counter()``; default: now)."""
         done = max(step - self.first_step, 1)
-        return (time.perf_counter() - self.started) / done * (self.num_steps - step)
+        now = time.perf_counter() if now is None else now
+        return (now - self.started) / done * (self.num_steps - step)
 
 
 def format_duration(seconds: float) -> str:

@@ -43,6 +43,10 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     # The naive forward must have been caught, or the isolation figures mean nothing.
     assert gpu["isolation"]["sdpa"]["naive_control"] > 1.0
     assert gpu["isolation"]["sdpa"]["packed_vs_alone"] == 0.0
+    # `train run`'s steps ran under the sync watch's hooks; only CUDA can say whether they synced
+    no_sync = gpu["no_sync"]
+    assert no_sync["checked_steps"] == [4, 5, 7, 8] and "sync" not in no_sync
+    assert no_sync["sync_debug_mode"] is False and no_sync["passed"] is None
     runs = gpu["throughput"]
     assert set(runs) == {f"{shape}@512" for shape in gpu_check.SHAPES}
     for modes in runs.values():
