@@ -271,6 +271,12 @@ def message_role(conversation: ChatRecord, i: int) -> str:
 
 def generation_prompt(template: ChatTemplate) -> str:
     """What the template adds for ``add_generation_prompt`` after a user turn ('' if not a pure suffix)."""
+    return _generation_prompt(template.source, tuple(sorted(template.named_tokens.items())), template.origin)
+
+
+@lru_cache(maxsize=8)
+def _generation_prompt(source: str, named: tuple[tuple[str, str], ...], origin: str) -> str:
+    template = ChatTemplate(source, origin, dict(named))
     one = [{"role": "user", "content": "x"}]
     plain = render(template, one)
     prompted = render(template, one, add_generation_prompt=True)
@@ -318,8 +324,8 @@ def render_with_spans(template: ChatTemplate, conversation: ChatRecord) -> tuple
     Content blocks are given to the template as they are when it renders their texts in place (a
     template that loops over blocks); when it cannot (it fails on a list, prints the list, or leaves the
     texts out, as Qwen2.5's does) each message's texts are joined with a newline first. Templates that
-    trim content (Llama 3's ``content | trim``) are met by placing the stripped content, accepted only if
-    the rendering is the very same text.
+    trim content (Llama 3's ``content | trim``) or write it with ``tojson`` are met by placing the data
+    stripped or JSON-escaped, accepted only if the rendering is the very same text.
     """
     candidates = [conversation, conversation.joined()] if conversation.has_blocks else [conversation]
     why = "changed"
@@ -330,10 +336,9 @@ def render_with_spans(template: ChatTemplate, conversation: ChatRecord) -> tuple
             if k + 1 < len(candidates):
                 continue
             raise
-        for strip in (False, True):
-            spans, kept, why = _data_spans(template, candidate, text, strip)
-            if spans is not None and not (k + 1 < len(candidates) and _prints_blocks(text, spans)):
-                return text, spans, kept
+        spans, kept, why = _data_spans(template, candidate, text)
+        if spans is not None and not (k + 1 < len(candidates) and _prints_blocks(text, spans)):
+            return text, spans, kept
     if why != "changed":
         raise ChatError(
             f"chat template `{template.origin}` {why}: that data would be lost silently. Remove it from the"
@@ -357,11 +362,11 @@ def _prints_blocks(text: str, spans: list[Span]) -> bool:
 
 
 def _data_spans(
-    template: ChatTemplate, conversation: ChatRecord, text: str, strip: bool
+    template: ChatTemplate, conversation: ChatRecord, text: str
 ) -> tuple[list[Span] | None, list[str], str]:
     """Spans of the data in ``text`` if rendering with placeholders and putting the data back gives
     ``text`` exactly; else None and why."""
-    record, marking = marked(conversation, _free_marker(text), strip)
+    record, marking = marked(conversation, _free_marker(text))
     try:
         marked_text = render(template, record.messages, record.tools)
     except ChatError:

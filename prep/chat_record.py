@@ -138,10 +138,11 @@ def _check_calls(i: int, calls: object) -> None:
         if (
             not isinstance(function, dict)
             or not isinstance(function.get("name"), str)
+            or not function["name"]
             or not isinstance(function.get("arguments"), dict | str)
         ):
             raise ChatError(
-                f"message {i}, tool call {k} must hold a `function` with a string `name` and `arguments` (an"
+                f"message {i}, tool call {k} must hold a `function` with a non-empty `name` and `arguments` (an"
                 f" object or a JSON string), got {short(call)}. Fix the record."
             )
 
@@ -191,16 +192,15 @@ class Marking:
         return f"{self.marker}{len(self.pieces) - 1}{self.marker}"
 
 
-def marked(record: ChatRecord, marker: str, strip: bool) -> tuple[ChatRecord, Marking]:
-    """``record`` with every data string replaced by a placeholder; ``strip`` places stripped content
-    (templates that ``trim`` it)."""
+def marked(record: ChatRecord, marker: str) -> tuple[ChatRecord, Marking]:
+    """``record`` with every data string replaced by a placeholder."""
     marking = Marking(marker, [], [])
-    messages = [_marked_message(i, m, marking, strip) for i, m in enumerate(record.messages)]
+    messages = [_marked_message(i, m, marking) for i, m in enumerate(record.messages)]
     tools = None if record.tools is None else _marked_json(record.tools, -1, "tools", marking, keys=False)
     return ChatRecord(messages, tools), marking
 
 
-def _marked_message(i: int, message: dict, marking: Marking, strip: bool) -> dict:
+def _marked_message(i: int, message: dict, marking: Marking) -> dict:
     out: dict = {}
     calls = message.get("tool_calls")
     for key, value in message.items():
@@ -209,12 +209,10 @@ def _marked_message(i: int, message: dict, marking: Marking, strip: bool) -> dic
             if isinstance(value, str):
                 marking.kept.append(value)
         elif key == "content" and isinstance(value, list):
-            out[key] = [
-                {**b, TEXT_BLOCK: marking.mark(_s(b[TEXT_BLOCK], strip), i, "content")} for b in value
-            ]
+            out[key] = [{**b, TEXT_BLOCK: marking.mark(b[TEXT_BLOCK], i, "content")} for b in value]
         elif key == "content":
             # An empty content beside tool calls stays empty: the template tests it (`if message.content`).
-            out[key] = value if (calls and not value) else marking.mark(_s(value, strip), i, "content")
+            out[key] = value if (calls and not value) else marking.mark(value, i, "content")
         elif key == "tool_calls":
             out[key] = [_marked_call(i, call, marking) for call in value]
         else:
@@ -264,14 +262,15 @@ def _marked_json(value: object, i: int, what: str, marking: Marking, keys: bool,
     return value
 
 
-def _s(text: str, strip: bool) -> str:
-    return text.strip() if strip else text
-
-
 def place(text: str, marked_text: str, marking: Marking) -> tuple[list[Span] | None, str]:
     """Spans of every piece in ``text``, if splitting ``marked_text`` at the placeholders and putting each
-    piece back (raw, or JSON-escaped where the template wrote it with ``tojson``) gives ``text`` exactly;
-    else ``(None, why)``."""
+    piece back gives ``text`` exactly; else ``(None, why)``.
+
+    A piece goes back as it is, JSON-escaped (the template wrote it with ``tojson``), stripped (Llama 3's
+    ``content | trim``) or both: at each placeholder the form that the rendering holds there, followed by
+    the template text up to the next placeholder. Whichever form matched, the template text between the
+    pieces is the placeholder rendering's own, so a special token in it came from the template.
+    """
     m = re.escape(marking.marker)
     parts = re.split(f"{m}(\\d+){m}", marked_text)
     if not text.startswith(parts[0]):
@@ -282,7 +281,7 @@ def place(text: str, marked_text: str, marking: Marking) -> tuple[list[Span] | N
         form = next(
             (
                 f
-                for f in (piece.text, json.dumps(piece.text, ensure_ascii=False)[1:-1])
+                for f in _forms(piece.text)
                 if text.startswith(f, pos) and text.startswith(after, pos + len(f))
             ),
             None,
@@ -299,3 +298,9 @@ def place(text: str, marked_text: str, marking: Marking) -> tuple[list[Span] | N
         where = "`tools`" if lost.message < 0 else f"message {lost.message}'s {lost.what}"
         return None, f"leaves out {where} ({short(lost.text)})"
     return spans, ""
+
+
+def _forms(text: str) -> list[str]:
+    forms = [text, json.dumps(text, ensure_ascii=False)[1:-1]]
+    forms += [f.strip() for f in forms]
+    return list(dict.fromkeys(forms))
