@@ -195,8 +195,9 @@ def encode_chat(
     :func:`prep.tokenizer.open_tokenizer` sets it)."""
     conversation = chat_record(record)
     text, spans, kept = render_with_spans(template, conversation)
-    specials = _template_specials(tokenizer, text, spans)
-    _check_kept(tokenizer, kept)
+    named = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    _check_kept(named, kept)
+    specials = _template_specials(named, text, spans)
     targets = _targets(template, conversation, text, spans, specials, train_on)
     ids: list[int] = []
     labels: list[int] = []
@@ -283,11 +284,10 @@ def _generation_prompt(source: str, named: tuple[tuple[str, str], ...], origin: 
     return prompted[len(plain) :] if prompted.startswith(plain) else ""
 
 
-def _check_kept(tokenizer: Tokenizer, kept: list[str]) -> None:
+def _check_kept(specials: dict[str, int], kept: list[str]) -> None:
     """Roles, schema keys, ``type`` and ids stay template text (templates test them): none may hold
     special-token text, which would become a control token."""
-    specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
-    for value in kept:
+    for value in set(kept):
         if hit := next((t for t in specials if t in value), None):
             raise ChatError(
                 f"{short(value)} (a role, a `tools` key, a `type` or an id) holds the special token"
@@ -384,11 +384,10 @@ def _free_marker(text: str) -> str:
     raise ChatError("every private-use character occurs in this conversation; it cannot be rendered.")
 
 
-def _template_specials(tokenizer: Tokenizer, text: str, spans: list[Span]) -> list[tuple[int, int, int]]:
-    """``(start, end, id)`` of the special tokens in the template's own text, never inside data.
+def _template_specials(specials: dict[str, int], text: str, spans: list[Span]) -> list[tuple[int, int, int]]:
+    """``(start, end, id)`` of the ``specials`` (text -> id) in the template's own text, never inside data.
 
     Matched leftmost-longest, as `tokenizers` matches added tokens."""
-    specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     if not specials:
         return []
     pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from shared.errors import UserError
@@ -300,7 +301,10 @@ def place(text: str, marked_text: str, marking: Marking) -> tuple[list[Span] | N
     return spans, ""
 
 
-def _forms(text: str) -> list[str]:
-    forms = [text, json.dumps(text, ensure_ascii=False)[1:-1]]
-    forms += [f.strip() for f in forms]
-    return list(dict.fromkeys(forms))
+def _forms(text: str) -> Iterator[str]:
+    """The piece as it is, JSON-escaped, stripped, both: lazily, as nearly every piece lands as it is."""
+    yield text
+    escaped = json.dumps(text, ensure_ascii=False)[1:-1]
+    yield escaped
+    yield text.strip()
+    yield escaped.strip()
