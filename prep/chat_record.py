@@ -30,8 +30,7 @@ from shared.errors import UserError
 
 TEXT_BLOCK = "text"
 BLOCK_SEPARATOR = "\n"
-"""Joins a message's text blocks when the template takes only string content (vLLM's OpenAI server does
-the same for such templates)."""
+"""Joins a message's text blocks (one per line) when the template takes only string content."""
 OPTIONAL_FIELDS = ("name", "tool_call_id")
 """Message fields a template may leave out of the rendering (transformers passes them and Qwen2.5's
 template ignores them)."""

@@ -236,11 +236,11 @@ def test_non_text_blocks_are_refused_naming_the_block(qwen, folders, content, ma
 # --- tool calls: ids, labels, injection --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["qwen", "llama31"])
-@pytest.mark.parametrize("index", range(len(TOOL_CHATS) + 1))
+# Llama 3.1 takes one call per turn: QWEN_ONLY (index 2) is Qwen's alone.
+@pytest.mark.parametrize(
+    ("family", "index"), [("qwen", 0), ("qwen", 1), ("qwen", 2), ("llama31", 0), ("llama31", 1)]
+)
 def test_tool_conversations_equal_render_then_tokenize(qwen, tool_folders, family, index):  # noqa: F811
-    if index == len(TOOL_CHATS) and family != "qwen":
-        pytest.skip("Llama 3.1 takes one call per turn")
     record = [*TOOL_CHATS, QWEN_ONLY][index]
     template = load_chat_template(tool_folders[family])
     if family == "llama31" and index == 1:
@@ -352,6 +352,23 @@ def test_special_text_where_the_template_tests_it_is_refused(qwen, folders):  # 
 def test_malformed_tool_calls_are_refused(qwen, folders, messages, match):  # noqa: F811
     with pytest.raises(ChatError, match=match):
         encode_chat(qwen, load_chat_template(folders["qwen"]), messages, ASSISTANT)
+
+
+def test_a_tool_call_turn_needs_the_generation_prompt_to_be_trained(qwen, tmp_path):  # noqa: F811
+    """A template that renders calls but has no generation prompt: where the assistant's turn starts is not
+    known, so training it is refused; left untrained, the same conversation renders."""
+    (tmp_path / "tokenizer.json").symlink_to(QWEN_TOKENIZER)
+    source = "{% for m in messages %}{{ m.role + ': ' + (m.content or '') }}{% for c in m.tool_calls or [] %}"
+    source += "{{ c.function | tojson }}{% endfor %}{{ '<|im_end|>' }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(source)
+    template = load_chat_template(tmp_path, tmp_path / "t.jinja")
+    record = {"messages": TOOL_CHATS[0]["messages"]}
+    with pytest.raises(
+        ChatError, match="message 1 \\(assistant with tool calls\\).*leave the role out of `--train-on`"
+    ):
+        encode_chat(qwen, template, record, ASSISTANT)
+    chat = encode_chat(qwen, template, record, frozenset({"user"}))
+    assert chat.input_ids.tolist() == reference_ids(qwen, render(template, record["messages"]))
 
 
 # --- prep pack and prep verify -----------------------------------------------------------------------------
