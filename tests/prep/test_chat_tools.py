@@ -444,6 +444,29 @@ def test_a_tools_column_in_parquet_is_refused_not_lost(qwen_tokenizer, tmp_path)
     failed_with(result, "has a `tools` column", "Convert the input to JSONL", flat=True)
 
 
+@pytest.mark.parametrize("records", [[{"messages": TOOL_CHATS[1]["messages"]}], [{"messages": BLOCK_CHAT}]])
+def test_tool_calls_and_blocks_from_parquet_equal_jsonl(qwen_tokenizer, tmp_path, records):
+    """Parquet structs give every message every member (null where absent): the nulls are no fields.
+    (Arguments as a JSON string: an Arrow column has one type.)"""
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet")
+    write_jsonl(tmp_path / "c.jsonl", records)
+    for name in ("c.parquet", "c.jsonl"):
+        out = tmp_path / name[2:]
+        ok(
+            run(
+                "pack",
+                tmp_path / name,
+                "--tokenizer",
+                QWEN_TOKENIZER.parent,
+                "--out",
+                out,
+                "--seq-len",
+                "512",
+            )
+        )
+    assert stored(tmp_path / "parquet") == stored(tmp_path / "jsonl")
+
+
 def test_tools_as_json_text_equal_tools_as_a_list(qwen_tokenizer, tmp_path):
     as_text = {**TOOL_CHATS[0], "tools": json.dumps(TOOL_CHATS[0]["tools"])}
     a = write_jsonl(tmp_path / "a.jsonl", [TOOL_CHATS[0]])
