@@ -11,16 +11,19 @@ only the template's own text can:
     stretches  S----------------------------S S-------------------------------S ---------- S ----
     labels     -100 ...                                                         content 1 + <|im_end|>
 
-1. Each message's content is replaced by a unique placeholder and the template rendered; splitting at
-   the placeholders gives the template's own text, and putting the contents back must give the real
-   rendering (checked for every conversation: a template that edits content is refused).
+1. Each piece of data (a content, a text block, a tool call, the strings of ``tools``: prep/chat_record.py)
+   is replaced by a unique placeholder and the template rendered; splitting at the placeholders gives the
+   template's own text, and putting the data back (as it is, JSON-escaped or stripped) must give the real
+   rendering (checked for every conversation: a template that edits content, or leaves data out, is
+   refused).
 2. Special tokens (S) are looked for in the template's text only. Between two of them, a *stretch* of
    template text and content is tokenized as a whole with special-token text kept as text, as
    documents are. `tokenizers` tokenizes the text between special tokens independently, so when no
    content holds special-token text the ids equal transformers' by construction; when one does, only
    the stretches holding it differ.
 3. A token is a target when it overlaps the content of a role in ``train_on``; the first template special
-   token after such content (the turn's closing token, ``<|im_end|>``) is a target too.
+   token after such content (the turn's closing token, ``<|im_end|>``) is a target too. An assistant turn
+   with tool calls is a target from the end of its header (the generation prompt) to its closing token.
 """
 
 from __future__ import annotations
@@ -248,26 +251,32 @@ def _targets(
     return sorted(targets)
 
 
-def _call_turn(template, conversation, i, text, spans, own, specials) -> tuple[int, int]:  # noqa: ANN001
-    """The target of assistant message ``i`` with tool calls (see :func:`_targets`)."""
+def _call_turn(
+    template: ChatTemplate,
+    conversation: ChatRecord,
+    i: int,
+    text: str,
+    spans: list[Span],
+    own: list[Span],
+    specials: list[tuple[int, int, int]],
+) -> tuple[int, int]:
+    """The target of assistant message ``i`` with tool calls (see :func:`_targets`): from the end of the
+    generation prompt found in the template text just before the message's first data, to the first
+    template special token after its last data (which must come before the next message's data)."""
     header = generation_prompt(template)
     first, last = min(s.start for s in own), max(s.end for s in own)
-    before = max((s.end for s in spans if s.message < i and s.end <= first), default=0)
+    before = max((s.end for s in spans if s.end <= first), default=0)
     at = text.rfind(header, before, first) if header else -1
     close = next((a for a, _, _ in specials if a >= last), None)
     after = min((s.start for s in spans if s.message > i and s.start >= last), default=len(text))
     if at < 0 or close is None or close > after:
         raise ChatError(
-            f"message {i} ({message_role(conversation, i)} with tool calls): chat template"
+            f"message {i} ({conversation.messages[i]['role']} with tool calls): chat template"
             f" `{template.origin}` does not open the turn with its generation prompt {header!r} and close"
             " it with a special token, so the tool call's target cannot be told from the template's text."
             " Pass a template that does with `--chat-template FILE`, or leave the role out of `--train-on`."
         )
     return at + len(header), close
-
-
-def message_role(conversation: ChatRecord, i: int) -> str:
-    return str(conversation.messages[i]["role"])
 
 
 def generation_prompt(template: ChatTemplate) -> str:
