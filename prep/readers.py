@@ -317,7 +317,9 @@ def _from_value(obj: object, text_field: str, where: str) -> Record:
             return Record(None, MISSING_FIELD, where, f"no `{missing[0]}` field (fields: {keys})")
         return _from_text_value((obj["prompt"], obj["completion"]), text_field, where)
     if record_kind(text_field) == "chat" and obj.get("tools") is not None and text_field in obj:
-        return _from_text_value((obj[text_field], obj["tools"]), text_field, where)
+        return _from_text_value(
+            (obj[text_field], obj["tools"]), text_field, where
+        )  # tools beside the messages
     if text_field not in obj and "." in text_field:
         return _from_path(obj, text_field, where)
     if text_field not in obj:
@@ -329,6 +331,7 @@ def _from_value(obj: object, text_field: str, where: str) -> Record:
 def _from_path(obj: dict, text_field: str, where: str) -> Record:
     """The text at a dotted path (``content.body``) into nested objects; a key holding the dots wins."""
     value: object = obj
+    parent: dict = obj
     names = text_field.split(".")
     for depth, name in enumerate(names):
         inside = ".".join(names[:depth]) or "the record"
@@ -342,7 +345,9 @@ def _from_path(obj: dict, text_field: str, where: str) -> Record:
                 where,
                 f"no `{text_field}` field: {inside} has no `{name}` (fields: {keys}); {FIELD_FIX}",
             )
-        value = value[name]
+        parent, value = value, value[name]
+    if record_kind(text_field) == "chat" and parent.get("tools") is not None:  # tools beside the messages
+        value = (value, parent["tools"])
     return _from_text_value(value, text_field, where)
 
 

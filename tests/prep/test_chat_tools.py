@@ -484,7 +484,11 @@ def test_tools_as_json_text_equal_tools_as_a_list(qwen_tokenizer, tmp_path):
                 "512",
             )
         )
-    assert stored(tmp_path / "a") == stored(tmp_path / "b")
+    # and beside messages at a dotted path (`--text-field data.messages`)
+    c = write_jsonl(tmp_path / "c.jsonl", [{"data": TOOL_CHATS[0]}])
+    args = ("--tokenizer", QWEN_TOKENIZER.parent, "--seq-len", "512", "--format", "chat")
+    ok(run("pack", c, "--out", tmp_path / "c", "--text-field", "data.messages", *args))
+    assert stored(tmp_path / "a") == stored(tmp_path / "b") == stored(tmp_path / "c")
 
 
 # --- transformers itself -----------------------------------------------------------------------------------
