@@ -354,8 +354,8 @@ def render_with_spans(template: ChatTemplate, conversation: ChatRecord) -> tuple
             " record, or pass a template that renders it with `--chat-template FILE`."
         )
     raise ChatError(
-        f"chat template `{template.origin}` changes message content as it renders it (it splits, tests or"
-        " edits it), so the content's tokens cannot be told from the template's. Pass a template that"
+        f"chat template `{template.origin}` changes message content as it renders it (it splits, tests,"
+        " edits or escapes it, or a tool call's data), so the data's tokens cannot be told from the template's. Pass a template that"
         " inserts content as is with `--chat-template FILE`, or pack the records with `--format text`."
     )
 

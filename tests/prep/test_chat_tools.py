@@ -165,12 +165,14 @@ def decoded_runs(qwen, chat) -> list[str]:  # noqa: F811
 
 
 def with_injection(record: dict) -> dict:
-    """``record`` with special-token text in a tool argument, a tool response and a schema description."""
+    """``record`` with special-token text in a tool call's name and arguments, a tool response and a schema
+    description."""
     messages = json.loads(json.dumps(record["messages"]))
     for m in messages:
         for c in m.get("tool_calls") or []:
             args = c["function"]["arguments"]
             c["function"]["arguments"] = {**args, "note": INJECT} if isinstance(args, dict) else args + INJECT
+            c["function"]["name"] += INJECT
         if m["role"] == "tool":
             m["content"] += INJECT
     tools = json.loads(json.dumps(record["tools"]))
@@ -352,6 +354,20 @@ def test_special_text_where_the_template_tests_it_is_refused(qwen, folders):  # 
 def test_malformed_tool_calls_are_refused(qwen, folders, messages, match):  # noqa: F811
     with pytest.raises(ChatError, match=match):
         encode_chat(qwen, load_chat_template(folders["qwen"]), messages, ASSISTANT)
+
+
+def test_a_template_that_escapes_the_arguments_beyond_json_is_refused(qwen, tmp_path):  # noqa: F811
+    """`tojson(ensure_ascii=True)` writes the placeholders as `\\ue000` escapes: where the arguments landed
+    cannot be proven, so the conversation is refused (the default `tojson`, as transformers', keeps them)."""
+    (tmp_path / "tokenizer.json").symlink_to(QWEN_TOKENIZER)
+    source = (QWEN_TOKENIZER.parent / "chat_template.jinja").read_text()
+    assert "tool_call.arguments | tojson }}" in source
+    (tmp_path / "t.jinja").write_text(source.replace("| tojson }}", "| tojson(ensure_ascii=True) }}"))
+    template = load_chat_template(tmp_path, tmp_path / "t.jinja")
+    with pytest.raises(ChatError, match="changes message content.*escapes it, or a tool call's data"):
+        encode_chat(qwen, template, TOOL_CHATS[0], ASSISTANT)
+    # negative control: the same template renders a conversation without tools or tool calls
+    encode_chat(qwen, template, BLOCK_CHAT, ASSISTANT)
 
 
 def test_a_tool_call_turn_needs_the_generation_prompt_to_be_trained(qwen, tmp_path):  # noqa: F811
