@@ -82,7 +82,7 @@ def chat_record(value: object) -> ChatRecord:
         _check_message(i, message)
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise ChatError(f"`tools` must be a list of JSON schema objects, got {short(tools)}. Fix the record.")
-    return ChatRecord(value, tools or None)
+    return ChatRecord(value, tools)  # an empty list stays one: `tools is not none` templates tell them apart
 
 
 def _check_message(i: int, message: object) -> None:
