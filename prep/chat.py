@@ -11,16 +11,19 @@ only the template's own text can:
     stretches  S----------------------------S S-------------------------------S ---------- S ----
     labels     -100 ...                                                         content 1 + <|im_end|>
 
-1. Each message's content is replaced by a unique placeholder and the template rendered; splitting at
-   the placeholders gives the template's own text, and putting the contents back must give the real
-   rendering (checked for every conversation: a template that edits content is refused).
+1. Each piece of data (a content, a text block, a tool call, the strings of ``tools``: prep/chat_record.py)
+   is replaced by a unique placeholder and the template rendered; splitting at the placeholders gives the
+   template's own text, and putting the data back (as it is, JSON-escaped or stripped) must give the real
+   rendering (checked for every conversation: a template that edits content, or leaves data out, is
+   refused).
 2. Special tokens (S) are looked for in the template's text only. Between two of them, a *stretch* of
    template text and content is tokenized as a whole with special-token text kept as text, as
    documents are. `tokenizers` tokenizes the text between special tokens independently, so when no
    content holds special-token text the ids equal transformers' by construction; when one does, only
    the stretches holding it differ.
 3. A token is a target when it overlaps the content of a role in ``train_on``; the first template special
-   token after such content (the turn's closing token, ``<|im_end|>``) is a target too.
+   token after such content (the turn's closing token, ``<|im_end|>``) is a target too. An assistant turn
+   with tool calls is a target from the end of its header (the generation prompt) to its closing token.
 """
 
 from __future__ import annotations
@@ -38,17 +41,15 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from shared.errors import UserError
+from prep.chat_record import ChatError, ChatRecord, Span, chat_record, marked, place, short
+
+__all__ = ["ChatError"]
 
 IGNORE = -100
 TEMPLATE_FILE = "chat_template.jinja"
 # The named special tokens that transformers passes to every template (its `special_tokens_map`).
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 LONG_CHAT_RULES = ("drop", "truncate")
-
-
-class ChatError(UserError):
-    """A conversation, a chat template or a tokenizer cannot be rendered into labelled ids."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,18 +191,21 @@ def check_tokenizer_for_chat(tokenizer: Tokenizer) -> None:
 
 
 def encode_chat(
-    tokenizer: Tokenizer, template: ChatTemplate, messages: object, train_on: frozenset[str]
+    tokenizer: Tokenizer, template: ChatTemplate, record: object, train_on: frozenset[str]
 ) -> ChatIds:
-    """Ids and labels of one conversation; ``tokenizer`` must keep special-token text as text
-    (``encode_special_tokens``, as :func:`prep.tokenizer.open_tokenizer` sets it)."""
-    messages = _checked_messages(messages)
-    text, spans = render_with_spans(template, messages)
-    specials = _template_specials(tokenizer, text, spans)
+    """Ids and labels of one conversation (a `messages` list, or ``{"messages", "tools"}``);
+    ``tokenizer`` must keep special-token text as text (``encode_special_tokens``, as
+    :func:`prep.tokenizer.open_tokenizer` sets it)."""
+    conversation = chat_record(record)
+    text, spans, kept = render_with_spans(template, conversation)
+    named = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    _check_kept(named, kept)
+    specials = _template_specials(named, text, spans)
+    targets = _targets(template, conversation, text, spans, specials, train_on)
     ids: list[int] = []
     labels: list[int] = []
     turn_ends: list[int] = []
-    targets = sorted((s, e) for s, e, role in spans if role in train_on)
-    pending = [e for _, e in targets]  # content ends still waiting for their closing token
+    pending = [e for _, e in targets]  # target ends still waiting for their closing token
     cut = 0
     for start, end, token_id in [*specials, (len(text), len(text), None)]:
         if start > cut:
@@ -224,108 +228,181 @@ def encode_chat(
     return ChatIds(np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32), tuple(turn_ends))
 
 
-def _checked_messages(messages: object) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
+def _targets(
+    template: ChatTemplate,
+    conversation: ChatRecord,
+    text: str,
+    spans: list[Span],
+    specials: list[tuple[int, int, int]],
+    train_on: frozenset[str],
+) -> list[tuple[int, int]]:
+    """``(start, end)`` of the text to learn: the content of each message of a trained role, and for an
+    assistant message with tool calls everything from the end of its turn's header (the generation
+    prompt) to its closing token: its content, the tool-call markup and JSON."""
+    targets = []
+    for i, message in enumerate(conversation.messages):
+        if message["role"] not in train_on:
+            continue
+        own = [s for s in spans if s.message == i and s.what in ("content", "call")]
+        if message.get("tool_calls"):
+            targets.append(_call_turn(template, conversation, i, text, spans, own, specials))
+        else:
+            targets += [(s.start, s.end) for s in own]
+    return sorted(targets)
+
+
+def _call_turn(
+    template: ChatTemplate,
+    conversation: ChatRecord,
+    i: int,
+    text: str,
+    spans: list[Span],
+    own: list[Span],
+    specials: list[tuple[int, int, int]],
+) -> tuple[int, int]:
+    """The target of assistant message ``i`` with tool calls (see :func:`_targets`): from the end of the
+    generation prompt found in the template text just before the message's first data, to the first
+    template special token after its last data (which must come before the next message's data)."""
+    header = generation_prompt(template)
+    first, last = min(s.start for s in own), max(s.end for s in own)
+    before = max((s.end for s in spans if s.end <= first), default=0)
+    at = text.rfind(header, before, first) if header else -1
+    close = next((a for a, _, _ in specials if a >= last), None)
+    after = min((s.start for s in spans if s.message > i and s.start >= last), default=len(text))
+    if at < 0 or close is None or close > after:
         raise ChatError(
-            f"`messages` must be a non-empty list of {{role, content}} objects, got {_short(messages)}. Fix the record."
+            f"message {i} ({conversation.messages[i]['role']} with tool calls): chat template"
+            f" `{template.origin}` does not open the turn with its generation prompt {header!r} and close"
+            " it with a special token, so the tool call's target cannot be told from the template's text."
+            " Pass a template that does with `--chat-template FILE`, or leave the role out of `--train-on`."
         )
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+    return at + len(header), close
+
+
+def generation_prompt(template: ChatTemplate) -> str:
+    """What the template adds for ``add_generation_prompt`` after a user turn ('' if not a pure suffix)."""
+    return _generation_prompt(template.source, tuple(sorted(template.named_tokens.items())), template.origin)
+
+
+@lru_cache(maxsize=8)
+def _generation_prompt(source: str, named: tuple[tuple[str, str], ...], origin: str) -> str:
+    template = ChatTemplate(source, origin, dict(named))
+    one = [{"role": "user", "content": "x"}]
+    plain = render(template, one)
+    prompted = render(template, one, add_generation_prompt=True)
+    return prompted[len(plain) :] if prompted.startswith(plain) else ""
+
+
+def _check_kept(specials: dict[str, int], kept: list[str]) -> None:
+    """Roles, schema keys, ``type`` and ids stay template text (templates test them): none may hold
+    special-token text, which would become a control token."""
+    for value in set(kept):
+        if hit := next((t for t in specials if t in value), None):
             raise ChatError(
-                f"message {i} must be an object with exactly `role` and `content`, got {_short(message)}."
-                " Fix the record (tool calls and content blocks are not supported yet)."
+                f"{short(value)} (a role, a `tools` key, a `type` or an id) holds the special token"
+                f" {hit!r}; it would be written as a control token. Fix the record."
             )
-        if not isinstance(message["role"], str) or not isinstance(message["content"], str):
-            raise ChatError(
-                f"message {i}: `role` and `content` must be strings, got {_short(message)}. Fix the record."
-            )
-    return messages
 
 
-def _short(value: object) -> str:
-    text = json.dumps(value, ensure_ascii=True, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def render(template: ChatTemplate, messages: list[dict[str, str]]) -> str:
-    """The rendered conversation, as transformers' ``apply_chat_template(..., tokenize=False)`` gives it."""
+def render(
+    template: ChatTemplate,
+    messages: list[dict],
+    tools: list | None = None,
+    add_generation_prompt: bool = False,
+) -> str:
+    """The rendered conversation, as transformers' ``apply_chat_template(messages, tools=tools,
+    tokenize=False)`` gives it."""
     try:
         return _compile(template.source).render(
-            messages=messages, add_generation_prompt=False, **template.named_tokens
+            messages=messages,
+            tools=tools,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **template.named_tokens,
         )
-    except jinja2.TemplateError as e:
+    except (jinja2.TemplateError, TypeError, ValueError, AttributeError) as e:
         raise ChatError(
             f"chat template `{template.origin}` refused the conversation: {e}. Fix the record or the template."
         ) from e
 
 
-def render_with_spans(
-    template: ChatTemplate, messages: list[dict[str, str]]
-) -> tuple[str, list[tuple[int, int, str]]]:
-    """The rendering and the ``(start, end, role)`` of every place a message's content landed in it.
+def render_with_spans(template: ChatTemplate, conversation: ChatRecord) -> tuple[str, list[Span], list[str]]:
+    """The rendering, the :class:`Span` of every place a piece of data landed in it, and the strings left
+    unmarked (prep/chat_record.py).
 
-    Templates that trim content (Llama 3's ``content | trim``) are met by placing the stripped content,
-    accepted only if the conversation with stripped contents renders to the very same text.
+    Content blocks are given to the template as they are when it renders their texts in place (a
+    template that loops over blocks); when it cannot (it fails on a list, prints the list, or leaves the
+    texts out, as Qwen2.5's does) each message's texts are joined with a newline first. Templates that
+    trim content (Llama 3's ``content | trim``) or write it with ``tojson`` are met by placing the data
+    stripped or JSON-escaped, accepted only if the rendering is the very same text.
     """
-    text = render(template, messages)
-    for strip in (False, True):
-        placed = [
-            {"role": m["role"], "content": m["content"].strip() if strip else m["content"]} for m in messages
-        ]
-        spans = _content_spans(template, placed, text)
-        if spans is not None:
-            return text, spans
+    candidates = [conversation, conversation.joined()] if conversation.has_blocks else [conversation]
+    why = "changed"
+    for k, candidate in enumerate(candidates):
+        try:
+            text = render(template, candidate.messages, candidate.tools)
+        except ChatError:
+            if k + 1 < len(candidates):
+                continue
+            raise
+        spans, kept, why = _data_spans(template, candidate, text)
+        if spans is not None and not (k + 1 < len(candidates) and _prints_blocks(text, spans)):
+            return text, spans, kept
+    if why != "changed":
+        raise ChatError(
+            f"chat template `{template.origin}` {why}: that data would be lost silently. Remove it from the"
+            " record, or pass a template that renders it with `--chat-template FILE`."
+        )
     raise ChatError(
-        f"chat template `{template.origin}` changes message content as it renders it (it splits, tests or"
-        " edits it), so the content's tokens cannot be told from the template's. Pass a template that"
+        f"chat template `{template.origin}` changes message content as it renders it (it splits, tests,"
+        " edits or escapes it, or a tool call's data), so the data's tokens cannot be told from the template's. Pass a template that"
         " inserts content as is with `--chat-template FILE`, or pack the records with `--format text`."
     )
 
 
-def _content_spans(
-    template: ChatTemplate, messages: list[dict[str, str]], text: str
-) -> list[tuple[int, int, str]] | None:
-    """Spans of the contents in ``text`` if rendering with placeholders and putting the contents back gives
-    ``text`` exactly, else None."""
-    marker = _free_marker(text, messages)
-    placeholders = [f"{marker}{i}{marker}" for i in range(len(messages))]
-    marked = render(
-        template, [{"role": m["role"], "content": p} for m, p in zip(messages, placeholders, strict=True)]
-    )
-    pieces = re.split(f"{marker}(\\d+){marker}", marked)
-    rebuilt: list[str] = [pieces[0]]
-    spans: list[tuple[int, int, str]] = []
-    pos = len(pieces[0])
-    for index, after in zip(pieces[1::2], pieces[2::2], strict=True):
-        content = messages[int(index)]["content"]
-        spans.append((pos, pos + len(content), messages[int(index)]["role"]))
-        rebuilt += (content, after)
-        pos += len(content) + len(after)
-    return spans if "".join(rebuilt) == text else None
+def _prints_blocks(text: str, spans: list[Span]) -> bool:
+    """Whether the template text shows a content block's structure (it printed the list, not its texts)."""
+    cut, pieces = 0, []
+    for span in sorted(spans, key=lambda s: s.start):
+        pieces.append(text[cut : span.start])
+        cut = max(cut, span.end)
+    template_text = "".join([*pieces, text[cut:]])
+    return "'type': 'text'" in template_text or '"type": "text"' in template_text
 
 
-def _free_marker(text: str, messages: list[dict[str, str]]) -> str:
-    """A private-use marker that occurs in neither the rendering nor any content."""
+def _data_spans(
+    template: ChatTemplate, conversation: ChatRecord, text: str
+) -> tuple[list[Span] | None, list[str], str]:
+    """Spans of the data in ``text`` if rendering with placeholders and putting the data back gives
+    ``text`` exactly; else None and why."""
+    record, marking = marked(conversation, _free_marker(text))
+    try:
+        marked_text = render(template, record.messages, record.tools)
+    except ChatError:
+        return None, [], "changed"
+    spans, why = place(text, marked_text, marking)
+    return spans, marking.kept, why
+
+
+def _free_marker(text: str) -> str:
+    """A private-use marker that occurs nowhere in the rendering (and so in no data it holds)."""
     for code in range(0xE000, 0xF8FF):
         marker = chr(code)
-        if marker not in text and not any(marker in m["content"] for m in messages):
+        if marker not in text:
             return marker
     raise ChatError("every private-use character occurs in this conversation; it cannot be rendered.")
 
 
-def _template_specials(
-    tokenizer: Tokenizer, text: str, spans: list[tuple[int, int, str]]
-) -> list[tuple[int, int, int]]:
-    """``(start, end, id)`` of the special tokens in the template's own text, never inside content.
+def _template_specials(specials: dict[str, int], text: str, spans: list[Span]) -> list[tuple[int, int, int]]:
+    """``(start, end, id)`` of the ``specials`` (text -> id) in the template's own text, never inside data.
 
     Matched leftmost-longest, as `tokenizers` matches added tokens."""
-    specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     if not specials:
         return []
     pattern = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
     found: list[tuple[int, int, int]] = []
     cut = 0
-    for start, end in [*sorted((s, e) for s, e, _ in spans), (len(text), len(text))]:
+    for start, end in [*sorted((s.start, s.end) for s in spans), (len(text), len(text))]:
         found += [
             (cut + m.start(), cut + m.end(), specials[m.group()]) for m in pattern.finditer(text[cut:start])
         ]

@@ -20,7 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from prep.chat import IGNORE, ChatIds, ChatTemplate, check_tokenizer_for_chat, encode_chat, fit_chat
+from prep.chat import (
+    IGNORE,
+    ChatError,
+    ChatIds,
+    ChatTemplate,
+    check_tokenizer_for_chat,
+    encode_chat,
+    fit_chat,
+)
+from prep.chat_record import short
 from prep.encoder import JsonlChunk, LocalJob, RecordsJob, job_texts
 from prep.readers import PAIR_FIELDS, BatchRecords, Field, InputFile, first_record
 from shared.errors import UserError
@@ -131,7 +140,10 @@ class ChatJob(LocalJob):
         value = json.loads(text)
         if self.kind == "chat":
             assert self.spec.template is not None
-            return encode_chat(tokenizer, self.spec.template, value, self.spec.train_on)
+            try:
+                return encode_chat(tokenizer, self.spec.template, value, self.spec.train_on)
+            except ChatError as e:  # the reader has no line for it here: name the record by its start
+                raise ChatError(f"conversation {short(value)}: {e}") from e
         return encode_pair(tokenizer, value["prompt"], value["completion"])
 
 

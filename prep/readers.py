@@ -20,6 +20,7 @@ from typing import TypeVar
 import numpy as np
 
 from prep import hub
+from prep.chat_record import ChatError, chat_record
 from prep.compressed import DECOMPRESSION_ERRORS, InputStream, inner_name
 from prep.provenance import InputDigest, OrderedHash, is_stdin, open_raw, size_of
 from prep.urls import is_url
@@ -84,18 +85,7 @@ def structured_text(value: object, kind: str) -> tuple[str | None, str]:
     rest. An empty conversation, or a pair whose completion is empty, is no text (counted as empty).
     """
     if kind == "chat":
-        if hasattr(value, "tolist"):  # a numpy array of a datasets column
-            value = value.tolist()
-        if not isinstance(value, list):
-            return None, f"is {_kind(value)}, not a list of {{role, content}} messages"
-        bad = next((i for i, m in enumerate(value) if not _is_message(m)), None)
-        if bad is not None:
-            return None, (
-                f"message {bad} is not an object with string `role` and `content` (tool calls and content"
-                " blocks are not supported yet)"
-            )
-        messages = [{"role": m["role"], "content": m["content"]} for m in value]
-        return (json.dumps(messages, ensure_ascii=False) if messages else ""), ""
+        return _conversation_text(value)
     prompt, completion = value if isinstance(value, tuple) else (None, None)
     if not isinstance(prompt, str) or not isinstance(completion, str):
         return None, f"`prompt` and `completion` must be strings, got {_kind(prompt)} and {_kind(completion)}"
@@ -104,10 +94,42 @@ def structured_text(value: object, kind: str) -> tuple[str | None, str]:
     return json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False), ""
 
 
-def _is_message(m: object) -> bool:
-    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-        return False
-    return all(v is None for k, v in m.items() if k not in ("role", "content"))
+def _conversation_text(value: object) -> tuple[str | None, str]:
+    """A conversation's canonical JSON: the messages list, or ``{"messages", "tools"}`` when the record has
+    tools (:func:`prep.chat_record.chat_record` reads both). A message of only string `role` and `content`
+    keeps exactly those two keys (fields that are null, as Parquet structs carry them, are dropped), so such
+    conversations keep the text, and the train/val hash, they always had."""
+    tools = None
+    if isinstance(value, tuple):  # (messages, tools) of a JSON object with `tools`
+        value, tools = value
+    if hasattr(value, "tolist"):  # a numpy array of a datasets column
+        value = value.tolist()
+    if not isinstance(value, list):
+        return None, f"is {_kind(value)}, not a list of {{role, content}} messages"
+    if isinstance(tools, str):  # many datasets store the schemas as JSON text
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            return None, f"has `tools` that are not valid JSON ({e})"
+    messages = [_canonical_message(m) for m in value]
+    if not messages:
+        return "", ""
+    try:
+        chat_record({"messages": messages, "tools": tools})
+    except ChatError as e:
+        return None, f"is not a conversation this project renders: {e}"
+    return json.dumps(
+        messages if tools is None else {"messages": messages, "tools": tools}, ensure_ascii=False
+    ), ""
+
+
+def _canonical_message(m: object) -> object:
+    if not isinstance(m, dict):
+        return m
+    kept = {k: v for k, v in m.items() if v is not None or k == "content"}
+    if isinstance(kept.get("role"), str) and isinstance(kept.get("content"), str) and len(kept) == 2:
+        return {"role": kept["role"], "content": kept["content"]}
+    return kept
 
 
 FIELD_FIX = "set `--text-field` (or, for a mixture source, its own `text_field`)"
@@ -294,6 +316,10 @@ def _from_value(obj: object, text_field: str, where: str) -> Record:
             keys = ", ".join(list(obj)[:8])
             return Record(None, MISSING_FIELD, where, f"no `{missing[0]}` field (fields: {keys})")
         return _from_text_value((obj["prompt"], obj["completion"]), text_field, where)
+    if record_kind(text_field) == "chat" and obj.get("tools") is not None and text_field in obj:
+        return _from_text_value(
+            (obj[text_field], obj["tools"]), text_field, where
+        )  # tools beside the messages
     if text_field not in obj and "." in text_field:
         return _from_path(obj, text_field, where)
     if text_field not in obj:
@@ -305,6 +331,7 @@ def _from_value(obj: object, text_field: str, where: str) -> Record:
 def _from_path(obj: dict, text_field: str, where: str) -> Record:
     """The text at a dotted path (``content.body``) into nested objects; a key holding the dots wins."""
     value: object = obj
+    parent: dict = obj
     names = text_field.split(".")
     for depth, name in enumerate(names):
         inside = ".".join(names[:depth]) or "the record"
@@ -318,7 +345,9 @@ def _from_path(obj: dict, text_field: str, where: str) -> Record:
                 where,
                 f"no `{text_field}` field: {inside} has no `{name}` (fields: {keys}); {FIELD_FIX}",
             )
-        value = value[name]
+        parent, value = value, value[name]
+    if record_kind(text_field) == "chat" and parent.get("tools") is not None:  # tools beside the messages
+        value = (value, parent["tools"])
     return _from_text_value(value, text_field, where)
 
 
@@ -623,6 +652,7 @@ def _read_parquet(
             f"`{path}` has no `{missing[0]}` column (columns: {', '.join(pf.schema_arrow.names)});"
             f" {FIELD_FIX}."
         )
+    _refuse_tools_column(text_field, pf.schema_arrow.names, str(path))
     row = 0
     total = size_of(path)
     hashed = None if digest is None else OrderedHash([path], digest)
@@ -636,6 +666,16 @@ def _read_parquet(
             hashed.advance(row, pf.metadata.num_rows)
     if hashed is not None:
         hashed.finish()
+
+
+def _refuse_tools_column(text_field: str, names: list[str], label: str) -> None:
+    """Conversations in a table are read from their messages column alone: a `tools` column beside it
+    would be left out of the rendering, so it is refused rather than lost."""
+    if record_kind(text_field) == "chat" and "tools" in names:
+        raise InputError(
+            f"`{label}` has a `tools` column: tools are read from JSON and JSONL records only. Convert the"
+            ' input to JSONL (`{"messages": [...], "tools": [...]}` per line).'
+        )
 
 
 def _load_saved(source: InputFile):
@@ -676,6 +716,7 @@ def _read_dataset(
             f"dataset `{label}` has no `{missing[0]}` column (columns: {', '.join(ds.column_names)});"
             f" {FIELD_FIX}."
         )
+    _refuse_tools_column(text_field, ds.column_names, label)
     # The Arrow files' offsets come from disk: check them (and the UTF-8) before any read trusts them,
     # so a damaged file is an error instead of text read from outside its buffers.
     try:

@@ -184,8 +184,8 @@ def test_long_conversations_are_dropped_or_cut_after_a_whole_turn(qwen, folders)
     [
         ("hello", "must be a non-empty list"),
         ([], "must be a non-empty list"),
-        ([{"role": "user"}], "message 0 must be an object with exactly `role` and `content`"),
-        ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], "must be strings"),
+        ([{"role": "user"}], "message 0 must be an object with a string `role` and a `content`"),
+        ([{"role": "user", "content": 3}], "`content` must be a string or a list of text blocks"),
     ],
 )
 def test_bad_messages_are_refused(qwen, folders, messages, match):

@@ -302,7 +302,7 @@ def test_bad_messages_stop_the_run_or_are_counted(tmp_path):
     records = [{"messages": MULTI_TURN}, {"messages": [{"role": "user", "content": 3}]}]
     source = write_jsonl(tmp_path / "chat.jsonl", records)
     args = ("pack", source, "--tokenizer", QWEN_TOKENIZER.parent, "--format", "chat", "--seq-len", "256")
-    failed_with(run(*args, "--out", tmp_path / "a"), "chat.jsonl:2", "string `role` and `content`")
+    failed_with(run(*args, "--out", tmp_path / "a"), "chat.jsonl:2", "`content` must be a string", flat=True)
     ok(run(*args, "--out", tmp_path / "b", "--skip-invalid"))
     assert Manifest.load(tmp_path / "b").documents.skipped_invalid == 1
 
