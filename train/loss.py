@@ -152,6 +152,25 @@ def _softmax_minus_onehot(logits_nV: torch.Tensor, targets_n: torch.Tensor) -> t
     return loss
 
 
+def _fused_chunk(h_nD, t_n, w_VD, b_V, grad_hidden_nD, grad_weight_VD, grad_bias_V) -> torch.Tensor:
+    """One chunk: its summed loss; adds its gradients into the buffers given (None: not wanted). A
+    function of its own so that the chunk's [n, V] buffers are freed before the next chunk's exist."""
+    logits_nV = F.linear(h_nD, w_VD, b_V)
+    logits_nV = logits_nV.to(torch.promote_types(logits_nV.dtype, torch.float32))
+    loss = _softmax_minus_onehot(logits_nV, t_n)
+    if grad_hidden_nD is None and grad_weight_VD is None and grad_bias_V is None:
+        return loss
+    grad_nV = logits_nV.to(w_VD.dtype)  # the matmul dtype, as autocast's backward would
+    del logits_nV
+    if grad_hidden_nD is not None:
+        grad_hidden_nD.copy_(grad_nV @ w_VD)
+    if grad_weight_VD is not None:
+        grad_weight_VD += grad_nV.t() @ h_nD
+    if grad_bias_V is not None:
+        grad_bias_V += grad_nV.sum(dim=0)
+    return loss
+
+
 def _fused_forward(hidden_ND, weight_VD, bias_V, targets_N, chunk_tokens, needs):
     """Loss sum and, for the inputs ``needs`` flags, their gradients: one pass over the chunks."""
     mm_dtype = _matmul_dtype(hidden_ND, [weight_VD, bias_V])
@@ -166,20 +185,12 @@ def _fused_forward(hidden_ND, weight_VD, bias_V, targets_N, chunk_tokens, needs)
     loss = hidden_ND.new_zeros((), dtype=torch.promote_types(mm_dtype, torch.float32))
     with torch.autocast(hidden_ND.device.type, enabled=False):
         for start in range(0, hidden_ND.shape[0], chunk_tokens):
-            h_nD = hidden_ND[start : start + chunk_tokens].to(mm_dtype)
-            logits_nV = F.linear(h_nD, w_VD, b_V)
-            logits_nV = logits_nV.to(torch.promote_types(logits_nV.dtype, torch.float32))
-            loss = loss + _softmax_minus_onehot(logits_nV, targets_N[start : start + chunk_tokens])
-            if not (need_hidden or need_weight or need_bias):
-                continue
-            grad_nV = logits_nV.to(mm_dtype)  # the matmul dtype, as autocast's backward would
-            del logits_nV
-            if need_hidden:
-                grad_hidden[start : start + chunk_tokens] = grad_nV @ w_VD
-            if need_weight:
-                grad_weight += grad_nV.t() @ h_nD
-            if need_bias:
-                grad_bias += grad_nV.sum(dim=0)
+            rows = slice(start, start + chunk_tokens)
+            grad_hidden_nD = None if grad_hidden is None else grad_hidden[rows]
+            h_nD = hidden_ND[rows].to(mm_dtype)
+            loss = loss + _fused_chunk(
+                h_nD, targets_N[rows], w_VD, b_V, grad_hidden_nD, grad_weight, grad_bias
+            )
     grad_weight = None if grad_weight is None else grad_weight.to(weight_VD.dtype)
     grad_bias = None if grad_bias is None else grad_bias.to(bias_V.dtype)
     return loss, grad_hidden, grad_weight, grad_bias

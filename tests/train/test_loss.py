@@ -293,6 +293,11 @@ def test_only_a_plain_linear_head_is_fused():
         LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False),
     )
     lora_head = wrapped.base_model.model[0]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # seeded adapter weights, so that the LoRA head differs from the base one
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 1, generator=gen)
     assert not can_fuse(hidden, lora_head)
     want = _full_logits_loss(hidden, lora_head, labels)
     got, _ = chunked_cross_entropy_sum(hidden, lora_head, labels, chunk_tokens=7)
