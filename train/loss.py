@@ -16,7 +16,10 @@ whatever T is. Two ways, the same numbers:
   ``torch.utils.checkpoint``; the backward recomputes the chunk's logits before its matmuls.
 
 Both run the head's matmuls in the caller's autocast dtype (bf16 on a GPU) and the softmax in fp32;
-float64 stays float64, so that tests compare them with a plain full-logits ``F.cross_entropy``.
+float64 stays float64, so that tests compare them with a plain full-logits ``F.cross_entropy``. Under
+FSDP2 (`train.parallel`) the loss runs inside the root's forward, where the head's weight is the
+gathered, plain tensor: the fused path runs there too, and its weight gradient reaches FSDP's
+reduce-scatter through autograd like any other. A tied head's weight gradient adds to the embedding's.
 
 Labels follow the Hugging Face convention (unshifted): hidden state t predicts ``labels[t + 1]``. A
 segment's first label is -100, so shifting never asks a token to predict the next document.
