@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from shared.contract import IGNORE_INDEX
@@ -211,6 +212,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         # d(loss)/d(input) was computed in the forward; the chain rule only scales it (no host sync:
         # grad_loss stays a device tensor)

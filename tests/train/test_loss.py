@@ -99,9 +99,10 @@ def _assert_equals_full(impl, hidden, head, labels, chunk_tokens, *, scale=1.0, 
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("chunk_tokens", [1, 7, 49, 1000])
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 8, 49, 1000])
 def test_fused_and_checkpointed_equal_full_logits(chunk_tokens, bias):
-    """Chunks that do and do not divide N = 49, one position per chunk, one chunk for all; with a bias;
+    """Chunks that do (7) and do not (8) divide N = 49, one position per chunk, one chunk for all (49,
+    1000); with a bias;
     the head trainable, so the weight's gradient is checked too; a non-unit incoming gradient."""
     hidden, head, labels = _problem(bias=bias)
     results = {
@@ -383,6 +384,37 @@ def test_first_label_of_a_segment_keeps_the_loss_additive(model):
         alone = sum(micro_batch_loss_sum(model, segment(batch, i)).item() for i in range(len(LENGTHS)))
         assert abs(micro_batch_loss_sum(model, batch).item() - alone) / alone <= TOLERANCE
         assert abs(micro_batch_loss_sum(model, broken).item() - alone) / alone > 1e-3
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_training_step_is_the_same_fused_or_checkpointed(monkeypatch, lora):
+    """The tiny Qwen2 (its head tied to the embedding) in float64, LoRA or full fine-tuning: the loss
+    and every trainable gradient of ``micro_batch_loss_sum`` equal those with the fused path refused."""
+    from train.model import LoraSettings
+
+    batch = make_batch(LENGTHS, VOCAB, seed=4)
+    settings = LoraSettings(r=4, alpha=8) if lora else None
+    results = []
+    for fuse in (True, False):
+        if not fuse:
+            monkeypatch.setattr(train.loss, "can_fuse", lambda hidden, head: False)
+        net = load_model(
+            "tiny-qwen2", vocab_size=VOCAB, attn="sdpa", lora=settings, dtype=torch.float64, seed=1
+        )
+        with torch.no_grad():  # lora_B starts at zero: give every adapter weight a gradient path
+            for name, p in net.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        loss = micro_batch_loss_sum(net, batch)
+        (loss / batch.num_target_tokens).backward()
+        results.append((loss.detach(), {n: p.grad for n, p in net.named_parameters() if p.requires_grad}))
+    (fused_loss, fused_grads), (ref_loss, ref_grads) = results
+    assert_close_scaled(fused_loss, ref_loss, TOLERANCE)
+    assert fused_grads.keys() == ref_grads.keys() and all(g is not None for g in fused_grads.values())
+    for name, grad in fused_grads.items():
+        assert_close_scaled(grad, ref_grads[name], TOLERANCE)
+    if not lora:  # the tied weight: the head's and the embedding's gradient in one
+        assert any("embed_tokens" in name for name in fused_grads)
 
 
 def test_micro_batch_loss_backpropagates_into_lora_only():
