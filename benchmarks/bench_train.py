@@ -1,5 +1,6 @@
 """Training-side benchmarks on CPU: the loader's throughput and memory, a packed varlen training step
-versus the padded baseline on the same documents, and the chunked loss's peak memory versus full logits.
+versus the padded baseline on the same documents, the chunked loss's peak memory versus full logits, and
+the fused loss's speed versus the checkpointed one.
 
 Each measurement runs in a fresh child process (``python benchmarks/bench_train.py CHILD ...``) so that
 peak memory belongs to it alone.
@@ -177,7 +178,7 @@ def child_loss(num_tokens: int, mode: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    from train.loss import chunked_cross_entropy_sum
+    from train.loss import checkpointed_cross_entropy_sum, chunked_cross_entropy_sum
 
     torch.manual_seed(0)
     hidden = torch.randn(num_tokens, 64, requires_grad=True)
@@ -189,9 +190,57 @@ def child_loss(num_tokens: int, mode: str) -> None:
         logits = head(hidden[:-1]).float()
         F.cross_entropy(logits, labels[1:], reduction="sum").backward()
     else:
-        loss_sum, _ = chunked_cross_entropy_sum(hidden, head, labels)
+        loss_fn = checkpointed_cross_entropy_sum if mode == "checkpointed" else chunked_cross_entropy_sum
+        loss_sum, _ = loss_fn(hidden, head, labels)
         loss_sum.backward()
     emit({"peak_added_mib": self_peak_rss_mib() - before, "seconds": time.perf_counter() - start})
+
+
+def child_loss_speed(num_tokens: int, dim: int, repeats: int) -> None:
+    """Forward + backward of the loss alone, fused versus checkpointed, side by side in this process:
+    a frozen head (LoRA) over the real vocabulary, fp32, the default chunk; each side's median."""
+    import torch
+
+    from train.loss import checkpointed_cross_entropy_sum, fused_cross_entropy_sum
+
+    sides = {"fused": fused_cross_entropy_sum, "checkpointed": checkpointed_cross_entropy_sum}
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(dim, VOCAB, bias=False).requires_grad_(False)
+    torch.nn.init.normal_(head.weight, std=dim**-0.5, generator=gen)
+    hidden = torch.randn(num_tokens, dim, generator=gen, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (num_tokens,), generator=gen)
+
+    def run(name: str, tokens: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+        hidden.grad = None
+        start = time.perf_counter()
+        loss, _ = sides[name](hidden[:tokens], head, labels[:tokens])
+        loss.backward()
+        return time.perf_counter() - start, loss.detach(), hidden.grad
+
+    for name in sides:  # warm-up on a few tokens: kernels and thread pools, not the big buffers
+        run(name, 64)
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    results = {}
+    for r in range(repeats):
+        for name in sides if r % 2 == 0 else reversed(list(sides)):  # alternate which side runs first
+            s, loss, grad = run(name, num_tokens)
+            seconds[name].append(s)
+            results[name] = (loss, grad)
+    (fused_loss, fused_grad), (ref_loss, ref_grad) = results["fused"], results["checkpointed"]
+    median = {name: float(np.median(v)) for name, v in seconds.items()}
+    emit(
+        {
+            "num_tokens": num_tokens,
+            "dim": dim,
+            "vocab": VOCAB,
+            "repeats": repeats,
+            "seconds": seconds,
+            "median_seconds": median,
+            "speedup": median["checkpointed"] / median["fused"],
+            "loss_relative_difference": abs(float(fused_loss - ref_loss)) / abs(float(ref_loss)),
+            "grad_relative_difference": float((fused_grad - ref_grad).abs().max() / ref_grad.abs().max()),
+        }
+    )
 
 
 # -- parent -------------------------------------------------------------------------------------------
@@ -213,10 +262,12 @@ def train_step(folder: Path, batch_size: int = 1, steps: int = 4, docs_per_padde
 def loss_memory(
     naive_tokens: tuple[int, ...] = (1024, 2048), target: int = 8192, measure_naive_target: bool = False
 ) -> dict:
-    """Chunked versus naive peak at ``target`` tokens. Full logits at 8,192 x 151,936 need ~15 GB (logits,
-    log-softmax and gradient); on a shared 23 GB box the naive peak is measured at smaller T and
-    extrapolated linearly (it is linear in T) unless ``measure_naive_target``."""
+    """Chunked (the fused path a plain head takes) versus naive peak at ``target`` tokens, and the
+    checkpointed reference there. Full logits at 8,192 x 151,936 need ~15 GB (logits, log-softmax and
+    gradient); on a shared 23 GB box the naive peak is measured at smaller T and extrapolated linearly
+    (it is linear in T) unless ``measure_naive_target``."""
     chunked = {t: run_child([SCRIPT, "loss", str(t), "chunked"]) for t in (naive_tokens[-1], target)}
+    checkpointed = run_child([SCRIPT, "loss", str(target), "checkpointed"])
     sizes = (*naive_tokens, target) if measure_naive_target else naive_tokens
     naive = {t: run_child([SCRIPT, "loss", str(t), "naive"]) for t in sizes}
     if target in naive:
@@ -230,6 +281,7 @@ def loss_memory(
         "vocab": VOCAB,
         "chunked": {str(k): v for k, v in chunked.items()},
         "naive": {str(k): v for k, v in naive.items()},
+        "checkpointed": {str(target): checkpointed},
         "naive_at_target_mib": naive_target,
         "naive_at_target": how,
         "ratio_at_target": chunked[target]["peak_added_mib"] / naive_target,
@@ -241,17 +293,24 @@ def loss_memory(
     }
 
 
+def loss_speed(num_tokens: int = 2048, dim: int = 896, repeats: int = 3) -> dict:
+    """Fused versus checkpointed loss, forward + backward, at Qwen2.5-0.5B's width and vocabulary."""
+    return run_child([SCRIPT, "loss_speed", str(num_tokens), str(dim), str(repeats)], timeout=1800)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("child", choices=["loader", "train", "loss"])
+    parser.add_argument("child", choices=["loader", "train", "loss", "loss_speed"])
     parser.add_argument("args", nargs="*")
     a = parser.parse_args()
     if a.child == "loader":
         child_loader(a.args[0], int(a.args[1]), float(a.args[2]))
     elif a.child == "train":
         child_train(a.args[0], *map(int, a.args[1:]))
-    else:
+    elif a.child == "loss":
         child_loss(int(a.args[0]), a.args[1])
+    else:
+        child_loss_speed(*map(int, a.args))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ The work (issue 18): Qwen2.5-0.5B- and 1.5B-shaped models (random weights, vocab
 of ``gpu_check.qwen2_shape``), LoRA r=32/alpha=64 on every linear layer of the blocks, bf16, AdamW, one
 micro-batch of ``--tokens-per-batch`` tokens (whole packed rows of Reuters-21578, packed here with
 ``prep pack``, or the shards in ``--data``) per optimizer step. The contenders are in
-``gpu_contenders.py``: ours (torch_varlen, flash_attn, torch.compile, Liger kernels), the Hugging Face
-model driven with ``DataCollatorWithFlattening`` (sdpa, flash_attention_2, PyTorch's varlen flash kernel),
+``gpu_contenders.py``: ours (torch_varlen, flash_attn, torch.compile, Liger kernels, and with the
+checkpointed loss instead of the fused one), the Hugging Face model driven with
+``DataCollatorWithFlattening`` (sdpa, flash_attention_2, PyTorch's varlen flash kernel),
 ``transformers.Trainer`` and ``trl.SFTTrainer(padding_free=True)``, and a negative control.
 
 Agreement: the loss of each of the first steps (same micro-batches, same initial weights) must be within
@@ -84,6 +85,7 @@ def contenders(framework_attn: str) -> list[tuple[str, object, str | None, str]]
         (REFERENCE, c.ours, None, ours_attn),
         ("ours_flash_attn", c.ours_flash_attn, no_flash, "flash_attn"),
         (GRAD_CKPT, c.ours_grad_ckpt, None, ours_attn),
+        ("ours_unfused", c.ours_unfused, None, ours_attn),
         ("hf_flatten_sdpa", lambda w, k: c.hf_flatten(w, k, "sdpa"), None, "sdpa"),
         (
             "hf_flatten_fa2",

@@ -9,7 +9,8 @@ recording it costs no host sync) and calls ``clock.step_done(i)`` after step ``i
 - ``ours*``: ``train``'s public pieces (``forward_hidden``, ``micro_batch_loss_sum``, ``VarlenBatch``
   from ``train.loader.batch_from_rows``), batches already on the device. Variants: the attention backend
   (``torch_varlen``, ``flash_attn``), ``torch.compile`` per decoder layer, Liger kernels (RMSNorm,
-  SwiGLU, RoPE, fused linear cross-entropy).
+  SwiGLU, RoPE, fused linear cross-entropy), and ``ours_unfused``: the checkpointed loss forced in place
+  of our fused one, to measure what the fusion pays.
 - ``hf_flatten_*``: what a Hugging Face user writes: ``DataCollatorWithFlattening`` over the documents
   (``position_ids``, no padding), ``model(**batch).loss`` over the full logits, peft as it comes. We drive
   the model directly with the collator's output, collated before timing like ours: this measures the
@@ -37,10 +38,11 @@ from shared.reader import PackedRow
 from train.attention import flash_attn_available, implementation_name
 from train.batch import VarlenBatch
 from train.loader import batch_from_rows
-from train.loss import micro_batch_loss_sum
+from train.loss import checkpointed_cross_entropy_sum, micro_batch_loss_sum
 from train.model import (
     LoraSettings,
     autocast_for,
+    autocast_of,
     causal_lm,
     enable_grad_checkpointing,
     forward_hidden,
@@ -150,6 +152,18 @@ def ours_grad_ckpt(work: Work, clock: StepClock) -> list[torch.Tensor]:
     model = _model(work, _our_attn(work))
     enable_grad_checkpointing(model)
     return _ours_loop(work, clock, model, micro_batch_loss_sum)
+
+
+def ours_unfused(work: Work, clock: StepClock) -> list[torch.Tensor]:
+    """Ours with the checkpointed loss (head recomputed in the backward) instead of the fused one that
+    ``micro_batch_loss_sum`` picks for a plain head: the same losses, one more head matmul per chunk."""
+
+    def loss_sum(model: nn.Module, batch: VarlenBatch) -> torch.Tensor:
+        hidden = forward_hidden(model, batch)
+        with autocast_of(model, hidden.device):
+            return checkpointed_cross_entropy_sum(hidden, output_head(model), batch.labels)[0]
+
+    return _ours_loop(work, clock, _model(work, _our_attn(work)), loss_sum)
 
 
 def ours_compile(work: Work, clock: StepClock) -> list[torch.Tensor]:

@@ -147,6 +147,18 @@ def _train_targets(r: dict) -> list[Row]:
                 lm["ratio_at_target"] <= 0.25,
             )
         )
+    ls = r.get("loss_speed")
+    if ls:
+        m = ls["median_seconds"]
+        rows.append(
+            (
+                f"loss forward + backward, fused vs checkpointed ({ls['num_tokens']:,} x {ls['dim']}, frozen head)",
+                f"{m['fused']:.2f} vs {m['checkpointed']:.2f} s",
+                ">= 1.3x",
+                _x(ls["speedup"]),
+                ls["speedup"] >= 1.3,
+            )
+        )
     return rows
 
 
@@ -317,19 +329,40 @@ def _loss_memory_section(r: dict) -> list[str]:
     lines += [
         f"## Loss memory over a {lm['vocab']:,}-token vocabulary (fp32, forward + backward, peak RSS added)",
         "",
-        "| tokens | chunked (MiB) | naive full logits (MiB) |",
-        "| ---: | ---: | ---: |",
+        "| tokens | chunked, fused (MiB) | chunked, checkpointed (MiB) | naive full logits (MiB) |",
+        "| ---: | ---: | ---: | ---: |",
     ]
     for t in sorted({*lm["chunked"], *lm["naive"]}, key=int):
         c = lm["chunked"].get(t, {}).get("peak_added_mib")
+        k = lm.get("checkpointed", {}).get(t, {}).get("peak_added_mib")
         n = lm["naive"].get(t, {}).get("peak_added_mib")
         if int(t) == lm["target_tokens"] and n is None:
             n_text = f"{lm['naive_at_target_mib']:,.0f} (extrapolated, linear in T)"
         else:
             n_text = f"{n:,.0f}" if n is not None else "-"
-        lines.append(f"| {int(t):,} | {f'{c:,.0f}' if c is not None else '-'} | {n_text} |")
+        c_text, k_text = (f"{v:,.0f}" if v is not None else "-" for v in (c, k))
+        lines.append(f"| {int(t):,} | {c_text} | {k_text} | {n_text} |")
     lines += [""]
     return lines
+
+
+def _loss_speed_section(r: dict) -> list[str]:
+    ls = r["loss_speed"]
+    runs = {name: ", ".join(f"{s:.2f}" for s in v) for name, v in ls["seconds"].items()}
+    return [
+        f"## Loss speed: {ls['num_tokens']:,} tokens, hidden {ls['dim']}, vocabulary {ls['vocab']:,}"
+        " (fp32, forward + backward, frozen head as with LoRA)",
+        "",
+        "| loss | median seconds | all runs (s) |",
+        "| --- | ---: | --- |",
+        f"| fused (head and cross-entropy in one pass, gradients in the forward) | {ls['median_seconds']['fused']:.2f} | {runs['fused']} |",
+        f"| checkpointed (logits recomputed in the backward) | {ls['median_seconds']['checkpointed']:.2f} | {runs['checkpointed']} |",
+        "",
+        f"Fused is {_x(ls['speedup'])} the checkpointed path's speed; the two ran in one process, {ls['repeats']}"
+        f" times each, alternating which went first. Loss relative difference {ls['loss_relative_difference']:.1e},"
+        f" hidden-gradient difference {ls['grad_relative_difference']:.1e} of its largest entry.",
+        "",
+    ]
 
 
 def render(r: dict) -> str:
@@ -367,6 +400,8 @@ def render(r: dict) -> str:
         lines += _train_step_section(r)
     if "loss_memory" in r:
         lines += _loss_memory_section(r)
+    if "loss_speed" in r:
+        lines += _loss_speed_section(r)
     lines += render_gpu()
     if NOTES.exists():
         lines += [NOTES.read_text(encoding="utf-8").rstrip(), ""]

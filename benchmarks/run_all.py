@@ -76,6 +76,7 @@ def main() -> None:
         step("train_step", bench_train.train_step, WORK / "mem-1x")
     if "loss" in groups:
         step("loss_memory", bench_train.loss_memory)
+        step("loss_speed", bench_train.loss_speed)
     results["total_seconds"] = time.perf_counter() - start
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

@@ -7,8 +7,10 @@ shapes. The estimate is the sum of four parts (bytes; ``b`` is the activation dt
                  full fine-tuning in bf16 adds autocast's bf16 copy of every weight (x 2)
     train state  trainable params x 12: fp32 gradient (4) + AdamW's two moments (8)
     activations  what the forward keeps for the backward, T tokens per micro-batch (below)
-    loss chunk   min(T, chunk) x vocab x (12 + b): one chunk's logits in the chunked cross-entropy
-                 (bf16 logits, their fp32 log-softmax, its gradient and the fp32 -> b cast of it)
+    loss chunk   min(T, chunk) x vocab x (4 + c): one chunk of the fused cross-entropy (`train.loss`):
+                 its fp32 logits, turned into their gradient in place, beside the b-sized matmul
+                 output before the upcast or the b-sized cast of the gradient after it (c = b, or 0 in
+                 fp32, where both casts are no-ops)
 
 Activations of one Qwen2-style decoder layer, per token, for the varlen kernels (which keep q, k, v
 and the output, plus a log-sum-exp per head; no T x T matrix). D hidden, Q = heads x head_dim,
@@ -22,7 +24,8 @@ K = kv_heads x head_dim, I intermediate, H heads, r the LoRA rank (0 without LoR
     per_layer = b (4D + 2Q + 2K + 4I + 7r) + 8D + 8 + 4H
 
 Without gradient checkpointing a micro-batch keeps ``T x (L x per_layer + extra)``, where ``extra``
-(the final norm, the hidden states the loss keeps, RoPE's cos/sin) is ``4D + 4 + b D + 2 b head_dim``.
+(the final norm, the gradient wrt the hidden states that the fused loss computes in the forward and keeps
+for the backward, RoPE's cos/sin) is ``4D + 4 + b D + 2 b head_dim``.
 With it, each layer keeps only its input (``b D`` per token) and one layer at a time is recomputed in
 the backward: ``T x (L x b D + extra + per_layer)``.
 
@@ -172,7 +175,7 @@ def estimate_memory(
         weights=weights,
         train_state=trainable * 12,
         activations=tokens * per_token,
-        loss_chunk=min(tokens, chunk_tokens) * shape.vocab_size * (12 + b),
+        loss_chunk=min(tokens, chunk_tokens) * shape.vocab_size * (4 + (b if b < 4 else 0)),
         num_trainable=trainable,
         tokens=tokens,
     )

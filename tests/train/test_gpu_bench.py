@@ -1,7 +1,7 @@
 """The GPU comparison runs only when a device is lent, so every contender's harness is run here on the CPU.
 
 ``gpu_bench.py --cpu-smoke`` trains a tiny Qwen2 for two steps on the bundled sample with each contender
-(ours, the Hugging Face model with DataCollatorWithFlattening, transformers.Trainer, TRL's SFTTrainer,
+(ours, ours with the checkpointed loss, the Hugging Face model with DataCollatorWithFlattening, transformers.Trainer, TRL's SFTTrainer,
 ours compiled), in fp32, and compares their losses with ours at a tight tolerance. The negative control
 (labels off by one) must be reported as disagreeing, or agreement would prove nothing.
 """
@@ -36,7 +36,14 @@ def test_cpu_smoke_runs_every_contender_and_they_agree(tmp_path):
     runs = report["runs"]["tiny"]
     assert report["all_agree"] is True
     assert report["settings"]["dtype"] == "float32"
-    expected = {"ours", "ours_grad_ckpt", "hf_flatten_sdpa", "hf_flatten_varlen", "ours_compile"}
+    expected = {
+        "ours",
+        "ours_grad_ckpt",
+        "ours_unfused",
+        "hf_flatten_sdpa",
+        "hf_flatten_varlen",
+        "ours_compile",
+    }
     # Trainer needs accelerate and SFTTrainer trl, which the bench extra installs and CI need not.
     if importlib.util.find_spec("accelerate") is not None:
         expected.add("hf_trainer")
