@@ -42,6 +42,7 @@ from train.model import (
     LoraSettings,
     autocast_for,
     causal_lm,
+    compile_layers,
     enable_grad_checkpointing,
     forward_hidden,
     model_from_config,
@@ -153,11 +154,11 @@ def ours_grad_ckpt(work: Work, clock: StepClock) -> list[torch.Tensor]:
 
 
 def ours_compile(work: Work, clock: StepClock) -> list[torch.Tensor]:
-    """Each decoder layer compiled on its own: the layers share one graph (their weights are inputs), so
-    compiling takes one layer's time, and ``dynamic=True`` keeps a new token count from recompiling."""
+    """`train run --compile`: each decoder layer compiled by ``train.model.compile_layers`` (the layers
+    share their graphs, so compiling takes about one layer's time, and ``dynamic=True`` keeps a new token
+    count from recompiling)."""
     model = _model(work, _our_attn(work))
-    for layer in causal_lm(model).get_decoder().layers:
-        layer.compile(backend=work.compile_backend, dynamic=True)
+    compile_layers(model, work.compile_backend)
     return _ours_loop(work, clock, model, micro_batch_loss_sum)
 
 

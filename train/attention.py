@@ -302,6 +302,11 @@ def _half(x: torch.Tensor) -> torch.Tensor:
     return (x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.bfloat16)).contiguous()
 
 
+# Never traced by torch.compile (`train run --compile`): the boundaries come to the host (`tolist`) and
+# the loop runs once per segment, so a traced version would break the graph at `tolist` and specialise
+# on every segment count. Disabled, it is one clean break: the compiled layer runs up to attention,
+# calls this eagerly, and goes on compiled after it.
+@torch.compiler.disable
 def reference_varlen(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention per segment with SDPA: the CPU-capable reference the fast kernels must match.
 
