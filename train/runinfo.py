@@ -150,7 +150,7 @@ def header_lines(info: RunInfo, plan: RunPlan) -> list[str]:
         f" | torch {info.torch_version}",
         f"{'dtype':<17}weights {info.weights_dtype}, trainable {info.trainable_dtype},"
         f" compute {info.compute_dtype} | grad checkpointing {'on' if info.grad_checkpointing else 'off'}"
-        f" | compile {'on (inductor, each decoder layer)' if info.compiled else 'off'}",
+        + (" | compile on (inductor, each decoder layer)" if info.compiled else ""),
         f"{'attention':<17}{info.attn.backend} ({info.attn.reason})",
         f"{'model':<17}{info.model} ({info.model_type}, {info.num_layers} layers) | {what}",
         f"{'trainable':<17}{info.num_trainable:,} of {info.num_params:,} parameters"
