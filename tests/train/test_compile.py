@@ -41,6 +41,9 @@ VOCAB = 300
 # another order than eager: measured differences reach 3e-6 of a gradient's largest value. A leak
 # across one boundary moves them by far more (the negative control below).
 TOLERANCE = 3e-5
+needs_inductor = pytest.mark.skipif(
+    compile_problem("cpu") is not None, reason=str(compile_problem("cpu"))
+)  # a machine without a C++ compiler: what the refusal test covers
 
 
 def _tiny(**kw) -> torch.nn.Module:
@@ -74,6 +77,7 @@ def _assert_close(got, want) -> None:
 
 
 @pytest.mark.slow
+@needs_inductor
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
 def test_compiled_layers_give_the_eager_loss_and_lora_gradients(grad_checkpointing):
     batches = [make_batch([9, 14, 6, 11], VOCAB, seed=2), make_batch([5, 20, 7], VOCAB, seed=3)]
@@ -190,6 +194,7 @@ def test_compile_is_an_option_like_the_others(packed_sample, tmp_path):
 
 
 @pytest.mark.slow
+@needs_inductor
 def test_a_compiled_run_logs_the_eager_losses_resumes_and_exports(packed_sample, tmp_path):
     """`train run --compile --grad-checkpointing` through the CLI: the eager run's losses; its checkpoint
     resumes compiled and eager alike; `train export` writes the adapter an eager run writes."""
