@@ -221,6 +221,8 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
     peft recipes call ``enable_input_require_grads``; non-reentrant checkpointing needs no such hook.
     The varlen boundaries reach the recomputed attention as keyword arguments, as in the forward.
     """
+    if layers_compiled(model):  # it would checkpoint inside the compiled code (see `compile_layers`)
+        raise ModelError("enable gradient checkpointing before `compile_layers`, not after.")
     lm = causal_lm(model)
     kwargs = {"use_reentrant": False}
     if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
@@ -296,7 +298,8 @@ def _checkpointed(forward, *args, **kwargs):
 
 def layers_compiled(model: nn.Module) -> bool:
     """Whether :func:`compile_layers` compiled ``model``'s decoder layers."""
-    return all("forward" in vars(layer) for layer in causal_lm(model).get_decoder().layers)
+    layers = causal_lm(model).get_decoder().layers
+    return len(layers) > 0 and all("forward" in vars(layer) for layer in layers)
 
 
 def _load_pretrained(spec: str, vocab_size: int | None, dtype: torch.dtype | str) -> nn.Module:

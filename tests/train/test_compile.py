@@ -28,6 +28,7 @@ from train.model import (
     causal_lm,
     compile_layers,
     compile_problem,
+    enable_grad_checkpointing,
     forward_hidden,
     layers_compiled,
     load_model,
@@ -99,6 +100,8 @@ def test_compiled_layers_give_the_eager_loss_and_lora_gradients(grad_checkpointi
     assert list(model.state_dict()) == list(eager.state_dict())
     with pytest.raises(ModelError, match="compiled already"):
         compile_layers(model)
+    with pytest.raises(ModelError, match="before `compile_layers`"):
+        enable_grad_checkpointing(model)
 
     # NEGATIVE CONTROL: two documents merged into one (a leak across one boundary) is far outside it
     leaky = dataclasses.replace(batches[0], cu_seqlens=batches[0].cu_seqlens[[0, 1, 3, 4]], max_seqlen=20)
