@@ -44,6 +44,7 @@ from train.model import (
     autocast_for,
     autocast_of,
     causal_lm,
+    compile_layers,
     enable_grad_checkpointing,
     forward_hidden,
     model_from_config,
@@ -167,11 +168,11 @@ def ours_unfused(work: Work, clock: StepClock) -> list[torch.Tensor]:
 
 
 def ours_compile(work: Work, clock: StepClock) -> list[torch.Tensor]:
-    """Each decoder layer compiled on its own: the layers share one graph (their weights are inputs), so
-    compiling takes one layer's time, and ``dynamic=True`` keeps a new token count from recompiling."""
+    """`train run --compile`: each decoder layer compiled by ``train.model.compile_layers`` (the layers
+    share their graphs, so compiling takes about one layer's time, and ``dynamic=True`` keeps a new token
+    count from recompiling)."""
     model = _model(work, _our_attn(work))
-    for layer in causal_lm(model).get_decoder().layers:
-        layer.compile(backend=work.compile_backend, dynamic=True)
+    compile_layers(model, work.compile_backend)
     return _ours_loop(work, clock, model, micro_batch_loss_sum)
 
 

@@ -302,6 +302,11 @@ def _half(x: torch.Tensor) -> torch.Tensor:
     return (x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.bfloat16)).contiguous()
 
 
+# Never traced by torch.compile (`train run --compile`): the boundaries come to the host (`tolist`) and
+# the loop runs once per segment, so a traced version would break the graph at `tolist` and specialise
+# on every segment count. Disabled, it is one clean break: the compiled layer runs up to attention,
+# calls this eagerly, and goes on compiled after it.
+@torch.compiler.disable
 def reference_varlen(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention per segment with SDPA: the CPU-capable reference the fast kernels must match.
 
@@ -349,11 +354,18 @@ def _torch_varlen_attention(module, query, key, value, attention_mask, scaling=N
     return out.to(query.dtype).unsqueeze(0), None
 
 
-@functools.cache
-def _varlen_attn_params() -> frozenset[str]:
-    from torch.nn.attention.varlen import varlen_attn
+_VARLEN_PARAMS: list[tuple[str, ...]] = []
 
-    return frozenset(inspect.signature(varlen_attn).parameters)
+
+# A constant to torch.compile (`train run --compile`), which would otherwise trace `inspect` each time;
+# cached by hand, as dynamo warns of tracing through a functools cache.
+@torch.compiler.assume_constant_result
+def _varlen_attn_params() -> tuple[str, ...]:
+    if not _VARLEN_PARAMS:
+        from torch.nn.attention.varlen import varlen_attn
+
+        _VARLEN_PARAMS.append(tuple(inspect.signature(varlen_attn).parameters))
+    return _VARLEN_PARAMS[0]
 
 
 def torch_varlen_call(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen: int, scale: float | None) -> torch.Tensor:

@@ -216,6 +216,14 @@ def run(
             help="Recompute each layer in the backward: less memory, same gradients (default off).",
         ),
     ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile each decoder layer (inductor): faster steps after a slow first one"
+            " (default off).",
+        ),
+    ] = None,
     init_adapter: Annotated[
         Path | None,
         typer.Option(

@@ -89,6 +89,10 @@ class RunConfig:
     grad_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them: less memory
     (see `train plan --model`) for one more forward of each layer per step; the same loss and gradients."""
+    compile: bool = False
+    """Compile each decoder layer with torch.compile (inductor, dynamic shapes): fused kernels for norms,
+    rotary and activations; the first step (and the first eval) pay the compile time. The same loss and
+    gradients up to float rounding. Needs Triton on CUDA or a C++ compiler on the CPU."""
     init_adapter: Path | None = None
     """Start from a trained LoRA adapter (an adapter folder, a run folder or a checkpoint): its weights
     are loaded, the optimizer and schedule start fresh at step 0."""
@@ -144,6 +148,11 @@ class RunConfig:
             raise ConfigError(
                 "--fsdp shards full fine-tuning; add --no-lora (LoRA runs keep a replica of the frozen"
                 " model on every rank and sum only the adapter's gradients), or drop --fsdp."
+            )
+        if self.compile and self.fsdp:
+            raise ConfigError(
+                "--compile with --fsdp is not supported yet (FSDP2's hooks around each compiled layer are"
+                " untested here); drop one of them."
             )
         if self.attn not in ATTN_CHOICES:
             raise ConfigError(f"--attn {self.attn!r} is unknown; choose one of {', '.join(ATTN_CHOICES)}.")

@@ -576,6 +576,7 @@ def announce(run: Run, train_split: Split) -> None:
         start_step=0,
         flops_per_token=flops_per_token,
         grad_checkpointing=run.cfg.grad_checkpointing,
+        compiled=run.cfg.compile,
         device_reason=auto_device()[1] if run.cfg.device == "auto" else "asked for",
     )
     for line in header_lines(run.info, run.plan) + warning_lines(run.info):
@@ -642,6 +643,7 @@ def build_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> torch.
         seed=cfg.seed,
         precision=cfg.dtype,
         grad_checkpointing=cfg.grad_checkpointing,
+        compiled=cfg.compile,
     )
     num_embeddings = input_embeddings(model).num_embeddings
     if num_embeddings < vocab_size:

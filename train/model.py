@@ -15,12 +15,18 @@ exactly why it exists: it is the negative control the isolation tests and `train
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
+import os
+import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwen2Config
 
 from shared.errors import UserError
@@ -101,6 +107,7 @@ def load_model(
     seed: int = 0,
     precision: str = "auto",
     grad_checkpointing: bool = False,
+    compiled: bool = False,
 ) -> nn.Module:
     """The model ready for varlen training: on ``device``, in train mode, with our attention backend.
 
@@ -108,7 +115,8 @@ def load_model(
     ``seed``; its vocabulary is ``vocab_size``, from the dataset manifest). ``lora=None`` trains every
     weight; otherwise only a peft LoRA adapter is trainable. ``precision`` is ``--dtype`` (the compute
     dtype, `compute_dtype`); ``dtype`` overrides the dtype the weights are stored in (tests use float64).
-    ``grad_checkpointing`` recomputes each decoder layer in the backward (`enable_grad_checkpointing`).
+    ``grad_checkpointing`` recomputes each decoder layer in the backward (`enable_grad_checkpointing`);
+    ``compiled`` compiles each decoder layer with inductor (`compile_layers`).
     """
     device = resolve_device(device)
     compute = compute_dtype(precision, device)
@@ -118,6 +126,8 @@ def load_model(
         model, attn=attn, lora=lora, device=device, seed=seed, grad_checkpointing=grad_checkpointing
     )
     causal_lm(model).packed_compute_dtype = compute
+    if compiled:
+        compile_layers(model)
     return model
 
 
@@ -152,6 +162,7 @@ def model_from_config(
     seed: int = 0,
     precision: str = "auto",
     grad_checkpointing: bool = False,
+    compiled: bool = False,
 ) -> nn.Module:
     """A causal LM with random weights (seeded) for ``config``, prepared like :func:`load_model`'s.
 
@@ -166,6 +177,8 @@ def model_from_config(
         model, attn=attn, lora=lora, device=device, seed=seed, grad_checkpointing=grad_checkpointing
     )
     causal_lm(model).packed_compute_dtype = compute
+    if compiled:
+        compile_layers(model)
     return model
 
 
@@ -208,12 +221,85 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
     peft recipes call ``enable_input_require_grads``; non-reentrant checkpointing needs no such hook.
     The varlen boundaries reach the recomputed attention as keyword arguments, as in the forward.
     """
+    if layers_compiled(model):  # it would checkpoint inside the compiled code (see `compile_layers`)
+        raise ModelError("enable gradient checkpointing before `compile_layers`, not after.")
     lm = causal_lm(model)
     kwargs = {"use_reentrant": False}
     if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+COMPILE_BACKEND = "inductor"
+
+
+def compile_problem(device: torch.device | str, backend: str = COMPILE_BACKEND) -> str | None:
+    """Why ``backend`` cannot compile for ``device`` here (a sentence ending in the fix), or None."""
+    device = resolve_device(device)
+    if backend != COMPILE_BACKEND:
+        return None  # aot_eager and eager generate no code (the benchmark's CPU smoke uses them)
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return (
+            "--compile needs Triton on a CUDA GPU (inductor writes Triton kernels), and `triton` is not"
+            " installed: install the `triton` that matches this torch (the CUDA builds of torch bring it),"
+            " or drop --compile."
+        )
+    if device.type == "cpu":
+        # Where torch._inductor.config.cpp.cxx looks: $CXX, else g++ (clang++ on macOS).
+        cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+        if shutil.which(cxx) is None:
+            return (
+                f"--compile needs a C++ compiler on the CPU (inductor compiles C++ kernels), and `{cxx}`"
+                " is not on PATH: install one (e.g. `apt-get install g++`) or name it in $CXX, or drop"
+                " --compile."
+            )
+    if device.type not in ("cuda", "cpu"):
+        return f"--compile runs on CUDA and CPU; it is not tried on {device.type}. Drop --compile."
+    return None
+
+
+def compile_layers(model: nn.Module, backend: str = COMPILE_BACKEND) -> int:
+    """Compile each decoder layer's forward with ``torch.compile(backend, dynamic=True)``, in place; the
+    number of layers compiled.
+
+    The layers share their code, and their weights are the graph's inputs, so they share compiled graphs:
+    compiling costs about one layer's time (twice: the first layer's input needs no gradient under LoRA,
+    the others' do; once more under ``no_grad`` for evaluation), not the model's. ``dynamic=True`` makes
+    the token count, the segment count and ``max_seqlen`` symbolic, so a new micro-batch shape does not
+    recompile. Only each layer's ``forward`` is replaced (an instance attribute), so parameter names and
+    the state dict are those of the eager model: checkpoints, adapters and exports are interchangeable.
+
+    Gradient checkpointing (`enable_grad_checkpointing`) stays outside the compiled code: transformers
+    checkpoints inside a layer's forward, which torch.compile cannot trace (a side effect in the layer
+    under the checkpoint makes it give up and run the layer eagerly, without a word); so the layer's own
+    checkpointing is turned off here and the compiled forward is checkpointed instead (non-reentrant,
+    the same recompute). Call this last, after LoRA and checkpointing are set up.
+    """
+    if problem := compile_problem(next(model.parameters()).device, backend):
+        raise ModelError(problem)
+    layers = causal_lm(model).get_decoder().layers
+    for layer in layers:
+        if "forward" in vars(layer):
+            raise ModelError("compile_layers: the model's decoder layers are compiled already.")
+        recompute = bool(getattr(layer, "gradient_checkpointing", False))
+        layer.gradient_checkpointing = False
+        compiled = torch.compile(layer.forward, backend=backend, dynamic=True)
+        layer.forward = functools.partial(_checkpointed, compiled) if recompute else compiled
+    return len(layers)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    """``forward`` under non-reentrant activation checkpointing when there is a backward to recompute for."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def layers_compiled(model: nn.Module) -> bool:
+    """Whether :func:`compile_layers` compiled ``model``'s decoder layers."""
+    layers = causal_lm(model).get_decoder().layers
+    return len(layers) > 0 and all("forward" in vars(layer) for layer in layers)
 
 
 def _load_pretrained(spec: str, vocab_size: int | None, dtype: torch.dtype | str) -> nn.Module:

@@ -57,6 +57,7 @@ APPLIED_ON_RESUME = (
     "sample_tokens",
     "dtype",  # like device: the same math at another precision
     "grad_checkpointing",  # the same math, recomputed
+    "compile",  # the same math in other kernels
     "keep_checkpoints",
 )
 """Options a resumed run may change; the change is recorded with the step it applies from."""

@@ -46,6 +46,8 @@ class RunInfo:
     compute_dtype: str
     """The matmuls' dtype: the autocast dtype of ``--dtype`` (bf16 on a GPU by default), else the weights'."""
     grad_checkpointing: bool
+    compiled: bool = False
+    """Each decoder layer compiled (``--compile``: torch.compile, inductor, dynamic shapes)."""
     attn: AttnChoice
     model: str
     model_type: str
@@ -89,6 +91,7 @@ def describe_run(
     start_step: int,
     flops_per_token: float,
     grad_checkpointing: bool = False,
+    compiled: bool = False,
     device_reason: str = "asked for",
 ) -> RunInfo:
     """The facts of a run about to take step ``start_step + 1`` with ``model`` on ``device``."""
@@ -112,6 +115,7 @@ def describe_run(
         trainable_dtype=_dtype(trainable[0].dtype) if trainable else "-",
         compute_dtype=_dtype(compute),
         grad_checkpointing=grad_checkpointing,
+        compiled=compiled,
         attn=attn,
         model=cfg_model,
         model_type=lm.config.model_type,
@@ -145,7 +149,8 @@ def header_lines(info: RunInfo, plan: RunPlan) -> list[str]:
         f"{'device':<17}{info.device}{ranks}, --device {info.requested_device} ({info.device_reason})"
         f" | torch {info.torch_version}",
         f"{'dtype':<17}weights {info.weights_dtype}, trainable {info.trainable_dtype},"
-        f" compute {info.compute_dtype} | grad checkpointing {'on' if info.grad_checkpointing else 'off'}",
+        f" compute {info.compute_dtype} | grad checkpointing {'on' if info.grad_checkpointing else 'off'}"
+        + (" | compile on (inductor, each decoder layer)" if info.compiled else ""),
         f"{'attention':<17}{info.attn.backend} ({info.attn.reason})",
         f"{'model':<17}{info.model} ({info.model_type}, {info.num_layers} layers) | {what}",
         f"{'trainable':<17}{info.num_trainable:,} of {info.num_params:,} parameters"

@@ -51,7 +51,9 @@ def generate_samples(
                 prompt, add_special_tokens=False
             ).ids
             input_ids = torch.tensor([ids], device=device)
-            with autocast_for(device):
+            # Eager even under --compile: generation takes the layers' unpacked path (a KV cache, no
+            # boundaries), which training does not compile; a few samples do not repay compiling it.
+            with autocast_for(device), torch.compiler.set_stance("force_eager"):
                 out = model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
