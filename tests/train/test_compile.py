@@ -9,6 +9,7 @@ Compiling is slow on a shared 2-core box (tens of seconds cold, with inductor's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -197,11 +198,18 @@ def test_compile_is_an_option_like_the_others(packed_sample, tmp_path):
 
 
 @pytest.mark.slow
-@needs_inductor
-def test_a_compiled_run_logs_the_eager_losses_resumes_and_exports(packed_sample, tmp_path):
+def test_a_compiled_run_logs_the_eager_losses_resumes_and_exports(packed_sample, tmp_path, monkeypatch):
     """`train run --compile --grad-checkpointing` through the CLI: the eager run's losses; its checkpoint
-    resumes compiled and eager alike; `train export` writes the adapter an eager run writes."""
+    resumes compiled and eager alike; `train export` writes the adapter an eager run writes.
+
+    The layers are compiled with `aot_eager` here: the same dynamo graphs, autograd and in-place forward
+    as inductor, without the minutes of C++ compilation a cold cache costs on 2 cores. That inductor's
+    code computes the eager values is the float64 test's proof above."""
+    import train.model as model_module
     from train.loop import train
+
+    compile_for_tests = functools.partial(model_module.compile_layers, backend="aot_eager")
+    monkeypatch.setattr(model_module, "compile_layers", compile_for_tests)
 
     def cfg(name: str, **kw) -> RunConfig:
         base = {"model": "tiny-qwen2", "batch_size": 2, "lr": 1e-2, "eval_every": 0, "device": "cpu"}
