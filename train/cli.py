@@ -287,7 +287,11 @@ def eval_command(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="Base model: a Hugging Face folder or `tiny-qwen2`; default the runs' model."),
+        typer.Option(
+            help="Model: a Hugging Face folder (an exported one too) or `tiny-qwen2`, as PATH or NAME=PATH"
+            " (NAME labels its row; default `base` under --adapter/--run, else the folder's name)."
+            " Default the runs' model."
+        ),
     ] = None,
     adapter: Annotated[
         list[Path] | None,
@@ -341,12 +345,14 @@ def eval_command(
     Example: train eval --run runs/r1   (the run's own eval sets, every checkpoint)
     """
     from train.compare import EvalConfig, run_eval
-    from train.config import named_paths
+    from train.config import named_model, named_paths
 
     try:
+        model_name, model = named_model(model)
         cfg = EvalConfig(
             data=named_paths(data or [], "--data"),
             model=model,
+            model_name=model_name,
             adapters=tuple(adapter or ()),
             runs=tuple(run or ()),
             base=base,
@@ -381,23 +387,23 @@ def print_eval(report: EvalReport) -> None:
     from rich.measure import Measurement
     from rich.table import Table
 
-    from train.compare import BASE
-
-    base = report.results.get(BASE)
+    base_row = report.base_row
+    base = None if base_row is None else report.results[base_row.name]
+    versus = "vs base" if base_row is None or base_row.name == "base" else f"vs {base_row.name}"
     for s in report.sets:
         if report.cfg.doc_level:
             how = f"{len(s.documents):,} documents, window {s.window}, stride {s.stride}"
         else:
             how = f"{s.rows.num_rows:,} of {s.split.num_rows:,} packed rows"
         table = Table(title=f"{s.name}: {s.path} ({s.split.name} split, {how})", title_justify="left")
-        for name in ("model", "loss", "ppl", "vs base", "bits/byte", "target tokens"):
+        for name in ("model", "loss", "ppl", versus, "bits/byte", "target tokens"):
             if name == "model":
                 table.add_column(name, no_wrap=True)  # a checkpoint's name, whole
             else:
                 table.add_column(name, justify="right")
         for row in report.rows:
             f = report.results[row.name][s.name]
-            change = "" if base is None or row.name == BASE else f"{f.ppl / base[s.name].ppl - 1:+.1%}"
+            change = "" if base is None or row.is_base else f"{f.ppl / base[s.name].ppl - 1:+.1%}"
             bpb = "n/a" if f.bits_per_byte is None else f"{f.bits_per_byte:.4f}"
             table.add_row(row.name, f"{f.loss:.4f}", f"{f.ppl:,.3f}", change, bpb, f"{f.num_targets:,}")
         # As wide as the rows need, also when piped (80 columns): a wrapped model name cannot be pasted.

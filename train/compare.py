@@ -51,6 +51,9 @@ class EvalConfig:
     None given: the eval sets of the run the adapters and checkpoints come from (`run_eval_sets`)."""
     model: str | None = None
     """Base model (a Hugging Face folder or `tiny-qwen2`); default: the model of the runs/checkpoints given."""
+    model_name: str | None = None
+    """The name of ``model``'s row (`--model NAME=PATH`); default `base` when adapters or checkpoints
+    are put on it, else the folder's name (`label_of`)."""
     adapters: tuple[Path, ...] = ()
     """peft adapter folders (a run's `adapter/`) or checkpoint folders (`checkpoints/step-N`)."""
     runs: tuple[Path, ...] = ()
@@ -112,6 +115,8 @@ class ModelRow:
     """One row of the table: the base, or the base with an adapter or full weights put on it."""
 
     name: str
+    is_base: bool = False
+    """The model every other row is put on (and compared with): `--model`, or the runs' model."""
     adapter: Path | None = None
     weights: Path | None = None
     """A full fine-tuning checkpoint's model.safetensors."""
@@ -129,6 +134,11 @@ class EvalReport:
     results: dict[str, dict[str, EvalFigures]] = field(default_factory=dict)
     """Row name -> eval set name -> figures."""
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def base_row(self) -> ModelRow | None:
+        """The row the others are compared with; None with --no-base."""
+        return next((row for row in self.rows if row.is_base), None)
 
     def to_json(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -152,6 +162,7 @@ class EvalReport:
             "models": [
                 {
                     "name": row.name,
+                    "base": row.is_base,
                     "adapter": str(row.adapter) if row.adapter else None,
                     "weights": str(row.weights) if row.weights else None,
                     "step": row.step,
@@ -265,6 +276,16 @@ def base_of(cfg: EvalConfig, rows: list[ModelRow]) -> tuple[str, int]:
     return model, seed
 
 
+def label_of(cfg: EvalConfig, base_model: str, *, trained: bool) -> str:
+    """The name of the model's row: the one given (`--model NAME=PATH`), else `base` when trained rows
+    are put on it, else what the model is: its folder's name (an exported model is not a `base`)."""
+    if cfg.model_name:
+        return cfg.model_name
+    if trained:
+        return BASE
+    return base_model if base_model == TINY_QWEN2 else Path(base_model).resolve().name
+
+
 # -- the eval sets ---------------------------------------------------------------------------------
 
 
@@ -336,7 +357,11 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
     rows = model_rows(cfg)
     base_model, seed = base_of(cfg, rows)
     if cfg.base:
-        rows = [ModelRow(BASE), *rows]
+        rows = [ModelRow(label_of(cfg, base_model, trained=bool(rows)), is_base=True), *rows]
+        if len({row.name for row in rows}) != len(rows):
+            raise EvalError(
+                f"the model row's name {rows[0].name!r} is also a trained row's; name it: --model NAME=PATH."
+            )
     if not rows:
         raise EvalError("nothing to evaluate: --no-base and no --adapter or --run.")
     if not cfg.data:

@@ -198,7 +198,7 @@ def test_doc_level_equals_strided_plain_transformers_on_the_source_documents(sam
         close(figures.bits_per_byte, nll / math.log(2) / num_bytes)
     # packed perplexity scores fewer tokens (each fragment's first) with less context
     packed = run_eval(EvalConfig(data=cfg.data, model="tiny-qwen2", seed=SEED, device="cpu"), log=quiet)
-    assert packed.results["base"]["val"].num_targets < report.results["base"]["val"].num_targets
+    assert packed.results["tiny-qwen2"]["val"].num_targets < report.results["base"]["val"].num_targets
 
 
 def test_bits_per_byte_of_packed_rows_count_each_targets_text(packed_sample, sample):
@@ -210,7 +210,7 @@ def test_bits_per_byte_of_packed_rows_count_each_targets_text(packed_sample, sam
         EvalConfig(data=(("val", packed_sample),), model="tiny-qwen2", max_tokens=1000, device="cpu"),
         log=quiet,
     )
-    figures = report.results["base"]["val"]
+    figures = report.results["tiny-qwen2"]["val"]
     split = PackedDataset(packed_sample).split("val")
     num_rows = figures.num_rows
     assert (
@@ -289,6 +289,34 @@ def test_full_fine_tuning_checkpoints_equal_their_exported_model(packed_sample, 
     assert figures.num_targets == count
     close(figures.nll_sum, nll)
     assert abs(report.results["base"]["val"].nll_sum - nll) > 1.0  # negative control: the base differs
+
+
+def test_a_model_evaluated_alone_is_labelled_by_what_it_is(packed_sample, trained, tmp_path):
+    """`--model FOLDER` alone (an exported model) is that folder's row, not `base`; NAME=FOLDER names it;
+    under --adapter/--run the model is the `base` the trained rows are put on and compared with."""
+    from train.model import load_base
+
+    vocab_size = PackedDataset(packed_sample).manifest.tokenizer.vocab_size
+    load_base("tiny-qwen2", vocab_size=vocab_size, seed=SEED).save_pretrained(tmp_path / "r1-merged")
+    common = ["eval", "--data", f"val={packed_sample}", "--max-rows", "2", "--device", "cpu"]
+    for model, label in (
+        (str(tmp_path / "r1-merged"), "r1-merged"),
+        (f"mine={tmp_path / 'r1-merged'}", "mine"),
+    ):
+        out = tmp_path / f"{label}.json"
+        result = CliRunner().invoke(app, [*common, "--model", model, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        assert f"│ {label} " in result.output and "│ base " not in result.output
+        assert [(m["name"], m["base"]) for m in json.loads(out.read_text())["models"]] == [(label, True)]
+    args = [*common, "--model", str(tmp_path / "r1-merged"), "--adapter", str(trained / "adapter")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "│ base " in result.output and "vs base" in result.output
+    result = CliRunner().invoke(app, [*args[:-4], "--model", f"fin={tmp_path / 'r1-merged'}", *args[-2:]])
+    assert result.exit_code == 0, result.output
+    assert "│ fin " in result.output and "vs fin" in result.output
+    report = run_eval(EvalConfig(data=(("val", packed_sample),), model="tiny-qwen2", max_rows=1), log=quiet)
+    assert [row.name for row in report.rows] == ["tiny-qwen2"]
 
 
 def test_run_evaluates_every_named_set_at_step_0_and_after(packed_sample, packed_64, trained):
