@@ -146,6 +146,7 @@ class Run:
     sinks: Sinks = field(default_factory=Sinks)
     """TensorBoard and W&B, when on (rank 0): they get every record metrics.jsonl gets."""
     pace: Pace | None = None
+    """The time left (`train.throughput.Pace`): training steps and evaluations timed apart."""
 
     @property
     def is_main(self) -> bool:
@@ -180,20 +181,25 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     run = setup(cfg, log)
     result = RunResult(plan=run.plan)
     evaluating = bool(run.eval_sets and cfg.eval_every)
+    pace = run.pace = Pace(run.start_step, run.plan.num_steps, eval_every=cfg.eval_every if evaluating else 0)
     try:
         if evaluating and run.start_step == 0:  # the baseline every later eval is compared with
-            record_eval(result, 0, evaluate_run(run, 0))
+            with pace.timing("eval"):
+                record_eval(result, 0, evaluate_run(run, 0))
         for step in range(run.start_step + 1, run.plan.num_steps + 1):
-            stats = train_step(run)
+            with pace.timing("train"):
+                stats = train_step(run)
             result.losses[step] = stats.loss
             log_step(run, step, stats)
             is_last = step == run.plan.num_steps
             # Save before evaluating: a slow or failing eval never costs the steps since the last save.
             if is_last or (cfg.save_every and step % cfg.save_every == 0):
-                result.last_checkpoint = save(run, step)
+                with pace.timing("train"):
+                    result.last_checkpoint = save(run, step)
             if evaluating and (step % cfg.eval_every == 0 or is_last):
-                record_eval(result, step, evaluate_run(run, step))
-                log_samples(run, step)
+                with pace.timing("eval"):
+                    record_eval(result, step, evaluate_run(run, step))
+                    log_samples(run, step)
     finally:
         run.close()
     result.export = finish(run)
@@ -475,7 +481,7 @@ def announce(run: Run, train_split: Split) -> None:
 
 
 def open_outputs(run: Run) -> None:
-    """On rank 0, once the start step is known: run.json, the TensorBoard/W&B sinks, the ETA clock."""
+    """On rank 0, once the start step is known: run.json and the TensorBoard/W&B sinks."""
     cfg, info = run.cfg, dataclasses.replace(run.info, start_step=run.start_step)
     run.info = info
     write_run_json(cfg.out, info, resumed=cfg.resume)
@@ -493,7 +499,6 @@ def open_outputs(run: Run) -> None:
         run.say(f"{'logging to':<17}metrics.jsonl, {', '.join(run.sinks.names)}")
     for note in run.sinks.not_opened:
         run.say(f"warning: not logging to {note}")
-    run.pace = Pace(first_step=run.start_step, num_steps=run.plan.num_steps)
 
 
 def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, dict[str, Split | FirstRows]]:
