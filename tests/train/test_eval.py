@@ -307,6 +307,7 @@ def test_a_model_evaluated_alone_is_labelled_by_what_it_is(packed_sample, traine
         result = CliRunner().invoke(app, [*common, "--model", model, "--json", str(out)])
         assert result.exit_code == 0, result.output
         assert f"│ {label} " in result.output and "│ base " not in result.output
+        assert "┃ vs " not in result.output  # one model: no change against a base to show
         assert [(m["name"], m["base"]) for m in json.loads(out.read_text())["models"]] == [(label, True)]
     args = [*common, "--model", str(tmp_path / "r1-merged"), "--adapter", str(trained / "adapter")]
     result = CliRunner().invoke(app, args)
