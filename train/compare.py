@@ -40,6 +40,7 @@ from train.eval import (
     token_byte_lengths,
 )
 from train.model import TINY_QWEN2, default_dtype, input_embeddings, load_model, resolve_device
+from train.runpaths import resolve_config
 
 BASE = "base"
 
@@ -184,12 +185,12 @@ def checkpoint_row(path: Path, name: str) -> ModelRow:
     """A checkpoint folder (verified file by file) as a row: its adapter or its full weights."""
     verify_checkpoint(path)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    # checkpoints/step-N in the run folder; its recorded paths hold from any working directory
+    config = resolve_config(state["config"], path.parent.parent) if state.get("config") else None
     adapter = path / "adapter"
     if adapter.is_dir():
-        return ModelRow(name, adapter=adapter, step=state.get("step"), config=state.get("config"))
-    return ModelRow(
-        name, weights=path / "model.safetensors", step=state.get("step"), config=state.get("config")
-    )
+        return ModelRow(name, adapter=adapter, step=state.get("step"), config=config)
+    return ModelRow(name, weights=path / "model.safetensors", step=state.get("step"), config=config)
 
 
 def adapter_row(path: Path) -> ModelRow:
@@ -226,7 +227,7 @@ def model_rows(cfg: EvalConfig) -> list[ModelRow]:
 def run_eval_sets(rows: list[ModelRow]) -> tuple[tuple[str, Path], ...]:
     """The eval sets `train run` used for the runs the rows come from, as it chose them: its --data's
     `val` split as `val` (when the dataset has one), and each --eval-data (a bare PATH replaces `val`).
-    Relative paths are read from the working directory, as the run was started."""
+    The paths are absolute (`train.runpaths`), so they hold from any working directory."""
     configs = [row.config for row in rows if row.config]
     found = {run_sets(c) for c in configs}
     if len(found) != 1:
@@ -240,8 +241,8 @@ def run_eval_sets(rows: list[ModelRow]) -> tuple[tuple[str, Path], ...]:
     for name, path in sets:
         if not (path / "manifest.json").is_file():
             raise EvalError(
-                f"the run's eval set {name}=`{path}` is not found from here (no manifest.json); run from the"
-                f" folder the run was started in, or give the sets: --data {name}=PATH."
+                f"the run's eval set {name}=`{path}` is not there (no manifest.json): moved or deleted since"
+                f" the run. Give the sets where they are now: --data {name}=PATH (repeatable)."
             )
     return sets
 
@@ -266,6 +267,11 @@ def base_of(cfg: EvalConfig, rows: list[ModelRow]) -> tuple[str, int]:
             what = f"they name {', '.join(sorted(map(str, models)))}" if models else "none names its model"
             raise EvalError(f"cannot tell the base model of the adapters given ({what}); pass --model.")
         model = str(models.pop())
+        if model != TINY_QWEN2 and not (Path(model) / "config.json").is_file():
+            raise EvalError(
+                f"the run's model `{model}` is not there (no config.json): moved or deleted since the run."
+                " Pass the model folder where it is now: --model PATH."
+            )
     seed = cfg.seed
     if seed is None:
         if model == TINY_QWEN2 and len(seeds) > 1:
@@ -289,9 +295,11 @@ def label_of(cfg: EvalConfig, base_model: str, *, trained: bool) -> str:
 # -- the eval sets ---------------------------------------------------------------------------------
 
 
-def open_sets(cfg: EvalConfig, base_model: str, notes: list[str]) -> list[EvalSet]:
+def open_sets(cfg: EvalConfig, base_model: str, notes: list[str], rows: list[ModelRow]) -> list[EvalSet]:
     """Each eval set opened (sizes checked), its rows chosen, its documents rebuilt (document-level),
-    and its tokenizer found (for bits per byte): --tokenizer, the base model's folder, the manifest's path."""
+    and its tokenizer found (for bits per byte): --tokenizer, the base model's folder, the adapters of
+    ``rows`` (a run's carry its dataset's tokenizer), the manifest's path (as given to `prep pack`,
+    so perhaps relative to another folder)."""
     sets = []
     first_sha = None
     for name, path in cfg.data:
@@ -304,7 +312,7 @@ def open_sets(cfg: EvalConfig, base_model: str, notes: list[str]) -> list[EvalSe
                 f" {cfg.data[0][0]}=`{cfg.data[0][1]}`; one model reads one tokenizer's ids: pack both with it."
             )
         split = dataset.split(cfg.split or ("val" if "val" in dataset.split_names else "train"))
-        candidates = [p for p in (cfg.tokenizer, Path(base_model)) if p]
+        candidates = [p for p in (cfg.tokenizer, Path(base_model), *(r.adapter for r in rows)) if p]
         tokenizer_file = find_tokenizer(manifest, candidates)
         byte_lengths = None
         if tokenizer_file is not None:
@@ -372,7 +380,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
             cfg = dataclasses.replace(cfg, max_tokens=caps.pop())  # the rows the run's evals scored
             log(f"and their leading rows up to {cfg.max_tokens:,} tokens, as the run's --eval-max-tokens")
     report = EvalReport(cfg=cfg, base_model=base_model, sets=[], rows=rows)
-    report.sets = open_sets(cfg, base_model, report.notes)
+    report.sets = open_sets(cfg, base_model, report.notes, rows)
     device = resolve_device(cfg.device)
     vocab_size = report.sets[0].manifest.tokenizer.vocab_size
 

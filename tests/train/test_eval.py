@@ -414,9 +414,9 @@ def test_eval_of_a_run_whose_sets_are_not_found_says_to_give_them(packed_sample,
 
     assert sets(eval_data=[f"o={packed_64}"]) == (("val", packed_sample), ("o", packed_64))
     assert sets(eval_data=[str(packed_64)]) == (("val", packed_64),)  # a bare path replaces `val`
-    with pytest.raises(EvalError, match=r"eval set o=`not/here` is not found from here.*--data o=PATH"):
+    with pytest.raises(EvalError, match=r"eval set o=`not/here` is not there.*--data o=PATH"):
         sets(eval_data=["o=not/here"])
-    with pytest.raises(EvalError, match=r"eval set val=`moved` is not found from here.*--data val=PATH"):
+    with pytest.raises(EvalError, match=r"eval set val=`moved` is not there.*--data val=PATH"):
         run_eval_sets([ModelRow("r", config={"data": "moved"})])  # not a run without a `val` split
     with pytest.raises(EvalError, match=r"no `val` split.*--data NAME=PATH"):
         run_eval_sets([ModelRow("r", config={"data": str(packed_64), "eval_data": []})])
