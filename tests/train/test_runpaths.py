@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import train.resume as resume
+from prep.pipeline import PackConfig, pack
 from shared.reader import PackedDataset
 from train.checkpoint import list_checkpoints
 from train.cli import app
@@ -59,11 +60,21 @@ def start_run(root: Path, name: str, *, old: bool, max_steps: int = 2) -> Path:
 
 
 @pytest.fixture(scope="module")
-def project(packed_sample, tmp_path_factory) -> Path:
-    """A folder holding `packed` (the sample pack), `other` (a second eval set), `base` (a model
+def project(sample, packed_sample, tmp_path_factory) -> Path:
+    """A folder holding `packed` (part of the sample, packed there with `--tokenizer tok`, so its
+    manifest names the tokenizer by a relative path), `other` (a second eval set), `base` (a model
     folder) and two runs started in it: `runs/new` (absolute paths) and `runs/old` (relative)."""
+    corpus, tokenizer = sample
     root = tmp_path_factory.mktemp("project")
-    (root / "packed").symlink_to(packed_sample)
+    (root / "tok").symlink_to(tokenizer)
+    lines = corpus.read_text(encoding="utf-8").splitlines(True)[:60]
+    (root / "part.jsonl").write_text("".join(lines), encoding="utf-8")
+    with working_directory(root):
+        pack(
+            PackConfig(
+                inputs=("part.jsonl",), tokenizer="tok", out=Path("packed"), seq_len=128, val_fraction=0.2
+            )
+        )
     (root / "other").symlink_to(packed_sample)
     vocab_size = PackedDataset(packed_sample).manifest.tokenizer.vocab_size
     load_base("tiny-qwen2", vocab_size=vocab_size, seed=0).save_pretrained(root / "base")
@@ -104,6 +115,7 @@ def test_eval_and_export_of_a_run_from_another_folder(project, tmp_path, name):
         result = runner.invoke(app, ["eval", "--run", str(run), "--max-rows", "2", "--device", "cpu"])
         assert result.exit_code == 0, result.output
         assert f"eval sets of the run: val={project / 'packed'}, other={project / 'other'}" in result.output
+        # bits per byte: the manifest's `tok` is not found from here, the tokenizer the run's adapters carry is
         assert f"│ {name}/step-00000002 " in result.output and "bits/byte left out" not in result.output
         result = runner.invoke(app, ["export", str(run), "--merge", "--out", "merged"])
         assert result.exit_code == 0, result.output
