@@ -40,7 +40,7 @@ from train.eval import (
     token_byte_lengths,
 )
 from train.model import TINY_QWEN2, default_dtype, input_embeddings, load_model, resolve_device
-from train.runpaths import resolve_config
+from train.runpaths import resolve_config, shown
 
 BASE = "base"
 
@@ -227,7 +227,8 @@ def model_rows(cfg: EvalConfig) -> list[ModelRow]:
 def run_eval_sets(rows: list[ModelRow]) -> tuple[tuple[str, Path], ...]:
     """The eval sets `train run` used for the runs the rows come from, as it chose them: its --data's
     `val` split as `val` (when the dataset has one), and each --eval-data (a bare PATH replaces `val`).
-    The paths are absolute (`train.runpaths`), so they hold from any working directory."""
+    The run recorded them absolute (`train.runpaths`); they are given relative to the working directory
+    when they are under it, as a user would type them."""
     configs = [row.config for row in rows if row.config]
     found = {run_sets(c) for c in configs}
     if len(found) != 1:
@@ -244,7 +245,7 @@ def run_eval_sets(rows: list[ModelRow]) -> tuple[tuple[str, Path], ...]:
                 f"the run's eval set {name}=`{path}` is not there (no manifest.json): moved or deleted since"
                 f" the run. Give the sets where they are now: --data {name}=PATH (repeatable)."
             )
-    return sets
+    return tuple((name, shown(path)) for name, path in sets)
 
 
 def run_sets(config: dict[str, Any]) -> tuple[tuple[str, Path], ...]:

@@ -75,3 +75,12 @@ def resolve_config(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Run ``run_dir``'s recorded options with every path absolute: as recorded, or (an old run's
     relative ones) from the folder it started in."""
     return absolute_config(config, start_folder(run_dir, config))
+
+
+def shown(path: str | Path) -> Path:
+    """``path`` as a person reads it: relative to the working directory when under it, else absolute."""
+    path = Path(absolute(path))
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path

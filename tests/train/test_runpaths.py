@@ -96,6 +96,18 @@ def test_a_run_records_absolute_paths_and_its_start_folder(project):
     assert start["working_dir"] == str(project)
 
 
+def test_the_run_s_eval_sets_are_shown_relative_to_where_the_user_stands(project):
+    with working_directory(project / "runs"):
+        result = runner.invoke(app, ["eval", "--run", "new", "--max-rows", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"eval sets of the run: val={project / 'packed'}, other={project / 'other'}" in result.output
+    with working_directory(project):
+        result = runner.invoke(app, ["eval", "--run", "runs/new", "--max-rows", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "eval sets of the run: val=packed, other=other" in result.output
+    assert "val: packed (val split, 1 of" in result.output
+
+
 def test_an_old_run_s_start_folder_is_found_from_its_recorded_out(project, tmp_path):
     old = recorded(project / "runs/old")
     assert start_folder(project / "runs/old", old) == project  # `runs/old` ends the run folder's path
