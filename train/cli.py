@@ -401,7 +401,7 @@ def print_eval(report: EvalReport) -> None:
             how = f"{len(s.documents):,} documents, window {s.window}, stride {s.stride}"
         else:
             how = f"{s.rows.num_rows:,} of {s.split.num_rows:,} packed rows"
-        table = Table(title=f"{s.name}: {s.path} ({s.split.name} split, {how})", title_justify="left")
+        table = Table()
         table.add_column("model", no_wrap=True)  # a checkpoint's name, whole
         for name in ("loss", "ppl", versus, "bits/byte", "target tokens"):
             if name is not None:
@@ -418,6 +418,8 @@ def print_eval(report: EvalReport) -> None:
         # (Console.print clamps its width to the console's, so a wider table needs a console of its own.)
         width = Measurement.get(out, out.options.update_width(10_000), table).maximum
         console = out if width <= out.width else Console(width=width, file=out.file, color_system=None)
+        # The title as a line of its own: a table's title is padded with spaces to the table's width.
+        out.print(f"{s.name}: {s.path} ({s.split.name} split, {how})", highlight=False, soft_wrap=True)
         console.print(table)
 
 

@@ -398,6 +398,7 @@ def test_eval_of_a_run_without_data_takes_the_runs_eval_sets(packed_sample, pack
     assert result.exit_code == 0, result.output
     assert len(adapter) > 40 and f"│ {adapter} │" in result.output  # 80 columns would wrap it
     assert "┃ target tokens ┃" in result.output
+    assert [line for line in result.output.splitlines() if line != line.rstrip()] == []  # nothing padded
     assert f"eval sets of the run: val={packed_sample}, other={packed_64}" in result.output
     report = json.loads(out.read_text())
     assert [(s["name"], s["path"]) for s in report["sets"]] == [
