@@ -40,7 +40,7 @@ from train.eval import (
     token_byte_lengths,
 )
 from train.model import TINY_QWEN2, default_dtype, input_embeddings, load_model, resolve_device
-from train.runpaths import resolve_config, shown
+from train.runpaths import absolute, resolve_config, shown
 
 BASE = "base"
 
@@ -293,6 +293,22 @@ def label_of(cfg: EvalConfig, base_model: str, *, trained: bool) -> str:
     return base_model if base_model == TINY_QWEN2 else Path(base_model).resolve().name
 
 
+def other_base_note(cfg: EvalConfig, rows: list[ModelRow]) -> str | None:
+    """A note when --model is not the model the trained rows were trained on (an exported model with
+    the run's own adapters on it, say): they are put on it as asked, which is rarely what was meant."""
+    trained_on = {row.config.get("model") for row in rows if row.config and not row.is_base}
+    if cfg.model is None or not trained_on:
+        return None
+    given = cfg.model if cfg.model == TINY_QWEN2 else absolute(cfg.model)
+    if trained_on == {given}:
+        return None
+    return (
+        f"--model `{cfg.model}` is not the model the adapters and checkpoints were trained on"
+        f" ({', '.join(f'`{m}`' for m in sorted(map(str, trained_on)))}); they were put on it as asked."
+        " Leave --model out to evaluate them on their own base."
+    )
+
+
 # -- the eval sets ---------------------------------------------------------------------------------
 
 
@@ -381,6 +397,8 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
             cfg = dataclasses.replace(cfg, max_tokens=caps.pop())  # the rows the run's evals scored
             log(f"and their leading rows up to {cfg.max_tokens:,} tokens, as the run's --eval-max-tokens")
     report = EvalReport(cfg=cfg, base_model=base_model, sets=[], rows=rows)
+    if (note := other_base_note(cfg, rows)) is not None:
+        report.notes.append(note)
     report.sets = open_sets(cfg, base_model, report.notes, rows)
     device = resolve_device(cfg.device)
     vocab_size = report.sets[0].manifest.tokenizer.vocab_size

@@ -313,6 +313,11 @@ def test_a_model_evaluated_alone_is_labelled_by_what_it_is(packed_sample, traine
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "│ base " in result.output and "vs base" in result.output
+    # the adapter was trained on tiny-qwen2: the note says the --model given is another base
+    assert "is not the model the adapters and checkpoints were trained on (`tiny-qwen2`)" in result.output
+    own_base = [*common, "--model", "tiny-qwen2", "--seed", str(SEED), "--adapter", str(trained / "adapter")]
+    result = CliRunner().invoke(app, own_base)
+    assert result.exit_code == 0 and "not the model" not in result.output, result.output
     result = CliRunner().invoke(app, [*args[:-4], "--model", f"fin={tmp_path / 'r1-merged'}", *args[-2:]])
     assert result.exit_code == 0, result.output
     assert "│ fin " in result.output and "vs fin" in result.output
