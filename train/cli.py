@@ -268,13 +268,15 @@ def run(
     flags.pop("config")
     from train.config import build_run_config
     from train.loop import train
+    from train.model import quiet_progress_bars
     from train.parallel import init_distributed_from_env
 
     try:
         cfg = build_run_config(config, flags)
         joined = init_distributed_from_env(cfg.device)
         try:
-            train(cfg, log=lambda line: out.print(line, highlight=False, soft_wrap=True))
+            with quiet_progress_bars():
+                train(cfg, log=lambda line: out.print(line, highlight=False, soft_wrap=True))
         finally:
             if joined:
                 import torch.distributed as dist
@@ -295,7 +297,11 @@ def eval_command(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="Base model: a Hugging Face folder or `tiny-qwen2`; default the runs' model."),
+        typer.Option(
+            help="Model: a Hugging Face folder (an exported one too) or `tiny-qwen2`, as PATH or NAME=PATH"
+            " (NAME labels its row; default `base` under --adapter/--run, else the folder's name)."
+            " Default the runs' model."
+        ),
     ] = None,
     adapter: Annotated[
         list[Path] | None,
@@ -349,12 +355,15 @@ def eval_command(
     Example: train eval --run runs/r1   (the run's own eval sets, every checkpoint)
     """
     from train.compare import EvalConfig, run_eval
-    from train.config import named_paths
+    from train.config import named_model, named_paths
+    from train.model import quiet_progress_bars
 
     try:
+        model_name, model = named_model(model)
         cfg = EvalConfig(
             data=named_paths(data or [], "--data"),
             model=model,
+            model_name=model_name,
             adapters=tuple(adapter or ()),
             runs=tuple(run or ()),
             base=base,
@@ -370,7 +379,8 @@ def eval_command(
             attn=attn,
             seed=seed,
         )
-        report = run_eval(cfg, log=lambda line: err.print(line, highlight=False, soft_wrap=True))
+        with quiet_progress_bars():
+            report = run_eval(cfg, log=lambda line: err.print(line, highlight=False, soft_wrap=True))
         if json_out is not None:
             report.write_json(json_out)
     except UserError as e:
@@ -384,34 +394,40 @@ def eval_command(
 
 def print_eval(report: EvalReport) -> None:
     """A table per eval set: a row per model (the base first) with loss, perplexity and its change
-    against the base, bits per byte and the target tokens scored."""
+    against the base (when there is a base and another row), bits per byte and the target tokens scored."""
     from rich.console import Console
     from rich.measure import Measurement
     from rich.table import Table
 
-    from train.compare import BASE
-
-    base = report.results.get(BASE)
+    base_row = report.base_row
+    # The change in perplexity against the base, when there is a base and something to compare with it.
+    versus = None
+    if base_row is not None and len(report.rows) > 1:
+        versus = "vs base" if base_row.name == "base" else f"vs {base_row.name}"
     for s in report.sets:
         if report.cfg.doc_level:
             how = f"{len(s.documents):,} documents, window {s.window}, stride {s.stride}"
         else:
             how = f"{s.rows.num_rows:,} of {s.split.num_rows:,} packed rows"
-        table = Table(title=f"{s.name}: {s.path} ({s.split.name} split, {how})", title_justify="left")
-        for name in ("model", "loss", "ppl", "vs base", "bits/byte", "target tokens"):
-            if name == "model":
-                table.add_column(name, no_wrap=True)  # a checkpoint's name, whole
-            else:
+        table = Table()
+        table.add_column("model", no_wrap=True)  # a checkpoint's name, whole
+        for name in ("loss", "ppl", versus, "bits/byte", "target tokens"):
+            if name is not None:
                 table.add_column(name, justify="right")
         for row in report.rows:
             f = report.results[row.name][s.name]
-            change = "" if base is None or row.name == BASE else f"{f.ppl / base[s.name].ppl - 1:+.1%}"
+            cells = [row.name, f"{f.loss:.4f}", f"{f.ppl:,.3f}"]
+            if versus is not None:
+                base_ppl = report.results[base_row.name][s.name].ppl
+                cells.append("" if row.is_base else f"{f.ppl / base_ppl - 1:+.1%}")
             bpb = "n/a" if f.bits_per_byte is None else f"{f.bits_per_byte:.4f}"
-            table.add_row(row.name, f"{f.loss:.4f}", f"{f.ppl:,.3f}", change, bpb, f"{f.num_targets:,}")
+            table.add_row(*cells, bpb, f"{f.num_targets:,}")
         # As wide as the rows need, also when piped (80 columns): a wrapped model name cannot be pasted.
         # (Console.print clamps its width to the console's, so a wider table needs a console of its own.)
         width = Measurement.get(out, out.options.update_width(10_000), table).maximum
         console = out if width <= out.width else Console(width=width, file=out.file, color_system=None)
+        # The title as a line of its own: a table's title is padded with spaces to the table's width.
+        out.print(f"{s.name}: {s.path} ({s.split.name} split, {how})", highlight=False, soft_wrap=True)
         console.print(table)
 
 
@@ -440,6 +456,7 @@ def check(
     Example: train check data/packed --model tiny-qwen2
     """
     from train.check import CheckConfig, run_check
+    from train.model import quiet_progress_bars
 
     try:
         cfg = CheckConfig(
@@ -453,7 +470,8 @@ def check(
             negative_control=negative_control,
             tolerance=tolerance,
         )
-        result = run_check(cfg)
+        with quiet_progress_bars():
+            result = run_check(cfg)
     except UserError as e:
         raise fail(e) from None
     print_check(result)
@@ -512,6 +530,7 @@ def export(
     Example: train export runs/r1 --merge --out r1-merged/
     """
     from train.export import ExportConfig, export_run
+    from train.model import quiet_progress_bars
 
     try:
         cfg = ExportConfig(
@@ -523,7 +542,8 @@ def export(
             base=base,
             tokenizer=tokenizer,
         )
-        result = export_run(cfg)
+        with quiet_progress_bars():
+            result = export_run(cfg)
     except UserError as e:
         raise fail(e) from None
     if result.kind == "adapter":

@@ -40,6 +40,7 @@ from train.eval import (
     token_byte_lengths,
 )
 from train.model import TINY_QWEN2, default_dtype, input_embeddings, load_model, resolve_device
+from train.runpaths import absolute, resolve_config, shown
 
 BASE = "base"
 
@@ -51,6 +52,9 @@ class EvalConfig:
     None given: the eval sets of the run the adapters and checkpoints come from (`run_eval_sets`)."""
     model: str | None = None
     """Base model (a Hugging Face folder or `tiny-qwen2`); default: the model of the runs/checkpoints given."""
+    model_name: str | None = None
+    """The name of ``model``'s row (`--model NAME=PATH`); default `base` when adapters or checkpoints
+    are put on it, else the folder's name (`label_of`)."""
     adapters: tuple[Path, ...] = ()
     """peft adapter folders (a run's `adapter/`) or checkpoint folders (`checkpoints/step-N`)."""
     runs: tuple[Path, ...] = ()
@@ -112,6 +116,8 @@ class ModelRow:
     """One row of the table: the base, or the base with an adapter or full weights put on it."""
 
     name: str
+    is_base: bool = False
+    """The model every other row is put on (and compared with): `--model`, or the runs' model."""
     adapter: Path | None = None
     weights: Path | None = None
     """A full fine-tuning checkpoint's model.safetensors."""
@@ -129,6 +135,11 @@ class EvalReport:
     results: dict[str, dict[str, EvalFigures]] = field(default_factory=dict)
     """Row name -> eval set name -> figures."""
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def base_row(self) -> ModelRow | None:
+        """The row the others are compared with; None with --no-base."""
+        return next((row for row in self.rows if row.is_base), None)
 
     def to_json(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -152,6 +163,7 @@ class EvalReport:
             "models": [
                 {
                     "name": row.name,
+                    "base": row.is_base,
                     "adapter": str(row.adapter) if row.adapter else None,
                     "weights": str(row.weights) if row.weights else None,
                     "step": row.step,
@@ -173,12 +185,12 @@ def checkpoint_row(path: Path, name: str) -> ModelRow:
     """A checkpoint folder (verified file by file) as a row: its adapter or its full weights."""
     verify_checkpoint(path)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    # checkpoints/step-N in the run folder; its recorded paths hold from any working directory
+    config = resolve_config(state["config"], path.parent.parent) if state.get("config") else None
     adapter = path / "adapter"
     if adapter.is_dir():
-        return ModelRow(name, adapter=adapter, step=state.get("step"), config=state.get("config"))
-    return ModelRow(
-        name, weights=path / "model.safetensors", step=state.get("step"), config=state.get("config")
-    )
+        return ModelRow(name, adapter=adapter, step=state.get("step"), config=config)
+    return ModelRow(name, weights=path / "model.safetensors", step=state.get("step"), config=config)
 
 
 def adapter_row(path: Path) -> ModelRow:
@@ -215,7 +227,8 @@ def model_rows(cfg: EvalConfig) -> list[ModelRow]:
 def run_eval_sets(rows: list[ModelRow]) -> tuple[tuple[str, Path], ...]:
     """The eval sets `train run` used for the runs the rows come from, as it chose them: its --data's
     `val` split as `val` (when the dataset has one), and each --eval-data (a bare PATH replaces `val`).
-    Relative paths are read from the working directory, as the run was started."""
+    The run recorded them absolute (`train.runpaths`); they are given relative to the working directory
+    when they are under it, as a user would type them."""
     configs = [row.config for row in rows if row.config]
     found = {run_sets(c) for c in configs}
     if len(found) != 1:
@@ -229,10 +242,10 @@ def run_eval_sets(rows: list[ModelRow]) -> tuple[tuple[str, Path], ...]:
     for name, path in sets:
         if not (path / "manifest.json").is_file():
             raise EvalError(
-                f"the run's eval set {name}=`{path}` is not found from here (no manifest.json); run from the"
-                f" folder the run was started in, or give the sets: --data {name}=PATH."
+                f"the run's eval set {name}=`{path}` is not there (no manifest.json): moved or deleted since"
+                f" the run. Give the sets where they are now: --data {name}=PATH (repeatable)."
             )
-    return sets
+    return tuple((name, shown(path)) for name, path in sets)
 
 
 def run_sets(config: dict[str, Any]) -> tuple[tuple[str, Path], ...]:
@@ -255,6 +268,11 @@ def base_of(cfg: EvalConfig, rows: list[ModelRow]) -> tuple[str, int]:
             what = f"they name {', '.join(sorted(map(str, models)))}" if models else "none names its model"
             raise EvalError(f"cannot tell the base model of the adapters given ({what}); pass --model.")
         model = str(models.pop())
+        if model != TINY_QWEN2 and not (Path(model) / "config.json").is_file():
+            raise EvalError(
+                f"the run's model `{model}` is not there (no config.json): moved or deleted since the run."
+                " Pass the model folder where it is now: --model PATH."
+            )
     seed = cfg.seed
     if seed is None:
         if model == TINY_QWEN2 and len(seeds) > 1:
@@ -265,12 +283,40 @@ def base_of(cfg: EvalConfig, rows: list[ModelRow]) -> tuple[str, int]:
     return model, seed
 
 
+def label_of(cfg: EvalConfig, base_model: str, *, trained: bool) -> str:
+    """The name of the model's row: the one given (`--model NAME=PATH`), else `base` when trained rows
+    are put on it, else what the model is: its folder's name (an exported model is not a `base`)."""
+    if cfg.model_name:
+        return cfg.model_name
+    if trained:
+        return BASE
+    return base_model if base_model == TINY_QWEN2 else Path(base_model).resolve().name
+
+
+def other_base_note(cfg: EvalConfig, rows: list[ModelRow]) -> str | None:
+    """A note when --model is not the model the trained rows were trained on (an exported model with
+    the run's own adapters on it, say): they are put on it as asked, which is rarely what was meant."""
+    trained_on = {row.config.get("model") for row in rows if row.config and not row.is_base}
+    if cfg.model is None or not trained_on:
+        return None
+    given = cfg.model if cfg.model == TINY_QWEN2 else absolute(cfg.model)
+    if trained_on == {given}:
+        return None
+    return (
+        f"--model `{cfg.model}` is not the model the adapters and checkpoints were trained on"
+        f" ({', '.join(f'`{m}`' for m in sorted(map(str, trained_on)))}); they were put on it as asked."
+        " Leave --model out to evaluate them on their own base."
+    )
+
+
 # -- the eval sets ---------------------------------------------------------------------------------
 
 
-def open_sets(cfg: EvalConfig, base_model: str, notes: list[str]) -> list[EvalSet]:
+def open_sets(cfg: EvalConfig, base_model: str, notes: list[str], rows: list[ModelRow]) -> list[EvalSet]:
     """Each eval set opened (sizes checked), its rows chosen, its documents rebuilt (document-level),
-    and its tokenizer found (for bits per byte): --tokenizer, the base model's folder, the manifest's path."""
+    and its tokenizer found (for bits per byte): --tokenizer, the base model's folder, the adapters of
+    ``rows`` (a run's carry its dataset's tokenizer), the manifest's path (as given to `prep pack`,
+    so perhaps relative to another folder)."""
     sets = []
     first_sha = None
     for name, path in cfg.data:
@@ -283,7 +329,7 @@ def open_sets(cfg: EvalConfig, base_model: str, notes: list[str]) -> list[EvalSe
                 f" {cfg.data[0][0]}=`{cfg.data[0][1]}`; one model reads one tokenizer's ids: pack both with it."
             )
         split = dataset.split(cfg.split or ("val" if "val" in dataset.split_names else "train"))
-        candidates = [p for p in (cfg.tokenizer, Path(base_model)) if p]
+        candidates = [p for p in (cfg.tokenizer, Path(base_model), *(r.adapter for r in rows)) if p]
         tokenizer_file = find_tokenizer(manifest, candidates)
         byte_lengths = None
         if tokenizer_file is not None:
@@ -336,7 +382,11 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
     rows = model_rows(cfg)
     base_model, seed = base_of(cfg, rows)
     if cfg.base:
-        rows = [ModelRow(BASE), *rows]
+        rows = [ModelRow(label_of(cfg, base_model, trained=bool(rows)), is_base=True), *rows]
+        if len({row.name for row in rows}) != len(rows):
+            raise EvalError(
+                f"the model row's name {rows[0].name!r} is also a trained row's; name it: --model NAME=PATH."
+            )
     if not rows:
         raise EvalError("nothing to evaluate: --no-base and no --adapter or --run.")
     if not cfg.data:
@@ -347,7 +397,9 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalReport:
             cfg = dataclasses.replace(cfg, max_tokens=caps.pop())  # the rows the run's evals scored
             log(f"and their leading rows up to {cfg.max_tokens:,} tokens, as the run's --eval-max-tokens")
     report = EvalReport(cfg=cfg, base_model=base_model, sets=[], rows=rows)
-    report.sets = open_sets(cfg, base_model, report.notes)
+    if (note := other_base_note(cfg, rows)) is not None:
+        report.notes.append(note)
+    report.sets = open_sets(cfg, base_model, report.notes, rows)
     device = resolve_device(cfg.device)
     vocab_size = report.sets[0].manifest.tokenizer.vocab_size
 

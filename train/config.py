@@ -217,7 +217,7 @@ def named_paths(
         name, sep, path = value.partition("=")
         if not sep:
             name, path = bare_name or Path(value).name, value
-        if not name or not path or not name.replace("-", "_").replace(".", "_").isidentifier():
+        if not path or not valid_name(name):
             raise ConfigError(
                 f"{flag} {value!r}: give NAME=PATH with a NAME of letters, digits, `_`, `-` or `.`"
                 " (it names the set in the log, the table and the JSON)."
@@ -227,6 +227,24 @@ def named_paths(
     if duplicated := sorted({n for n in names if names.count(n) > 1}):
         raise ConfigError(f"{flag}: the name {duplicated[0]!r} is given twice; each set needs its own name.")
     return tuple(pairs)
+
+
+def valid_name(name: str) -> bool:
+    """A set's or row's name: letters, digits, `_`, `-` or `.`, not starting with a digit."""
+    return bool(name) and name.replace("-", "_").replace(".", "_").isidentifier()
+
+
+def named_model(value: str | None) -> tuple[str | None, str | None]:
+    """``--model NAME=PATH`` as (NAME, PATH); a bare PATH (or `tiny-qwen2`) as (None, PATH). A PATH that
+    holds `=` itself is read as a bare PATH unless what comes before the `=` is a name."""
+    if value is None:
+        return None, None
+    name, sep, path = value.partition("=")
+    if not sep or not valid_name(name):
+        return None, value
+    if not path:
+        raise ConfigError(f"--model {value!r}: give NAME=PATH, a model folder after the `=`.")
+    return name, path
 
 
 def field_types() -> dict[str, type]:

@@ -38,6 +38,7 @@ from shared.fileio import fsync_dir, open_to_umask
 from shared.manifest import Manifest
 from train.checkpoint import list_checkpoints, read_checkpoint_state, step_dir
 from train.model import TINY_QWEN2, load_base
+from train.runpaths import resolve_config
 from train.tokenizer_files import TOKENIZER_JSON, copy_tokenizer, dataset_tokenizer, tokenizer_folder
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -80,7 +81,8 @@ def export_run(cfg: ExportConfig) -> ExportResult:
     """Write ``cfg.run``'s weights to ``cfg.out`` as the module docstring says; return what was written."""
     check_out(cfg.out, cfg.overwrite, protected=[cfg.run])
     checkpoint = pick_checkpoint(cfg.run, cfg.checkpoint)
-    run_cfg = read_checkpoint_state(checkpoint)["config"]  # verifies every file of the checkpoint
+    # verifies every file of the checkpoint; the run's paths made absolute, to hold from any folder
+    run_cfg = resolve_config(read_checkpoint_state(checkpoint)["config"], cfg.run)
     lora = (checkpoint / "adapter").is_dir()
     base = resolve_base(cfg.base or run_cfg["model"], checkpoint, given=cfg.base is not None)
     if base != TINY_QWEN2:
@@ -146,11 +148,9 @@ def pick_checkpoint(run: Path, step: int | None) -> Path:
 
 
 def resolve_base(spec: str, checkpoint: Path, *, given: bool) -> str:
-    """The base model as an absolute folder path (or `tiny-qwen2`).
-
-    The run stored ``--model`` as given, perhaps relative to the folder it ran in; the adapter's
-    ``base_model_name_or_path`` is absolute for runs that wrote it so.
-    """
+    """The base model as an absolute folder path (or `tiny-qwen2`): ``spec`` (--base, or the run's
+    --model, made absolute by `train.runpaths`), else the absolute ``base_model_name_or_path`` the
+    adapter names."""
     if spec == TINY_QWEN2:
         return spec
     if (Path(spec) / "config.json").is_file():
@@ -159,11 +159,14 @@ def resolve_base(spec: str, checkpoint: Path, *, given: bool) -> str:
         named = _adapter_base(checkpoint)
         if named and (Path(named) / "config.json").is_file():
             return str(Path(named).resolve())
-    where = "--base" if given else "the run's --model"
+    if given:
+        raise ExportError(
+            f"--base `{spec}` is not a model folder (no config.json there); give --base PATH, the model"
+            " folder the run trained."
+        )
     raise ExportError(
-        f"{where} `{spec}` is not a model folder from here ({Path.cwd()}): a relative --model is relative to"
-        " the folder the run ran in. Run the export from there, or pass --base PATH (the model folder the"
-        " run trained)."
+        f"the run's --model `{spec}` is not a model folder (no config.json there): moved or deleted since"
+        " the run. Pass it where it is now: --base PATH (the model folder the run trained)."
     )
 
 
@@ -204,8 +207,8 @@ def _vocab_size(base: str, data: str) -> int | None:
         return Manifest.load(Path(data)).tokenizer.vocab_size
     except UserError as e:
         raise ExportError(
-            f"the run trained `{TINY_QWEN2}`, whose vocabulary comes from its dataset, which cannot be read"
-            f" from here ({e}). Run the export from the folder the run ran in."
+            f"the run trained `{TINY_QWEN2}`, whose vocabulary comes from its dataset `{data}`, which cannot"
+            f" be read ({e}); put the dataset back where the run read it."
         ) from None
 
 

@@ -167,6 +167,7 @@ class Run:
     sinks: Sinks = field(default_factory=Sinks)
     """TensorBoard and W&B, when on (rank 0): they get every record metrics.jsonl gets."""
     pace: Pace | None = None
+    """The time left (`train.throughput.Pace`): training steps and evaluations timed apart."""
     pending: list[PendingStep] = field(default_factory=list)
     """Steps whose figures are still on the device (:func:`read_steps`)."""
     losses: dict[int, float] = field(default_factory=dict)
@@ -207,18 +208,25 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     run = setup(cfg, log)
     result = RunResult(plan=run.plan, losses=run.losses)
     evaluating = bool(run.eval_sets and cfg.eval_every)
+    pace = run.pace = Pace(run.start_step, run.plan.num_steps, eval_every=cfg.eval_every if evaluating else 0)
     try:
         if evaluating and run.start_step == 0:  # the baseline every later eval is compared with
-            record_eval(result, 0, evaluate_run(run, 0))
+            with pace.timing("eval"):
+                record_eval(result, 0, evaluate_run(run, 0))
         for step in range(run.start_step + 1, run.plan.num_steps + 1):
             log_step(run, step, train_step(run))  # read back (and recorded) at log points only
             is_last = step == run.plan.num_steps
             # Save before evaluating: a slow or failing eval never costs the steps since the last save.
             if is_last or (cfg.save_every and step % cfg.save_every == 0):
-                result.last_checkpoint = save(run, step)
+                read_steps(run)  # the steps' time is their window's; the save is timed on its own
+                with pace.timing("train"):
+                    result.last_checkpoint = save(run, step)
             if evaluating and (step % cfg.eval_every == 0 or is_last):
-                record_eval(result, step, evaluate_run(run, step))
-                log_samples(run, step)
+                read_steps(run)  # the steps' wait for the device is theirs, not the eval's
+                with pace.timing("eval"):
+                    record_eval(result, step, evaluate_run(run, step))
+                    log_samples(run, step)
+                run.window_start = time.perf_counter()  # the samples' generation is no step's either
     except BaseException:
         # The steps taken since the last read still get their records; the failure is what the
         # caller must see, so a second one while reading (a broken device) is not raised over it.
@@ -397,14 +405,17 @@ def read_steps(run: Run) -> None:
         else [(p.stats.num_target_tokens, p.stats.num_tokens) for p in pending]
     )
     window_tokens = sum(n for _, n in counts)
-    tok_per_s = window_tokens / max(now - run.window_start, 1e-9)
+    window_s = now - run.window_start
+    tok_per_s = window_tokens / max(window_s, 1e-9)
+    trained_s = run.pace.train_s if run.pace is not None else 0.0  # before this window
     done_tokens = 0
     for p, loss_sum, grad_norm, (num_targets, num_tokens) in zip(
         pending, values[0], values[1], counts, strict=True
     ):
         run.losses[p.step] = loss_sum / max(num_targets, 1)
         done_tokens += num_tokens
-        at = run.window_start + (now - run.window_start) * done_tokens / max(window_tokens, 1)
+        # Each step's ETA from the training time up to it: its share of the window's tokens.
+        train_s = trained_s + window_s * done_tokens / max(window_tokens, 1)
         if run.is_main:
             record_step(
                 run,
@@ -414,8 +425,10 @@ def read_steps(run: Run) -> None:
                 num_targets=num_targets,
                 num_tokens=num_tokens,
                 tok_per_s=tok_per_s,
-                at=at,
+                train_s=train_s,
             )
+    if run.pace is not None:
+        run.pace.train_s += window_s
     run.window_start = time.perf_counter()
 
 
@@ -428,11 +441,11 @@ def record_step(
     num_targets: int,
     num_tokens: int,
     tok_per_s: float,
-    at: float,
+    train_s: float,
 ) -> None:
     """The step's metrics.jsonl record, and its log line every ``log_every`` steps and at the last."""
     step, mem = p.step, p.mem_bytes
-    eta_s = run.pace.eta_s(step, now=at) if run.pace is not None else 0.0
+    eta_s = run.pace.eta_s(step, train_s=train_s) if run.pace is not None else 0.0
     step_mfu = run.info.mfu(tok_per_s) if run.info is not None else None
     run.record(
         {
@@ -584,7 +597,7 @@ def announce(run: Run, train_split: Split) -> None:
 
 
 def open_outputs(run: Run) -> None:
-    """On rank 0, once the start step is known: run.json, the TensorBoard/W&B sinks, the ETA clock."""
+    """On rank 0, once the start step is known: run.json and the TensorBoard/W&B sinks."""
     cfg, info = run.cfg, dataclasses.replace(run.info, start_step=run.start_step)
     run.info = info
     write_run_json(cfg.out, info, resumed=cfg.resume)
@@ -602,7 +615,6 @@ def open_outputs(run: Run) -> None:
         run.say(f"{'logging to':<17}metrics.jsonl, {', '.join(run.sinks.names)}")
     for note in run.sinks.not_opened:
         run.say(f"warning: not logging to {note}")
-    run.pace = Pace(first_step=run.start_step, num_steps=run.plan.num_steps)
 
 
 def open_data(cfg: RunConfig) -> tuple[PackedDataset, Split, dict[str, Split | FirstRows]]:

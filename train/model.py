@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,6 +181,26 @@ def model_from_config(
     if compiled:
         compile_layers(model)
     return model
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' progress bars (``Loading weights``, ``Writing model shards``) off for one command.
+
+    Our commands say what they loaded and wrote in their own lines; a bar per load is noise there, and
+    piped into a log it is a line of carriage returns. Only the bars: transformers' verbosity is left as
+    it is, so its warnings (weights missing from a checkpoint, say) still print. The bars come back
+    afterwards, so a program that calls the library keeps them.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from typing import Any
 
 from shared.errors import UserError
 from train.config import RunConfig
+from train.runpaths import absolute_config, resolve_config
 
 FIXED_ON_RESUME = (
     "model",
@@ -110,7 +111,7 @@ def check_resume(
     """The applied changes (option -> [checkpoint's value, this run's]) of resuming ``cfg`` from
     ``state`` (the checkpoint's state.json); raises ResumeError listing every difference that is not
     allowed, with the fix."""
-    saved = state.get("config") or {}
+    saved = resolve_config(state.get("config") or {}, cfg.out)  # an old run's relative paths, rooted
     mine = jsonable_config(cfg)
     problems: list[str] = []
     restore: list[str] = []  # options to give again with the checkpoint's value
@@ -194,8 +195,9 @@ def _rows(config: dict[str, Any], world_size: Any, rows_per_step: int) -> str:
 
 
 def jsonable_config(cfg: RunConfig) -> dict[str, Any]:
-    """``cfg`` as it is stored in a checkpoint's state.json (paths as strings)."""
-    return {name: _jsonable(getattr(cfg, name)) for name in cfg.__dataclass_fields__}
+    """``cfg`` as it is stored in a checkpoint's state.json: paths as strings, those of the inputs
+    absolute (`train.runpaths`), so that the run's files are found from any folder."""
+    return absolute_config({name: _jsonable(getattr(cfg, name)) for name in cfg.__dataclass_fields__})
 
 
 def _jsonable(value: Any) -> Any:

@@ -66,6 +66,8 @@ class RunInfo:
     """`train.throughput.train_flops_per_token` of this model."""
     peak_flops: float | None
     """The device's dense bf16 peak (FLOP/s), None on CPU or an unknown GPU: then no MFU."""
+    working_dir: str = ""
+    """The folder the run was started in: what its options' relative paths were given from."""
 
     @property
     def trainable_share(self) -> float:
@@ -131,6 +133,7 @@ def describe_run(
         epochs=plan.epochs,
         flops_per_token=flops_per_token,
         peak_flops=peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None,
+        working_dir=str(Path.cwd()),
     )
 
 

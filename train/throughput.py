@@ -10,7 +10,9 @@ is no MFU at all.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -91,19 +93,54 @@ def mfu(tok_per_s: float, flops_per_token: float, peak: float | None, world_size
 
 @dataclass(slots=True)
 class Pace:
-    """The time left, from the wall time of the steps this process has taken (evaluations and
-    checkpoints included, so the estimate covers them too)."""
+    """The time left: the mean wall time of the training steps this process has taken times the steps
+    left, plus the mean time of its evaluations times the evaluations left.
+
+    Training and evaluation are timed apart (:meth:`timing`), so the step-0 evaluation, which comes
+    before any step, is never read as the time of a step: it only prices the evaluations to come.
+    A checkpoint's save counts with the training steps (it comes every ``--save-every`` of them).
+    """
 
     first_step: int
     """The step this process started after (0, or the checkpoint's on resume)."""
     num_steps: int
-    started: float = field(default_factory=time.perf_counter)
+    eval_every: int = 0
+    """Evaluate every this many steps and after the last (0: never), as `train.loop.train` does."""
+    train_s: float = 0.0
+    """Wall time of the training steps taken (and checkpoints saved) in this process."""
+    eval_s: float = 0.0
+    num_evals: int = 0
 
-    def eta_s(self, step: int, now: float | None = None) -> float:
-        """Seconds left after ``step``, finished at ``now`` (``time.perf_counter()``; default: now)."""
+    @contextmanager
+    def timing(self, what: str) -> Iterator[None]:
+        """Add the wall time of the ``with`` block to ``what``: ``train`` or ``eval`` (one evaluation)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - began
+            if what == "eval":
+                self.eval_s += seconds
+                self.num_evals += 1
+            else:
+                self.train_s += seconds
+
+    def evals_left(self, step: int) -> int:
+        """Evaluations still to run once ``step`` is trained: its own (when due) and every later one."""
+        if not self.eval_every or step > self.num_steps:
+            return 0
+        due = self.num_steps // self.eval_every - (step - 1) // self.eval_every
+        return due + (self.num_steps % self.eval_every != 0)
+
+    def eta_s(self, step: int, train_s: float | None = None) -> float:
+        """Seconds left after ``step``; ``train_s`` is the training time up to it (default: all of
+        :attr:`train_s`; the loop, reading a window of steps at once, passes each step's share)."""
         done = max(step - self.first_step, 1)
-        now = time.perf_counter() if now is None else now
-        return (now - self.started) / done * (self.num_steps - step)
+        train_s = self.train_s if train_s is None else train_s
+        eta = train_s / done * (self.num_steps - step)
+        if self.num_evals:
+            eta += self.eval_s / self.num_evals * self.evals_left(step)
+        return eta
 
 
 def format_duration(seconds: float) -> str:

@@ -198,7 +198,7 @@ def test_doc_level_equals_strided_plain_transformers_on_the_source_documents(sam
         close(figures.bits_per_byte, nll / math.log(2) / num_bytes)
     # packed perplexity scores fewer tokens (each fragment's first) with less context
     packed = run_eval(EvalConfig(data=cfg.data, model="tiny-qwen2", seed=SEED, device="cpu"), log=quiet)
-    assert packed.results["base"]["val"].num_targets < report.results["base"]["val"].num_targets
+    assert packed.results["tiny-qwen2"]["val"].num_targets < report.results["base"]["val"].num_targets
 
 
 def test_bits_per_byte_of_packed_rows_count_each_targets_text(packed_sample, sample):
@@ -210,7 +210,7 @@ def test_bits_per_byte_of_packed_rows_count_each_targets_text(packed_sample, sam
         EvalConfig(data=(("val", packed_sample),), model="tiny-qwen2", max_tokens=1000, device="cpu"),
         log=quiet,
     )
-    figures = report.results["base"]["val"]
+    figures = report.results["tiny-qwen2"]["val"]
     split = PackedDataset(packed_sample).split("val")
     num_rows = figures.num_rows
     assert (
@@ -291,6 +291,40 @@ def test_full_fine_tuning_checkpoints_equal_their_exported_model(packed_sample, 
     assert abs(report.results["base"]["val"].nll_sum - nll) > 1.0  # negative control: the base differs
 
 
+def test_a_model_evaluated_alone_is_labelled_by_what_it_is(packed_sample, trained, tmp_path):
+    """`--model FOLDER` alone (an exported model) is that folder's row, not `base`; NAME=FOLDER names it;
+    under --adapter/--run the model is the `base` the trained rows are put on and compared with."""
+    from train.model import load_base
+
+    vocab_size = PackedDataset(packed_sample).manifest.tokenizer.vocab_size
+    load_base("tiny-qwen2", vocab_size=vocab_size, seed=SEED).save_pretrained(tmp_path / "r1-merged")
+    common = ["eval", "--data", f"val={packed_sample}", "--max-rows", "2", "--device", "cpu"]
+    for model, label in (
+        (str(tmp_path / "r1-merged"), "r1-merged"),
+        (f"mine={tmp_path / 'r1-merged'}", "mine"),
+    ):
+        out = tmp_path / f"{label}.json"
+        result = CliRunner().invoke(app, [*common, "--model", model, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        assert f"│ {label} " in result.output and "│ base " not in result.output
+        assert "┃ vs " not in result.output  # one model: no change against a base to show
+        assert [(m["name"], m["base"]) for m in json.loads(out.read_text())["models"]] == [(label, True)]
+    args = [*common, "--model", str(tmp_path / "r1-merged"), "--adapter", str(trained / "adapter")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "│ base " in result.output and "vs base" in result.output
+    # the adapter was trained on tiny-qwen2: the note says the --model given is another base
+    assert "is not the model the adapters and checkpoints were trained on (`tiny-qwen2`)" in result.output
+    own_base = [*common, "--model", "tiny-qwen2", "--seed", str(SEED), "--adapter", str(trained / "adapter")]
+    result = CliRunner().invoke(app, own_base)
+    assert result.exit_code == 0 and "not the model" not in result.output, result.output
+    result = CliRunner().invoke(app, [*args[:-4], "--model", f"fin={tmp_path / 'r1-merged'}", *args[-2:]])
+    assert result.exit_code == 0, result.output
+    assert "│ fin " in result.output and "vs fin" in result.output
+    report = run_eval(EvalConfig(data=(("val", packed_sample),), model="tiny-qwen2", max_rows=1), log=quiet)
+    assert [row.name for row in report.rows] == ["tiny-qwen2"]
+
+
 def test_run_evaluates_every_named_set_at_step_0_and_after(packed_sample, packed_64, trained):
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["eval_set"]) for r in records if "eval_loss" in r]
@@ -369,6 +403,7 @@ def test_eval_of_a_run_without_data_takes_the_runs_eval_sets(packed_sample, pack
     assert result.exit_code == 0, result.output
     assert len(adapter) > 40 and f"│ {adapter} │" in result.output  # 80 columns would wrap it
     assert "┃ target tokens ┃" in result.output
+    assert [line for line in result.output.splitlines() if line != line.rstrip()] == []  # nothing padded
     assert f"eval sets of the run: val={packed_sample}, other={packed_64}" in result.output
     report = json.loads(out.read_text())
     assert [(s["name"], s["path"]) for s in report["sets"]] == [
@@ -385,9 +420,9 @@ def test_eval_of_a_run_whose_sets_are_not_found_says_to_give_them(packed_sample,
 
     assert sets(eval_data=[f"o={packed_64}"]) == (("val", packed_sample), ("o", packed_64))
     assert sets(eval_data=[str(packed_64)]) == (("val", packed_64),)  # a bare path replaces `val`
-    with pytest.raises(EvalError, match=r"eval set o=`not/here` is not found from here.*--data o=PATH"):
+    with pytest.raises(EvalError, match=r"eval set o=`not/here` is not there.*--data o=PATH"):
         sets(eval_data=["o=not/here"])
-    with pytest.raises(EvalError, match=r"eval set val=`moved` is not found from here.*--data val=PATH"):
+    with pytest.raises(EvalError, match=r"eval set val=`moved` is not there.*--data val=PATH"):
         run_eval_sets([ModelRow("r", config={"data": "moved"})])  # not a run without a `val` split
     with pytest.raises(EvalError, match=r"no `val` split.*--data NAME=PATH"):
         run_eval_sets([ModelRow("r", config={"data": str(packed_64), "eval_data": []})])

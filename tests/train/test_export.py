@@ -142,6 +142,24 @@ def test_adapter_export_loads_from_another_working_directory(eos, trained, tmp_p
     assert torch.equal(greedy(loaded, input_ids, eos), greedy(reference, input_ids, eos))
 
 
+def test_export_and_eval_print_no_progress_bars_and_leave_them_on(trained, packed_sample):
+    """transformers' `Loading weights` and `Writing model shards` bars are off while our commands run
+    (their own lines say what was loaded and written), and on again after them."""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    noise = ("Loading weights", "Writing model shards", "it/s]")
+    result = export(trained, "runs/r1", "--merge", "--out", "quiet")
+    assert result.exit_code == 0, result.output
+    assert "exported the merged model" in result.output
+    assert not [n for n in noise if n in result.output], result.output
+    args = ["eval", "--model", str(trained / "quiet"), "--data", f"val={packed_sample}", "--max-rows", "1"]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "│ quiet " in result.output and not [n for n in noise if n in result.output], result.output
+    assert hf_logging.is_progress_bar_enabled()  # for whoever imports the library next
+
+
 def test_export_picks_a_checkpoint(trained):
     result = export(trained, "runs/r1", "--checkpoint", "2", "--out", "step2")
     assert result.exit_code == 0, result.output

@@ -20,7 +20,9 @@ import pytest
 import torch
 
 import train.attention as attention
+import train.loop as loop
 import train.runinfo as runinfo
+import train.throughput as throughput
 from shared.errors import UserError
 from shared.reader import PackedDataset
 from train.config import RunConfig
@@ -123,7 +125,9 @@ def test_step_lines_give_tokens_per_second_eta_and_memory(watched_run):
         fields = dict(part.split(" ", 1) for part in line.split(" | "))
         assert list(fields) == ["step", "loss", "lr", "targets", "tok/s", "mem", "eta"]
         assert float(fields["tok/s"].replace(",", "")) > 0
-    assert steps[-1].endswith("| eta 0s")  # nothing left after the last step
+    records = [json.loads(line) for line in (watched_run.out / "metrics.jsonl").read_text().splitlines()]
+    eta = [r["eta_s"] for r in records if r["kind"] == "train"]
+    assert eta[-1] < eta[0]  # after the last step, only its evaluation is left
 
 
 def test_metrics_records_say_their_kind_and_old_files_still_read(watched_run, tmp_path):
@@ -391,9 +395,16 @@ def test_mean_causal_context_over_every_row(packed_sample):
 
 
 def test_eta_and_durations():
-    pace = Pace(first_step=10, num_steps=30, started=time.perf_counter() - 1000.0)
-    assert pace.eta_s(20) == pytest.approx(1000.0, rel=1e-2)  # 10 steps took 1000 s, 10 are left
+    pace = Pace(first_step=10, num_steps=30, train_s=1000.0)
+    assert pace.eta_s(20) == pytest.approx(1000.0)  # 10 steps took 1000 s, 10 are left
     assert pace.eta_s(30) == 0.0
+    # evaluations are priced apart: the step-0 eval (100 s) is not the time of step 1
+    pace = Pace(first_step=0, num_steps=10, eval_every=5, train_s=1.0, eval_s=100.0, num_evals=1)
+    assert pace.eta_s(1) == pytest.approx(9 * 1.0 + 2 * 100.0)  # steps 2-10, evals after 5 and 10
+    assert [pace.evals_left(step) for step in (1, 5, 6, 10)] == [2, 2, 1, 1]
+    pace = Pace(first_step=0, num_steps=12, eval_every=5)
+    assert [pace.evals_left(step) for step in (1, 10, 11, 12)] == [3, 2, 1, 1]  # and after the last
+    assert Pace(first_step=0, num_steps=12).evals_left(1) == 0
     assert [format_duration(s) for s in (0, 42.4, 185, 7620, 273600)] == [
         "0s",
         "42s",
@@ -401,6 +412,30 @@ def test_eta_and_durations():
         "2h07m",
         "3d04h",
     ]
+
+
+def test_the_eta_counts_training_steps_and_prices_evaluations_apart(packed_sample, tmp_path, monkeypatch):
+    """An evaluation that takes 1000 s (a clock moved on while it runs) is not the time of step 1: the
+    step lines' eta is the steps' time per step times the steps left, plus 1000 s per evaluation left."""
+    offset = [0.0]
+    real = time.perf_counter
+
+    def evaluate_slowly(run, step, evaluate=loop.evaluate_run):
+        offset[0] += 1000.0
+        return evaluate(run, step)
+
+    clock = types.SimpleNamespace(perf_counter=lambda: real() + offset[0])
+    monkeypatch.setattr(throughput, "time", clock)
+    monkeypatch.setattr(loop, "evaluate_run", evaluate_slowly)
+    out = tmp_path / "run"
+    train(config(packed_sample, out, eval_every=100, save_every=0, tensorboard=False), log=lambda _: None)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    eta = {r["step"]: r["eta_s"] for r in records if r["kind"] == "train"}
+    tok_per_s = [r["tok_per_s"] for r in records if r["kind"] == "train"]
+    # evals at step 0 and after step 4: at step 1, 3 steps and one 1000 s eval are left
+    assert 1000.0 < eta[1] < 1000.0 + 3 * 60.0, eta  # the step-0 eval counted as a step: over 3000 s
+    assert 1000.0 < eta[3] < 1000.0 + 60.0 and eta[4] > 1000.0  # step 4's eval is still to come
+    assert min(tok_per_s) > 1.0  # a step's tok/s is its own time (1000 s per step would be < 1)
 
 
 def _train_quietly(cfg: RunConfig) -> None:
