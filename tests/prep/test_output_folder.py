@@ -52,6 +52,7 @@ def dataset(sample, tmp_path) -> tuple[Path, Path, Path]:
     return tok, src, out
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_every_file_the_manifest_does_not_name(dataset):
     tok, src, out = dataset
     (out / "features.arrow").write_bytes(b"the user's own arrow file")
@@ -71,6 +72,7 @@ def test_overwrite_keeps_every_file_the_manifest_does_not_name(dataset):
     assert not (out / LOCK_NAME).exists() and not (out / ".pack-work").exists()
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_a_readme_that_is_not_our_card(dataset):
     tok, src, out = dataset
     card = (out / "README.md").read_text(encoding="utf-8")
@@ -97,6 +99,7 @@ def test_overwrite_refuses_a_stray_file_under_a_shard_name(dataset):
     assert Manifest.load(out).documents.packed == len(DOCS), "the refused run left the dataset as it was"
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_when_the_manifest_cannot_be_read(dataset):
     tok, src, out = dataset
     (out / "manifest.json").write_text("{", encoding="utf-8")
@@ -121,6 +124,7 @@ def test_arrow_files_alone_do_not_make_a_dataset(sample, tmp_path):
     assert tree(out) == {"features.arrow": b"x", "train-00000-of-00001.arrow": b"y"}
 
 
+@pytest.mark.slow
 def test_a_saved_dataset_as_input_and_out_is_refused(sample, tmp_path):
     datasets = pytest.importorskip("datasets")
     _, tok = sample
