@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -41,26 +42,40 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def dataset(sample, tmp_path) -> tuple[Path, Path, Path]:
-    """(tokenizer, input, a packed `ds` folder with several shards)."""
+@pytest.fixture(scope="module")
+def packed_once(sample, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(tokenizer, input, a packed `ds` folder with several shards), packed once for the module."""
     _, tok = sample
-    src = jsonl(tmp_path / "in.jsonl")
-    out = tmp_path / "ds"
+    folder = tmp_path_factory.mktemp("output-folder")
+    src = jsonl(folder / "in.jsonl")
+    out = folder / "ds"
     assert pack(tok, out, src).exit_code == 0
     assert len(list(out.glob("train-*.arrow"))) >= 3
     return tok, src, out
 
 
+@pytest.fixture
+def dataset(packed_once, tmp_path) -> tuple[Path, Path, Path]:
+    """The module's pack copied into this test's folder, where the test may damage it. The card names the
+    folder it was packed into, so the copy's card names the copy, as a pack there writes it; the input stays
+    where it was packed from (the card names it too) and no test writes to it."""
+    tok, src, out = packed_once
+    copy = tmp_path / out.name
+    shutil.copytree(out, copy)
+    card = copy / "README.md"
+    card.write_text(card.read_text(encoding="utf-8").replace(str(out), str(copy)), encoding="utf-8")
+    return tok, src, copy
+
+
 @pytest.mark.slow
-def test_overwrite_keeps_every_file_the_manifest_does_not_name(dataset):
+def test_overwrite_keeps_every_file_the_manifest_does_not_name(dataset, tmp_path):
     tok, src, out = dataset
     (out / "features.arrow").write_bytes(b"the user's own arrow file")
     (out / "notes.txt").write_text("mine")
     (out / "sub").mkdir()
     (out / "sub" / "train-00000-of-00001.arrow").write_bytes(b"not at the top: never ours")
     old_shards = {p.name for p in out.glob("train-*.arrow")}
-    again = jsonl(src.with_name("again.jsonl"))  # twice the documents: other shard names
+    again = jsonl(tmp_path / "again.jsonl")  # twice the documents: other shard names
     result = pack(tok, out, src, again, extra=("--overwrite",))
     assert result.exit_code == 0, result.output
     assert (out / "features.arrow").read_bytes() == b"the user's own arrow file"
