@@ -94,6 +94,7 @@ def test_dataset_split_without_a_dataset_dict_is_refused(sample, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_verify_source_refuses_a_dataset_read_with_another_split(sample, tmp_path):
     _, tok = sample
     dd = save_dict(tmp_path / "dd", train=["a train doc", "b train doc"], test=["one", "two"])
@@ -143,6 +144,7 @@ def test_a_saved_dataset_in_a_folder_is_read_as_a_dataset(sample, tmp_path):
     assert Manifest.load(tmp_path / "out2").documents.docs_in == 4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="symbolic links")
 def test_symlinked_folders_are_followed_and_loops_read_once(sample, tmp_path):
     _, tok = sample

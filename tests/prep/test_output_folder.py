@@ -105,6 +105,7 @@ def test_overwrite_refuses_a_readme_that_is_not_our_card(dataset):
     assert (out / "README.md").read_text(encoding="utf-8") == card
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_a_stray_file_under_a_shard_name(dataset):
     tok, src, out = dataset
     stray = out / "val-00000-of-00001.arrow"
@@ -127,6 +128,7 @@ def test_overwrite_refuses_when_the_manifest_cannot_be_read(dataset):
     assert tree(out) == before
 
 
+@pytest.mark.slow
 def test_arrow_files_alone_do_not_make_a_dataset(sample, tmp_path):
     """A folder of someone's .arrow files (no manifest) is not ours to replace, even with --overwrite."""
     _, tok = sample
@@ -153,6 +155,7 @@ def test_a_saved_dataset_as_input_and_out_is_refused(sample, tmp_path):
     assert pack(tok, tmp_path / "packed", saved).exit_code == 0
 
 
+@pytest.mark.slow
 def test_out_inside_an_input_folder_or_holding_an_input_is_refused(sample, tmp_path):
     _, tok = sample
     data = tmp_path / "data"

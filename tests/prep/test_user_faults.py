@@ -149,6 +149,7 @@ def test_disk_full_at_the_card_leaves_a_complete_dataset(inputs, reference, writ
     assert folder_bytes(out) == reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["file-in-the-way", "read-only", "proc"])
 def test_out_that_cannot_be_written(case, inputs, tmp_path, monkeypatch):
     if case == "file-in-the-way":
