@@ -5,6 +5,7 @@ a tiny synthetic package that breaks it."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("prep", "shared", "train")
 MAX_BODY_LINES = 80
+
+
+@functools.cache
+def _parse(source: str) -> ast.Module:
+    """Parsed once per source text: the rules below walk the same files (a rewritten file is parsed anew)."""
+    return ast.parse(source)
+
+
+@functools.cache
+def _import_nodes(tree: ast.Module) -> tuple[ast.Import | ast.ImportFrom, ...]:
+    """Every import statement of ``tree``, lazy ones too, in ``ast.walk`` order (one walk per tree)."""
+    return tuple(node for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom))
 
 
 def _modules(root: Path, packages: tuple[str, ...]) -> dict[str, tuple[ast.Module, str]]:
@@ -22,7 +35,7 @@ def _modules(root: Path, packages: tuple[str, ...]) -> dict[str, tuple[ast.Modul
             parts = path.relative_to(root).with_suffix("").parts
             is_init = parts[-1] == "__init__"
             name = ".".join(parts[:-1] if is_init else parts)
-            found[name] = (ast.parse(path.read_text(encoding="utf-8")), ".".join(parts[:-1]))
+            found[name] = (_parse(path.read_text(encoding="utf-8")), ".".join(parts[:-1]))
     return found
 
 
@@ -32,7 +45,7 @@ def _imports(tree: ast.Module, package: str, known: set[str]) -> list[tuple[str,
     ``package``: the package the importing module is in, for relative imports.
     """
     found = []
-    for node in ast.walk(tree):
+    for node in _import_nodes(tree):
         if isinstance(node, ast.Import):
             found += [(alias.name, "") for alias in node.names if alias.name in known]
         elif isinstance(node, ast.ImportFrom):
@@ -98,7 +111,7 @@ def long_functions(root: Path, package: str, limit: int = MAX_BODY_LINES) -> lis
     """``"path:line name (N lines)"`` of every function whose body, without its docstring, exceeds ``limit``."""
     found = []
     for path in sorted((root / package).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(_parse(path.read_text(encoding="utf-8"))):
             if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
             body = node.body

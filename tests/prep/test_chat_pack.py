@@ -8,6 +8,7 @@ rendering, and a killed pack resumes to the same bytes.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -357,10 +358,20 @@ def test_row_check_accepts_masked_labels_for_chat_datasets_only():
             check_batch(bad, TokenRules(**rules, masked_labels=True), shard="s")
 
 
+@pytest.fixture(scope="module")
+def chat_pack_once(qwen_tokenizer, tmp_path_factory) -> tuple[Path, Path]:
+    """Two conversations packed once for the module (``qwen_tokenizer``: skipped without ../shared/data)."""
+    folder = tmp_path_factory.mktemp("chat-pack")
+    source = write_jsonl(folder / "chat.jsonl", [{"messages": MULTI_TURN}, {"messages": BENIGN[0]}])
+    pack([source], qwen_tokenizer.parent, folder / "out")
+    return folder / "out", source
+
+
 @pytest.fixture
-def chat_pack(tmp_path) -> tuple[Path, Path]:
-    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MULTI_TURN}, {"messages": BENIGN[0]}])
-    pack([source], QWEN_TOKENIZER.parent, tmp_path / "out")
+def chat_pack(chat_pack_once, tmp_path) -> tuple[Path, Path]:
+    """This test's copy of the module's chat pack, which it may damage; the source is only read."""
+    out, source = chat_pack_once
+    shutil.copytree(out, tmp_path / "out")
     return tmp_path / "out", source
 
 

@@ -290,6 +290,7 @@ def test_manifest_marked_incomplete_is_refused(inputs, reference, tmp_path):
         PackedDataset(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", ["tokenize:6", "shard:2"])
 def test_killed_pack_of_gzipped_inputs_resumes_to_the_plain_inputs_bytes(
     kill_at, inputs, reference, tmp_path, monkeypatch

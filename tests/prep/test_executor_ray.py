@@ -31,6 +31,9 @@ except ImportError:
         raise  # CI installs the dev extra, which includes ray: its absence is a failure there
     pytest.skip("needs ray (pip install '.[ray]')", allow_module_level=True)
 
+# Under pytest-xdist (--dist loadgroup) these tests share one worker, so one local Ray cluster runs at a time.
+pytestmark = pytest.mark.xdist_group("ray")
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():

@@ -413,6 +413,7 @@ def test_a_panic_in_tiktoken_is_left_to_the_reference(sample_tok, monkeypatch):
     assert fast.num_referred == 1
 
 
+@pytest.mark.slow
 def test_cached_tables_give_the_same_engine(sample_tok, tmp_path, monkeypatch):
     monkeypatch.setenv("PREP_FAST_BPE_CACHE", str(tmp_path))
     texts = TRICKY + ["The board reported steady demand."]

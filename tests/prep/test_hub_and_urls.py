@@ -117,6 +117,7 @@ print(json.dumps([[r.exit_code, r.output] for r in (CliRunner().invoke(app, a) f
 """
 
 
+@pytest.mark.slow
 def test_hub_mistakes_say_the_fix(sample, cache, tmp_path):
     _, tok = sample
     runs = [["pack", *args, "--tokenizer", str(tok), "--out", "out"] for args, _ in HUB_MISTAKES]
@@ -151,6 +152,7 @@ def bucket(tmp_path):
         fs.rm(root, recursive=True)
 
 
+@pytest.mark.slow
 def test_memory_url_glob_packs_like_the_local_files(sample, bucket, tmp_path):
     corpus, tok = sample
     fs, root = bucket
@@ -181,6 +183,7 @@ def test_memory_url_glob_packs_like_the_local_files(sample, bucket, tmp_path):
     failed_with(run("verify", tmp_path / "url", "--inputs"), "inputs changed since packing")
 
 
+@pytest.mark.slow
 def test_file_url_parquet_packs_like_the_path(sample, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -75,6 +75,7 @@ def test_a_dataset_dict_with_several_splits_needs_one_chosen(sample, tmp_path):
     assert Manifest.load(tmp_path / "out-test2").documents.docs_in == 1
 
 
+@pytest.mark.slow
 def test_a_single_split_dataset_dict_is_read_as_that_split(sample, tmp_path):
     _, tok = sample
     dd = save_dict(tmp_path / "dd", validation=["only doc one", "only doc two", "only doc three"])
@@ -93,6 +94,7 @@ def test_dataset_split_without_a_dataset_dict_is_refused(sample, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_verify_source_refuses_a_dataset_read_with_another_split(sample, tmp_path):
     _, tok = sample
     dd = save_dict(tmp_path / "dd", train=["a train doc", "b train doc"], test=["one", "two"])
@@ -104,6 +106,7 @@ def test_verify_source_refuses_a_dataset_read_with_another_split(sample, tmp_pat
     assert result.exit_code == 1 and "is read as split 'test'" in result.output, result.output
 
 
+@pytest.mark.slow
 def test_an_existing_path_is_literal_even_with_glob_characters(sample, tmp_path):
     _, tok = sample
     literal = docs(tmp_path / "data[1].jsonl", "the bracketed file's only document")
@@ -141,6 +144,7 @@ def test_a_saved_dataset_in_a_folder_is_read_as_a_dataset(sample, tmp_path):
     assert Manifest.load(tmp_path / "out2").documents.docs_in == 4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="symbolic links")
 def test_symlinked_folders_are_followed_and_loops_read_once(sample, tmp_path):
     _, tok = sample
@@ -162,6 +166,7 @@ def test_symlinked_folders_are_followed_and_loops_read_once(sample, tmp_path):
     assert m.documents.docs_in == 2 and len(m.ignored) == 2
 
 
+@pytest.mark.slow
 def test_documentation_and_earlier_packs_in_a_folder_are_not_documents(sample, tmp_path):
     _, tok = sample
     folder = tmp_path / "corpus"
@@ -188,6 +193,7 @@ def test_documentation_and_earlier_packs_in_a_folder_are_not_documents(sample, t
     )
 
 
+@pytest.mark.slow
 def test_unread_compressions_are_reported_in_folders_and_refused_when_named(sample, tmp_path):
     _, tok = sample
     folder = tmp_path / "corpus"
@@ -237,6 +243,7 @@ def test_hidden_files_and_repeats_are_reported(sample, tmp_path):
     assert read(folder / ".b.jsonl") == [str(folder / ".b.jsonl")]
 
 
+@pytest.mark.slow
 def test_many_ignored_files_are_summarised_and_all_recorded(sample, tmp_path):
     _, tok = sample
     folder = tmp_path / "corpus"

@@ -152,6 +152,7 @@ def test_val_never_shares_a_record_with_train_and_repeats_stay_in_train(mixed):
     assert records["val"] and not records["train"] & records["val"]
 
 
+@pytest.mark.slow
 def test_rerun_and_toml_recipe_are_byte_identical(mixed, sample, corpora, tmp_path):
     recipe = tmp_path / "mix.toml"
     lines = ["max_epochs = 3", ""]
@@ -164,6 +165,7 @@ def test_rerun_and_toml_recipe_are_byte_identical(mixed, sample, corpora, tmp_pa
     assert_same_dataset(mixed, again)
 
 
+@pytest.mark.slow
 def test_the_sample_does_not_depend_on_input_order(sample, corpora, tmp_path):
     """A source's files given the other way round: the same documents are chosen (counted by content)."""
     halves = []
@@ -192,6 +194,7 @@ def test_the_sample_does_not_depend_on_input_order(sample, corpora, tmp_path):
     assert got[0] == got[1]
 
 
+@pytest.mark.slow
 def test_the_repetition_cap_is_honoured(sample, corpora, tmp_path):
     out = tmp_path / "capped"
     assert "note: source" not in ok(pack(sample, out, *source_args(corpora), "--max-epochs", "2.5"))
@@ -215,6 +218,7 @@ def test_the_repetition_cap_is_honoured(sample, corpora, tmp_path):
     assert_same_dataset(out, tmp_path / "refused")
 
 
+@pytest.mark.slow
 def test_epochs_source_takes_whole_epochs_and_a_hashed_fraction(sample, corpora, tmp_path):
     out = tmp_path / "epochs"
     args = [
@@ -389,6 +393,7 @@ def test_real_corpora_mixed_sixty_forty(qwen_tokenizer, reuters, ectsum, tmp_pat
     ok(run("verify", out))
 
 
+@pytest.mark.slow
 def test_a_plain_pack_records_each_input_and_verify_checks_it(sample, corpora, tmp_path):
     """Per-input documents and tokens without a recipe; moving tokens between two inputs is caught."""
     out = tmp_path / "plain"
@@ -414,6 +419,7 @@ def test_the_seed_changes_the_sample_and_only_the_seed_does():
     assert set(chosen[0].tolist()) != set(chosen[1].tolist())
 
 
+@pytest.mark.slow
 def test_an_empty_source_is_refused_and_leaves_out_as_it_was(sample, corpora, tmp_path):
     """Its fix changes the inputs, which `--resume` refuses: the message does not offer it, no work is kept,
     and the fixed command runs as given."""
@@ -429,6 +435,7 @@ def test_an_empty_source_is_refused_and_leaves_out_as_it_was(sample, corpora, tm
     ok(pack(sample, out, "--source", f"b={corpora['news']}:share=1"))
 
 
+@pytest.mark.slow
 def test_a_gz_folder_and_a_csv_with_its_own_column_mix_and_verify(sample, corpora, tmp_path):
     """A source that is a folder of `.jsonl.gz` files beside a CSV source whose text is in another column,
     with a val split: packed, then verified with `--inputs` and with the inputs given back in order; given
@@ -477,6 +484,7 @@ def test_a_gz_folder_and_a_csv_with_its_own_column_mix_and_verify(sample, corpor
     )
 
 
+@pytest.mark.slow
 def test_val_stays_within_the_val_fraction_when_train_is_sampled_down(sample, corpora, tmp_path):
     """A one-document source asked 10% binds the total: `train` keeps a few documents of the large source.
     `val` is then cut to what --val-fraction asks of the packed tokens (within a document, as every quota),

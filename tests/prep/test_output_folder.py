@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -41,25 +42,40 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def dataset(sample, tmp_path) -> tuple[Path, Path, Path]:
-    """(tokenizer, input, a packed `ds` folder with several shards)."""
+@pytest.fixture(scope="module")
+def packed_once(sample, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(tokenizer, input, a packed `ds` folder with several shards), packed once for the module."""
     _, tok = sample
-    src = jsonl(tmp_path / "in.jsonl")
-    out = tmp_path / "ds"
+    folder = tmp_path_factory.mktemp("output-folder")
+    src = jsonl(folder / "in.jsonl")
+    out = folder / "ds"
     assert pack(tok, out, src).exit_code == 0
     assert len(list(out.glob("train-*.arrow"))) >= 3
     return tok, src, out
 
 
-def test_overwrite_keeps_every_file_the_manifest_does_not_name(dataset):
+@pytest.fixture
+def dataset(packed_once, tmp_path) -> tuple[Path, Path, Path]:
+    """The module's pack copied into this test's folder, where the test may damage it. The card names the
+    folder it was packed into, so the copy's card names the copy, as a pack there writes it; the input stays
+    where it was packed from (the card names it too) and no test writes to it."""
+    tok, src, out = packed_once
+    copy = tmp_path / out.name
+    shutil.copytree(out, copy)
+    card = copy / "README.md"
+    card.write_text(card.read_text(encoding="utf-8").replace(str(out), str(copy)), encoding="utf-8")
+    return tok, src, copy
+
+
+@pytest.mark.slow
+def test_overwrite_keeps_every_file_the_manifest_does_not_name(dataset, tmp_path):
     tok, src, out = dataset
     (out / "features.arrow").write_bytes(b"the user's own arrow file")
     (out / "notes.txt").write_text("mine")
     (out / "sub").mkdir()
     (out / "sub" / "train-00000-of-00001.arrow").write_bytes(b"not at the top: never ours")
     old_shards = {p.name for p in out.glob("train-*.arrow")}
-    again = jsonl(src.with_name("again.jsonl"))  # twice the documents: other shard names
+    again = jsonl(tmp_path / "again.jsonl")  # twice the documents: other shard names
     result = pack(tok, out, src, again, extra=("--overwrite",))
     assert result.exit_code == 0, result.output
     assert (out / "features.arrow").read_bytes() == b"the user's own arrow file"
@@ -71,6 +87,7 @@ def test_overwrite_keeps_every_file_the_manifest_does_not_name(dataset):
     assert not (out / LOCK_NAME).exists() and not (out / ".pack-work").exists()
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_a_readme_that_is_not_our_card(dataset):
     tok, src, out = dataset
     card = (out / "README.md").read_text(encoding="utf-8")
@@ -88,6 +105,7 @@ def test_overwrite_refuses_a_readme_that_is_not_our_card(dataset):
     assert (out / "README.md").read_text(encoding="utf-8") == card
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_a_stray_file_under_a_shard_name(dataset):
     tok, src, out = dataset
     stray = out / "val-00000-of-00001.arrow"
@@ -97,6 +115,7 @@ def test_overwrite_refuses_a_stray_file_under_a_shard_name(dataset):
     assert Manifest.load(out).documents.packed == len(DOCS), "the refused run left the dataset as it was"
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_when_the_manifest_cannot_be_read(dataset):
     tok, src, out = dataset
     (out / "manifest.json").write_text("{", encoding="utf-8")
@@ -109,6 +128,7 @@ def test_overwrite_refuses_when_the_manifest_cannot_be_read(dataset):
     assert tree(out) == before
 
 
+@pytest.mark.slow
 def test_arrow_files_alone_do_not_make_a_dataset(sample, tmp_path):
     """A folder of someone's .arrow files (no manifest) is not ours to replace, even with --overwrite."""
     _, tok = sample
@@ -121,6 +141,7 @@ def test_arrow_files_alone_do_not_make_a_dataset(sample, tmp_path):
     assert tree(out) == {"features.arrow": b"x", "train-00000-of-00001.arrow": b"y"}
 
 
+@pytest.mark.slow
 def test_a_saved_dataset_as_input_and_out_is_refused(sample, tmp_path):
     datasets = pytest.importorskip("datasets")
     _, tok = sample
@@ -134,6 +155,7 @@ def test_a_saved_dataset_as_input_and_out_is_refused(sample, tmp_path):
     assert pack(tok, tmp_path / "packed", saved).exit_code == 0
 
 
+@pytest.mark.slow
 def test_out_inside_an_input_folder_or_holding_an_input_is_refused(sample, tmp_path):
     _, tok = sample
     data = tmp_path / "data"

@@ -38,6 +38,7 @@ def _assert_round_trip(streams: dict[int, np.ndarray], texts: list[str], tokeniz
         assert body.tolist() == expected, f"doc {doc} differs from its own tokenization"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["bfd", "wrapped"])
 @pytest.mark.parametrize("seq_len", [64, 1024])
 def test_sample_round_trip(sample, tmp_path, strategy, seq_len):
@@ -58,6 +59,7 @@ def test_sample_round_trip(sample, tmp_path, strategy, seq_len):
     assert m.documents.tokens_packed == m.splits["train"].num_tokens
 
 
+@pytest.mark.slow
 def test_bos_and_val_split(sample, tmp_path):
     corpus, tokenizer = sample
     m = pack(
@@ -78,6 +80,7 @@ def test_bos_and_val_split(sample, tmp_path):
     assert 0.1 < len(val_docs) / m.documents.packed < 0.3
 
 
+@pytest.mark.slow
 def test_val_split_follows_content_not_order(sample, tmp_path):
     corpus, tokenizer = sample
     texts = [t for t in _texts(corpus) if t.strip()]
@@ -93,6 +96,7 @@ def test_val_split_follows_content_not_order(sample, tmp_path):
     assert val_texts(tmp_path / "a", _texts(corpus)) == val_texts(tmp_path / "b", [texts[i] for i in order])
 
 
+@pytest.mark.slow
 def test_literal_special_tokens_are_text(sample, tmp_path):
     _, tokenizer = sample
     doc = tmp_path / "doc.jsonl"
@@ -115,6 +119,7 @@ def test_literal_special_tokens_are_text_qwen(qwen_tokenizer, tmp_path):
     assert 151644 not in ids
 
 
+@pytest.mark.slow
 def test_output_is_deterministic(sample, tmp_path):
     corpus, tokenizer = sample
     for name in ("a", "b"):
@@ -135,6 +140,7 @@ def test_output_is_deterministic(sample, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_datasets_from_file_matches_pyarrow(sample, tmp_path):
     corpus, tokenizer = sample
     pack(PackConfig(inputs=(str(corpus),), tokenizer=str(tokenizer), out=tmp_path / "out", seq_len=256))
@@ -185,6 +191,7 @@ def test_input_formats_give_the_same_documents(sample, tmp_path):
         assert got == reference, name
 
 
+@pytest.mark.slow
 def test_many_inputs_number_documents_in_input_order(sample, tmp_path):
     corpus, tokenizer = sample
     texts = [t for t in _texts(corpus) if t.strip()][:30]
@@ -200,6 +207,7 @@ def test_many_inputs_number_documents_in_input_order(sample, tmp_path):
     _assert_round_trip(streams, texts, tokenizer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["truncate", "drop"])
 def test_long_document_policies(sample, tmp_path, policy):
     corpus, tokenizer = sample
@@ -233,6 +241,7 @@ def test_long_document_policies(sample, tmp_path, policy):
     assert sum(r.num_segments for r in rows) == len(streams)
 
 
+@pytest.mark.slow
 def test_cli_pack_and_refuse_existing_output(sample, tmp_path):
     corpus, tokenizer = sample
     runner = CliRunner()

@@ -158,6 +158,7 @@ def _random_lengths(rng: np.random.Generator, seq_len: int) -> np.ndarray:
     return doc_len[doc_len >= 0]
 
 
+@pytest.mark.slow
 def test_lean_plans_equal_the_plain_computation():
     """The narrow-dtype, per-row and few-pieces-sorted shortcuts change no plan, over 600 random corpora."""
     rng = np.random.default_rng(13)

@@ -105,6 +105,7 @@ def check_batch_contract(store: TokenStore, plan, seq_len: int) -> None:
         assert (stream == EOS).sum() == 1 and stream[-1] == EOS, f"doc {doc}: one EOS, at its end"
 
 
+@pytest.mark.slow
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(corpora(), st.sampled_from(["bfd", "wrapped"]), st.booleans(), st.integers(0, 2**32 - 1))
 def test_plans_keep_every_invariant(corpus, strategy, bos, seed):

@@ -122,6 +122,7 @@ def pack(tok: Path, out: Path, *inputs: Path):
     return run("pack", *inputs, "--tokenizer", tok, "--out", out, "--seq-len", "64")
 
 
+@pytest.mark.slow
 def test_manifest_records_every_input_and_verify_inputs_compares_them(sample, tmp_path, monkeypatch):
     _, tok = sample
     monkeypatch.chdir(tmp_path)  # the manifest's paths are as given: relative, here

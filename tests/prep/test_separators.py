@@ -53,6 +53,7 @@ def test_special_tokens_are_accepted(tokenizers):
     assert load_tokenizer(merged).info.eos_token == "<|endoftext|>"
 
 
+@pytest.mark.slow
 def test_pack_refuses_before_reading(sample, tokenizers, tmp_path):
     corpus, _ = sample
     base, *_ = tokenizers

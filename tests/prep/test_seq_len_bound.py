@@ -91,6 +91,7 @@ def test_bfd_memory_follows_the_documents_not_seq_len():
     assert peak < 8 << 20, f"planning 2,000 documents took {peak:,} bytes"
 
 
+@pytest.mark.slow
 def test_huge_seq_len_packs_and_verifies(sample, tmp_path):
     corpus, tokenizer = sample
     out = tmp_path / "out"

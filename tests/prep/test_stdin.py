@@ -53,6 +53,7 @@ def same_as_file(out: Path, from_file: Path, corpus: Path) -> None:
     assert got == want
 
 
+@pytest.mark.slow
 def test_stdin_through_a_pipe_packs_the_files_bytes(sample, from_file, tmp_path):
     corpus, tok = sample
     out = tmp_path / "out"
@@ -69,6 +70,7 @@ def test_stdin_through_a_pipe_packs_the_files_bytes(sample, from_file, tmp_path)
     assert "reading 1 input file: -" in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_stdin_through_the_cli_runner(sample, from_file, tmp_path):
     corpus, tok = sample
     out = tmp_path / "out"
@@ -79,6 +81,7 @@ def test_stdin_through_the_cli_runner(sample, from_file, tmp_path):
     assert "| `-` | jsonl |" in card and "--source -" not in card
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
 def test_compressed_stdin_is_known_by_its_magic_bytes(sample, from_file, tmp_path, compress):
     """A pipe has no name: `cat a.jsonl.gz | prep pack -` is read decompressed, the shards are the plain
@@ -93,6 +96,7 @@ def test_compressed_stdin_is_known_by_its_magic_bytes(sample, from_file, tmp_pat
     assert (info["sha256"], info["num_bytes"]) == (hashlib.sha256(piped).hexdigest(), len(piped))
 
 
+@pytest.mark.slow
 def test_a_bad_record_on_stdin_is_named_by_line(sample, tmp_path):
     _, tok = sample
     result = CliRunner().invoke(app, pack_args(tok, tmp_path / "out", "-"), input=b'{"text": "a"}\n{oops\n')
@@ -100,6 +104,7 @@ def test_a_bad_record_on_stdin_is_named_by_line(sample, tmp_path):
     assert "Standard input (`-`) is read as JSON lines" not in result.output  # one bad record, not the format
 
 
+@pytest.mark.slow
 def test_another_format_on_stdin_says_what_stdin_reads(sample, tmp_path):
     _, tok = sample
     result = CliRunner().invoke(app, pack_args(tok, tmp_path / "out", "-"), input=b"id,text\n1,hello\n")

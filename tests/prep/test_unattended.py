@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 import prep.cli as cli
 from prep.cli import app
 from shared.manifest import Manifest
+
+pytestmark = pytest.mark.slow  # each test packs the sample through the CLI (over 2 s on a loaded 2-core box)
 
 
 def _pack(sample, out, *extra):

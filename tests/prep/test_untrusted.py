@@ -69,6 +69,7 @@ def unpickling_calls(source: str, filename: str, *, forbid_import: bool) -> list
     return found
 
 
+@pytest.mark.slow
 def test_nothing_is_unpickled():
     problems = []
     for folder in SOURCE_DIRS:

@@ -149,6 +149,7 @@ def test_disk_full_at_the_card_leaves_a_complete_dataset(inputs, reference, writ
     assert folder_bytes(out) == reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["file-in-the-way", "read-only", "proc"])
 def test_out_that_cannot_be_written(case, inputs, tmp_path, monkeypatch):
     if case == "file-in-the-way":
@@ -184,6 +185,7 @@ def test_worker_killed_like_the_oom_killer_resumes_byte_identical(inputs, refere
     assert folder_bytes(out) == reference  # the reference: the same run, not killed (negative control)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("string_type", ["string", "large_string"])
 def test_parquet_text_that_is_not_utf8(string_type, sample, tmp_path):
     """Parquet does not enforce UTF-8 in string columns; such a value is a bad record like any other."""

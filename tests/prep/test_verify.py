@@ -534,6 +534,7 @@ def packed_bos(sample, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_truncated_documents_pass_with_sources(sample, tmp_path):
     corpus, tok = sample
     out = tmp_path / "packed"

@@ -55,6 +55,7 @@ def test_views_refuse_a_row_whose_cu_seqlens_does_not_end_at_its_length(packed, 
     PackedDataset(packed).split("train").views([0])
 
 
+@pytest.mark.slow
 def test_opening_a_dataset_does_not_import_pandas(packed):
     code = (
         "import sys; from shared.reader import PackedDataset;"

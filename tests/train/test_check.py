@@ -61,6 +61,7 @@ def test_cli_refuses_a_changed_shard(packed_sample, tmp_path):
     assert "checksum mismatch" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_check_fails_when_no_row_holds_two_documents(sample, tmp_path):
     """Rows of one truncated document each cannot leak: the check says so instead of passing."""
     corpus, tokenizer = sample

@@ -137,6 +137,7 @@ def test_failed_save_leaves_no_checkpoint_behind(packed_sample, run_copy, monkey
     verify_checkpoint(latest_checkpoint(run_copy))
 
 
+@pytest.mark.slow
 def test_leftover_temp_folder_is_ignored_and_cleaned(packed_sample, run_copy):
     stale = run_copy / "checkpoints" / ".step-00000006.tmp-99999"
     stale.mkdir()

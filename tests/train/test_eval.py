@@ -125,6 +125,7 @@ def close(ours: float, reference: float) -> None:
     assert ours == pytest.approx(reference, rel=2e-5, abs=1e-9), (ours, reference)
 
 
+@pytest.mark.slow
 def test_packed_figures_equal_plain_transformers_per_set_base_and_adapter(packed_sample, packed_64, trained):
     cfg = EvalConfig(
         data=(("val", packed_sample), ("other", packed_64)),
@@ -155,6 +156,7 @@ def test_packed_figures_equal_plain_transformers_per_set_base_and_adapter(packed
     assert abs(tuned.loss - base.loss) > 1e-2
 
 
+@pytest.mark.slow
 def test_doc_level_equals_strided_plain_transformers_on_the_source_documents(sample, packed_sample, trained):
     from tokenizers import Tokenizer
 
@@ -247,6 +249,7 @@ def test_token_bytes_of_the_qwen_tokenizer_add_up_to_the_text(qwen_tokenizer):
     assert lengths[tokenizer.token_to_id("<|endoftext|>")] == 0
 
 
+@pytest.mark.slow
 def test_every_checkpoint_of_a_run_and_the_json(packed_sample, trained, tmp_path):
     out = tmp_path / "eval.json"
     args = ["eval", "--run", str(trained), "--data", f"val={packed_sample}", "--max-rows", "6"]
@@ -270,6 +273,7 @@ def test_every_checkpoint_of_a_run_and_the_json(packed_sample, trained, tmp_path
     assert adapter.results[str(trained / "adapter")]["val"].nll_sum == pytest.approx(figures[2]["nll_sum"])
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_checkpoints_equal_their_exported_model(packed_sample, tmp_path):
     """A --no-lora run's checkpoint (model.safetensors) scores as its exported `model/` folder does
     in plain transformers."""
@@ -291,6 +295,7 @@ def test_full_fine_tuning_checkpoints_equal_their_exported_model(packed_sample, 
     assert abs(report.results["base"]["val"].nll_sum - nll) > 1.0  # negative control: the base differs
 
 
+@pytest.mark.slow
 def test_a_model_evaluated_alone_is_labelled_by_what_it_is(packed_sample, trained, tmp_path):
     """`--model FOLDER` alone (an exported model) is that folder's row, not `base`; NAME=FOLDER names it;
     under --adapter/--run the model is the `base` the trained rows are put on and compared with."""
@@ -325,6 +330,7 @@ def test_a_model_evaluated_alone_is_labelled_by_what_it_is(packed_sample, traine
     assert [row.name for row in report.rows] == ["tiny-qwen2"]
 
 
+@pytest.mark.slow
 def test_run_evaluates_every_named_set_at_step_0_and_after(packed_sample, packed_64, trained):
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["eval_set"]) for r in records if "eval_loss" in r]
@@ -342,6 +348,7 @@ def test_run_evaluates_every_named_set_at_step_0_and_after(packed_sample, packed
             assert record["eval_target_tokens"] == report.results[row][name].num_targets
 
 
+@pytest.mark.slow
 def test_run_logs_perplexity_and_reads_eval_sets_from_flags_and_toml(packed_sample, packed_64, tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text(f'eval-data = ["other={packed_64}"]\n')
@@ -394,6 +401,7 @@ def test_read_documents_caps_take_whole_documents(packed_sample):
     assert np.array_equal(first[0].input_ids, long.input_ids) and first[0].num_fragments > 1
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_without_data_takes_the_runs_eval_sets(packed_sample, packed_64, trained, tmp_path):
     """`train eval --run RUN` alone scores the sets the run evaluated (its --data's val, its --eval-data)."""
     out = tmp_path / "eval.json"
@@ -432,6 +440,7 @@ def test_eval_of_a_run_whose_sets_are_not_found_says_to_give_them(packed_sample,
         )
 
 
+@pytest.mark.slow
 def test_run_eval_max_tokens_scores_the_leading_rows_and_train_eval_follows(
     packed_sample, packed_64, tmp_path
 ):

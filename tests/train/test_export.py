@@ -205,6 +205,7 @@ def test_export_without_the_base_says_how_to_find_it(trained, tmp_path):
     assert result.exit_code == 1 and "--base PATH" in result.output
 
 
+@pytest.mark.slow
 def test_tiny_qwen2_run_exports_merged_only(eos, packed_sample, tmp_path):
     cfg = RunConfig(
         data=packed_sample,
@@ -233,6 +234,7 @@ def test_tiny_qwen2_run_exports_merged_only(eos, packed_sample, tmp_path):
     assert torch.equal(greedy(merged.eval(), input_ids, eos), greedy(project.eval(), input_ids, eos))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generate_on_a_project_loaded_model_equals_plain_transformers(eos, trained, use_cache):
     """The project's attention (no boundaries: one sequence) generates what transformers' own does, for the
@@ -266,6 +268,7 @@ def test_generate_on_a_project_loaded_model_equals_plain_transformers(eos, train
     assert torch.equal(got[0, input_ids.shape[1] :], greedy(plain_lora.eval(), input_ids, eos))
 
 
+@pytest.mark.slow
 def test_sample_generations_at_each_eval_are_the_model_s_greedy_continuations(
     trained, packed_sample, tmp_path
 ):
@@ -326,6 +329,7 @@ def test_bad_sample_options_name_the_flag(packed_sample, tmp_path, options, mess
         RunConfig(data=packed_sample, model="tiny-qwen2", out=tmp_path, max_steps=1, **options)
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_run_exports_its_model(trained, packed_sample, tmp_path):
     cfg = RunConfig(
         data=packed_sample,

@@ -205,6 +205,7 @@ def test_wandb_gets_the_same_scalars_and_the_run_facts(watched_run):
     assert run.init_kwargs["name"] == "run" and run.init_kwargs["resume"] == "allow"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_its_sinks_without_duplicate_steps(watched_run, packed_sample, tmp_path):
     """Killed after its step-2 checkpoint (steps 3-4 logged), then resumed: TensorBoard keeps one value
     per step, the resumed values; W&B continues the same run; run.json gains a second start."""

@@ -130,6 +130,7 @@ def recorded_vs_ran(checkpoint: Path) -> dict[str, tuple]:
     }
 
 
+@pytest.mark.slow
 def test_an_applied_change_is_recorded_with_its_step_and_the_record_says_what_ran(packed_sample, run_copy):
     resumed = train(config(packed_sample, run_copy, eval_every=1, resume=True), log=lambda _: None)
     assert sorted(resumed.losses) == [3, 4] and sorted(resumed.eval_losses) == [3, 4]

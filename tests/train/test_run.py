@@ -43,6 +43,7 @@ def quiet(_: str) -> None:
     pass
 
 
+@pytest.mark.slow
 def test_run_cli_learns_on_the_sample(packed_sample, tmp_path):
     out = tmp_path / "run"
     args = [
@@ -131,6 +132,7 @@ def adapter_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_one_micro_batch_of_two_rows_equals_two_of_one_row(packed_sample, tmp_path):
     one_by_two = train(
         tiny(packed_sample, tmp_path / "a", batch_size=1, grad_accum=2, max_steps=3), log=quiet
@@ -149,6 +151,7 @@ def test_one_micro_batch_of_two_rows_equals_two_of_one_row(packed_sample, tmp_pa
     assert other.losses[3] != pytest.approx(two_by_one.losses[3], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_losses(packed_sample, tmp_path):
     full = tmp_path / "full"
     uninterrupted = train(tiny(packed_sample, full, max_steps=6, save_every=3, eval_every=3), log=quiet)
@@ -227,6 +230,7 @@ def test_bad_options_name_the_flag(packed_sample, tmp_path, flags, message):
     assert message in result.output
 
 
+@pytest.mark.slow
 def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(packed_sample, tmp_path):
     file = tmp_path / "notes.txt"
     file.write_text("mine\n")
