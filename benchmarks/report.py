@@ -172,7 +172,37 @@ def _machine(r: dict) -> list[str]:
         " the box is shared with other engineers' jobs; anything above ~2 means the figures were measured"
         " under contention (each side of a ratio ran in the same conditions, one after the other)",
         f"- started {r['started']}, total {r['total_seconds'] / 60:.1f} min",
+        *_reruns(r),
     ]
+
+
+def _reruns(r: dict) -> list[str]:
+    """A group measured again later on its own (`merge_rerun`): which sections, when, and under what load."""
+    return [
+        f"- rerun by `{x['command']}` (sections {', '.join(x['sections'])}): started {x['started']},"
+        f" load average at start {x['load_average_at_start']}, at end {x['load_average_at_end']}; each"
+        " ratio of those sections compares measurements of that rerun only"
+        for x in r.get("reruns", [])
+    ]
+
+
+def merge_rerun(r: dict, rerun: dict) -> dict:
+    """``r`` with the sections ``rerun`` (a `run_all.py --only ...` results.json) measured again."""
+    sections = [k for k in rerun if k not in META_KEYS]
+    entry = {
+        "command": rerun["command"],
+        "sections": sections,
+        "started": rerun["started"],
+        "load_average_at_start": rerun["machine"]["load_average_at_start"],
+        "load_average_at_end": rerun.get("load_average_at_end"),
+    }
+    merged = {**r, **{k: rerun[k] for k in sections}}
+    merged["reruns"] = [x for x in r.get("reruns", []) if not set(x["sections"]) <= set(sections)] + [entry]
+    return merged
+
+
+META_KEYS = ("command", "machine", "started", "total_seconds", "load_average_at_end", "errors", "reruns")
+"""results.json keys that describe a run rather than hold a section's figures."""
 
 
 def _runs_line(p: dict) -> list[str]:
@@ -370,7 +400,8 @@ def render(r: dict) -> str:
         "# Benchmarks",
         "",
         f"Produced by `{r['command']}` (one invocation; every ratio compares measurements from it, and the"
-        " prep ratios compare the medians of interleaved repeated runs).",
+        " prep ratios compare the medians of interleaved repeated runs"
+        + ("; sections rerun later are listed under Machine)." if r.get("reruns") else ")."),
         "Benchmarks are not tests: nothing here asserts on time. This machine has no GPU: the GPU figures"
         " (last section) come from `benchmarks/gpu_check.sh` runs on a lent GPU machine, kept in"
         " `benchmarks/gpu/`.",
