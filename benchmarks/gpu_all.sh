@@ -46,10 +46,11 @@ part() {  # part NAME SECONDS COMMAND...: run under a time limit, log its exit s
     [ "$status" = 0 ] || failed=1
 }
 
-# Budget: about 1.5 min for the checks (one batch size), 5 for the contenders and prep scaling.
-part "gpu_check.py" 120 "$PY" benchmarks/gpu_check.py --steps 5 --tokens-per-batch 16384 \
+# Budget: 2.5 min for the checks (one batch size; part 4, the sync check, adds a few short
+# training steps), 5.3 for the contenders and prep scaling.
+part "gpu_check.py" 150 "$PY" benchmarks/gpu_check.py --steps 5 --tokens-per-batch 16384 \
     --json "$out/gpu_check.json"
-part "gpu_bench.py" 330 "$PY" benchmarks/gpu_bench.py --out "$out/bench" --json "$out/gpu_bench.json" \
+part "gpu_bench.py" 320 "$PY" benchmarks/gpu_bench.py --out "$out/bench" --json "$out/gpu_bench.json" \
     --corpus "$corpus" --tokenizer "$tokenizer" --steps 5 "$@"
 rm -rf "$out/bench"  # packed shards: large, and rebuilt by the next run
 echo
