@@ -24,7 +24,6 @@ from train.cli import app
 from train.config import ConfigError, RunConfig, build_run_config
 from train.loss import micro_batch_loss_sum
 from train.model import (
-    LoraSettings,
     ModelError,
     causal_lm,
     compile_layers,
@@ -32,10 +31,10 @@ from train.model import (
     enable_grad_checkpointing,
     forward_hidden,
     layers_compiled,
-    load_model,
 )
 
 from .segments import make_batch
+from .tiny import tiny_lora
 
 runner = CliRunner()
 VOCAB = 300
@@ -46,18 +45,6 @@ TOLERANCE = 3e-5
 needs_inductor = pytest.mark.skipif(
     compile_problem("cpu") is not None, reason=str(compile_problem("cpu"))
 )  # a machine without a C++ compiler: what the refusal test covers
-
-
-def _tiny(**kw) -> torch.nn.Module:
-    model = load_model(
-        "tiny-qwen2", vocab_size=VOCAB, attn="sdpa", lora=LoraSettings(r=4, alpha=8), seed=1, **kw
-    )
-    # A LoRA B is zero at init, so its A gets no gradient: give B values to test every adapter weight.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    return model
 
 
 def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -83,10 +70,10 @@ def _assert_close(got, want) -> None:
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
 def test_compiled_layers_give_the_eager_loss_and_lora_gradients(grad_checkpointing):
     batches = [make_batch([9, 14, 6, 11], VOCAB, seed=2), make_batch([5, 20, 7], VOCAB, seed=3)]
-    eager = _tiny(dtype=torch.float64)
+    eager = tiny_lora(VOCAB, dtype=torch.float64)
     want = [_loss_and_grads(eager, b) for b in batches]
 
-    model = _tiny(dtype=torch.float64, grad_checkpointing=grad_checkpointing)
+    model = tiny_lora(VOCAB, dtype=torch.float64, grad_checkpointing=grad_checkpointing)
     torch._dynamo.reset()  # compiled afresh (from inductor's disk cache if there), so that it counts
     counters.clear()
     assert compile_layers(model) == 2 and layers_compiled(model)
@@ -123,14 +110,7 @@ def test_the_gpu_varlen_path_compiles_to_one_graph_per_layer_and_checkpoints_out
             graphs.append(gm)
             return gm.forward
 
-        model = load_model(
-            "tiny-qwen2",
-            vocab_size=VOCAB,
-            attn="sdpa",
-            lora=LoraSettings(r=4, alpha=8),
-            dtype=torch.bfloat16,
-            grad_checkpointing=ckpt,
-        )
+        model = tiny_lora(VOCAB, dtype=torch.bfloat16, grad_checkpointing=ckpt)
         causal_lm(model).set_attn_implementation(IMPLEMENTATION_NAMES["torch_varlen"])
         model.to("meta")
         counters.clear()
@@ -159,7 +139,7 @@ def test_compile_is_refused_with_the_fix_where_it_cannot_run(monkeypatch):
     problem = compile_problem("cpu")
     assert problem.startswith("--compile needs a C++ compiler on the CPU")
     assert "`no-such-compiler-here` is not on PATH" in problem
-    model = _tiny()
+    model = tiny_lora(VOCAB)
     with pytest.raises(ModelError, match="--compile needs a C\\+\\+ compiler"):
         compile_layers(model)
     assert not layers_compiled(model)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,19 +21,11 @@ from train.config import RunConfig
 from train.loop import train
 from train.model import LoraSettings, load_base, load_model
 
+from .tiny import working_directory
+
 runner = CliRunner()
 PROMPT = "The company said"
 NEW_TOKENS = 12
-
-
-@contextmanager
-def working_directory(path: Path):
-    before = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 @pytest.fixture(scope="module")

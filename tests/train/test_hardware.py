@@ -17,26 +17,14 @@ from train.loss import micro_batch_loss_sum
 from train.model import LoraSettings, causal_lm, load_model
 
 from .segments import make_batch
+from .tiny import tiny_lora
 
 VOCAB = 300
 TOLERANCE = 1e-12  # float64: the recomputed forward is the same arithmetic in the same order
 
 
 def _loss_and_grads(grad_checkpointing: bool, calls: list[int]):
-    model = load_model(
-        "tiny-qwen2",
-        vocab_size=VOCAB,
-        attn="sdpa",
-        lora=LoraSettings(r=4, alpha=8),
-        dtype=torch.float64,
-        seed=1,
-        grad_checkpointing=grad_checkpointing,
-    )
-    # A LoRA B is zero at init, so its A gets no gradient: give B values to test every adapter weight.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    model = tiny_lora(VOCAB, dtype=torch.float64, grad_checkpointing=grad_checkpointing)
     # A pre-hook: the recompute stops as soon as it has what the backward needs, before the MLP returns.
     mlp = causal_lm(model).model.layers[0].mlp
     mlp.register_forward_pre_hook(lambda *_: calls.append(1))

@@ -5,9 +5,7 @@ that recorded them as given (relative)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,17 +22,9 @@ from train.model import load_base
 from train.runinfo import RUN_JSON
 from train.runpaths import absolute_config, resolve_config, start_folder
 
+from .tiny import working_directory
+
 runner = CliRunner()
-
-
-@contextmanager
-def working_directory(path: Path):
-    before = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 def start_run(root: Path, name: str, *, old: bool, max_steps: int = 2) -> Path:
