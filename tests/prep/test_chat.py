@@ -77,14 +77,18 @@ def qwen() -> Tokenizer:
 def folders(tmp_path_factory, qwen) -> dict[str, Path]:
     """Tokenizer folders: Qwen's own, and Qwen's tokenizer with each test template and a BOS."""
     out = {"qwen": QWEN_TOKENIZER.parent}
-    config = json.loads((QWEN_TOKENIZER.parent / "tokenizer_config.json").read_text())
     for name, template in (("llama3", LLAMA3_STYLE), ("plain", PLAIN_TEXT)):
-        folder = tmp_path_factory.mktemp(name)
-        (folder / "tokenizer.json").symlink_to(QWEN_TOKENIZER)
-        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<|box_start|>"}))
-        (folder / "chat_template.jinja").write_text(template)
-        out[name] = folder
+        out[name] = template_folder(tmp_path_factory.mktemp(name), template)
     return out
+
+
+def template_folder(folder: Path, template: str) -> Path:
+    """``folder`` made a tokenizer folder: Qwen2.5's tokenizer, a BOS, and ``template`` as its chat template."""
+    config = json.loads((QWEN_TOKENIZER.parent / "tokenizer_config.json").read_text())
+    (folder / "tokenizer.json").symlink_to(QWEN_TOKENIZER)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<|box_start|>"}))
+    (folder / "chat_template.jinja").write_text(template)
+    return folder
 
 
 def reference_ids(tokenizer: Tokenizer, text: str) -> list[int]:

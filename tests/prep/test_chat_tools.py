@@ -23,7 +23,14 @@ from shared.contract import LABELS
 from shared.manifest import Manifest
 from tests.conftest import QWEN_TOKENIZER
 from tests.prep.clirun import failed_with, ok, run
-from tests.prep.test_chat import ASSISTANT, folders, qwen, reference_ids, target_runs  # noqa: F401
+from tests.prep.test_chat import (  # noqa: F401
+    ASSISTANT,
+    folders,
+    qwen,
+    reference_ids,
+    target_runs,
+    template_folder,
+)
 from tests.prep.test_chat_pack import stored, write_jsonl
 from tests.prep.test_verify import corrupt
 
@@ -138,13 +145,8 @@ BLOCK_CHAT = [
 def tool_folders(tmp_path_factory, folders):  # noqa: F811
     """Tokenizer folders: Qwen2.5's own, the Llama-3.1-style tool template and the block-taking one."""
     out = {"qwen": folders["qwen"]}
-    config = json.loads((QWEN_TOKENIZER.parent / "tokenizer_config.json").read_text())
     for name, template in (("llama31", LLAMA31_TOOLS), ("blocks", BLOCKS)):
-        folder = tmp_path_factory.mktemp(name)
-        (folder / "tokenizer.json").symlink_to(QWEN_TOKENIZER)
-        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<|box_start|>"}))
-        (folder / "chat_template.jinja").write_text(template)
-        out[name] = folder
+        out[name] = template_folder(tmp_path_factory.mktemp(name), template)
     return out
 
 
